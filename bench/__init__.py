@@ -1,0 +1,1 @@
+"""The suite framework. Never imports methods/ or baselines/ (only hydra instantiate reaches them)."""

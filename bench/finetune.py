@@ -1,0 +1,136 @@
+"""The one shared fine-tune loop (the shape of DiT's train.py): every method gets the same steps,
+batch, optimizer and EMA. Also trains the default suite's teacher from scratch.
+
+Resumable: every `ckpt_every` steps the model, EMA, optimizer, the data/noise generator state,
+the current plan and the callback state are saved atomically; a killed run restarts from the
+last checkpoint and, on the same device, produces bit-identical weights.
+Progressive methods return a Plan from their callback; the loop applies it to the model and its
+EMA through bench.surgery, then rebuilds the optimizer (the old one points at dead parameters).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench import surgery
+from bench.api import BenchError, Plan
+from bench.results import append_log, atomic_torch_save
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 200               # optimizer steps; the same for every method in a table
+    batch: int = 128
+    lr: float = 1e-3               # AdamW; DiT uses 1e-4 at batch 256 for XL/2, tiny models take more
+    weight_decay: float = 0.0      # DiT: 0
+    grad_clip: float = 1.0         # TinyFusion / Diff-Pruning clip at 1.0
+    ema_decay: float = 0.999       # DiT: 0.9999 over 400K steps; short runs need less memory
+    ema_warmup: bool = True        # decay_t = min(decay, (1+t)/(10+t)) so short runs still average
+    ckpt_every: int = 100          # steps between resumable checkpoints
+    log_every: int = 50
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+
+
+def _make_opt(net, cfg: FinetuneConfig):
+    params = [p for p in net.net.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, callback=None,
+             run_dir: Path | None = None, device="cpu", progress=None):
+    """Train `net` (a Denoiser, already pruned) for cfg.steps on `data`. Returns the EMA Denoiser.
+    Checkpoints go to ckpt_dir/last.pt; the finished EMA weights to ckpt_dir/final.pt."""
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / "final.pt"
+    if final.exists():  # stage done: rebuild the final structure and load the EMA weights
+        state = torch.load(final, map_location="cpu", weights_only=False)
+        _replay(net, state["kept_blocks"])
+        net.net.load_state_dict(state["ema"])
+        return net
+
+    net.net.to(device).train()
+    ema = copy.deepcopy(net.net).eval().requires_grad_(False)
+    opt = _make_opt(net, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    last = ckpt_dir / "last.pt"
+    if last.exists():  # resume: structure first (progressive plans), then weights and RNG
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        _replay(net, state["kept_blocks"])
+        ema = copy.deepcopy(net.net).eval().requires_grad_(False)
+        net.net.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt = _make_opt(net, cfg)
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        step = state["step"]
+        if callback is not None and state.get("callback") is not None:
+            callback.load_state_dict(state["callback"])
+        if run_dir:
+            append_log(run_dir, "finetune_resume", step=step)
+
+    abort_at = int(os.environ.get("BENCH_TEST_ABORT_AT_STEP", "-1"))  # tests: simulate a kill
+    t0 = time.time()
+    it = range(step, cfg.steps)
+    for step in (progress(it) if progress else it):
+        idx = torch.randint(len(data), (cfg.batch,), generator=gen)
+        x0, y = data.get(idx)
+        loss = net.loss(x0.to(device), y.to(device), generator=gen)
+        if not torch.isfinite(loss):
+            raise BenchError(f"loss is {loss.item()} at fine-tune step {step}; lower finetune.lr "
+                             "or check the data (values must be finite, pixels in [-1, 1])")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.net.parameters(), cfg.grad_clip)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+        _ema_update(ema, net.net, decay)
+        if run_dir and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+            append_log(run_dir, "finetune", step=step, loss=round(loss.item(), 6), s=round(time.time() - t0, 2))
+        if callback is not None:
+            new_plan = callback.on_step(step, net, loss.item())
+            if new_plan is not None:
+                _apply_progressive(net, ema, new_plan)
+                opt = _make_opt(net, cfg)  # old optimizer state points at removed parameters
+                if run_dir:
+                    append_log(run_dir, "surgery", step=step, kept_blocks=net.kept_blocks)
+        done = step + 1
+        if done % cfg.ckpt_every == 0 and done < cfg.steps:
+            atomic_torch_save({"step": done, "model": net.net.state_dict(), "ema": ema.state_dict(),
+                               "opt": opt.state_dict(), "gen": gen.get_state(), "kept_blocks": net.kept_blocks,
+                               "callback": callback.state_dict() if callback is not None else None}, last)
+        if done == abort_at:
+            os._exit(137)  # like SIGKILL: no cleanup, no final save
+
+    net.net.load_state_dict(ema.state_dict())
+    net.net.eval()
+    atomic_torch_save({"ema": ema.state_dict(), "kept_blocks": net.kept_blocks, "steps": cfg.steps}, final)
+    if last.exists():
+        last.unlink()  # the final weights supersede the resume point
+    return net
+
+
+def _replay(net, kept_blocks: list[int]):
+    """Bring `net` to the block structure recorded in a checkpoint (a subset of its current one)."""
+    if list(kept_blocks) != list(net.kept_blocks):
+        surgery.apply(net, Plan(granularity="block", keep={"blocks": list(kept_blocks)}))
+
+
+def _apply_progressive(net, ema, plan: Plan):
+    """Apply a callback's plan to the model and its EMA (the EMA keeps its averages)."""
+    shadow = copy.copy(net)
+    shadow.net = ema
+    shadow.kept_blocks = list(net.kept_blocks)
+    surgery.apply(net, plan)
+    surgery.apply(shadow, plan)

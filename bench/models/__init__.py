@@ -1,0 +1,35 @@
+"""Paper names -> factories (DiT's `DiT_models` dict), and `build()` -> Denoiser.
+
+DiT-{S,B,L,XL}/{2,4,8} and SiT-{S,B,L,XL}/{2,4,8} are the papers' sizes (DiT Table 1); the
+`T` (tests) and `D8` (embedded default) sizes are ours.
+"""
+from __future__ import annotations
+
+from bench.api import BenchError
+from bench.models.denoiser import Denoiser
+from bench.models.dit import DiT_models, SiT_models
+from bench.processes import create_process
+
+MODELS = {**DiT_models, **SiT_models}
+
+
+def build(name: str, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
+          learn_sigma: bool = True, class_dropout_prob: float = 0.1, hidden_size: int | None = None,
+          num_heads: int | None = None, depth: int | None = None, ckpt: str | None = None,
+          process: dict | None = None, **_) -> Denoiser:
+    """Build a Denoiser. `process` holds the process factory's kwargs (kind: ddpm | flow).
+    A `ckpt` in the official layout (or our own fine-tune checkpoints) is loaded strictly."""
+    if name not in MODELS:
+        raise BenchError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+    over = {k: v for k, v in dict(hidden_size=hidden_size, num_heads=num_heads, depth=depth).items() if v is not None}
+    net = MODELS[name](input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                       learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob, **over)
+    proc_kw = dict(process or {})
+    kind = proc_kw.pop("kind", "flow" if name.startswith("SiT") else "ddpm")
+    if kind == "ddpm":
+        proc_kw.setdefault("learn_sigma", learn_sigma)
+    proc = create_process(kind, **proc_kw)
+    if ckpt:
+        from bench.models.checkpoints import load_official
+        load_official(net, ckpt, strict=True)
+    return Denoiser(net, proc, name, num_classes)

@@ -1,0 +1,150 @@
+"""Load the official DiT / SiT checkpoints into bench.models.dit, strictly, with errors that name the fix.
+
+Provenance of the accepted formats:
+  * raw state dict saved with ``torch.save``: the released ``DiT-XL-2-256x256.pt`` (facebookresearch/DiT)
+    and ``SiT-XL-2-256x256.pt`` (willisma/SiT);
+  * training checkpoint ``{"model", "ema", "opt", "args"}`` written by both repos' train.py; like their
+    ``find_model`` we take ``"ema"`` when present (the weights the papers sample from), else ``"model"``;
+  * ``.safetensors`` (e.g. re-exports on the Hugging Face Hub), read with the ``safetensors`` package.
+Keys saved from a DDP-wrapped model carry a leading ``module.``; it is stripped.
+
+Files are read with ``weights_only=True`` (no arbitrary unpickling). ``argparse.Namespace`` is allowed
+because train.py stores its ``args`` as one; anything else non-tensor is refused with the fix spelled out.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from bench.api import BenchError
+from bench.models.dit import _SIZES, _TINY
+
+
+def load_state_dict_file(path) -> dict[str, torch.Tensor]:
+    """Read ``path`` (any accepted format) into a flat ``{name: tensor}`` dict on the CPU."""
+    p = Path(path)
+    if not p.is_file():
+        raise BenchError(f"checkpoint not found: {p}; put the official file there or pass model.ckpt=...")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            obj = load_file(str(p), device="cpu")
+        except Exception as e:  # safetensors raises its own error type for bad headers / truncation
+            raise BenchError(f"checkpoint {p} is not a readable .safetensors file ({_short(e)}); "
+                             "re-download it (a partial download looks like this)") from None
+    else:
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(p, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" not in str(e) or "Unsupported global" not in str(e):
+                raise BenchError(f"checkpoint {p} is corrupt or not a torch checkpoint ({_short(e)}); "
+                                 "re-download it") from None
+            # refused, not broken: the pickle references classes we will not execute
+            raise BenchError(
+                f"checkpoint {p} holds Python objects besides tensors, which weights_only loading refuses. "
+                "If you trust its source, re-save just the weights once: "
+                f"c = torch.load('{p}', weights_only=False); torch.save(c.get('ema', c.get('model', c)), 'weights.pt')"
+            ) from None
+        except Exception as e:  # truncated zip, garbage bytes (KeyError from the legacy reader), ...
+            raise BenchError(f"checkpoint {p} is corrupt or not a torch checkpoint ({_short(e)}); "
+                             "re-download it (a partial download looks like this)") from None
+
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
+        obj = obj["ema"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BenchError(f"checkpoint {p} is not a state dict (expected name -> tensor, or a training "
+                         "checkpoint with 'ema'/'model'); pass the official DiT/SiT weights file")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_official(model: torch.nn.Module, path, strict: bool = True):
+    """Load an official checkpoint into ``model``; returns torch's (missing_keys, unexpected_keys).
+
+    We compare keys and shapes ourselves before ``load_state_dict`` so that a wrong model size fails
+    with one readable message (and a suggestion of the matching model) instead of torch's key dump.
+    Shape mismatches are errors even with ``strict=False`` (torch cannot copy them either).
+    """
+    sd = load_state_dict_file(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
+    if shapes or (strict and (missing or unexpected)):
+        raise BenchError(_mismatch_message(path, model, sd, own, missing, unexpected, shapes))
+    return model.load_state_dict(sd, strict=strict)
+
+
+# --------------------------------------------------------------------------------------------
+# Diagnosis of a mismatch: read the architecture off the tensors (official layout)
+# --------------------------------------------------------------------------------------------
+
+def infer_config(sd: dict) -> dict | None:
+    """Architecture implied by an official-layout state dict, or None if it is not DiT/SiT-shaped.
+    The number of heads cannot be read from the weights (qkv is 3D x D); it follows the size table."""
+    if "pos_embed" not in sd or "x_embedder.proj.weight" not in sd:
+        return None
+    w = sd["x_embedder.proj.weight"]                     # (D, C_in, p, p)
+    hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[-1]
+    tokens = sd["pos_embed"].shape[1]                    # (1, T, D), T = (input_size / p)^2
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    cfg = dict(depth=depth, hidden_size=hidden, patch_size=patch,
+               input_size=math.isqrt(tokens) * patch, in_channels=in_ch)
+    if "y_embedder.embedding_table.weight" in sd:        # +1 row: the CFG null label
+        cfg["num_classes"] = sd["y_embedder.embedding_table.weight"].shape[0] - 1
+    if "final_layer.linear.weight" in sd:
+        cfg["learn_sigma"] = sd["final_layer.linear.weight"].shape[0] == patch * patch * 2 * in_ch
+    return cfg
+
+
+def _model_name(cfg: dict, family: str) -> str | None:
+    for size, kw in {**_SIZES, **_TINY}.items():
+        if (kw["depth"], kw["hidden_size"]) == (cfg["depth"], cfg["hidden_size"]):
+            return f"{family}-{size}/{cfg['patch_size']}"
+    return None
+
+
+def _mismatch_message(path, model, sd, own, missing, unexpected, shapes) -> str:
+    def listed(keys):
+        return ", ".join(keys[:5]) + (f", ... (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+    lines = [f"checkpoint {path} does not match the model: {len(missing)} missing, "
+             f"{len(unexpected)} unexpected, {len(shapes)} shape-mismatched keys"]
+    if missing:
+        lines.append(f"  missing: {listed(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected: {listed(unexpected)}")
+    for k, s_ckpt, s_model in shapes[:5]:
+        lines.append(f"  shape: {k} checkpoint {s_ckpt} vs model {s_model}")
+    if len(shapes) > 5:
+        lines.append(f"  ... (+{len(shapes) - 5} more shape mismatches)")
+    ckpt_cfg, model_cfg = infer_config(sd), infer_config(own)
+    if ckpt_cfg is None:
+        lines.append("  the checkpoint does not look like DiT/SiT (no pos_embed / x_embedder.proj.weight); "
+                     "pass an official DiT/SiT weights file")
+        return "\n".join(lines)
+    family = type(model).__name__ if type(model).__name__ in ("DiT", "SiT") else "DiT"
+    ckpt_desc = _describe(ckpt_cfg, family)
+    model_desc = f" but the model is {_describe(model_cfg, family)}" if model_cfg else ""
+    lines.append(f"  the checkpoint is {ckpt_desc}{model_desc}; build the model as {ckpt_desc.split('(')[0]} "
+                 "with those arguments, or pass the checkpoint made for this model")
+    return "\n".join(lines)
+
+
+def _describe(cfg: dict, family: str) -> str:
+    """'DiT-XL/2(input_size=32, ...)' when (depth, hidden) is a known size, else 'DiT(depth=..., ...)'."""
+    name = _model_name(cfg, family)
+    skip = ("depth", "hidden_size", "patch_size") if name else ()
+    return f"{name or family}(" + ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in skip) + ")"
+
+
+def _short(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg[:120]}" if msg else type(e).__name__

@@ -1,0 +1,99 @@
+"""Denoiser: the only model surface that pruning methods touch.
+
+It pairs a backbone (DiT, SiT, later the U-Net) with its process (DDPM or flow) and speaks the
+suite's shared noise-level convention u in [0, 1] (0 clean, 1 pure noise), so a method written
+once works on diffusion and flow models alike.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from bench.api import BenchError
+
+
+class Denoiser:
+    def __init__(self, net: nn.Module, process, name: str, num_classes: int, null_label: int | None = None):
+        self.net, self.process, self.name = net, process, name
+        self.num_classes = num_classes
+        self.null_label = num_classes if null_label is None else null_label
+        # original (dense) index of each block still present; Plans always speak dense indices
+        self.kept_blocks: list[int] = list(range(len(net.blocks)))
+
+    # ---- prediction ------------------------------------------------------------------------
+    def __call__(self, x_t, t, y=None, **kw):
+        """Raw prediction (eps [+ variance] for DDPM, velocity for flow) at the native timestep t."""
+        return self.net(x_t, t, y, **kw)
+
+    @property
+    def in_channels(self) -> int:
+        return self.net.in_channels
+
+    @property
+    def device(self):
+        return next(self.net.parameters()).device
+
+    def example_inputs(self, batch: int = 1, device=None) -> tuple:
+        device = device or self.device
+        n = self.net
+        x = torch.zeros(batch, n.in_channels, n.input_size, n.input_size, device=device)
+        t = self.process.t_from_u(torch.full((batch,), 0.5, device=device))
+        y = torch.zeros(batch, dtype=torch.long, device=device)
+        return x, t, y
+
+    def noisy(self, x0, u, noise):
+        """x_t and native t for clean x0 at noise level u (shared convention)."""
+        t = self.process.t_from_u(u)
+        return self.process.q_sample(x0, t, noise), t
+
+    def loss(self, x0, y, u=None, noise=None, generator=None, reduction: str = "mean", force_drop_ids=None):
+        """The model's own training loss. u pins noise levels (else sampled); noise pins eps."""
+        n = x0.shape[0]
+        t = self.process.sample_t(n, generator, x0.device) if u is None else self.process.t_from_u(u)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device) if generator is not None else torch.randn_like(x0)
+        model_fn = lambda x_t, t_: self.net(x_t, t_, y, force_drop_ids=force_drop_ids, generator=generator)
+        loss = self.process.training_loss(model_fn, x0, t, noise, reduction=reduction)
+        return loss
+
+    def hidden_states(self, x_t, t, y):
+        """Residual stream before block 0 and after every block: list of depth+1 tensors (N, T, D)."""
+        _, hidden = self.net(x_t, t, y, return_hidden=True)
+        return hidden
+
+    # ---- prunable units --------------------------------------------------------------------
+    def units(self, granularity: str = "block") -> dict[str, int]:
+        if granularity == "block":
+            return {"blocks": len(self.net.blocks)}
+        if granularity == "operator":
+            return {"attn": len(self.net.blocks), "mlp": len(self.net.blocks)}
+        raise BenchError(f"granularity {granularity!r} is not supported by {self.name} yet (block, operator)")
+
+    @contextlib.contextmanager
+    def ablate(self, group: str, idx):
+        """Temporarily bypass units; the residual stream passes through unchanged."""
+        idx = set(int(i) for i in idx)
+        blocks = self.net.blocks
+        if group == "blocks":
+            self.net.blocks = nn.ModuleList([b for i, b in enumerate(blocks) if i not in idx])
+            try:
+                yield
+            finally:
+                self.net.blocks = blocks
+        elif group in ("attn", "mlp"):
+            flag = "skip_attn" if group == "attn" else "skip_mlp"
+            old = [getattr(blocks[i], flag) for i in idx]
+            for i in idx:
+                setattr(blocks[i], flag, True)
+            try:
+                yield
+            finally:
+                for i, o in zip(idx, old):
+                    setattr(blocks[i], flag, o)
+        else:
+            raise BenchError(f"unknown unit group {group!r}; {self.name} has {list(self.units('block'))} and attn/mlp")
+
+    def block_params(self) -> list[list[torch.nn.Parameter]]:
+        return [list(b.parameters()) for b in self.net.blocks]

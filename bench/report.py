@@ -1,0 +1,302 @@
+"""Results tables and the quality-vs-speedup figure, built from results/runs/**/row.json.
+
+    python -m bench.report [--runs results/runs] [--out reports] [--name default]
+
+A table never holds numbers of two protocols: rows are grouped by everything that changes what a
+quality number means (model, data, process, sampler, NFE, cfg, metric impl / n / reference) or what
+a latency means (device, dtype, batch), and each group gets its own table. The output is a pure
+function of the rows (no clock, no git call), so rebuilding from the same runs gives the same bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from bench.results import Row, atomic_write_text, load_rows
+
+GROUP_KEYS = ["model", "dataset", "process", "device", "latency_dtype", "latency_batch", "sampler", "nfe",
+              "cfg_scale", "metric_impl", "metric_n", "metric_ref"]
+LINE_KEYS = ["method", "budget_measure", "budget_keep"]
+DENSE = "dense"  # the method name of the unpruned reference; speedups are relative to it
+# metric name -> (label, better direction); this is also the column order of known metrics
+METRICS = {"fid": ("FID", "↓"), "sfid": ("sFID", "↓"), "is": ("IS", "↑"), "precision": ("precision", "↑"),
+           "recall": ("recall", "↑"), "kid": ("KID", "↓"), "fd_clf": ("FD (clf)", "↓"),
+           "cond_acc": ("cond. acc (%)", "↑")}
+COSTS = {"params_M": "params (M)", "macs_G": "MACs (G)", "keep_macs": "keep MACs", "latency_ms": "latency (ms) ↓"}
+QUALITY_PREF = ["m_fid", "m_fd_clf"]  # y axis of the figure: real FID when there is one
+PROXY_NOTE = "classifier-feature Frechet distance, not Inception FID"
+NO_DENSE_NOTE = ("speedup is blank: this group has no dense row on the same device, dtype and batch "
+                 "to divide by (the figure uses keep MACs instead)")
+
+
+# ---------------------------------------------------------------- numbers
+def _decimals(x: float, sig: int = 3) -> int:
+    return sig - 1 if x == 0 or not math.isfinite(x) else sig - 1 - math.floor(math.log10(abs(x)))
+
+
+def _fixed(x: float, d: int) -> str:
+    return f"{round(x, d):.0f}" if d < 0 else f"{x:.{d}f}"  # d < 0: 118.6 -> "119", 1234 -> "1230"
+
+
+def fmt_num(x, sig: int = 3) -> str:
+    """3 significant digits without scientific notation: 0.0123 -> '0.0123', 118.6 -> '119'."""
+    return "" if pd.isna(x) else _fixed(float(x), _decimals(float(x), sig))
+
+
+def fmt_pm(mean, std=float("nan")) -> str:
+    """'mean ± std', both to the decimals of the mean's 3 significant digits; std NaN (1 seed) -> mean."""
+    if pd.isna(mean):
+        return ""
+    d = _decimals(float(mean))
+    if pd.isna(std):
+        return _fixed(float(mean), d)
+    if std > 0 and round(std, d) == 0:  # a real spread must not print as "± 0"
+        d = _decimals(float(std), 1)
+    return f"{_fixed(float(mean), d)} ± {_fixed(float(std), d)}"
+
+
+def label(col: str, arrow: bool = True) -> str:
+    if col in COSTS:
+        return COSTS[col]
+    if col == "speedup":
+        return "speedup ↑"
+    name = col[2:] if col.startswith("m_") else col
+    if name not in METRICS:
+        return name  # unknown metrics keep their raw names
+    text, better = METRICS[name]
+    return f"{text} {better}" if arrow else text
+
+
+def metric_cols(df: pd.DataFrame) -> list[str]:
+    present = [c for c in df.columns if c.startswith("m_") and df[c].notna().any()]
+    known = [f"m_{k}" for k in METRICS if f"m_{k}" in present]
+    return known + sorted(c for c in present if c not in known)
+
+
+# ---------------------------------------------------------------- grouping
+def check_single_protocol(df: pd.DataFrame) -> None:
+    """Refuse a table whose rows differ in any protocol key (metric_impl, metric_n, device, ...)."""
+    mixed = {k: sorted(map(str, df[k].unique())) for k in GROUP_KEYS
+             if k in df.columns and df[k].nunique(dropna=False) > 1}
+    if mixed:
+        what = "; ".join(f"{k} = {v}" for k, v in mixed.items())
+        raise ValueError(f"one table would mix protocols ({what}); build one table per protocol group")
+
+
+def summarize(g: pd.DataFrame) -> tuple[pd.DataFrame, list[str], str | None]:
+    """One protocol group's ok rows -> one line per (method, budget): mean, std (ddof=1), n_seeds,
+    speedup. Returns (lines, value columns, note or None)."""
+    check_single_protocol(g)
+    dup = g[g.duplicated(LINE_KEYS + ["seed"], keep=False)]
+    if len(dup):  # same line and seed twice = they differ in something else (finetune_steps, version)
+        raise ValueError(f"runs {sorted(dup['run'])} share method, budget and seed; they are not seeds "
+                         "of one setting and cannot be averaged")
+    vcols = metric_cols(g) + list(COSTS)
+    by = g.groupby(LINE_KEYS, sort=True)
+    lines = by[vcols].mean().join(by[vcols].std(ddof=1).add_suffix("_std"))
+    lines["n_seeds"] = by.size()
+    lines = lines.reset_index()
+    lines["_order"] = (lines["method"] != DENSE).astype(int)  # dense first, then keep desc, then name
+    lines = lines.sort_values(["_order", "budget_keep", "method", "budget_measure"],
+                              ascending=[True, False, True, True], kind="mergesort")
+    dense_ms = g.loc[g["method"] == DENSE, "latency_ms"].mean()  # NaN when the group has no dense row
+    lines["speedup"] = dense_ms / lines["latency_ms"]
+    note = None if pd.notna(dense_ms) else NO_DENSE_NOTE
+    return lines.drop(columns="_order").reset_index(drop=True), vcols, note
+
+
+def title(key: dict) -> str:
+    return (f"{key['model']} · {key['dataset']} · {key['process']} — {key['sampler']}, NFE {key['nfe']}, "
+            f"cfg {key['cfg_scale']:g} — {key['metric_impl']}, n={key['metric_n']}, ref {key['metric_ref']} "
+            f"— {key['device']}, {key['latency_dtype']}, batch {key['latency_batch']}")
+
+
+def proxy_note(key: dict, vcols: list[str]) -> str | None:
+    if not str(key["metric_impl"]).startswith("smallcnn"):
+        return None
+    names = ", ".join(label(c, arrow=False) for c in vcols if c.startswith("m_"))
+    return f"Proxy metrics ({key['metric_impl']}): {names} — {PROXY_NOTE}."
+
+
+def cells(lines: pd.DataFrame, vcols: list[str]) -> tuple[list[str], list[list[str]]]:
+    head = ["method", "budget", "n_seeds"] + [label(c) for c in vcols] + [label("speedup")]
+    body = [[r["method"], f"{r['budget_measure']} {r['budget_keep']:g}", str(int(r["n_seeds"]))]
+            + [fmt_pm(r[c], r[f"{c}_std"]) for c in vcols] + [fmt_num(r["speedup"])]
+            for _, r in lines.iterrows()]
+    return head, body
+
+
+def provenance(df: pd.DataFrame) -> str:
+    shas = []
+    for sha, g in df.groupby("git_sha", sort=True):
+        shas.append(f"{sha}-dirty" if g["git_dirty"].astype(bool).any() else str(sha))
+    return f"generated by bench/report.py from {len(df)} runs @ {', '.join(shas)}"
+
+
+def _failed_cells(failed: pd.DataFrame) -> list[list[str]]:
+    err = failed["error"].fillna("").astype(str).str.replace(r"\s+", " ", regex=True).str.slice(0, 300)
+    return [[r["run"], r["method"], f"{r['budget_measure']} {r['budget_keep']:g}", str(r["seed"]),
+             r["status"], e] for (_, r), e in zip(failed.iterrows(), err)]
+
+
+# ---------------------------------------------------------------- renderers
+def _md_table(head: list[str], body: list[list[str]], left: int) -> list[str]:
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    out = ["| " + " | ".join(map(esc, head)) + " |",
+           "|" + "|".join(":---" if i < left else "---:" for i in range(len(head))) + "|"]
+    return out + ["| " + " | ".join(map(esc, r)) + " |" for r in body]
+
+
+def render_md(prov: str, name: str, groups: list, failed: pd.DataFrame) -> str:
+    out = [f"<!-- {prov} -->", f"# Results: {name}", "",
+           "Cells are mean ± std over seeds (sample std; omitted for one seed). ↑/↓ = better direction. "
+           "speedup = dense latency / latency within one group (same device, dtype, batch).", ""]
+    for key, lines, vcols, note in groups:
+        out += [f"## {title(key)}", ""]
+        out += [f"*{n}*\n" for n in (proxy_note(key, vcols), note) if n]
+        out += _md_table(*cells(lines, vcols), left=2) + [""]
+    out += ["## Failed runs", ""]
+    out += _md_table(["run", "method", "budget", "seed", "status", "error"], _failed_cells(failed), left=6) \
+        if len(failed) else ["None."]
+    return "\n".join(out) + "\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "↑": r"$\uparrow$",
+        "↓": r"$\downarrow$", "·": r"$\cdot$", "—": "---"}
+
+
+def tex_escape(s) -> str:
+    return "".join(_TEX.get(c, c) for c in str(s))
+
+
+def render_tex(prov: str, groups: list, failed: pd.DataFrame) -> str:
+    out = [f"% {prov}", "% one table per protocol group; needs \\usepackage{booktabs}", ""]
+    for key, lines, vcols, note in groups:
+        head, body = cells(lines, vcols)
+        caption = " ".join(n for n in (title(key) + ".", proxy_note(key, vcols), note and note + ".") if n)
+        out += ["\\begin{table}[ht]", "\\centering", f"\\caption{{{tex_escape(caption)}}}",
+                "\\begin{tabular}{ll" + "r" * (len(head) - 2) + "}", "\\toprule",
+                " & ".join(map(tex_escape, head)) + " \\\\", "\\midrule"]
+        out += [" & ".join(map(tex_escape, r)) + " \\\\" for r in body]
+        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    if len(failed):
+        out += ["\\paragraph{Failed runs} (not averaged into any table)", "\\begin{itemize}"]
+        out += [f"\\item \\texttt{{{tex_escape(c[0])}}} ({tex_escape(c[4])}): {tex_escape(c[5])}"
+                for c in _failed_cells(failed)]
+        out += ["\\end{itemize}", ""]
+    return "\n".join(out)
+
+
+def render_csv(prov: str, groups: list) -> str:
+    parts = [lines.assign(**key)[GROUP_KEYS + list(lines.columns)] for key, lines, _, _ in groups]
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=GROUP_KEYS + LINE_KEYS)
+    vcols = metric_cols(df) + list(COSTS)  # union over groups, in display order
+    cols = GROUP_KEYS + LINE_KEYS + ["n_seeds"] + [c for v in vcols for c in (v, f"{v}_std")] + ["speedup"]
+    return f"# {prov}\n" + df.reindex(columns=cols).to_csv(index=False, float_format="%.6g", lineterminator="\n")
+
+
+def runs_csv(prov: str, df: pd.DataFrame) -> str:
+    fields = [f.name for f in dataclasses.fields(Row) if f.name not in ("metrics", "wall_s", "versions")]
+    rest = sorted(c for c in df.columns if c not in fields)
+    cols = [c for c in fields if c in df.columns] + sorted(c for c in rest if c.startswith("m_")) \
+        + sorted(c for c in rest if c.startswith("wall_")) + [c for c in rest if not c.startswith(("m_", "wall_"))]
+    df = df.sort_values(GROUP_KEYS + LINE_KEYS + ["seed", "run"], kind="mergesort", na_position="last")
+    return f"# {prov}\n" + df[cols].to_csv(index=False, lineterminator="\n")
+
+
+# ---------------------------------------------------------------- figure
+def plot(groups: list, base: Path) -> list[Path]:
+    """One panel per protocol group (axes never mix protocols); one colour/marker per method,
+    budgets annotated by their keep fraction, error bars = std over seeds."""
+    import matplotlib as mpl
+    from matplotlib.figure import Figure  # no pyplot: no global backend state; png renders with Agg
+    from matplotlib.lines import Line2D
+
+    methods = sorted({m for _, lines, _, _ in groups for m in lines["method"] if m != DENSE})
+    colors, markers = mpl.colormaps["tab10"], "osD^v<>ph"
+    style = {m: (colors(i % 10), markers[i % len(markers)]) for i, m in enumerate(methods)}
+    style[DENSE] = ("black", "*")
+    with mpl.style.context("default"):  # ignore the user's matplotlibrc: same bytes everywhere
+        n = max(len(groups), 1)
+        ncols = min(n, 3)
+        fig = Figure(figsize=(5 * ncols, 4 * math.ceil(n / ncols)), layout="constrained")
+        axes = fig.subplots(math.ceil(n / ncols), ncols, squeeze=False).ravel()
+        for ax in axes[len(groups):]:
+            ax.set_axis_off()
+        if not groups:
+            axes[0].text(0.5, 0.5, "no successful runs", ha="center", transform=axes[0].transAxes)
+        for ax, (key, lines, _, note) in zip(axes, groups):
+            q = next((c for c in QUALITY_PREF if c in lines and lines[c].notna().any()), None)
+            x = "keep_macs" if note else "speedup"
+            ax.set_title(f"{key['model']} {key['dataset']} {key['process']}, NFE {key['nfe']}\n"
+                         f"{key['metric_impl']} n={key['metric_n']}, {key['device']} {key['latency_dtype']}",
+                         fontsize=8)
+            if q is None:
+                ax.text(0.5, 0.5, "no FID or FD (clf) in this group", ha="center", transform=ax.transAxes)
+                continue
+            for m, d in lines.dropna(subset=[x, q]).groupby("method", sort=True):
+                d = d.sort_values(x)
+                c, mk = style[m]
+                ax.errorbar(d[x], d[q], yerr=d[f"{q}_std"].fillna(0), color=c, marker=mk, capsize=3,
+                            ms=10 if m == DENSE else 6, linestyle="none" if m == DENSE else "-")
+                for _, r in d.iterrows():
+                    ax.annotate(f"{r['budget_keep']:g}", (r[x], r[q]), textcoords="offset points",
+                                xytext=(4, 4), fontsize=7, color=c)
+            ax.set_xlabel("speedup (dense latency / latency) ↑" if x == "speedup" else "keep MACs (no dense row)")
+            ax.set_ylabel(label(q))
+            ax.grid(alpha=0.3)
+        handles = [Line2D([], [], color=style[m][0], marker=style[m][1], linestyle="none", label=m)
+                   for m in [DENSE] + methods]
+        fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="method (labels: keep)")
+        base.parent.mkdir(parents=True, exist_ok=True)
+        png, pdf = base.with_suffix(".png"), base.with_suffix(".pdf")
+        fig.savefig(png, dpi=150, metadata={"Software": None})  # no version/time stamps in the files
+        fig.savefig(pdf, metadata={"Creator": None, "Producer": None, "CreationDate": None})
+    return [png, pdf]
+
+
+# ---------------------------------------------------------------- entry points
+def build_report(df: pd.DataFrame, out_dir, name: str = "default") -> list[Path]:
+    """Write tables, figure and runs.csv for the rows in df (as from load_rows); return the paths."""
+    if df.empty:
+        raise ValueError("no rows to report; point --runs at a folder with row.json files")
+    out = Path(out_dir)
+    prov = provenance(df)
+    bad = df["status"].ne("ok")  # failed (or unfinished) rows are listed, never averaged
+    ok, failed = df[~bad], df[bad].sort_values(["run"], kind="mergesort")
+    groups = []
+    for key, g in ok.groupby(GROUP_KEYS, dropna=False, sort=True):
+        lines, vcols, note = summarize(g)
+        groups.append((dict(zip(GROUP_KEYS, key)), lines, vcols, note))
+    texts = {out / "tables" / f"{name}.md": render_md(prov, name, groups, failed),
+             out / "tables" / f"{name}.tex": render_tex(prov, groups, failed),
+             out / "tables" / f"{name}.csv": render_csv(prov, groups),
+             out / "runs.csv": runs_csv(prov, df)}
+    for path, text in texts.items():
+        atomic_write_text(path, text)
+    return list(texts) + plot(groups, out / "figures" / f"{name}_quality_vs_speedup")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default="results/runs", help="folder searched for **/row.json")
+    ap.add_argument("--out", default="reports", help="writes <out>/tables, <out>/figures, <out>/runs.csv")
+    ap.add_argument("--name", default="default", help="file stem of the tables and figure")
+    args = ap.parse_args(argv)
+    df = load_rows(args.runs)
+    if df.empty:
+        print(f"error: no row.json under {args.runs}", file=sys.stderr)
+        return 1
+    for p in build_report(df, args.out, args.name):
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

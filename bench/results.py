@@ -1,0 +1,181 @@
+"""Run directories, the Row schema, atomic writes, and loading rows into pandas.
+
+A run directory is a pure function of the resolved config (never of the time or of hydra's
+output dir), so a requeued or re-launched job finds its own earlier stages. `config.yaml` is
+written first, `row.json` last and atomically: a row that exists is complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+# config keys that do not change a run's results (where files go, how it is launched)
+NON_RESULT_KEYS = ("paths", "cluster", "hydra", "progress")
+
+
+def config_hash(cfg: dict) -> str:
+    clean = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
+    return hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(s))
+
+
+def run_relpath(cfg: dict) -> str:
+    """<model>-<data>-<process>/<method>/<measure><keep>-s<seed>-<device>-<hash8>"""
+    m = cfg["model"]
+    b = cfg["budget"]
+    head = f"{_slug(m['name'])}-{_slug(cfg['data']['name'])}-{m['process']['kind']}"
+    tail = f"{b['measure']}{float(b['keep']):.3g}-s{cfg['seed']}-{cfg['device']}-{config_hash(cfg)[:8]}"
+    return f"{head}/{_slug(cfg['method_name'])}/{tail}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def git_info() -> tuple[str, bool]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        return sha or "unknown", dirty
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "numpy", "scipy", "hydra-core", "torch-pruning", "diffusers", "scikit-learn"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class Row:
+    """One finished run. Column names carry their units; `metrics` holds the quality numbers of
+    the protocol named by metric_impl / metric_n / metric_ref."""
+
+    run: str
+    config_sha: str
+    model: str
+    dataset: str
+    process: str
+    method: str
+    method_version: int
+    granularity: str
+    budget_measure: str
+    budget_keep: float
+    seed: int
+    # measured after surgery ("measure, don't trust the knob")
+    keep_blocks: float
+    keep_params: float
+    keep_macs: float
+    depth: int
+    params_M: float
+    macs_G: float
+    latency_ms: float
+    latency_batch: int
+    latency_dtype: str
+    throughput_img_s: float
+    nfe: int
+    sampler: str
+    cfg_scale: float
+    cfg_convention: str
+    finetune_steps: int
+    metrics: dict[str, float]
+    metric_n: int
+    metric_ref: str
+    metric_impl: str
+    device: str
+    git_sha: str = "unknown"
+    git_dirty: bool = False
+    date: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    wall_s: dict[str, float] = field(default_factory=dict)   # per stage: teacher, plan, finetune, sample, score
+    device_hours: float = 0.0
+    status: str = "ok"
+    error: str | None = None
+    schema: int = SCHEMA
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+
+def write_row(row: Row, run_dir: Path) -> Path:
+    path = Path(run_dir) / "row.json"
+    atomic_write_text(path, row.to_json())
+    return path
+
+
+def append_log(run_dir: Path, event: str, **data: Any) -> None:
+    """MAE-style JSON lines: one event per line (appends are atomic for short lines)."""
+    import time
+
+    rec = {"time": round(time.time(), 3), "event": event, **data}
+    with open(Path(run_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec, default=str) + "\n")
+
+
+def load_rows(root: str | Path = "results/runs"):
+    """All row.json files under root -> a pandas DataFrame, metrics flattened to `m_<name>` columns.
+    Rows of an unknown schema are refused rather than misread."""
+    import pandas as pd
+
+    recs = []
+    for p in sorted(Path(root).rglob("row.json")):
+        d = json.loads(p.read_text())
+        if d.get("schema") != SCHEMA:
+            raise ValueError(f"{p}: row schema {d.get('schema')} is not {SCHEMA}; re-run or migrate it")
+        for k, v in (d.pop("metrics") or {}).items():
+            d[f"m_{k}"] = v
+        for k, v in (d.pop("wall_s") or {}).items():
+            d[f"wall_{k}_s"] = v
+        d.pop("versions", None)
+        d["path"] = str(p.parent)
+        recs.append(d)
+    return pd.DataFrame.from_records(recs)

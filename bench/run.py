@@ -1,0 +1,272 @@
+"""One run: teacher -> calibration -> plan -> surgery -> fine-tune -> sample -> score -> row.
+
+    python -m bench.run method=shortgpt budget.keep=0.5
+    python -m bench.run -m method=shortgpt,sensitivity budget.keep=0.75,0.5   # local sweep
+
+Every stage writes one artifact and is skipped when it exists, so a killed or requeued job
+resumes; row.json is written last and atomically. The run directory is a pure function of the
+resolved config (bench.results.run_relpath).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from bench import surgery
+from bench.api import BenchError, Budget, Method, Plan
+from bench.results import Row, append_log, atomic_torch_save, atomic_write_text, config_hash, git_info, \
+    library_versions, run_relpath, write_row
+
+
+def _log(msg: str):
+    print(f"[bench] {msg}", flush=True)
+
+
+def validate(cfg: dict) -> Budget:
+    """Bad input stops here, before anything is written."""
+    b = cfg["budget"]
+    budget = Budget(b["measure"], b["keep"])
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError("device=cuda but no CUDA device is visible; use device=cpu")
+    if cfg["eval"]["n"] < 1 or cfg["finetune"]["steps"] < 0:
+        raise BenchError("eval.n must be >= 1 and finetune.steps >= 0")
+    return budget
+
+
+def _progress(cfg):
+    if not cfg.get("progress"):
+        return None
+    from tqdm import tqdm
+    return lambda it: tqdm(it, leave=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+def build_dense(cfg: dict):
+    from bench.models import build
+    return build(**cfg["model"])
+
+
+def load_data(cfg: dict, split: str | None = None):
+    from bench.data import build_dataset
+    d = {k: v for k, v in cfg["data"].items() if k != "name"}
+    if split is not None and d.get("kind") == "digits":
+        d["split"] = split
+    return build_dataset(**d)
+
+
+def teacher(cfg: dict, data, device: str):
+    """The dense model every method starts from: the official checkpoint when model.ckpt is set,
+    else a teacher trained here, cached by config hash (a second run reuses it)."""
+    from bench.finetune import FinetuneConfig, finetune
+
+    net = build_dense(cfg)
+    if cfg["model"].get("ckpt"):
+        return net, 0.0
+    key = {k: cfg[k] for k in ("model", "data", "teacher")}
+    tdir = Path(cfg["paths"]["artifacts"]) / "teachers" / config_hash(key)[:16]
+    t0 = time.time()
+    if not (tdir / "final.pt").exists():
+        _log(f"training the teacher ({cfg['teacher']['steps']} steps) -> {tdir}")
+        atomic_write_text(tdir / "teacher.json", json.dumps(key, indent=1, sort_keys=True))
+    tc = {k: v for k, v in cfg["teacher"].items() if k != "seed"}
+    net = finetune(net, data, FinetuneConfig(**tc), tdir, seed=cfg["teacher"]["seed"], device=device,
+                   progress=_progress(cfg))
+    return net, time.time() - t0
+
+
+def make_method(cfg: dict) -> Method:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    m = instantiate(OmegaConf.create(cfg["method"]), _convert_="all")
+    if not isinstance(m, Method):
+        raise BenchError(f"method {cfg['method_name']!r} does not build a bench.api.Method")
+    return m
+
+
+def cost(net, cfg: dict, device: str) -> dict:
+    from bench.metrics.cost import measure_latency
+
+    lat = cfg["eval"]["latency"]
+    m = surgery.measure(net)
+    x, t, y = net.example_inputs(lat["batch"], device)
+    x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(device)  # never time on zeros
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[lat["dtype"]]
+
+    def fwd():
+        with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+            net.net(x, t, y)
+
+    net.net.eval()
+    with torch.inference_mode():
+        r = measure_latency(fwd, lat["warmup"], lat["reps"], device)
+    return {**m, "latency_ms": r["median_ms"], "latency_iqr_ms": r["iqr_ms"]}
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}t"
+
+
+# --------------------------------------------------------------------------------------------
+# The spine
+# --------------------------------------------------------------------------------------------
+
+def execute(cfg: dict) -> Row:
+    """Run (or resume) one configuration and return its row. `cfg` is the resolved config dict
+    with `method_name` set to the method's config-file name."""
+    budget = validate(cfg)
+    rel = run_relpath(cfg)
+    run_dir = Path(cfg["paths"]["results"]) / rel
+    art_dir = Path(cfg["paths"]["artifacts"]) / "runs" / rel
+    if (run_dir / "row.json").exists():
+        _log(f"done already: {run_dir}")
+        return Row(**json.loads((run_dir / "row.json").read_text()))
+    device = cfg["device"]
+    torch.manual_seed(cfg["seed"])
+    method = make_method(cfg)  # unknown kwargs / targets fail here, before the run dir exists
+
+    # Setup the run directory: the resolved config first (EDM's training_options.json)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", json.dumps(cfg, indent=1, sort_keys=True))
+    append_log(run_dir, "start", run=rel)
+    wall = {}
+
+    # Teacher (cached) and data:
+    data = load_data(cfg)
+    net, wall["teacher"] = teacher(cfg, data, device)
+    net.net.to(device).eval()
+    dense_cost = surgery.measure(net)
+
+    # Plan: the method decides on the dense teacher, with the shared calibration probes
+    from bench.data import calibration
+    plan_path = run_dir / "plan.json"
+    t0 = time.time()
+    if plan_path.exists():
+        plan = Plan.from_json(plan_path.read_text())
+    else:
+        calib = calibration(data, cfg["calib"]["n"], cfg["calib"]["seed"], cfg["calib"]["bins"]).to(device)
+        _log(f"planning {cfg['method_name']} at {budget.measure}={budget.keep}")
+        plan = method.plan(net, budget, calib)
+        if not isinstance(plan, Plan):
+            raise BenchError(f"{cfg['method_name']}.plan() returned {type(plan).__name__}, not a Plan")
+        atomic_write_text(plan_path, plan.to_json())
+    wall["plan"] = time.time() - t0
+
+    # Surgery: the only shape change; the measured result must meet the budget
+    surgery.apply(net, plan)
+    unit = 1.0 / dense_cost["blocks"] if budget.measure == "blocks" else 0.0
+    keep = surgery.check_budget(dense_cost, surgery.measure(net), budget, unit_share=unit)
+    append_log(run_dir, "surgery", kept_blocks=net.kept_blocks, **keep)
+
+    # Fine-tune: the same budget for every method (progressive methods hook in via callback)
+    from bench.finetune import FinetuneConfig, finetune
+    t0 = time.time()
+    ft = FinetuneConfig(**cfg["finetune"])
+    callback = method.callback(budget)
+    if ft.steps > 0 or callback is not None:
+        _log(f"fine-tuning {ft.steps} steps")
+        net = finetune(net, data, ft, art_dir / "finetune", seed=cfg["seed"], callback=callback,
+                       run_dir=run_dir, device=device, progress=_progress(cfg))
+        if callback is not None:  # progressive methods: the budget is checked on the final model
+            keep = surgery.check_budget(dense_cost, surgery.measure(net), budget, unit_share=unit)
+    wall["finetune"] = time.time() - t0
+    net.net.eval()
+
+    # Sample: per-sample seeds, identical for every method
+    from bench.sample import generate
+    ev = cfg["eval"]
+    sampler = ev["sampler"] or ("ddpm" if net.process.kind == "ddpm" else "heun")
+    samples_path = art_dir / "samples.pt"
+    t0 = time.time()
+    if samples_path.exists():
+        s = torch.load(samples_path, weights_only=True)
+        samples, labels = s["samples"], s["labels"]
+    else:
+        _log(f"sampling {ev['n']} ({sampler}, {ev['steps']} steps, cfg {ev['cfg_scale']})")
+        samples, labels = generate(net, ev["n"], ev["seed"], ev["batch"], sampler, ev["steps"], ev["cfg_scale"],
+                                   ev["cfg_convention"], ev["labels"], ev["skip"], ev["eta"], device, _progress(cfg))
+        atomic_torch_save({"samples": samples, "labels": labels}, samples_path)
+    wall["sample"] = time.time() - t0
+
+    # Score: quality of the samples, then measured cost
+    t0 = time.time()
+    metrics, impl, ref = score(cfg, samples, labels)
+    wall["score"] = time.time() - t0
+    t0 = time.time()
+    c = cost(net, cfg, device)
+    wall["cost"] = time.time() - t0
+
+    sha, dirty = git_info()
+    total_s = sum(wall.values())
+    row = Row(
+        run=rel, config_sha=config_hash(cfg)[:16], model=cfg["model"]["name"], dataset=cfg["data"]["name"],
+        process=net.process.kind, method=cfg["method_name"], method_version=type(method).version,
+        granularity=plan.granularity, budget_measure=budget.measure, budget_keep=float(budget.keep),
+        seed=cfg["seed"], keep_blocks=keep["keep_blocks"], keep_params=keep["keep_params"],
+        keep_macs=keep["keep_macs"], depth=len(net.net.blocks), params_M=c["params"] / 1e6,
+        macs_G=c["macs"] / 1e9, latency_ms=c["latency_ms"], latency_batch=ev["latency"]["batch"],
+        latency_dtype=ev["latency"]["dtype"], throughput_img_s=ev["latency"]["batch"] / c["latency_ms"] * 1e3,
+        nfe=net.process.nfe(sampler, ev["steps"]) * (2 if ev["cfg_scale"] != 1.0 else 1),
+        sampler=sampler, cfg_scale=ev["cfg_scale"], cfg_convention=ev["cfg_convention"],
+        finetune_steps=ft.steps, metrics=metrics, metric_n=int(ev["n"]), metric_ref=ref, metric_impl=impl,
+        device=device_name(device), git_sha=sha, git_dirty=dirty,
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), versions=library_versions(),
+        wall_s={k: round(v, 3) for k, v in wall.items()}, device_hours=total_s / 3600,
+    )
+    write_row(row, run_dir)
+    append_log(run_dir, "row", **metrics)
+    _log(f"row: {cfg['method_name']} keep={budget.keep} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+         + f" latency={c['latency_ms']:.3g}ms -> {run_dir}")
+    return row
+
+
+def score(cfg: dict, samples, labels) -> tuple[dict, str, str]:
+    """Quality metrics of the protocol named in eval.scorer. Returns (metrics, metric_impl, metric_ref)."""
+    ev = cfg["eval"]
+    if ev["scorer"] != "classifier":
+        raise BenchError(f"eval.scorer={ev['scorer']!r} is not available; use 'classifier'")
+    from bench.metrics.classifier import ClassifierScorer, load_or_train
+    data_cfg = {k: v for k, v in cfg["data"].items() if k not in ("name", "split")}
+    clf = load_or_train(Path(cfg["paths"]["artifacts"]) / "classifiers", data_cfg, seed=0)
+    ref_x, _ = load_data(cfg, split="all").all()
+    scorer = ClassifierScorer(clf, ref_x)
+    m = scorer.score(samples, labels)
+    metrics = {"cond_acc": float(m["cond_acc"]), "fd_clf": float(m["fd_clf"])}
+    return metrics, scorer.impl, f"{cfg['data']['name']}-all"
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+def _hydra_main():
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    @hydra.main(config_path="conf", config_name="run", version_base="1.3")
+    def main(cfg) -> None:
+        d = OmegaConf.to_container(cfg, resolve=True)
+        d["method_name"] = HydraConfig.get().runtime.choices["method"]
+        try:
+            execute(d)
+        except BenchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    main()
+
+
+if __name__ == "__main__":
+    _hydra_main()
