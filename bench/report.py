@@ -30,7 +30,7 @@ METRICS = {"fid": ("FID", "↓"), "sfid": ("sFID", "↓"), "is": ("IS", "↑"), 
 COSTS = {"params_M": "params (M)", "macs_G": "MACs (G)", "keep_macs": "keep MACs", "latency_ms": "latency (ms) ↓"}
 QUALITY_PREF = ["m_fid", "m_fd_clf"]  # y axis of the figure: real FID when there is one
 PROXY_NOTE = "classifier-feature Frechet distance, not Inception FID"
-NO_DENSE_NOTE = ("speedup is blank: this group has no dense row on the same device, dtype and batch "
+NO_DENSE_NOTE = ("speedup is blank: this group has no dense row with a latency on the same device, dtype and batch "
                  "to divide by (the figure uses keep MACs instead)")
 
 
@@ -72,10 +72,15 @@ def label(col: str, arrow: bool = True) -> str:
     return f"{text} {better}" if arrow else text
 
 
+def order_metrics(cols) -> list[str]:
+    """Known metrics in METRICS order, then unknown ones alphabetically."""
+    cols = set(cols)
+    known = [f"m_{k}" for k in METRICS if f"m_{k}" in cols]
+    return known + sorted(cols - set(known))
+
+
 def metric_cols(df: pd.DataFrame) -> list[str]:
-    present = [c for c in df.columns if c.startswith("m_") and df[c].notna().any()]
-    known = [f"m_{k}" for k in METRICS if f"m_{k}" in present]
-    return known + sorted(c for c in present if c not in known)
+    return order_metrics(c for c in df.columns if c.startswith("m_") and df[c].notna().any())
 
 
 # ---------------------------------------------------------------- grouping
@@ -196,7 +201,7 @@ def render_tex(prov: str, groups: list, failed: pd.DataFrame) -> str:
 def render_csv(prov: str, groups: list) -> str:
     parts = [lines.assign(**key)[GROUP_KEYS + list(lines.columns)] for key, lines, _, _ in groups]
     df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=GROUP_KEYS + LINE_KEYS)
-    vcols = metric_cols(df) + list(COSTS)  # union over groups, in display order
+    vcols = order_metrics(c for _, _, vc, _ in groups for c in vc if c.startswith("m_")) + list(COSTS)
     cols = GROUP_KEYS + LINE_KEYS + ["n_seeds"] + [c for v in vcols for c in (v, f"{v}_std")] + ["speedup"]
     return f"# {prov}\n" + df.reindex(columns=cols).to_csv(index=False, float_format="%.6g", lineterminator="\n")
 
@@ -215,6 +220,7 @@ def plot(groups: list, base: Path) -> list[Path]:
     """One panel per protocol group (axes never mix protocols); one colour/marker per method,
     budgets annotated by their keep fraction, error bars = std over seeds."""
     import matplotlib as mpl
+    import matplotlib.style  # noqa: F401  (submodule, not loaded by "import matplotlib")
     from matplotlib.figure import Figure  # no pyplot: no global backend state; png renders with Agg
     from matplotlib.lines import Line2D
 

@@ -78,15 +78,22 @@ def teacher(cfg: dict, data, device: str):
         atomic_write_text(tdir / "teacher.json", json.dumps(key, indent=1, sort_keys=True))
     tc = {k: v for k, v in cfg["teacher"].items() if k != "seed"}
     net = finetune(net, data, FinetuneConfig(**tc), tdir, seed=cfg["teacher"]["seed"], device=device,
-                   progress=_progress(cfg))
+                   progress=_progress(cfg), run_dir=tdir)
     return net, time.time() - t0
 
 
 def make_method(cfg: dict) -> Method:
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    m = instantiate(OmegaConf.create(cfg["method"]), _convert_="all")
+    try:
+        m = instantiate(OmegaConf.create(cfg["method"]), _convert_="all")
+    except InstantiationException as e:  # hydra wraps the constructor's own message; show that one
+        cause = e.__cause__
+        if isinstance(cause, BenchError):
+            raise cause from None
+        raise BenchError(f"method {cfg['method_name']!r} could not be built: {cause or e}") from None
     if not isinstance(m, Method):
         raise BenchError(f"method {cfg['method_name']!r} does not build a bench.api.Method")
     return m
@@ -147,6 +154,7 @@ def execute(cfg: dict) -> Row:
     net, wall["teacher"] = teacher(cfg, data, device)
     net.net.to(device).eval()
     dense_cost = surgery.measure(net)
+    _, per_block = surgery.block_costs(net)
 
     # Plan: the method decides on the dense teacher, with the shared calibration probes
     from bench.data import calibration
@@ -165,7 +173,7 @@ def execute(cfg: dict) -> Row:
 
     # Surgery: the only shape change; the measured result must meet the budget
     surgery.apply(net, plan)
-    unit = 1.0 / dense_cost["blocks"] if budget.measure == "blocks" else 0.0
+    unit = per_block[budget.measure] / dense_cost[budget.measure]  # one block's share of the budget
     keep = surgery.check_budget(dense_cost, surgery.measure(net), budget, unit_share=unit)
     append_log(run_dir, "surgery", kept_blocks=net.kept_blocks, **keep)
 
@@ -217,7 +225,7 @@ def execute(cfg: dict) -> Row:
         keep_macs=keep["keep_macs"], depth=len(net.net.blocks), params_M=c["params"] / 1e6,
         macs_G=c["macs"] / 1e9, latency_ms=c["latency_ms"], latency_batch=ev["latency"]["batch"],
         latency_dtype=ev["latency"]["dtype"], throughput_img_s=ev["latency"]["batch"] / c["latency_ms"] * 1e3,
-        nfe=net.process.nfe(sampler, ev["steps"]) * (2 if ev["cfg_scale"] != 1.0 else 1),
+        nfe=net.process.nfe(sampler, ev["steps"], ev["skip"]) * (2 if ev["cfg_scale"] != 1.0 else 1),
         sampler=sampler, cfg_scale=ev["cfg_scale"], cfg_convention=ev["cfg_convention"],
         finetune_steps=ft.steps, metrics=metrics, metric_n=int(ev["n"]), metric_ref=ref, metric_impl=impl,
         device=device_name(device), git_sha=sha, git_dirty=dirty,

@@ -34,26 +34,23 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
         try:
             obj = load_file(str(p), device="cpu")
-        except Exception as e:  # safetensors raises its own error type for bad headers / truncation
-            raise BenchError(f"checkpoint {p} is not a readable .safetensors file ({_short(e)}); "
-                             "re-download it (a partial download looks like this)") from None
+        except Exception as e:  # safetensors' own error type: bad header, truncation
+            raise _corrupt(p, e) from None
     else:
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(p, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            if "Weights only load failed" not in str(e) or "Unsupported global" not in str(e):
-                raise BenchError(f"checkpoint {p} is corrupt or not a torch checkpoint ({_short(e)}); "
-                                 "re-download it") from None
-            # refused, not broken: the pickle references classes we will not execute
+            if "Unsupported global" not in str(e):
+                raise _corrupt(p, e) from None
+            # refused, not broken: the pickle names classes we will not execute unless told the file is trusted
             raise BenchError(
                 f"checkpoint {p} holds Python objects besides tensors, which weights_only loading refuses. "
                 "If you trust its source, re-save just the weights once: "
                 f"c = torch.load('{p}', weights_only=False); torch.save(c.get('ema', c.get('model', c)), 'weights.pt')"
             ) from None
-        except Exception as e:  # truncated zip, garbage bytes (KeyError from the legacy reader), ...
-            raise BenchError(f"checkpoint {p} is corrupt or not a torch checkpoint ({_short(e)}); "
-                             "re-download it (a partial download looks like this)") from None
+        except Exception as e:  # truncated zip (RuntimeError), garbage bytes (KeyError from the legacy reader)
+            raise _corrupt(p, e) from None
 
     if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
         obj = obj["ema"]
@@ -145,6 +142,8 @@ def _describe(cfg: dict, family: str) -> str:
     return f"{name or family}(" + ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in skip) + ")"
 
 
-def _short(e: Exception) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {msg[:120]}" if msg else type(e).__name__
+def _corrupt(p: Path, e: Exception) -> BenchError:
+    msg = str(e).split("WeightsUnpickler error:")[-1].strip()  # skip torch's weights_only preamble
+    msg = msg.splitlines()[0][:120] if msg else ""
+    return BenchError(f"checkpoint {p} is corrupt or not a checkpoint ({type(e).__name__}{': ' + msg if msg else ''}); "
+                      "re-download it (a partial download looks like this)")

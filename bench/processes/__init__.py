@@ -27,7 +27,8 @@ def guided(model_fn, y, scale: float, null_label: int, convention: str = "all", 
     convention='all' guides every prediction channel (the standard rule; diffusers' DiT);
     convention='dit3' guides only the first three channels and takes the rest from the conditional
     half, exactly as the official DiT/SiT forward_with_cfg does "for exact reproducibility".
-    `channels` = number of prediction channels (learned-variance channels are never guided).
+    `channels` = number of prediction channels, so learned-variance channels are never guided;
+    None means every output channel is a prediction channel.
     Returns fn(x, t) evaluating the conditional and null batches together in one forward.
     """
     if scale == 1.0:

@@ -43,8 +43,10 @@ def ddim_timesteps(num_timesteps: int, count: int, skip: str = "uniform") -> lis
     """DDIM Appendix D.2 sub-sequences: 'uniform' tau_i = floor(c*i), 'quad' tau_i = floor(c*i^2)
     reaching 0.8*T (the CIFAR-10 choice also used by Diff-Pruning's --skip_type quad)."""
     if skip == "uniform":
-        c = num_timesteps // count
-        steps = list(range(0, num_timesteps, c))[:count]
+        # real-valued c = T / count so tau_{-1} = T - c is "close to T" (App. D.2) for any count; an
+        # integer c = T // count truncated to `count` steps would start at 798 for count=400
+        c = num_timesteps / count
+        steps = [int(c * i) for i in range(count)]
     elif skip == "quad":
         steps = (np.linspace(0, np.sqrt(num_timesteps * 0.8), count) ** 2).astype(int).tolist()
     else:
@@ -229,10 +231,11 @@ class GaussianDiffusion:
                 x = x + sigma * randn(x)
         return x
 
-    def nfe(self, sampler: str, steps: int) -> int:
+    def nfe(self, sampler: str, steps: int, skip: str = "uniform") -> int:
+        """Network evaluations per sample (without CFG's doubling)."""
         if sampler == "ddpm":
             return len(space_timesteps(self.T, steps))
-        return len(ddim_timesteps(self.T, steps, "uniform"))
+        return len(ddim_timesteps(self.T, steps, skip))
 
 
 def _maybe_progress(it, progress):

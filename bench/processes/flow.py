@@ -66,7 +66,7 @@ class LinearFlow:
             for a, b in _progress(list(zip(ts[:-1], ts[1:])), progress):
                 h = b - a
                 d = vel(x, a)
-                if sampler == "heun" and b < 1.0 + 1e-9:
+                if sampler == "heun":
                     x_e = x + h * d
                     x = x + h * 0.5 * (d + vel(x_e, b))
                 else:
@@ -86,7 +86,7 @@ class LinearFlow:
             return x
         raise ValueError(f"unknown flow sampler {sampler!r}; use 'euler', 'heun' or 'sde'")
 
-    def nfe(self, sampler: str, steps: int) -> int:
+    def nfe(self, sampler: str, steps: int, skip: str = "uniform") -> int:
         return {"euler": steps, "heun": 2 * steps, "sde": steps}.get(sampler, steps)
 
 

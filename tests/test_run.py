@@ -1,0 +1,121 @@
+"""The run lifecycle end to end on a tiny model: rows, skipping, resume, bad input."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.api import BenchError
+from bench.results import load_rows, run_relpath
+from bench.run import execute
+from tests.conftest import TINY, run_cli
+
+METHODS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "bench/conf/method").glob("*.yaml"))
+TIMING_FIELDS = {"latency_ms", "throughput_img_s", "date", "wall_s", "device_hours", "git_sha", "git_dirty"}
+
+
+def _comparable(row) -> dict:
+    return {k: v for k, v in asdict(row).items() if k not in TIMING_FIELDS}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_config_gives_a_row(method, tiny_cfg):
+    """The conformance sweep's last leg: plan -> surgery -> fine-tune -> sample -> score -> row."""
+    keep = 1.0 if method == "dense" else 0.5
+    cfg = tiny_cfg(method, [f"budget.keep={keep}"])
+    row = execute(cfg)
+    run_dir = Path(cfg["paths"]["results"]) / run_relpath(cfg)
+    assert (run_dir / "row.json").exists() and (run_dir / "plan.json").exists()
+    assert row.status == "ok" and row.method == method
+    assert row.keep_blocks <= keep + 1e-9 and row.depth == (4 if keep == 1.0 else 2)
+    assert 0 <= row.metrics["cond_acc"] <= 100 and row.metrics["fd_clf"] >= 0
+    assert row.params_M > 0 and row.macs_G > 0 and row.latency_ms > 0 and row.metric_n == 20
+    df = load_rows(cfg["paths"]["results"])
+    assert len(df) == 1 and df.loc[0, "method"] == method
+
+
+def test_second_run_skips_every_stage(tiny_cfg, capsys):
+    cfg = tiny_cfg("magnitude_l1")
+    first = execute(cfg)
+    capsys.readouterr()
+    second = execute(cfg)
+    assert "done already" in capsys.readouterr().out
+    assert asdict(first) == asdict(second)
+
+
+def test_run_dir_is_a_pure_function_of_the_config(tiny_cfg):
+    a, b = tiny_cfg("shortgpt"), tiny_cfg("shortgpt")
+    assert run_relpath(a) == run_relpath(b)
+    c = tiny_cfg("shortgpt", ["finetune.lr=1e-3"])
+    assert run_relpath(a) != run_relpath(c)
+    d = tiny_cfg("shortgpt", ["paths.results=/elsewhere", "progress=true"])  # where/how, not what
+    assert run_relpath(a) == run_relpath(d)
+
+
+def test_killed_finetune_resumes_to_the_same_row(tmp_path, artifacts):
+    """Kill during fine-tuning (after the step-4 checkpoint, before step 6), restart, compare with
+    an uninterrupted run: identical quality numbers and measured costs."""
+    common = TINY + ["method=sensitivity", "budget.keep=0.5", "finetune.steps=8", "finetune.ckpt_every=2",
+                     f"paths.artifacts={artifacts}"]
+    killed = run_cli(common + [f"paths.results={tmp_path / 'a'}"], {"BENCH_TEST_ABORT_AT_STEP": "5"})
+    assert killed.returncode == 137, killed.stderr
+    assert not list((tmp_path / "a").rglob("row.json"))  # nothing looks finished
+    resumed = run_cli(common + [f"paths.results={tmp_path / 'a'}"])
+    assert resumed.returncode == 0, resumed.stderr
+    log = [json.loads(l) for p in (tmp_path / "a").rglob("log.jsonl") for l in p.read_text().splitlines()]
+    assert any(e["event"] == "finetune_resume" and e["step"] == 4 for e in log)
+    # uninterrupted reference, same config (so the same artifacts dir: remove its fine-tune output first)
+    ref_art = tmp_path / "art_ref"
+    import shutil
+    shutil.copytree(artifacts / "teachers", ref_art / "teachers")
+    shutil.copytree(artifacts / "classifiers", ref_art / "classifiers")
+    ref = run_cli(TINY + ["method=sensitivity", "budget.keep=0.5", "finetune.steps=8", "finetune.ckpt_every=2",
+                          f"paths.artifacts={ref_art}", f"paths.results={tmp_path / 'b'}"])
+    assert ref.returncode == 0, ref.stderr
+    ra = json.loads(next((tmp_path / "a").rglob("row.json")).read_text())
+    rb = json.loads(next((tmp_path / "b").rglob("row.json")).read_text())
+    for k in TIMING_FIELDS | {"run", "config_sha"}:
+        ra.pop(k), rb.pop(k)
+    assert ra == rb
+
+
+def test_unknown_method_lists_the_available_ones(tmp_path):
+    r = run_cli(["method=no_such_method", f"paths.results={tmp_path}", f"paths.artifacts={tmp_path}"])
+    assert r.returncode != 0
+    assert "no_such_method" in r.stderr and "shortgpt" in r.stderr and "dense" in r.stderr
+    assert not list(tmp_path.rglob("row.json"))
+
+
+@pytest.mark.parametrize("keep", ["1.5", "0", "-0.2"])
+def test_budget_outside_unit_interval_stops_early(tmp_path, keep):
+    r = run_cli(TINY + ["method=shortgpt", f"budget.keep={keep}", f"paths.results={tmp_path / 'r'}",
+                        f"paths.artifacts={tmp_path / 'a'}"])
+    assert r.returncode == 2
+    assert "outside (0, 1]" in r.stderr and len(r.stderr.strip().splitlines()) <= 3
+    assert not (tmp_path / "r").exists()
+
+
+def test_unmeetable_budget_stops_with_a_clear_message(tiny_cfg):
+    cfg = tiny_cfg("shortgpt", ["budget.measure=macs", "budget.keep=0.01"])
+    with pytest.raises(BenchError, match="cannot be met"):
+        execute(cfg)
+    assert not list(Path(cfg["paths"]["results"]).rglob("row.json"))
+
+
+def test_dense_rejects_a_pruning_budget(tiny_cfg):
+    with pytest.raises(BenchError, match="1.0"):
+        execute(tiny_cfg("dense", ["budget.keep=0.5"]))
+
+
+def test_nan_loss_stops_the_fine_tune(tmp_path):
+    from bench.data import TensorDataset
+    from bench.finetune import FinetuneConfig, finetune
+    from bench.models import build
+
+    net = build("DiT-T/2", input_size=8, in_channels=1, num_classes=10)
+    bad = TensorDataset(torch.full((8, 1, 8, 8), float("nan")), torch.zeros(8, dtype=torch.long), 10, "nan")
+    with pytest.raises(BenchError, match="lower finetune.lr"):
+        finetune(net, bad, FinetuneConfig(steps=3, batch=4), tmp_path / "ft")
