@@ -79,7 +79,11 @@ class Plan:
 
 class TrainCallback(Protocol):
     """Hook into ``bench.finetune``. Return a Plan to have the loop apply it now (then the loop
-    rebuilds the optimizer and EMA, since the old ones point at dead parameters)."""
+    rebuilds the optimizer and EMA, since the old ones point at dead parameters). Plans always
+    speak dense block indices (``net.kept_blocks`` maps the current model's positions to them).
+    The final model must meet the budget by the last step; the run checks it after fine-tuning."""
+
+    def on_start(self, net: "Denoiser", total_steps: int, run_dir: "str | None") -> None: ...
 
     def on_step(self, step: int, net: "Denoiser", loss: float) -> Plan | None: ...
 
@@ -100,6 +104,8 @@ class Method(abc.ABC):
         """Decide what to keep. ``net`` is the dense model in eval mode; ``calib`` holds fixed
         (x0, y, noise, u) probes shared by every method. Must not change shapes."""
 
-    def callback(self, budget: Budget) -> TrainCallback | None:
-        """Progressive methods return a callback for the shared fine-tune loop; one-shot: None."""
+    def callback(self, budget: Budget, calib: "Calib") -> TrainCallback | None:
+        """Progressive methods return a callback for the shared fine-tune loop; one-shot: None.
+        When a callback is returned, plan() may keep more than the budget (pruning happens during
+        fine-tuning) and the budget is checked on the final model instead."""
         return None

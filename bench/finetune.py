@@ -79,6 +79,8 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
         if run_dir:
             append_log(run_dir, "finetune_resume", step=step)
 
+    if callback is not None and hasattr(callback, "on_start"):
+        callback.on_start(net, cfg.steps, str(run_dir) if run_dir else None)
     abort_at = int(os.environ.get("BENCH_TEST_ABORT_AT_STEP", "-1"))  # tests: simulate a kill
     t0 = time.time()
     it = range(step, cfg.steps)

@@ -19,18 +19,18 @@ import pandas as pd
 
 from bench.results import Row, atomic_write_text, load_rows
 
-GROUP_KEYS = ["model", "dataset", "process", "device", "latency_dtype", "latency_batch", "sampler", "nfe",
-              "cfg_scale", "metric_impl", "metric_n", "metric_ref"]
+GROUP_KEYS = ["model", "dataset", "process", "device", "latency_mode", "latency_dtype", "latency_batch", "sampler", "nfe",
+              "cfg_scale", "metric_impl", "metric_n", "metric_ref", "fid_impl", "fid_n", "fid_ref"]
 LINE_KEYS = ["method", "budget_measure", "budget_keep"]
 DENSE = "dense"  # the method name of the unpruned reference; speedups are relative to it
 # metric name -> (label, better direction); this is also the column order of known metrics
 METRICS = {"fid": ("FID", "↓"), "sfid": ("sFID", "↓"), "is": ("IS", "↑"), "precision": ("precision", "↑"),
            "recall": ("recall", "↑"), "kid": ("KID", "↓"), "fd_clf": ("FD (clf)", "↓"),
-           "cond_acc": ("cond. acc (%)", "↑")}
+           "cond_acc": ("cond. acc (%)", "↑"), "ssim_teacher": ("SSIM (teacher)", "↑")}
 COSTS = {"params_M": "params (M)", "macs_G": "MACs (G)", "keep_macs": "keep MACs", "latency_ms": "latency (ms) ↓"}
 QUALITY_PREF = ["m_fid", "m_fd_clf"]  # y axis of the figure: real FID when there is one
 PROXY_NOTE = "classifier-feature Frechet distance, not Inception FID"
-NO_DENSE_NOTE = ("speedup is blank: this group has no dense row with a latency on the same device, dtype and batch "
+NO_DENSE_NOTE = ("speedup is blank: this group has no dense row with a latency on the same device, mode, dtype and batch "
                  "to divide by (the figure uses keep MACs instead)")
 
 
@@ -118,13 +118,14 @@ def summarize(g: pd.DataFrame) -> tuple[pd.DataFrame, list[str], str | None]:
 def title(key: dict) -> str:
     return (f"{key['model']} · {key['dataset']} · {key['process']} — {key['sampler']}, NFE {key['nfe']}, "
             f"cfg {key['cfg_scale']:g} — {key['metric_impl']}, n={key['metric_n']}, ref {key['metric_ref']} "
-            f"— {key['device']}, {key['latency_dtype']}, batch {key['latency_batch']}")
+            f"— {key['device']}, {key['latency_mode']}, {key['latency_dtype']}, batch {key['latency_batch']}"
+            + (f" — Inception {key['fid_impl']}, n={key['fid_n']}, ref {key['fid_ref']}" if key.get("fid_n") else ""))
 
 
 def proxy_note(key: dict, vcols: list[str]) -> str | None:
     if not str(key["metric_impl"]).startswith("smallcnn"):
         return None
-    names = ", ".join(label(c, arrow=False) for c in vcols if c.startswith("m_"))
+    names = ", ".join(label(c, arrow=False) for c in vcols if c in ("m_fd_clf", "m_cond_acc"))
     return f"Proxy metrics ({key['metric_impl']}): {names} — {PROXY_NOTE}."
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 SCHEMA = 1
 # config keys that do not change a run's results (where files go, how it is launched)
-NON_RESULT_KEYS = ("paths", "cluster", "hydra", "progress")
+NON_RESULT_KEYS = ("paths", "cluster", "hydra", "progress", "stop_after")
 
 
 def config_hash(cfg: dict) -> str:
@@ -121,6 +121,9 @@ class Row:
     latency_ms: float
     latency_batch: int
     latency_dtype: str
+    latency_mode: str          # eager | compile: speedups only between rows of the same mode
+    latency_iqr_ms: float
+    peak_mem_MB: float | None  # GPU only (None on the CPU)
     throughput_img_s: float
     nfe: int
     sampler: str
@@ -132,6 +135,13 @@ class Row:
     metric_ref: str
     metric_impl: str
     device: str
+    # Inception metrics (eval=inception), a protocol of their own: backend/extractor/weights sha8,
+    # sample count, reference; empty when the run has none
+    fid_impl: str = ""
+    fid_n: int = 0
+    fid_ref: str = ""
+    fid_weights: str = ""
+    fid_weights_sha256: str = ""
     git_sha: str = "unknown"
     git_dirty: bool = False
     date: str = ""

@@ -19,6 +19,7 @@ import torch
 
 from bench import surgery
 from bench.api import BenchError, Budget, Method, Plan
+from bench.metrics.cost import device_name
 from bench.results import Row, append_log, atomic_torch_save, atomic_write_text, config_hash, git_info, \
     library_versions, run_relpath, write_row
 
@@ -100,36 +101,44 @@ def make_method(cfg: dict) -> Method:
 
 
 def cost(net, cfg: dict, device: str) -> dict:
-    from bench.metrics.cost import measure_latency
+    """Measured params, MACs, and forward latency through the shared harness (warm-up, median of
+    >= 20 timed calls, CUDA events on a GPU, random inputs) in the configured mode and dtype."""
+    from bench.metrics.cost import benchmark_forward, random_inputs
 
     lat = cfg["eval"]["latency"]
     m = surgery.measure(net)
-    x, t, y = net.example_inputs(lat["batch"], device)
-    x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(device)  # never time on zeros
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[lat["dtype"]]
-
-    def fwd():
-        with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
-            net.net(x, t, y)
-
     net.net.eval()
-    with torch.inference_mode():
-        r = measure_latency(fwd, lat["warmup"], lat["reps"], device)
-    return {**m, "latency_ms": r["median_ms"], "latency_iqr_ms": r["iqr_ms"]}
+    r = benchmark_forward(net.net, random_inputs(net, lat["batch"], device), device, lat.get("mode", "eager"),
+                          lat["dtype"], warmup=lat["warmup"], reps=lat["reps"], allow_few=lat["reps"] < 20)
+    return {**m, "latency_ms": r["median_ms"], "latency_iqr_ms": r["iqr_ms"], "throughput_img_s": r["throughput_img_s"],
+            "peak_mem_MB": r["peak_mem_MB"], "mode": r["mode"]}
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    import platform
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}t"
+def teacher_reference_samples(net, cfg: dict, sampler: str, device: str):
+    """The dense teacher's samples for the eval seeds (same noise and labels as every method's),
+    cached next to the teacher: the reference of the SSIM-to-teacher consistency metric."""
+    from bench.sample import generate
+
+    ev = cfg["eval"]
+    key = {"teacher": {k: cfg[k] for k in ("model", "data", "teacher")},
+           "eval": {k: ev[k] for k in ("n", "seed", "steps", "cfg_scale", "cfg_convention", "labels", "skip", "eta")},
+           "sampler": sampler, "device": device}
+    path = Path(cfg["paths"]["artifacts"]) / "teacher_samples" / f"{config_hash(key)[:16]}.pt"
+    if path.exists():
+        s = torch.load(path, weights_only=True)
+        return s["samples"], s["labels"]
+    _log("sampling the teacher once for SSIM-to-teacher (cached)")
+    samples, labels = generate(net, ev["n"], ev["seed"], ev["batch"], sampler, ev["steps"], ev["cfg_scale"],
+                               ev["cfg_convention"], ev["labels"], ev["skip"], ev["eta"], device)
+    atomic_torch_save({"samples": samples, "labels": labels}, path)
+    return samples, labels
 
 
 # --------------------------------------------------------------------------------------------
 # The spine
 # --------------------------------------------------------------------------------------------
 
-def execute(cfg: dict) -> Row:
+def execute(cfg: dict) -> Row | None:
     """Run (or resume) one configuration and return its row. `cfg` is the resolved config dict
     with `method_name` set to the method's config-file name."""
     budget = validate(cfg)
@@ -155,15 +164,18 @@ def execute(cfg: dict) -> Row:
     net.net.to(device).eval()
     dense_cost = surgery.measure(net)
     _, per_block = surgery.block_costs(net)
+    ev = cfg["eval"]
+    sampler = ev["sampler"] or ("ddpm" if net.process.kind == "ddpm" else "heun")
+    ref_samples = teacher_reference_samples(net, cfg, sampler, device) if ev.get("ssim_teacher") else None
 
     # Plan: the method decides on the dense teacher, with the shared calibration probes
     from bench.data import calibration
     plan_path = run_dir / "plan.json"
     t0 = time.time()
+    calib = calibration(data, cfg["calib"]["n"], cfg["calib"]["seed"], cfg["calib"]["bins"]).to(device)
     if plan_path.exists():
         plan = Plan.from_json(plan_path.read_text())
     else:
-        calib = calibration(data, cfg["calib"]["n"], cfg["calib"]["seed"], cfg["calib"]["bins"]).to(device)
         _log(f"planning {cfg['method_name']} at {budget.measure}={budget.keep}")
         plan = method.plan(net, budget, calib)
         if not isinstance(plan, Plan):
@@ -171,17 +183,19 @@ def execute(cfg: dict) -> Row:
         atomic_write_text(plan_path, plan.to_json())
     wall["plan"] = time.time() - t0
 
-    # Surgery: the only shape change; the measured result must meet the budget
+    # Surgery: the only shape change; the measured result must meet the budget (progressive
+    # methods meet it by the end of fine-tuning, checked below)
+    callback = method.callback(budget, calib)
     surgery.apply(net, plan)
     unit = per_block[budget.measure] / dense_cost[budget.measure]  # one block's share of the budget
-    keep = surgery.check_budget(dense_cost, surgery.measure(net), budget, unit_share=unit)
+    keep = surgery.check_budget(dense_cost, surgery.measure(net), budget, unit_share=0 if callback else unit,
+                                final=callback is None)
     append_log(run_dir, "surgery", kept_blocks=net.kept_blocks, **keep)
 
     # Fine-tune: the same budget for every method (progressive methods hook in via callback)
     from bench.finetune import FinetuneConfig, finetune
     t0 = time.time()
     ft = FinetuneConfig(**cfg["finetune"])
-    callback = method.callback(budget)
     if ft.steps > 0 or callback is not None:
         _log(f"fine-tuning {ft.steps} steps")
         net = finetune(net, data, ft, art_dir / "finetune", seed=cfg["seed"], callback=callback,
@@ -193,8 +207,6 @@ def execute(cfg: dict) -> Row:
 
     # Sample: per-sample seeds, identical for every method
     from bench.sample import generate
-    ev = cfg["eval"]
-    sampler = ev["sampler"] or ("ddpm" if net.process.kind == "ddpm" else "heun")
     samples_path = art_dir / "samples.pt"
     t0 = time.time()
     if samples_path.exists():
@@ -206,10 +218,20 @@ def execute(cfg: dict) -> Row:
                                    ev["cfg_convention"], ev["labels"], ev["skip"], ev["eta"], device, _progress(cfg))
         atomic_torch_save({"samples": samples, "labels": labels}, samples_path)
     wall["sample"] = time.time() - t0
+    if cfg.get("stop_after") == "sample":  # run_all.sh phase 1: heavy stages in parallel workers;
+        _log(f"stopped after sampling (stop_after=sample): {run_dir}")  # score + timing run later, alone
+        return None
 
     # Score: quality of the samples, then measured cost
     t0 = time.time()
     metrics, impl, ref = score(cfg, samples, labels)
+    fid_metrics, fid_fields = score_inception(cfg, samples)
+    metrics.update(fid_metrics)
+    if ref_samples is not None:  # Diff-Pruning's consistency protocol: same noise and labels as the teacher
+        from bench.metrics.consistency import ssim_to_teacher
+        ss = ssim_to_teacher(samples, ref_samples[0], student_labels=labels, teacher_labels=ref_samples[1])
+        metrics["ssim_teacher"] = float(ss["mean"])
+        append_log(run_dir, "ssim_teacher", **{k: v for k, v in ss.items() if k != "impl"})
     wall["score"] = time.time() - t0
     t0 = time.time()
     c = cost(net, cfg, device)
@@ -224,13 +246,14 @@ def execute(cfg: dict) -> Row:
         seed=cfg["seed"], keep_blocks=keep["keep_blocks"], keep_params=keep["keep_params"],
         keep_macs=keep["keep_macs"], depth=len(net.net.blocks), params_M=c["params"] / 1e6,
         macs_G=c["macs"] / 1e9, latency_ms=c["latency_ms"], latency_batch=ev["latency"]["batch"],
-        latency_dtype=ev["latency"]["dtype"], throughput_img_s=ev["latency"]["batch"] / c["latency_ms"] * 1e3,
+        latency_dtype=ev["latency"]["dtype"], latency_mode=c["mode"], latency_iqr_ms=c["latency_iqr_ms"],
+        peak_mem_MB=c["peak_mem_MB"], throughput_img_s=c["throughput_img_s"],
         nfe=net.process.nfe(sampler, ev["steps"], ev["skip"]) * (2 if ev["cfg_scale"] != 1.0 else 1),
         sampler=sampler, cfg_scale=ev["cfg_scale"], cfg_convention=ev["cfg_convention"],
         finetune_steps=ft.steps, metrics=metrics, metric_n=int(ev["n"]), metric_ref=ref, metric_impl=impl,
         device=device_name(device), git_sha=sha, git_dirty=dirty,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), versions=library_versions(),
-        wall_s={k: round(v, 3) for k, v in wall.items()}, device_hours=total_s / 3600,
+        wall_s={k: round(v, 3) for k, v in wall.items()}, device_hours=total_s / 3600, **fid_fields,
     )
     write_row(row, run_dir)
     append_log(run_dir, "row", **metrics)
@@ -252,6 +275,19 @@ def score(cfg: dict, samples, labels) -> tuple[dict, str, str]:
     m = scorer.score(samples, labels)
     metrics = {"cond_acc": float(m["cond_acc"]), "fd_clf": float(m["fd_clf"])}
     return metrics, scorer.impl, f"{cfg['data']['name']}-all"
+
+
+def score_inception(cfg: dict, samples) -> tuple[dict, dict]:
+    """eval=inception: Inception FID/KID with bootstrap intervals (+ sFID, P/R; IS with the
+    torch-fidelity extractor), offline weights through bench.assets. Returns (metrics, row fields)."""
+    inc = cfg["eval"].get("inception")
+    if not inc:
+        return {}, {}
+    from bench.metrics.fid import evaluate
+    m, impl, ref, x = evaluate(samples, lambda: load_data(cfg, split=inc["ref_split"]).all()[0], cfg["eval"],
+                               Path(cfg["paths"]["artifacts"]), cfg["data"]["name"], cfg["device"])
+    return m, {"fid_impl": impl, "fid_n": int(x["n"]), "fid_ref": ref, "fid_weights": str(x["weights_path"]),
+               "fid_weights_sha256": x["weights_sha256"]}
 
 
 # --------------------------------------------------------------------------------------------

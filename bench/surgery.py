@@ -78,12 +78,14 @@ def apply(net: Denoiser, plan: Plan) -> Denoiser:
     return net
 
 
-def check_budget(dense: dict[str, float], pruned: dict[str, float], budget: Budget, unit_share: float = 0.0) -> dict[str, float]:
+def check_budget(dense: dict[str, float], pruned: dict[str, float], budget: Budget, unit_share: float = 0.0,
+                 final: bool = True) -> dict[str, float]:
     """Measured keep fractions; raise if the budget is exceeded, or undershot by more than one unit
-    (a plan that removes more than the budget asks is not comparable either)."""
+    (a plan that removes more than the budget asks is not comparable either). final=False only
+    measures (a progressive method's starting point)."""
     keep = {f"keep_{k}": pruned[k] / dense[k] for k in ("params", "macs", "blocks")}
     got = keep[f"keep_{budget.measure}"]
-    if got > budget.keep + 1e-6:
+    if final and got > budget.keep + 1e-6:
         raise BenchError(f"pruned model keeps {got:.4f} of dense {budget.measure}, over the budget {budget.keep}; "
                          "the method's plan does not meet the budget")
     if unit_share and got < budget.keep - unit_share - 1e-6:

@@ -106,12 +106,18 @@ def test_method_conformance(name, family, nets, calib):
     for budget in budgets:
         before = snapshot(net)
         plan = method.plan(net, budget, calib)
+        # progressive methods (a callback) prune during fine-tuning: plan() may keep more than the
+        # budget, which is then checked on the final model (bench.run; their own tests cover it)
+        progressive = method.callback(budget, calib) is not None
 
         # a well-formed, JSON-round-tripping block plan
         assert isinstance(plan, Plan) and plan.granularity == "block"
         kept = plan.keep["blocks"]
         assert kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < depth
-        assert len(kept) == surgery.blocks_to_keep(net, budget)
+        if progressive:
+            assert len(kept) >= surgery.blocks_to_keep(net, budget)
+        else:
+            assert len(kept) == surgery.blocks_to_keep(net, budget)
         scores = plan.scores["blocks"]
         assert len(scores) == depth and all(isinstance(s, float) for s in scores)
         assert Plan.from_json(plan.to_json()) == plan
@@ -130,8 +136,9 @@ def test_method_conformance(name, family, nets, calib):
         # surgery meets the measured budget (not over, not more than one block under)
         pruned = surgery.apply(copy.deepcopy(net), plan)
         share = per[budget.measure] / dense_cost[budget.measure]
-        got = surgery.check_budget(dense_cost, surgery.measure(pruned), budget, unit_share=share)
-        assert got[f"keep_{budget.measure}"] <= budget.keep + 1e-6
+        got = surgery.check_budget(dense_cost, surgery.measure(pruned), budget, unit_share=0 if progressive else share,
+                                   final=not progressive)
+        assert progressive or got[f"keep_{budget.measure}"] <= budget.keep + 1e-6
         assert len(pruned.net.blocks) == len(kept)
 
         # the pruned model still runs

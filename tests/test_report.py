@@ -8,7 +8,7 @@ from bench.report import build_report, check_single_protocol, fmt_num, fmt_pm, m
 from bench.results import Row, load_rows, write_row
 
 BASE = dict(model="dit-xs", dataset="toy", process="flow", method_version=1, granularity="block",
-            keep_blocks=1.0, keep_params=1.0, depth=4, latency_batch=8, latency_dtype="fp32",
+            keep_blocks=1.0, keep_params=1.0, depth=4, latency_batch=8, latency_dtype="fp32", latency_mode="eager", latency_iqr_ms=0.1, peak_mem_MB=None,
             throughput_img_s=100.0, nfe=10, sampler="euler", cfg_scale=1.0, cfg_convention="uncond+s*(c-u)",
             finetune_steps=0, metric_n=256, metric_ref="train", metric_impl="smallcnn-v1", device="cpu",
             git_sha="abc123def456", config_sha="0" * 64)
@@ -75,7 +75,7 @@ def test_markdown_table(report):
     out, _, _ = report
     md = (out / "tables" / "t.md").read_text()
     secs = md_sections(md)
-    cpu = secs["dit-xs · toy · flow — euler, NFE 10, cfg 1 — smallcnn-v1, n=256, ref train — cpu, fp32, batch 8"]
+    cpu = secs["dit-xs · toy · flow — euler, NFE 10, cfg 1 — smallcnn-v1, n=256, ref train — cpu, eager, fp32, batch 8"]
     table = [line for line in cpu.splitlines() if line.startswith("|")]
     assert table == [
         "| method | budget | n_seeds | FD (clf) ↓ | cond. acc (%) ↑ | params (M) | MACs (G) | keep MACs "
@@ -92,7 +92,7 @@ def test_markdown_table(report):
     assert "FD (clf), cond. acc (%)" in cpu
     assert "speedup is blank" not in cpu
     # the cuda group has no dense row: blank speedup and a note saying why
-    cuda = next(v for k, v in secs.items() if k.endswith("cuda, fp32, batch 8"))
+    cuda = next(v for k, v in secs.items() if k.endswith("cuda, eager, fp32, batch 8"))
     assert "speedup is blank" in cuda
     assert "| taylor | blocks 0.5 | 1 | 28.0 | 81.0 | 2.50 | 0.00615 | 0.500 | 2.00 |  |" in cuda
 
@@ -167,7 +167,7 @@ def test_cli(runs, tmp_path):
 def test_tables_csv_columns(report):
     out, _, _ = report
     csv = pd.read_csv(out / "tables" / "t.csv", comment="#")
-    assert list(csv.columns)[12:] == [
+    assert list(csv.columns)[16:] == [
         "method", "budget_measure", "budget_keep", "n_seeds", "m_fd_clf", "m_fd_clf_std", "m_cond_acc",
         "m_cond_acc_std", "params_M", "params_M_std", "macs_G", "macs_G_std", "keep_macs", "keep_macs_std",
         "latency_ms", "latency_ms_std", "speedup"]

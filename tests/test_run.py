@@ -14,7 +14,7 @@ from bench.run import execute
 from tests.conftest import TINY, run_cli
 
 METHODS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "bench/conf/method").glob("*.yaml"))
-TIMING_FIELDS = {"latency_ms", "throughput_img_s", "date", "wall_s", "device_hours", "git_sha", "git_dirty"}
+TIMING_FIELDS = {"latency_ms", "latency_iqr_ms", "peak_mem_MB", "throughput_img_s", "date", "wall_s", "device_hours", "git_sha", "git_dirty"}
 
 
 def _comparable(row) -> dict:

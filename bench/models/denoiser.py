@@ -53,7 +53,7 @@ class Denoiser:
         n = x0.shape[0]
         t = self.process.sample_t(n, generator, x0.device) if u is None else self.process.t_from_u(u)
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device) if generator is not None else torch.randn_like(x0)
+            noise = torch.randn(x0.shape, generator=generator).to(x0.device) if generator is not None else torch.randn_like(x0)
         model_fn = lambda x_t, t_: self.net(x_t, t_, y, force_drop_ids=force_drop_ids, generator=generator)
         loss = self.process.training_loss(model_fn, x0, t, noise, reduction=reduction)
         return loss

@@ -87,7 +87,8 @@ class LabelEmbedder(nn.Module):
 
     def token_drop(self, labels, force_drop_ids=None, generator=None):
         if force_drop_ids is None:
-            drop = torch.rand(labels.shape[0], device=labels.device, generator=generator) < self.dropout_prob
+            r = torch.rand(labels.shape[0], generator=generator) if generator is not None else torch.rand(labels.shape[0])
+            drop = r.to(labels.device) < self.dropout_prob
         else:
             drop = force_drop_ids == 1
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)

@@ -130,7 +130,8 @@ class GaussianDiffusion:
         return (u * self.T).long().clamp(0, self.T - 1)
 
     def sample_t(self, n: int, generator=None, device="cpu") -> torch.Tensor:
-        return torch.randint(0, self.T, (n,), generator=generator, device=device)
+        # drawn on the generator's device (the CPU) and moved: the same draws on every device
+        return torch.randint(0, self.T, (n,), generator=generator).to(device)
 
     def q_sample(self, x0, t, noise):
         s = self.base

@@ -35,7 +35,8 @@ class LinearFlow:
         return (1.0 - u).float()
 
     def sample_t(self, n: int, generator=None, device="cpu") -> torch.Tensor:
-        return self.t_eps + (1 - 2 * self.t_eps) * torch.rand(n, generator=generator, device=device)
+        # drawn on the generator's device (the CPU) and moved: the same draws on every device
+        return (self.t_eps + (1 - 2 * self.t_eps) * torch.rand(n, generator=generator)).to(device)
 
     def q_sample(self, x1, t, noise):
         t = t.reshape(-1, *([1] * (x1.ndim - 1)))

@@ -1,0 +1,176 @@
+"""EntPruner: entropy-guided adaptive depth pruning of DiT / SiT during fine-tuning.
+
+Paper: Changlin Li, Jiawei Zhang, Zeyi Shi, Zongxin Yang, Zhihui Li, Xiaojun Chang, "Which Layer
+Causes Distribution Deviation? Entropy-Guided Adaptive Pruning for Diffusion and Flow Models",
+arXiv 2511.21122 (2025); earlier version: ICLR 2026 withdrawn submission "Entropy-Guided Automated
+Progressive Pruning for Diffusion and Flow Models" (openreview pNvm002gkE). No code is public
+(methods.md section 1), so everything below that is not in the abstract is a reconstruction.
+
+What the paper states [V]:
+  * block-level (depth) pruning of transformer blocks of DiT and SiT while transferring to a
+    downstream dataset;
+  * block importance = Conditional Entropy Deviation, CED_i = |H - H_-i| (H: entropy of the
+    model's output distribution, conditional, data-dependent; H_-i: with block i removed);
+  * a zero-shot adaptive schedule that decides when and how much to prune during training, with
+    the NAS proxies NTK condition number and ZiCo [S: third-party summaries], progressive to avoid
+    one-shot pruning's collapse.
+
+Reconstruction choices [A] (each a keyword argument; default in brackets):
+  R1  outputs        what "the output distribution" is: the network's prediction (eps for DDPM,
+                     velocity for flow; learned-variance channels dropped) on the fixed calibration
+                     probes x_t = noisy(x0, u, noise) [prediction], or final samples of a short
+                     deterministic sampler from per-probe seeded noise (samples, sample_steps=10).
+  R2  bypass         block i removed = the residual stream passes through it unchanged
+                     (Denoiser.ablate), the same operation surgery performs.
+  R3  condition      H(out | y) = sum_y p(y) H(out | y) over the probes' classes [class]; pooled =
+                     one distribution over all probes. reduce: |H - H_-i| of the conditional
+                     entropies [entropy], or sum_y p(y) |H_y - H_-i,y| (per_group_abs).
+  R4  estimator      Gaussian differential entropy d/2 log(2 pi e) + 1/2 log det S in float64 [gaussian],
+                     its diagonal version (diagonal), or the Kozachenko-Leonenko kNN estimator (knn,
+                     knn_k=3; Kraskov et al. 2004 Eq. 20) for the paper's open Gaussian assumption.
+  R5  shrinkage      Ledoit-Wolf 2004 shrinkage of S [ledoit_wolf] or none; pca: project on the
+                     top n-1 principal directions of the *full* model's outputs of a group (the
+                     same basis for every ablation) when d >= n, for the full-covariance and kNN
+                     estimators [auto]; off; or an int dimension (always projected).
+                     eps_floor [1e-8] x the group's mean variance is added to eigenvalues /
+                     variances / squared kNN distances so a collapsed output stays finite.
+  R6  per bin        per-noise-level-bin CED from the probes of each bin, pooled over classes
+                     (meta["scores_per_bin"]); prediction outputs only.
+  R7  schedule       adaptive [adaptive] (progressive, a fine-tune callback) or oneshot (prune to
+                     the budget by CED at once, then the shared fine-tune: the ablation).
+  R8  when           decide every `period` [25] steps; every decision before finish_frac [2/3] of
+                     the fine-tune steps so the rest recovers the final model; the period shrinks
+                     when a short run needs more decisions than fit.
+  R9  how much       candidates drop the k lowest-CED blocks of the current model (CED recomputed
+                     on the current weights at every decision), k = 0..k_max [2].
+  R10 proxies        on the first proxy_batch [16] probes: TE-NAS NTK condition number of the summed
+                     prediction, ZiCo of the training loss over zico_splits [2] mini-batches (ZiCo's
+                     reference default); weights of Linear/Conv layers [proxy_params=weights];
+                     independent per-batch gradients [zico_accumulate=false] (the reference code
+                     accumulates them without zero_grad: true reproduces that).
+  R11 vote           proxy p approves candidate k if its goodness is no worse than k=0's within
+                     `tolerance` [0.0] (relative); goodness: -log kappa_NTK, ZiCo per layer
+                     [zico_per_layer=true] because ZiCo's sum over layers shrinks with every removed
+                     block (false: the raw sum). The largest k whose weighted approval
+                     sum_p w_p approve_p / sum_p w_p reaches `quorum` is accepted
+                     [vote_weights ntk=1, zico=1; quorum=1.0: both must approve, methods.md 1h].
+  R12 forcing        if the remaining decisions (k_max each) could no longer reach the target, the
+                     decision removes what is needed (logged as forced); the last one removes all
+                     that is left. Never past the target (bench.surgery.blocks_to_keep).
+  R13 weights        CED and proxies on the current (non-EMA) weights, in eval mode.
+Not reproduced: the paper's fine-tune recipe, data and numbers (not available).
+U-Net extension (the paper's first open question): needs the U-Net backbone; until it exists the
+adapter stops with a message on anything without transformer blocks (ced.block_group).
+
+Outputs: plan.scores["blocks"] = CED on the dense model, meta["scores_per_bin"] per noise bin;
+the adaptive schedule logs every decision (step, CED, candidates, proxy values, votes, choice) to
+<run_dir>/entpruner_decisions.jsonl; ``replay(path)`` rebuilds the final plan from it; plots in
+methods/plots.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from bench.api import BenchError, Budget, Method, Plan
+from bench.surgery import blocks_to_keep, keep_top
+from methods.entpruner.ced import CONDITIONS, OUTPUTS, REDUCES, ced_scores
+from methods.entpruner.schedule import LOG_NAME, AdaptiveSchedule, decision_steps, replay
+
+__all__ = ["EntPruner", "replay", "ced_scores", "decision_steps", "LOG_NAME"]
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class EntPruner(Method):
+    granularity = "block"
+    version = 1
+    needs_grad = True  # the adaptive schedule's proxies backpropagate; CED itself does not
+
+    def __init__(
+        self,
+        schedule: str = "adaptive",        # R7: adaptive (prune during fine-tuning) | oneshot (ablation)
+        outputs: str = "prediction",       # R1: prediction (per-step eps/velocity) | samples (final samples)
+        condition: str = "class",          # R3: class (H(out|y), averaged with p(y)) | pooled
+        reduce: str = "entropy",           # R3: entropy (|H - H_-i|) | per_group_abs (sum_y p(y)|H_y - H_-i,y|)
+        estimator: str = "gaussian",       # R4: gaussian | diagonal | knn (Kozachenko-Leonenko)
+        shrinkage: str = "ledoit_wolf",    # R5: ledoit_wolf | none (Gaussian covariance)
+        pca="auto",                        # R5: auto (when d >= n) | off | an int dimension
+        knn_k: int = 3,                    # R4: neighbour order of the kNN estimator (Kraskov et al. use 3)
+        eps_floor: float = 1e-8,           # R5: relative floor that keeps collapsed outputs finite
+        per_bin: bool = True,              # R6: also score each noise-level bin (plots)
+        sample_steps: int = 10,            # R1: sampler steps for outputs=samples
+        sample_seed: int = 0,              # R1: first per-probe noise seed for outputs=samples
+        batch_size: int = 64,              # memory only; outputs are per probe
+        dtype: str = "fp32",               # fp32 | bf16 | fp16 autocast of the CED forwards (GPU)
+        period: int = 25,                  # R8: steps between decisions (scaled to 150 fine-tune steps)
+        finish_frac: float = 2 / 3,        # R8: all pruning before this fraction of the fine-tune
+        k_max: int = 2,                    # R9: most blocks one decision may remove voluntarily
+        proxy_batch: int = 16,             # R10: probes for NTK and ZiCo
+        proxy_params: str = "weights",     # R10: weights (Linear/Conv, TE-NAS/ZiCo code) | all
+        zico_splits: int = 2,              # R10: ZiCo mini-batches (reference default split_data=2)
+        zico_accumulate: bool = False,     # R10: true = reference code's missing zero_grad()
+        zico_per_layer: bool = True,       # R11: compare ZiCo per layer (depth-neutral)
+        vote_weights: dict | None = None,  # R11: {"ntk": w, "zico": w}; None = equal weights
+        quorum: float = 1.0,               # R11: approval share needed (1.0 = every proxy)
+        tolerance: float = 0.0,            # R11: relative slack of "no worse than k=0"
+    ):
+        def one_of(name, value, options):
+            if value not in options:
+                raise BenchError(f"entpruner {name}={value!r} is unknown; use one of {', '.join(map(str, options))}")
+        one_of("schedule", schedule, ("adaptive", "oneshot"))
+        one_of("outputs", outputs, OUTPUTS)
+        one_of("condition", condition, CONDITIONS)
+        one_of("reduce", reduce, REDUCES)
+        one_of("estimator", estimator, ("gaussian", "diagonal", "knn"))
+        one_of("shrinkage", shrinkage, ("ledoit_wolf", "none"))
+        one_of("dtype", dtype, tuple(_DTYPES))
+        one_of("proxy_params", proxy_params, ("weights", "all"))
+        if not (pca in ("auto", "off") or (isinstance(pca, int) and pca >= 1)):
+            raise BenchError(f"entpruner pca={pca!r} is unknown; use auto, off or a positive int")
+        if period < 1 or k_max < 1 or proxy_batch < 2 or zico_splits < 2 or not 0 < finish_frac <= 1:
+            raise BenchError("entpruner needs period >= 1, k_max >= 1, proxy_batch >= 2, zico_splits >= 2 "
+                             "and 0 < finish_frac <= 1")
+        weights = {"ntk": 1.0, "zico": 1.0} if vote_weights is None else {k: float(v) for k, v in vote_weights.items()}
+        if set(weights) - {"ntk", "zico"} or sum(weights.values()) <= 0 or min(weights.values()) < 0:
+            raise BenchError(f"entpruner vote_weights={vote_weights} must map ntk/zico to weights >= 0, not all 0")
+        self.schedule, self.outputs, self.condition, self.reduce = schedule, outputs, condition, reduce
+        self.estimator, self.shrinkage, self.pca, self.knn_k = estimator, shrinkage, pca, int(knn_k)
+        self.eps_floor, self.per_bin, self.sample_steps = float(eps_floor), bool(per_bin), int(sample_steps)
+        self.sample_seed, self.batch_size, self.dtype = int(sample_seed), int(batch_size), dtype
+        self.period, self.finish_frac, self.k_max = int(period), float(finish_frac), int(k_max)
+        self.proxy_batch, self.proxy_params, self.zico_splits = int(proxy_batch), proxy_params, int(zico_splits)
+        self.zico_accumulate, self.zico_per_layer = bool(zico_accumulate), bool(zico_per_layer)
+        self.vote_weights, self.quorum, self.tolerance = weights, float(quorum), float(tolerance)
+        self.needs_grad = schedule == "adaptive"
+
+    def settings(self) -> dict:
+        """Every knob, for the plan's meta and the decision log."""
+        keys = ("schedule", "outputs", "condition", "reduce", "estimator", "shrinkage", "pca", "knn_k", "eps_floor",
+                "sample_steps", "sample_seed", "dtype", "period", "finish_frac", "k_max", "proxy_batch",
+                "proxy_params", "zico_splits", "zico_accumulate", "zico_per_layer", "vote_weights", "quorum",
+                "tolerance")
+        return {k: getattr(self, k) for k in keys}
+
+    def ced(self, net, calib, per_bin: bool | None = None) -> dict:
+        """CED of every block of the current model (see methods.entpruner.ced.ced_scores)."""
+        return ced_scores(net, calib, outputs=self.outputs, condition=self.condition, reduce=self.reduce,
+                          estimator=self.estimator, shrinkage=self.shrinkage, pca=self.pca, knn_k=self.knn_k,
+                          eps_floor=self.eps_floor, batch_size=self.batch_size, amp_dtype=_DTYPES[self.dtype],
+                          sample_steps=self.sample_steps, sample_seed=self.sample_seed,
+                          per_bin=self.per_bin if per_bin is None else per_bin)
+
+    def plan(self, net, budget: Budget, calib) -> Plan:
+        r = self.ced(net, calib)
+        depth = len(r["ced"])
+        n_keep = blocks_to_keep(net, budget)
+        kept = keep_top(r["ced"], n_keep) if self.schedule == "oneshot" else list(range(depth))
+        meta = {"method": "entpruner", "schedule": self.schedule, "calib_n": len(calib), "target_blocks": n_keep,
+                "entropy_full": r["H"], "entropy_ablated": r["H_ablated"], "groups": r["groups"], "dim": r["dim"],
+                "ced_seconds": r["seconds"], "settings": self.settings()}
+        if r["ced_per_bin"] is not None:
+            meta["scores_per_bin"] = r["ced_per_bin"]
+        return Plan(granularity="block", keep={"blocks": kept}, scores={"blocks": [float(c) for c in r["ced"]]},
+                    meta=meta)
+
+    def callback(self, budget: Budget, calib):
+        return AdaptiveSchedule(self, budget, calib) if self.schedule == "adaptive" else None

@@ -1,0 +1,186 @@
+"""Conditional Entropy Deviation (CED) of every block: CED_i = |H - H_-i| (EntPruner, arXiv 2511.21122).
+
+H is the entropy of the model's output distribution on the fixed calibration probes, conditional on
+the class label: H = sum_y p(y) H(out | y) over the probe classes (or pooled over all probes);
+H_-i the same with block i bypassed (``Denoiser.ablate``: the residual stream passes through).
+Every block sees exactly the same (x0, y, noise, u) probes, so differences come from the block.
+Per-noise-level-bin scores use the probes of each bin, pooled over classes (a bin holds about
+n/bins probes, too few to split further by class).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from bench.api import BenchError
+from methods.entpruner.entropy import entropy, pca_basis
+
+OUTPUTS = ("prediction", "samples")
+CONDITIONS = ("class", "pooled")
+REDUCES = ("entropy", "per_group_abs")
+
+
+@contextlib.contextmanager
+def eval_mode(net):
+    """Score in eval mode (no label dropout), then restore the mode the model was given in."""
+    was = net.net.training
+    net.net.eval()
+    try:
+        yield
+    finally:
+        net.net.train(was)
+
+
+def block_group(net) -> str:
+    """The unit group whose members can be bypassed one at a time. Transformers (DiT/SiT) only, for
+    now: the U-Net extension (CED over U-Net blocks whose skip structure allows bypassing) needs the
+    U-Net backbone, which does not exist yet."""
+    units = net.units("block")
+    if "blocks" not in units or not hasattr(net.net, "blocks"):
+        raise BenchError(f"EntPruner needs a transformer backbone (DiT/SiT blocks); {net.name} has units "
+                         f"{sorted(units)}. CED over U-Net blocks arrives with the U-Net backbone")
+    return "blocks"
+
+
+@torch.no_grad()
+def model_outputs(net, calib, outputs: str = "prediction", batch_size: int = 64, amp_dtype=None,
+                  sample_steps: int = 10, sample_seed: int = 0) -> torch.Tensor:
+    """(n, d) float32 outputs of the current model on the probes.
+
+    prediction: the network's prediction (eps or velocity; learned-variance channels dropped) at
+                x_t = noisy(x0, u, noise), flattened per probe;
+    samples:    final samples of a short deterministic sampler (DDIM eta=0 / Euler) from per-probe
+                seeded noise (seed k = sample_seed + probe index, drawn like bench.sample.generate:
+                x_T from seed 10k, step noise from 10k+1), conditioned on the probe's label."""
+    dev, C = net.device, net.in_channels
+    rows = []
+    use_amp = amp_dtype is not None
+    with eval_mode(net), torch.autocast(device_type=torch.device(dev).type, dtype=amp_dtype or torch.float32,
+                                        enabled=use_amp):
+        if outputs == "prediction":
+            for x0, y, noise, u in calib.batches(batch_size):
+                x0, y, noise, u = x0.to(dev), y.to(dev), noise.to(dev), u.to(dev)
+                x_t, t = net.noisy(x0, u, noise)
+                rows.append(net(x_t, t, y)[:, :C].float().flatten(1))
+        elif outputs == "samples":
+            from bench.sample import PerSampleNoise
+            sampler = "ddim" if net.process.kind == "ddpm" else "euler"
+            for start in range(0, len(calib), batch_size):
+                y = calib.y[start: start + batch_size].to(dev)
+                seeds = [sample_seed + i for i in range(start, start + len(y))]  # bench.sample's streams:
+                x_T = PerSampleNoise([10 * s for s in seeds])(torch.empty(len(y), *calib.x0.shape[1:], device=dev))
+                fn = lambda x, t: net(x, t, y)
+                x = net.process.sample(fn, x_T, PerSampleNoise([10 * s + 1 for s in seeds]), sampler=sampler,
+                                       steps=sample_steps, eta=0.0)
+                rows.append(x.float().flatten(1))
+        else:
+            raise BenchError(f"outputs={outputs!r} is unknown; use one of {OUTPUTS}")
+    out = torch.cat(rows)
+    if not torch.isfinite(out).all():
+        raise BenchError("model outputs are not finite on the calibration probes; check the checkpoint")
+    return out
+
+
+class _Group:
+    """One conditioning group (a class, a noise bin, or all probes): its probe indices, its
+    projection basis and floor fixed by the full model's outputs, and the full model's entropy."""
+
+    def __init__(self, idx: torch.Tensor, ref: torch.Tensor, est: dict, pca, eps_floor: float):
+        self.idx = idx
+        z = ref[idx].to(torch.float64)
+        n, d = z.shape
+        needs = est["estimator"] != "diagonal"
+        if pca == "auto":
+            dim = min(d, n - 1) if (needs and d >= n) else None
+        elif pca in ("off", None, False):
+            dim = None
+        else:
+            dim = min(int(pca), d, n - 1)
+        self.basis = pca_basis(z, dim) if dim is not None else None
+        z = self._project(z)
+        scale = float(z.var(0, unbiased=False).mean())
+        if scale <= 0.0:
+            raise BenchError("the full model's outputs do not vary across the probes of a group (an untrained "
+                             "adaLN-Zero model outputs 0); CED needs a trained or randomised model")
+        self.floor = eps_floor * scale
+        self.est = est
+        self.h_full = self.entropy(z)
+
+    def _project(self, z):
+        return z if self.basis is None else z @ self.basis
+
+    def entropy(self, z_proj) -> float:
+        return entropy(z_proj, self.est["estimator"], self.est["shrinkage"], self.est["knn_k"], self.floor)
+
+    def h_of(self, out: torch.Tensor) -> float:
+        return self.entropy(self._project(out[self.idx].to(torch.float64)))
+
+
+def _groups(keys: torch.Tensor, ref, est, pca, eps_floor, min_n: int) -> list[_Group]:
+    groups = []
+    for k in torch.unique(keys).tolist():
+        idx = torch.nonzero(keys == k).flatten().to(ref.device)
+        if len(idx) >= min_n:
+            groups.append(_Group(idx, ref, est, pca, eps_floor))
+    return groups
+
+
+def _combine(groups, h_ablated, reduce: str) -> tuple[float, float, float]:
+    """(H_full, H_ablated, CED) over groups weighted by their probe counts (p(y) of the probes)."""
+    w = torch.tensor([len(g.idx) for g in groups], dtype=torch.float64)
+    w = w / w.sum()
+    hf = torch.tensor([g.h_full for g in groups], dtype=torch.float64)
+    ha = torch.tensor(h_ablated, dtype=torch.float64)
+    if reduce == "entropy":  # |H(X|Y) - H_-i(X|Y)|: deviation of the conditional entropy
+        ced = abs(float((w * hf).sum() - (w * ha).sum()))
+    else:                    # sum_y p(y) |H_y - H_-i,y|: no cancellation between groups
+        ced = float((w * (hf - ha).abs()).sum())
+    return float((w * hf).sum()), float((w * ha).sum()), ced
+
+
+def ced_scores(net, calib, *, outputs: str = "prediction", condition: str = "class", reduce: str = "entropy",
+               estimator: str = "gaussian", shrinkage: str = "ledoit_wolf", pca="auto", knn_k: int = 3,
+               eps_floor: float = 1e-8, batch_size: int = 64, amp_dtype=None, sample_steps: int = 10,
+               sample_seed: int = 0, per_bin: bool = True) -> dict:
+    """CED of every block of the current model (current positions). Returns a JSON-able dict:
+    ced (depth,), ced_per_bin (bins x depth, prediction outputs only), H (full model), H_ablated
+    (depth,), groups (count), seconds."""
+    if condition not in CONDITIONS:
+        raise BenchError(f"condition={condition!r} is unknown; use one of {CONDITIONS}")
+    if reduce not in REDUCES:
+        raise BenchError(f"reduce={reduce!r} is unknown; use one of {REDUCES}")
+    group = block_group(net)
+    t0 = time.perf_counter()
+    depth = net.units("block")[group]
+    est = {"estimator": estimator, "shrinkage": shrinkage, "knn_k": int(knn_k)}
+    min_n = max(2, int(knn_k) + 1 if estimator == "knn" else 2)
+    kw = dict(outputs=outputs, batch_size=batch_size, amp_dtype=amp_dtype, sample_steps=sample_steps,
+              sample_seed=sample_seed)
+    ref = model_outputs(net, calib, **kw)
+    y = calib.y.to(ref.device)
+    keys = y if condition == "class" else torch.zeros_like(y)
+    groups = _groups(keys, ref, est, pca, eps_floor, min_n)
+    if not groups:
+        raise BenchError(f"no conditioning group has {min_n}+ probes; raise calib.n or use condition=pooled")
+    bins = []
+    if per_bin and outputs == "prediction":
+        b = calib.bin_of().to(ref.device)  # one pooled group per noise-level bin
+        bins = [[_Group(idx, ref, est, pca, eps_floor)] if len(idx := torch.nonzero(b == k).flatten()) >= min_n
+                else [] for k in range(calib.bins)]
+    ced, h_abl, ced_bin = [], [], [[0.0] * depth for _ in bins]
+    for i in range(depth):
+        with net.ablate(group, [i]):
+            out = model_outputs(net, calib, **kw)
+        h_full, h_i, c = _combine(groups, [g.h_of(out) for g in groups], reduce)
+        ced.append(c)
+        h_abl.append(h_i)
+        for k, gs in enumerate(bins):
+            if gs:
+                ced_bin[k][i] = _combine(gs, [g.h_of(out) for g in gs], reduce)[2]
+    if not all(map(lambda v: v == v and abs(v) != float("inf"), ced)):
+        raise BenchError("CED is not finite; use estimator=diagonal or a larger eps_floor")
+    return {"ced": ced, "ced_per_bin": ced_bin if bins else None, "H": h_full, "H_ablated": h_abl,
+            "groups": len(groups), "probes": len(calib), "dim": int(ref.shape[1]),
+            "seconds": round(time.perf_counter() - t0, 4)}
