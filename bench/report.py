@@ -79,8 +79,16 @@ def order_metrics(cols) -> list[str]:
     return known + sorted(cols - set(known))
 
 
+COMPANIONS = ("_std", "_ci_lo", "_ci_hi")  # a metric's own spread / interval columns, shown beside it
+
+
 def metric_cols(df: pd.DataFrame) -> list[str]:
-    return order_metrics(c for c in df.columns if c.startswith("m_") and df[c].notna().any())
+    return order_metrics(c for c in df.columns if c.startswith("m_") and df[c].notna().any()
+                         and not c.endswith(COMPANIONS))
+
+
+def ci_cols(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c.startswith("m_") and c.endswith(("_ci_lo", "_ci_hi")) and df[c].notna().any()]
 
 
 # ---------------------------------------------------------------- grouping
@@ -103,7 +111,7 @@ def summarize(g: pd.DataFrame) -> tuple[pd.DataFrame, list[str], str | None]:
                          "of one setting and cannot be averaged")
     vcols = metric_cols(g) + list(COSTS)
     by = g.groupby(LINE_KEYS, sort=True)
-    lines = by[vcols].mean().join(by[vcols].std(ddof=1).add_suffix("_std"))
+    lines = by[vcols].mean().join(by[vcols].std(ddof=1).add_suffix("_std")).join(by[ci_cols(g)].mean())
     lines["n_seeds"] = by.size()
     lines = lines.reset_index()
     lines["_order"] = (lines["method"] != DENSE).astype(int)  # dense first, then keep desc, then name
@@ -129,10 +137,18 @@ def proxy_note(key: dict, vcols: list[str]) -> str | None:
     return f"Proxy metrics ({key['metric_impl']}): {names} — {PROXY_NOTE}."
 
 
+def fmt_cell(r, c: str) -> str:
+    """mean ± std over seeds; with one seed, the metric's own bootstrap interval when it has one."""
+    lo, hi = r.get(f"{c}_ci_lo"), r.get(f"{c}_ci_hi")
+    if int(r["n_seeds"]) == 1 and lo is not None and pd.notna(lo) and pd.notna(hi):
+        return f"{fmt_num(r[c])} [{fmt_num(lo)}, {fmt_num(hi)}]"
+    return fmt_pm(r[c], r[f"{c}_std"])
+
+
 def cells(lines: pd.DataFrame, vcols: list[str]) -> tuple[list[str], list[list[str]]]:
     head = ["method", "budget", "n_seeds"] + [label(c) for c in vcols] + [label("speedup")]
     body = [[r["method"], f"{r['budget_measure']} {r['budget_keep']:g}", str(int(r["n_seeds"]))]
-            + [fmt_pm(r[c], r[f"{c}_std"]) for c in vcols] + [fmt_num(r["speedup"])]
+            + [fmt_cell(r, c) for c in vcols] + [fmt_num(r["speedup"])]
             for _, r in lines.iterrows()]
     return head, body
 
@@ -284,7 +300,7 @@ def build_report(df: pd.DataFrame, out_dir, name: str = "default") -> list[Path]
     texts = {out / "tables" / f"{name}.md": render_md(prov, name, groups, failed),
              out / "tables" / f"{name}.tex": render_tex(prov, groups, failed),
              out / "tables" / f"{name}.csv": render_csv(prov, groups),
-             out / "runs.csv": runs_csv(prov, df)}
+             out / f"{name}_runs.csv": runs_csv(prov, df)}
     for path, text in texts.items():
         atomic_write_text(path, text)
     return list(texts) + plot(groups, out / "figures" / f"{name}_quality_vs_speedup")

@@ -124,12 +124,12 @@ def test_provenance_and_files(report):
     assert (out / "tables" / "t.md").read_text().splitlines()[0] == f"<!-- {prov} -->"
     assert (out / "tables" / "t.tex").read_text().splitlines()[0] == f"% {prov}"
     assert (out / "tables" / "t.csv").read_text().splitlines()[0] == f"# {prov}"
-    assert (out / "runs.csv").read_text().splitlines()[0] == f"# {prov}"
-    assert len(pd.read_csv(out / "runs.csv", comment="#")) == 9
+    assert (out / "t_runs.csv").read_text().splitlines()[0] == f"# {prov}"
+    assert len(pd.read_csv(out / "t_runs.csv", comment="#")) == 9
     for p in ("figures/t_quality_vs_speedup.png", "figures/t_quality_vs_speedup.pdf"):
         assert (out / p).stat().st_size > 1000
     assert sorted(p.relative_to(out).as_posix() for p in paths) == sorted(
-        ["tables/t.md", "tables/t.tex", "tables/t.csv", "runs.csv",
+        ["tables/t.md", "tables/t.tex", "tables/t.csv", "t_runs.csv",
          "figures/t_quality_vs_speedup.png", "figures/t_quality_vs_speedup.pdf"])
 
 
