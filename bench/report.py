@@ -134,7 +134,9 @@ def proxy_note(key: dict, vcols: list[str]) -> str | None:
     if not str(key["metric_impl"]).startswith("smallcnn"):
         return None
     names = ", ".join(label(c, arrow=False) for c in vcols if c in ("m_fd_clf", "m_cond_acc"))
-    return f"Proxy metrics ({key['metric_impl']}): {names} — {PROXY_NOTE}."
+    inc = (f"Inception metrics on every row of this table: {key['fid_impl']}, n={key['fid_n']}."
+           if key.get("fid_n") else "No row of this table has Inception metrics (eval=inception adds them).")
+    return f"Proxy metrics ({key['metric_impl']}): {names} — {PROXY_NOTE}. {inc}"
 
 
 def fmt_cell(r, c: str) -> str:
