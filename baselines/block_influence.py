@@ -21,7 +21,6 @@ calibration noise-level bin (rankings depend on the noise level; Diff-ES).
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +29,9 @@ from bench.api import BenchError, Budget, Method, Plan
 from bench.surgery import blocks_to_keep, keep_top
 
 
-@contextlib.contextmanager
 def eval_mode(net):
-    """Score in eval mode (no label dropout), then restore the mode the model was given in."""
-    was = net.net.training
-    net.net.eval()
-    try:
-        yield
-    finally:
-        net.net.train(was)
+    """Score in eval mode, then restore the given mode (Denoiser.eval_mode)."""
+    return net.eval_mode()
 
 
 def by_bin(values: torch.Tensor, calib) -> tuple[list[float], list[list[float]]]:

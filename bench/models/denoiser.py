@@ -72,6 +72,16 @@ class Denoiser:
         raise BenchError(f"granularity {granularity!r} is not supported by {self.name} yet (block, operator)")
 
     @contextlib.contextmanager
+    def eval_mode(self):
+        """Score in eval mode (no label dropout), then restore the mode the model was given in."""
+        was = self.net.training
+        self.net.eval()
+        try:
+            yield
+        finally:
+            self.net.train(was)
+
+    @contextlib.contextmanager
     def ablate(self, group: str, idx):
         """Temporarily bypass units; the residual stream passes through unchanged."""
         idx = set(int(i) for i in idx)

@@ -9,7 +9,6 @@ n/bins probes, too few to split further by class).
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
@@ -22,15 +21,9 @@ CONDITIONS = ("class", "pooled")
 REDUCES = ("entropy", "per_group_abs")
 
 
-@contextlib.contextmanager
 def eval_mode(net):
-    """Score in eval mode (no label dropout), then restore the mode the model was given in."""
-    was = net.net.training
-    net.net.eval()
-    try:
-        yield
-    finally:
-        net.net.train(was)
+    """Score in eval mode, then restore the given mode (Denoiser.eval_mode)."""
+    return net.eval_mode()
 
 
 def block_group(net) -> str:
