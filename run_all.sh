@@ -71,6 +71,12 @@ if [ "$JOBS" -ge 2 ]; then
 fi
 for keep in 0.75 0.5; do sweep "$keep" "$@"; done
 
-# 3. tables and plots from every row
+# 3. tables and plots from every row, and EntPruner's own plots (CED per block and noise bin, depth over steps)
 "$PY" -m bench.report --runs "$RESULTS" --out reports --name "$NAME"
+for d in "$RESULTS"/*/entpruner/*/; do
+  [ -f "$d/row.json" ] || continue
+  tag="${NAME}_entpruner_$(basename "$d" | cut -d- -f1)"
+  "$PY" -m methods.plots ced "$d/plan.json" "reports/figures/${tag}_ced.png"
+  "$PY" -m methods.plots depth "$d/entpruner_decisions.jsonl" "reports/figures/${tag}_depth.png"
+done
 echo "[run_all] done in $(( $(date +%s) - start )) s: reports/tables/$NAME.md, reports/figures/${NAME}_quality_vs_speedup.png"
