@@ -20,7 +20,10 @@ import pandas as pd
 from bench.results import Row, atomic_write_text, load_rows
 
 GROUP_KEYS = ["model", "dataset", "process", "device", "latency_mode", "latency_dtype", "latency_batch", "sampler", "nfe",
-              "cfg_scale", "metric_impl", "metric_n", "metric_ref", "fid_impl", "fid_n", "fid_ref"]
+              "cfg_scale", "metric_impl", "metric_n", "metric_ref"]
+# Inception metrics are optional per row (costly on a CPU): rows without them leave the cells blank,
+# and the rows that have them must share one Inception protocol (checked in inception_note)
+FID_KEYS = ["fid_impl", "fid_n", "fid_ref"]
 LINE_KEYS = ["method", "budget_measure", "budget_keep"]
 DENSE = "dense"  # the method name of the unpruned reference; speedups are relative to it
 # metric name -> (label, better direction); this is also the column order of known metrics
@@ -126,17 +129,32 @@ def summarize(g: pd.DataFrame) -> tuple[pd.DataFrame, list[str], str | None]:
 def title(key: dict) -> str:
     return (f"{key['model']} · {key['dataset']} · {key['process']} — {key['sampler']}, NFE {key['nfe']}, "
             f"cfg {key['cfg_scale']:g} — {key['metric_impl']}, n={key['metric_n']}, ref {key['metric_ref']} "
-            f"— {key['device']}, {key['latency_mode']}, {key['latency_dtype']}, batch {key['latency_batch']}"
-            + (f" — Inception {key['fid_impl']}, n={key['fid_n']}, ref {key['fid_ref']}" if key.get("fid_n") else ""))
+            f"— {key['device']}, {key['latency_mode']}, {key['latency_dtype']}, batch {key['latency_batch']}")
 
 
 def proxy_note(key: dict, vcols: list[str]) -> str | None:
     if not str(key["metric_impl"]).startswith("smallcnn"):
         return None
     names = ", ".join(label(c, arrow=False) for c in vcols if c in ("m_fd_clf", "m_cond_acc"))
-    inc = (f"Inception metrics on every row of this table: {key['fid_impl']}, n={key['fid_n']}."
-           if key.get("fid_n") else "No row of this table has Inception metrics (eval=inception adds them).")
-    return f"Proxy metrics ({key['metric_impl']}): {names} — {PROXY_NOTE}. {inc}"
+    return f"Proxy metrics ({key['metric_impl']}): {names} — {PROXY_NOTE}."
+
+
+def inception_note(g: pd.DataFrame) -> str:
+    """Which rows of a group carry Inception metrics, and under which one protocol (never mixed)."""
+    if "fid_n" not in g.columns:
+        return "No row of this table has Inception metrics (eval=inception adds them)."
+    has = g[g["fid_n"].fillna(0) > 0]
+    if has.empty:
+        return "No row of this table has Inception metrics (eval=inception adds them)."
+    protos = has[FID_KEYS].drop_duplicates()
+    if len(protos) > 1:
+        what = "; ".join(f"{k} = {sorted(map(str, has[k].unique()))}" for k in FID_KEYS if has[k].nunique() > 1)
+        raise ValueError(f"one table would mix Inception protocols ({what}); use one eval.inception setting per table")
+    p = protos.iloc[0]
+    which = ("every row" if len(has) == len(g) else
+             "rows " + ", ".join(sorted({f"{m} {k:g}" for m, k in zip(has["method"], has["budget_keep"])})) +
+             " only (blank elsewhere)")
+    return f"Inception metrics ({p['fid_impl']}, n={int(p['fid_n'])}, ref {p['fid_ref']}): {which}."
 
 
 def fmt_cell(r, c: str) -> str:
@@ -298,6 +316,7 @@ def build_report(df: pd.DataFrame, out_dir, name: str = "default") -> list[Path]
     groups = []
     for key, g in ok.groupby(GROUP_KEYS, dropna=False, sort=True):
         lines, vcols, note = summarize(g)
+        note = " ".join(n for n in (inception_note(g), note) if n)
         groups.append((dict(zip(GROUP_KEYS, key)), lines, vcols, note))
     texts = {out / "tables" / f"{name}.md": render_md(prov, name, groups, failed),
              out / "tables" / f"{name}.tex": render_tex(prov, groups, failed),

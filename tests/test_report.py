@@ -167,9 +167,22 @@ def test_cli(runs, tmp_path):
 def test_tables_csv_columns(report):
     out, _, _ = report
     csv = pd.read_csv(out / "tables" / "t.csv", comment="#")
-    assert list(csv.columns)[16:] == [
+    assert list(csv.columns)[13:] == [
         "method", "budget_measure", "budget_keep", "n_seeds", "m_fd_clf", "m_fd_clf_std", "m_cond_acc",
         "m_cond_acc_std", "params_M", "params_M_std", "macs_G", "macs_G_std", "keep_macs", "keep_macs_std",
         "latency_ms", "latency_ms_std", "speedup"]
     mag = csv[(csv.method == "magnitude") & (csv.budget_keep == 0.5)].iloc[0]
     assert (mag.n_seeds, mag.m_fd_clf, mag.m_fd_clf_std, mag.speedup) == (3, 32.0, 2.0, 2.0)
+
+
+def test_inception_note_names_the_rows_and_refuses_mixed_protocols():
+    from bench.report import inception_note
+
+    g = pd.DataFrame({"method": ["dense", "shortgpt"], "budget_keep": [1.0, 0.5],
+                      "fid_impl": ["adm-pt/x", ""], "fid_n": [100, 0], "fid_ref": ["digits-test", ""]})
+    note = inception_note(g)
+    assert "n=100" in note and "dense 1" in note and "blank elsewhere" in note
+    assert "No row" in inception_note(g.assign(fid_n=0))
+    mixed = g.assign(fid_impl=["adm-pt/x", "adm-pt/x"], fid_n=[100, 500], fid_ref=["digits-test"] * 2)
+    with pytest.raises(ValueError, match="mix Inception protocols"):
+        inception_note(mixed)

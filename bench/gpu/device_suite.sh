@@ -18,6 +18,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 export BENCH_PYTHON=python3 BENCH_JOBS=1 BENCH_RESULTS=${BENCH_RESULTS:-results/gpu/runs} BENCH_REPORT=${BENCH_REPORT:-gpu}
 export BENCH_ARTIFACTS=${BENCH_ARTIFACTS:-/tmp/bench-artifacts}
+export BENCH_DENSE_EVAL=""   # every run gets the caller's eval (eval=inception: all rows)
 pack() {  # whatever finished comes back, also after a failure or a time-out
   [ -n "${OUT:-}" ] || return 0
   tar czf "$OUT/gpu_suite.tgz" "$BENCH_RESULTS" reports/tables/"$BENCH_REPORT".* reports/figures/"${BENCH_REPORT}"_* 2>/dev/null || true
