@@ -33,6 +33,7 @@ class FinetuneConfig:
     ema_warmup: bool = True        # decay_t = min(decay, (1+t)/(10+t)) so short runs still average
     ckpt_every: int = 100          # steps between resumable checkpoints
     log_every: int = 50
+    distill: float = 0.0           # > 0: weight of the teacher-output MSE (Diff-Pruning KD: 0.7); needs the teacher
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
@@ -47,9 +48,10 @@ def _make_opt(net, cfg: FinetuneConfig):
 
 
 def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, callback=None,
-             run_dir: Path | None = None, device="cpu", progress=None):
+             run_dir: Path | None = None, device="cpu", progress=None, teacher=None):
     """Train `net` (a Denoiser, already pruned) for cfg.steps on `data`. Returns the EMA Denoiser.
-    Checkpoints go to ckpt_dir/last.pt; the finished EMA weights to ckpt_dir/final.pt."""
+    Checkpoints go to ckpt_dir/last.pt; the finished EMA weights to ckpt_dir/final.pt.
+    `teacher` (the frozen dense Denoiser) is needed when cfg.distill > 0."""
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / "final.pt"
     if final.exists():  # stage done: rebuild the final structure and load the EMA weights
@@ -57,6 +59,8 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
         _replay(net, state["kept_blocks"])
         net.net.load_state_dict(state["ema"])
         return net
+    if cfg.distill > 0 and teacher is None:
+        raise BenchError("finetune.distill > 0 needs the dense teacher; the run passes it (bench.run)")
 
     net.net.to(device).train()
     ema = copy.deepcopy(net.net).eval().requires_grad_(False)
@@ -87,7 +91,7 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
     for step in (progress(it) if progress else it):
         idx = torch.randint(len(data), (cfg.batch,), generator=gen)
         x0, y = data.get(idx)
-        loss = net.loss(x0.to(device), y.to(device), generator=gen)
+        loss = net.loss(x0.to(device), y.to(device), generator=gen, teacher=teacher, distill=cfg.distill)
         if not torch.isfinite(loss):
             raise BenchError(f"loss is {loss.item()} at fine-tune step {step}; lower finetune.lr "
                              "or check the data (values must be finite, pixels in [-1, 1])")

@@ -61,12 +61,12 @@ def keep_top(scores, n_keep: int) -> list[int]:
 
 
 def apply(net: Denoiser, plan: Plan) -> Denoiser:
-    """Apply a plan in place (block removal). Returns net for chaining."""
+    """Apply a plan in place: block removal first, then operator removal (``ops.<group>`` keys),
+    then width surgery (every other key names a width group, bench.width). Returns net."""
     if plan.stages:
         raise BenchError("stage-wise plans need the routed model (not available yet); use a static plan")
-    unknown = set(plan.keep) - {"blocks"}
-    if unknown:
-        raise BenchError(f"plan groups {sorted(unknown)} need width surgery, which this build does not have yet")
+    ops = {k[4:]: v for k, v in plan.keep.items() if k.startswith("ops.")}
+    width = {k: v for k, v in plan.keep.items() if k != "blocks" and not k.startswith("ops.")}
     if "blocks" in plan.keep:
         keep = sorted(int(i) for i in plan.keep["blocks"])
         present = list(net.kept_blocks)
@@ -75,7 +75,93 @@ def apply(net: Denoiser, plan: Plan) -> Denoiser:
         pos = [present.index(i) for i in keep]
         net.net.blocks = nn.ModuleList([net.net.blocks[p] for p in pos])
         net.kept_blocks = keep
+    if ops:
+        have = net.units("operator")
+        for group, keep in ops.items():
+            if group not in have:
+                raise BenchError(f"plan removes operators of group {group!r}; {net.name} has {sorted(have)}")
+            net.remove_operators(group, [int(i) for i in keep])
+    if width:
+        groups = net.width_groups()
+        unknown = sorted(set(width) - set(groups))
+        if unknown:
+            raise BenchError(f"plan names width groups the model does not have: {unknown[:4]}; "
+                             f"it has e.g. {sorted(groups)[:4]} (was the plan made for another model?)")
+        for name, keep in width.items():
+            net.prune_width(name, [int(i) for i in keep])
     return net
+
+
+def width_plan(net: Denoiser, scores: dict[str, list[float]], budget: Budget, granularity: str = "width",
+               round_to: dict[str, int] | None = None, meta: dict | None = None) -> Plan:
+    """The Diff-Pruning / Torch-Pruning 'local' allocation: every width group keeps the same
+    fraction q of its units (its highest-scoring ones), with q the largest value whose *measured*
+    cost fits the budget (bisection on a copy of the model: never trust a knob).
+
+    scores: group name -> per-unit score over the group's present units (higher = keep).
+    round_to: optional per-kind multiple for kept counts (e.g. {"channels": 8} for tensor cores)."""
+    import copy
+
+    groups = net.width_groups()
+    missing = sorted(set(groups) - set(scores))
+    if missing:
+        raise BenchError(f"width scores missing for groups {missing[:4]}")
+    if budget.measure == "blocks":
+        raise BenchError("width pruning cannot meet a budget in blocks; use budget.measure=macs or params")
+    dense = measure(net)
+    round_to = round_to or {}
+
+    def counts(q: float, q_fill: float | None = None) -> dict[str, int]:
+        out = {}
+        for name, g in groups.items():
+            qq = q_fill if (q_fill is not None and g.kind == "channels") else q
+            r = max(1, int(round_to.get(g.kind, 1)))
+            k = int(math.floor(qq * g.size / r + TOL)) * r
+            out[name] = min(g.size, max(r if r <= g.size else 1, k))
+        return out
+
+    def plan_for(q: float, q_fill: float | None = None) -> Plan:
+        keep = {}
+        for name, n in counts(q, q_fill).items():
+            g = groups[name]
+            pos = keep_top(scores[name], n)
+            keep[name] = [g.dense_ids[p] for p in pos]
+        return Plan(granularity, keep, scores={k: [float(x) for x in v] for k, v in scores.items()},
+                    meta={**(meta or {}), "width_fraction": q, "channel_fraction": q if q_fill is None else q_fill})
+
+    def cost_of(q: float, q_fill: float | None = None) -> float:
+        trial = copy.deepcopy(net)
+        apply(trial, plan_for(q, q_fill))
+        return measure(trial)[budget.measure] / dense[budget.measure]
+
+    if cost_of(1e-9) > budget.keep + 1e-9:
+        raise BenchError(f"budget {budget.measure} keep={budget.keep} cannot be met by width pruning alone: keeping "
+                         f"one unit per group costs {cost_of(1e-9):.3f} of the dense model; raise budget.keep")
+    lo, hi = 0.0, 1.0
+    if cost_of(hi) <= budget.keep + 1e-9:
+        lo = hi
+    else:
+        for _ in range(20):  # distinct count vectors are finitely many; 20 halvings resolve them
+            mid = (lo + hi) / 2
+            if cost_of(mid) <= budget.keep + 1e-9:
+                lo = mid
+            else:
+                hi = mid
+    # Fill: coarse groups (a few heads) make the common fraction jump; keep their count and raise
+    # the channel groups' common fraction up to the budget (still one fraction per kind)
+    q_fill = lo
+    if lo < 1.0 and any(g.kind == "channels" for g in groups.values()):
+        a, b = lo, 1.0
+        for _ in range(20):
+            mid = (a + b) / 2
+            if cost_of(lo, mid) <= budget.keep + 1e-9:
+                a = mid
+            else:
+                b = mid
+        q_fill = a
+    plan = plan_for(lo, q_fill)
+    plan.meta["measured_keep"] = cost_of(lo, q_fill)
+    return plan
 
 
 def check_budget(dense: dict[str, float], pruned: dict[str, float], budget: Budget, unit_share: float = 0.0,
@@ -83,7 +169,7 @@ def check_budget(dense: dict[str, float], pruned: dict[str, float], budget: Budg
     """Measured keep fractions; raise if the budget is exceeded, or undershot by more than one unit
     (a plan that removes more than the budget asks is not comparable either). final=False only
     measures (a progressive method's starting point)."""
-    keep = {f"keep_{k}": pruned[k] / dense[k] for k in ("params", "macs", "blocks")}
+    keep = {f"keep_{k}": pruned[k] / dense[k] if dense[k] else 1.0 for k in ("params", "macs", "blocks")}
     got = keep[f"keep_{budget.measure}"]
     if final and got > budget.keep + 1e-6:
         raise BenchError(f"pruned model keeps {got:.4f} of dense {budget.measure}, over the budget {budget.keep}; "

@@ -93,8 +93,52 @@ def trained(calib):
 # Conformance sweep: every config x every model family
 # --------------------------------------------------------------------------------------------
 
+def granularity(name: str) -> str:
+    return type(load_method(name)).granularity
+
+
+BLOCK_METHODS = [m for m in METHODS if granularity(m) == "block"]
+OTHER_METHODS = [m for m in METHODS if granularity(m) != "block"]
+
+
+def budget_for(name: str, keep: float = 0.5) -> Budget:
+    """Block methods take a budget in blocks; width / operator methods one in MACs."""
+    return Budget("blocks", 1.0 if name == "dense" else keep) if granularity(name) == "block" else Budget("macs", keep)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", OTHER_METHODS)
+def test_width_and_operator_conformance(name, family, nets, calib):
+    """Width / operator methods: JSON plan, score-only, measured MACs/params within the budget
+    (not over; under by at most the plan's stated unit share), exact replay, the model runs."""
+    net = nets[family]
+    method = load_method(name)
+    dense_cost = surgery.measure(net)
+    for budget in [Budget("macs", 0.6), Budget("params", 0.7)]:
+        before = snapshot(net)
+        plan = method.plan(net, budget, calib)
+        assert isinstance(plan, Plan) and plan.granularity == type(method).granularity
+        assert Plan.from_json(plan.to_json()) == plan
+        after = snapshot(net)
+        for k in before:
+            assert torch.equal(after[k], before[k]), f"{name} changed weights of {k}"
+        assert not net.net.training
+        pruned = surgery.apply(copy.deepcopy(net), plan)
+        share = float(plan.meta.get("unit_share", 0.10))
+        got = surgery.check_budget(dense_cost, surgery.measure(pruned), budget, unit_share=share)
+        assert got[f"keep_{budget.measure}"] <= budget.keep + 1e-6
+        replay = surgery.apply(copy.deepcopy(net), Plan.from_json(plan.to_json()))
+        x, t, y = pruned.example_inputs(2)
+        with torch.no_grad():
+            out = pruned(x, t, y)
+            assert torch.equal(out, replay(x, t, y))
+        assert out.shape[0] == 2 and torch.isfinite(out).all()
+        loss = pruned.loss(calib.x0, calib.y, u=calib.u, noise=calib.noise)
+        assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", BLOCK_METHODS)
 def test_method_conformance(name, family, nets, calib):
     net = nets[family]
     method = load_method(name)
@@ -153,7 +197,7 @@ def test_method_conformance(name, family, nets, calib):
 def test_method_keeps_train_mode(name, nets, calib):
     net = copy.deepcopy(nets["dit"])
     net.net.train()
-    load_method(name).plan(net, Budget("blocks", 1.0 if name == "dense" else 0.5), calib)
+    load_method(name).plan(net, budget_for(name), calib)
     assert net.net.training, f"{name} left the model in eval mode"
 
 

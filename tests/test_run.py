@@ -24,13 +24,18 @@ def _comparable(row) -> dict:
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_config_gives_a_row(method, tiny_cfg):
     """The conformance sweep's last leg: plan -> surgery -> fine-tune -> sample -> score -> row."""
+    from tests.test_methods import granularity
     keep = 1.0 if method == "dense" else 0.5
-    cfg = tiny_cfg(method, [f"budget.keep={keep}"])
+    block = granularity(method) == "block"
+    cfg = tiny_cfg(method, [f"budget.keep={keep}"] + ([] if block else ["budget.measure=macs"]))
     row = execute(cfg)
     run_dir = Path(cfg["paths"]["results"]) / run_relpath(cfg)
     assert (run_dir / "row.json").exists() and (run_dir / "plan.json").exists()
     assert row.status == "ok" and row.method == method
-    assert row.keep_blocks <= keep + 1e-9 and row.depth == (4 if keep == 1.0 else 2)
+    if block:
+        assert row.keep_blocks <= keep + 1e-9 and row.depth == (4 if keep == 1.0 else 2)
+    else:
+        assert row.keep_macs <= keep + 1e-9
     assert 0 <= row.metrics["cond_acc"] <= 100 and row.metrics["fd_clf"] >= 0
     assert row.params_M > 0 and row.macs_G > 0 and row.latency_ms > 0 and row.metric_n == 20
     df = load_rows(cfg["paths"]["results"])

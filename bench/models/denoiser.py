@@ -48,15 +48,38 @@ class Denoiser:
         t = self.process.t_from_u(u)
         return self.process.q_sample(x0, t, noise), t
 
-    def loss(self, x0, y, u=None, noise=None, generator=None, reduction: str = "mean", force_drop_ids=None):
-        """The model's own training loss. u pins noise levels (else sampled); noise pins eps."""
+    def loss(self, x0, y, u=None, noise=None, generator=None, reduction: str = "mean", force_drop_ids=None,
+             teacher: "Denoiser | None" = None, distill: float = 0.0):
+        """The model's own training loss. u pins noise levels (else sampled); noise pins eps.
+
+        With a teacher and 0 < distill <= 1: (1 - distill) * own loss + distill * MSE between the
+        teacher's and the student's predictions on the same x_t, t and labels (Diff-Pruning's
+        optional KD, ddpm_exp/functions/losses.py: 0.7 teacher-output MSE + 0.3 noise MSE; the
+        student's own loss keeps the learned-sigma term when there is one)."""
         n = x0.shape[0]
         t = self.process.sample_t(n, generator, x0.device) if u is None else self.process.t_from_u(u)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator).to(x0.device) if generator is not None else torch.randn_like(x0)
-        model_fn = lambda x_t, t_: self.net(x_t, t_, y, force_drop_ids=force_drop_ids, generator=generator)
-        loss = self.process.training_loss(model_fn, x0, t, noise, reduction=reduction)
-        return loss
+        if teacher is None or distill <= 0:
+            model_fn = lambda x_t, t_: self.net(x_t, t_, y, force_drop_ids=force_drop_ids, generator=generator)
+            return self.process.training_loss(model_fn, x0, t, noise, reduction=reduction)
+        if force_drop_ids is None:  # the same label dropout for student and teacher
+            p = getattr(getattr(self.net, "y_embedder", None), "dropout_prob", 0.0) if self.net.training else 0.0
+            r = torch.rand(n, generator=generator) if generator is not None else torch.rand(n)
+            force_drop_ids = (r < p).long().to(x0.device)
+        held = {}
+
+        def model_fn(x_t, t_):
+            out = self.net(x_t, t_, y, force_drop_ids=force_drop_ids)
+            with torch.no_grad():
+                held["teacher"] = teacher.net(x_t, t_, y, force_drop_ids=force_drop_ids)
+            held["student"] = out
+            return out
+        own = self.process.training_loss(model_fn, x0, t, noise, reduction="none")
+        C = x0.shape[1]
+        kd = ((held["student"][:, :C] - held["teacher"][:, :C]) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+        loss = (1 - distill) * own + distill * kd
+        return loss.mean() if reduction == "mean" else loss
 
     def hidden_states(self, x_t, t, y):
         """Residual stream before block 0 and after every block: list of depth+1 tensors (N, T, D)."""
@@ -68,8 +91,41 @@ class Denoiser:
         if granularity == "block":
             return {"blocks": len(self.net.blocks)}
         if granularity == "operator":
+            if hasattr(self.net, "operator_units"):  # the U-Net: ResNet blocks and attentions
+                return self.net.operator_units()
             return {"attn": len(self.net.blocks), "mlp": len(self.net.blocks)}
-        raise BenchError(f"granularity {granularity!r} is not supported by {self.name} yet (block, operator)")
+        if granularity == "width":
+            return {k: g.size for k, g in self.width_groups().items()}
+        raise BenchError(f"granularity {granularity!r} is not supported by {self.name} (block, operator, width)")
+
+    # ---- width units (bench.width) -------------------------------------------------------
+    def width_groups(self):
+        """name -> bench.width.WidthGroup for every prunable width group of the current model."""
+        if hasattr(self.net, "width_groups"):
+            return self.net.width_groups()
+        from bench.width import dit_width_groups
+        return dit_width_groups(self.net, self.kept_blocks)
+
+    def prune_width(self, name: str, keep_dense: list[int]) -> None:
+        """Shape surgery (Torch-Pruning) keeping the given dense unit ids of one group; only
+        bench.surgery calls this."""
+        if hasattr(self.net, "prune_width"):
+            return self.net.prune_width(name, keep_dense)
+        from bench.width import dit_prune_width
+        dit_prune_width(self.net, self.kept_blocks, name, keep_dense)
+
+    def remove_operators(self, group: str, keep: list[int]) -> None:
+        """Remove bypassed operators for good (LD-Pruner plans): DiT attention / MLP branches by
+        dense block index; the U-Net's ResNet blocks and attentions by its own operator ids."""
+        if hasattr(self.net, "remove_operators"):
+            return self.net.remove_operators(group, keep)
+        if group not in ("attn", "mlp"):
+            raise BenchError(f"unknown operator group {group!r}; {self.name} has attn, mlp")
+        keep = set(int(i) for i in keep)
+        for b, block in zip(self.kept_blocks, self.net.blocks):
+            if b not in keep:
+                setattr(block, "skip_" + group, True)
+                setattr(block, group, None)     # the branch's weights are gone, not just skipped
 
     @contextlib.contextmanager
     def eval_mode(self):
@@ -92,6 +148,12 @@ class Denoiser:
                 yield
             finally:
                 self.net.blocks = blocks
+        elif hasattr(self.net, "set_bypass") and group != "blocks":  # the U-Net's operators
+            self.net.set_bypass(group, idx, True)
+            try:
+                yield
+            finally:
+                self.net.set_bypass(group, idx, False)
         elif group in ("attn", "mlp"):
             flag = "skip_attn" if group == "attn" else "skip_mlp"
             old = [getattr(blocks[i], flag) for i in idx]
