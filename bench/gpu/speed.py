@@ -2,6 +2,8 @@
 
     python -m bench.gpu.speed --out reports/speed              # cuda, the default plan, ~5 min
     python -m bench.gpu.speed --out /tmp/speed --smoke         # tiny DiT on the CPU, seconds
+    python -m bench.gpu.speed --out results/gpu/speed_dit_xl2_width --width 0.5 \
+        --modes eager,compile --dtypes bf16 --batches 1,64,256    # 50 % width (heads + MLP channels)
 
 Random weights (the adaLN-Zero modulations and the final layer, zero at init, get random values so
 no gate is 0), random inputs, `bench.metrics.cost.benchmark_forward` for every (mode, dtype, batch)
@@ -58,8 +60,11 @@ def randomize_zero_init_(net: torch.nn.Module, std: float = 0.02, seed: int = 0)
     return net
 
 
-def build_pair(model: str, keep_blocks: int, **model_kw):
-    """(dense, pruned) Denoisers on the CPU; pruned keeps `keep_blocks` evenly spaced blocks."""
+def build_pair(model: str, keep_blocks: int, width: float | None = None, **model_kw):
+    """(dense, pruned) Denoisers on the CPU. Depth: pruned keeps `keep_blocks` evenly spaced blocks.
+    Width (`width` = kept fraction): every block keeps that fraction of its attention heads and MLP
+    hidden channels (Torch-Pruning surgery through bench.surgery; which units does not change the
+    cost), the residual stream, adaLN and embedders stay dense."""
     from bench import surgery
     from bench.api import Plan
     from bench.models import build
@@ -68,17 +73,26 @@ def build_pair(model: str, keep_blocks: int, **model_kw):
     dense = build(model, **model_kw)
     randomize_zero_init_(dense.net)
     depth = len(dense.net.blocks)
+    pruned = copy.deepcopy(dense)
+    if width is not None:
+        if not 0 < width <= 1:
+            raise SystemExit("--width must be in (0, 1]")
+        keep = {n: list(range(max(1, round(width * g.size)))) for n, g in dense.width_groups().items()}
+        surgery.apply(pruned, Plan(granularity="width", keep=keep))
+        return dense, pruned
     if not 1 <= keep_blocks <= depth:
         raise SystemExit(f"--keep-blocks must be in [1, {depth}]")
     keep = sorted({round(i * depth / keep_blocks) for i in range(keep_blocks)})
-    pruned = copy.deepcopy(dense)
     surgery.apply(pruned, Plan(granularity="block", keep={"blocks": keep}))
     return dense, pruned
 
 
 def _md(res: dict) -> str:
     m = res["meta"]
-    lines = [f"# Forward latency: {m['model']} dense ({m['dense_blocks']} blocks) vs pruned ({m['pruned_blocks']} blocks)",
+    what = (f"dense ({m['dense_blocks']} blocks) vs pruned ({m['pruned_blocks']} blocks)" if not m.get("width") else
+            f"dense ({m['dense_heads']} heads, MLP {m['dense_mlp_hidden']}) vs {m['width']:.0%} width "
+            f"({m['pruned_heads']} heads, MLP {m['pruned_mlp_hidden']}, every block)")
+    lines = [f"# Forward latency: {m['model']} {what}",
              "", f"device: {m['device']} · torch {m['torch']} · CUDA {m['cuda'] or '-'} · {m['warmup']} warm-up + median of "
              f"{m['reps']} timed calls · {'CUDA events' if m['device_type'] == 'cuda' else 'perf_counter'} · "
              "random weights and inputs · inference_mode", "",
@@ -118,9 +132,9 @@ def _parse_ints(s: str) -> tuple[int, ...]:
 
 
 def run(out: Path, device: str, model: str, keep_blocks: int, plan: list, warmup: int, reps: int,
-        budget_s: float, skipped: list[str], model_kw: dict, log=print) -> dict:
+        budget_s: float, skipped: list[str], model_kw: dict, log=print, width: float | None = None) -> dict:
     t_start = time.perf_counter()
-    dense, pruned = build_pair(model, keep_blocks, **model_kw)
+    dense, pruned = build_pair(model, keep_blocks, width, **model_kw)
     # one model on the device at a time: peak memory counts every allocation there
     nets = {"dense": dense.net.eval(), "pruned": pruned.net.eval()}
     x1 = random_inputs(dense, 1, "cpu")
@@ -129,7 +143,10 @@ def run(out: Path, device: str, model: str, keep_blocks: int, plan: list, warmup
             "torch": torch.__version__, "cuda": torch.version.cuda if torch.device(device).type == "cuda" else None,
             "warmup": warmup, "reps": reps,
             "dense_blocks": len(dense.net.blocks), "pruned_blocks": len(pruned.net.blocks),
-            "pruned_kept": pruned.kept_blocks, "dense_params_M": count_params(nets["dense"]) / 1e6,
+            "pruned_kept": pruned.kept_blocks, "width": width,
+            "pruned_heads": pruned.net.blocks[0].attn.num_heads, "dense_heads": dense.net.blocks[0].attn.num_heads,
+            "pruned_mlp_hidden": pruned.net.blocks[0].mlp.fc1.out_features,
+            "dense_mlp_hidden": dense.net.blocks[0].mlp.fc1.out_features, "dense_params_M": count_params(nets["dense"]) / 1e6,
             "pruned_params_M": count_params(nets["pruned"]) / 1e6, "dense_macs_G": macs["dense"] / 1e9,
             "pruned_macs_G": macs["pruned"] / 1e9, "mac_ratio": macs["pruned"] / macs["dense"],
             "plan": [[m, d, list(b)] for m, d, b in plan], "budget_s": budget_s}
@@ -180,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     p.add_argument("--model", default="DiT-XL/2")
     p.add_argument("--keep-blocks", type=int, default=14, help="blocks of the pruned model (DiT-XL/2 has 28)")
+    p.add_argument("--width", type=float, default=None,
+                   help="prune width instead of depth: kept fraction of heads and MLP channels in every block")
     p.add_argument("--modes", default=None, help="comma list; with --dtypes/--batches replaces the plan by a grid")
     p.add_argument("--dtypes", default=None)
     p.add_argument("--batches", default=None)
@@ -210,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.smoke:  # a check of this script, not a measurement: don't compete for shared CPU cores
         torch.set_num_threads(1)
     try:
-        return run(a.out, device, model, keep, plan, warmup, reps, a.budget_s, skipped, model_kw)
+        return run(a.out, device, model, keep, plan, warmup, reps, a.budget_s, skipped, model_kw, width=a.width)
     finally:
         torch.set_num_threads(threads)
 
