@@ -37,8 +37,8 @@ if [ "${1:-}" = "test" ]; then
 fi
 
 # ---- The embedded default suite --------------------------------------------------------------
-# DiT-D8/2 teacher trained here on sklearn's digits (cached), 9 depth baselines x 2 block budgets
-# (random: 3 seeds), the same fine-tune budget for all. A run whose row exists is skipped, so a
+# DiT-D8/2 teacher trained here on sklearn's digits (cached); depth methods at 2 block budgets and
+# width/operator methods at 2 MAC budgets (random ones: 3 seeds), the same fine-tune budget for all. A run whose row exists is skipped, so a
 # second ./run_all.sh only rebuilds the report.
 export PYTHONUNBUFFERED=1
 RESULTS=${BENCH_RESULTS:-results/runs}
@@ -61,8 +61,10 @@ run method=dense budget.keep=1.0 $DENSE_EVAL "$@"
 #    scoring and latency run, so timings are never taken while another worker loads the CPU.
 #    On a GPU use BENCH_JOBS=1 (one phase, in order).
 sweep() {  # $1 = budget.keep, then overrides
-  run -m experiment=default_suite "budget.keep=$1" "${@:2}"
-  run -m experiment=default_suite_random "budget.keep=$1" "${@:2}"
+  local e
+  for e in default_suite default_suite_random default_suite_width default_suite_width_random; do
+    run -m "experiment=$e" "budget.keep=$1" "${@:2}"
+  done
 }
 if [ "$JOBS" -ge 2 ]; then
   pids=()

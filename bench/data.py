@@ -155,13 +155,61 @@ def build_dataset(kind: str = "digits", **kw) -> Dataset:
         return LatentCache(**kw)
     if kind == "torchvision":
         return torchvision_dataset(**kw)
-    raise BenchError(f"unknown data.kind={kind!r}; use digits, image_folder, latents or torchvision")
+    if kind == "cifar":
+        return cifar_batches(**kw)
+    raise BenchError(f"unknown data.kind={kind!r}; use digits, image_folder, latents, cifar or torchvision")
 
 
-def torchvision_dataset(name: str, root: str, split: str = "train", image_size: int = 32) -> TensorDataset:
-    """A torchvision set already on disk (download=False: nothing is fetched inside a run)."""
+def cifar_batches(root: str, split: str = "train", image_size: int = 32, dataset: str = "CIFAR10") -> TensorDataset:
+    """CIFAR-10 / CIFAR-100 in the official "python version" layout (cifar-10-batches-py/data_batch_1..5
+    + test_batch, or cifar-100-python/train + test: pickled dicts with b"data" [N, 3072] uint8 in
+    CHW order and b"labels" / b"fine_labels"), read directly: no download and no md5 gate, so a
+    user's copy and a test's small file load the same way. Pixels in [-1, 1]."""
+    import pickle
+
+    import numpy as np
+
+    base = Path(os.path.expanduser(root))
+    sub = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}.get(dataset)
+    if sub is None:
+        raise BenchError(f"data.dataset={dataset!r}: cifar reads CIFAR10 or CIFAR100")
+    folder = base / sub if (base / sub).is_dir() else base
+    if dataset == "CIFAR10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    else:
+        files = ["train"] if split == "train" else ["test"]
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise BenchError(f"{dataset} {split} files {missing} not found in {folder}; unpack the official "
+                         f"python-version archive there (set CIFAR10_DIR / data.root)")
+    xs, ys = [], []
+    for f in files:
+        try:
+            with open(folder / f, "rb") as fh:
+                d = pickle.load(fh, encoding="bytes")
+            data = np.asarray(d[b"data"], dtype=np.uint8)
+            labels = d.get(b"labels", d.get(b"fine_labels"))
+            if data.ndim != 2 or data.shape[1] != 3072 or labels is None or len(labels) != len(data):
+                raise ValueError(f"data {data.shape}, labels {None if labels is None else len(labels)}")
+        except Exception as e:  # truncated, not a pickle, wrong keys
+            raise BenchError(f"{folder / f} is not an official CIFAR batch ({type(e).__name__}: {e}); "
+                             "re-extract the archive") from None
+        xs.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        ys.extend(int(v) for v in labels)
+    x = torch.cat(xs).float() / 127.5 - 1.0
+    if image_size != 32:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
+                                            align_corners=False)
+    y = torch.tensor(ys)
+    return TensorDataset(x, y, 10 if dataset == "CIFAR10" else 100, f"{dataset.lower()}-{split}")
+
+
+def torchvision_dataset(dataset: str, root: str, split: str = "train", image_size: int = 32) -> TensorDataset:
+    """A torchvision set already on disk (download=False: nothing is fetched inside a run).
+    `dataset` is the torchvision class name (CIFAR10, Flowers102, ...)."""
     import torchvision
 
+    name = dataset
     cls = getattr(torchvision.datasets, name, None)
     if cls is None:
         raise BenchError(f"torchvision has no dataset {name!r}")

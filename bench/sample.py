@@ -26,6 +26,8 @@ class PerSampleNoise:
 def sample_labels(seeds: list[int], num_classes: int, mode: str = "balanced") -> torch.Tensor:
     """'balanced': label = seed mod K (MAR-style class balance); 'random': drawn from the seed
     (DiT/ADM draw uniform random labels, so per-class counts vary)."""
+    if num_classes <= 0:  # unconditional model (DDPM CIFAR-10): labels are ignored
+        return torch.zeros(len(seeds), dtype=torch.long)
     if mode == "balanced":
         return torch.tensor([int(s) % num_classes for s in seeds])
     if mode == "random":
