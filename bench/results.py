@@ -147,7 +147,15 @@ class Row:
     date: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     wall_s: dict[str, float] = field(default_factory=dict)   # per stage: teacher, plan, finetune, sample, score
-    device_hours: float = 0.0
+    device_hours: float = 0.0  # sum(wall_s) x n_devices / 3600 (wall_s["earlier_attempts"]: killed, requeued, stop_after)
+    n_devices: int = 1         # devices the run held (a run uses one: cfg.device)
+    job_id: str = ""           # scheduler job that wrote the row (SLURM "<array>_<task>"), "" in process
+    # stage-wise (routed) models only: per timestep stage, in stage order (u ascending); the row's
+    # latency_ms / macs_G / keep_* are their means weighted by stage_weights (share of sampler NFEs)
+    stage_latency_ms: list[float] = field(default_factory=list)
+    stage_weights: list[float] = field(default_factory=list)
+    stage_blocks: list[int] = field(default_factory=list)
+    stage_macs_G: list[float] = field(default_factory=list)
     status: str = "ok"
     error: str | None = None
     schema: int = SCHEMA
@@ -159,7 +167,65 @@ class Row:
 def write_row(row: Row, run_dir: Path) -> Path:
     path = Path(run_dir) / "row.json"
     atomic_write_text(path, row.to_json())
+    (Path(run_dir) / ERROR_FILE).unlink(missing_ok=True)  # an earlier failure is superseded
     return path
+
+
+ERROR_FILE = "error.json"  # a run that started and raised: listed by the report as failed; a rerun retries it
+
+
+def write_failure(cfg: dict, err: BaseException) -> Path | None:
+    """Record why a started run failed (<run dir>/error.json, atomically) so that a sweep's report
+    lists it beside the runs that finished. Bad input refused before the run directory exists
+    leaves nothing; a run killed from outside (SIGKILL, scancel) leaves nothing either and resumes."""
+    import traceback
+    from datetime import datetime, timezone
+
+    try:
+        run_dir = Path(cfg["paths"]["results"]) / run_relpath(cfg)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (run_dir / "config.yaml").exists():
+        return None
+    b = cfg["budget"]
+    sha, dirty = git_info()
+    rec = {"run": run_relpath(cfg), "config_sha": config_hash(cfg)[:16], "model": cfg["model"]["name"],
+           "dataset": cfg["data"]["name"], "method": cfg["method_name"], "budget_measure": b["measure"],
+           "budget_keep": float(b["keep"]), "seed": cfg["seed"], "status": "failed",
+           "error": f"{type(err).__name__}: {err}", "traceback": "".join(traceback.format_exception(err, limit=-8)),
+           "job_id": scheduler_job_id(), "git_sha": sha, "git_dirty": dirty, "schema": SCHEMA,
+           "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    path = run_dir / ERROR_FILE
+    atomic_write_text(path, json.dumps(rec, indent=1, sort_keys=True, default=str))
+    return path
+
+
+def scheduler_job_id() -> str:
+    """The SLURM job (array task) this process runs in, e.g. "1234_5"; "" outside SLURM."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID", "")
+
+
+def earlier_attempts_wall_s(run_dir: Path) -> float:
+    """Seconds spent in earlier attempts of this run (killed, cancelled, requeued, stop_after):
+    for each `start` event in log.jsonl but the last, the span to that attempt's last event. A lower
+    bound (an attempt's time after its last event is unknown); 0.0 for a run started once."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.exists():
+        return 0.0
+    attempts: list[list[float]] = []
+    for line in path.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        if e.get("event") == "start":
+            attempts.append([e["time"], e["time"]])
+        elif attempts:
+            attempts[-1][1] = e["time"]
+    return float(sum(end - start for start, end in attempts[:-1]))
 
 
 def append_log(run_dir: Path, event: str, **data: Any) -> None:
@@ -172,18 +238,23 @@ def append_log(run_dir: Path, event: str, **data: Any) -> None:
 
 
 def load_rows(root: str | Path = "results/runs"):
-    """All row.json files under root -> a pandas DataFrame, metrics flattened to `m_<name>` columns.
-    Rows of an unknown schema are refused rather than misread."""
+    """All row.json files under root -> a pandas DataFrame, metrics flattened to `m_<name>` columns,
+    plus the error.json of runs that failed (status "failed"). Rows of an unknown schema are
+    refused rather than misread."""
     import pandas as pd
 
     recs = []
-    for p in sorted(Path(root).rglob("row.json")):
+    rows = sorted(Path(root).rglob("row.json"))
+    done = {p.parent for p in rows}
+    failed = [p for p in sorted(Path(root).rglob(ERROR_FILE)) if p.parent not in done]
+    for p in rows + failed:  # failed runs (status "failed", error) are listed by the report, never averaged
         d = json.loads(p.read_text())
+        d.pop("traceback", None)
         if d.get("schema") != SCHEMA:
             raise ValueError(f"{p}: row schema {d.get('schema')} is not {SCHEMA}; re-run or migrate it")
-        for k, v in (d.pop("metrics") or {}).items():
+        for k, v in (d.pop("metrics", None) or {}).items():
             d[f"m_{k}"] = v
-        for k, v in (d.pop("wall_s") or {}).items():
+        for k, v in (d.pop("wall_s", None) or {}).items():
             d[f"wall_{k}_s"] = v
         d.pop("versions", None)
         d["path"] = str(p.parent)

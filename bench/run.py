@@ -19,9 +19,10 @@ import torch
 
 from bench import surgery
 from bench.api import BenchError, Budget, Method, Plan
+from bench.launch import file_lock, guard_requeue_signal
 from bench.metrics.cost import device_name
 from bench.results import Row, append_log, atomic_torch_save, atomic_write_text, config_hash, git_info, \
-    library_versions, run_relpath, write_row
+    earlier_attempts_wall_s, library_versions, run_relpath, scheduler_job_id, write_failure, write_row
 
 
 def _log(msg: str):
@@ -74,12 +75,13 @@ def teacher(cfg: dict, data, device: str):
     key = {k: cfg[k] for k in ("model", "data", "teacher")}
     tdir = Path(cfg["paths"]["artifacts"]) / "teachers" / config_hash(key)[:16]
     t0 = time.time()
-    if not (tdir / "final.pt").exists():
-        _log(f"training the teacher ({cfg['teacher']['steps']} steps) -> {tdir}")
-        atomic_write_text(tdir / "teacher.json", json.dumps(key, indent=1, sort_keys=True))
-    tc = {k: v for k, v in cfg["teacher"].items() if k != "seed"}
-    net = finetune(net, data, FinetuneConfig(**tc), tdir, seed=cfg["teacher"]["seed"], device=device,
-                   progress=_progress(cfg), run_dir=tdir)
+    with file_lock(tdir.parent / f"{tdir.name}.lock"):  # concurrent jobs of a sweep train it once
+        if not (tdir / "final.pt").exists():
+            _log(f"training the teacher ({cfg['teacher']['steps']} steps) -> {tdir}")
+            atomic_write_text(tdir / "teacher.json", json.dumps(key, indent=1, sort_keys=True))
+        tc = {k: v for k, v in cfg["teacher"].items() if k != "seed"}
+        net = finetune(net, data, FinetuneConfig(**tc), tdir, seed=cfg["teacher"]["seed"], device=device,
+                       progress=_progress(cfg), run_dir=tdir)
     return net, time.time() - t0
 
 
@@ -108,6 +110,13 @@ def cost(net, cfg: dict, device: str) -> dict:
     lat = cfg["eval"]["latency"]
     m = surgery.measure(net)
     net.net.eval()
+    if m.get("stage_weights"):  # routed (stage-wise) model: one latency per stage, t inside the stage;
+        from bench.routing import stage_latency  # latency_ms = their mean weighted by the stages' NFE shares
+        r = stage_latency(net, lat["batch"], device, lat.get("mode", "eager"), lat["dtype"], warmup=lat["warmup"],
+                          reps=lat["reps"], allow_few=lat["reps"] < 20)
+        return {**m, "latency_ms": r["median_ms"], "latency_iqr_ms": r["iqr_ms"],
+                "throughput_img_s": r["throughput_img_s"], "peak_mem_MB": r["peak_mem_MB"], "mode": r["mode"],
+                "stage_latency_ms": [x["median_ms"] for x in r["records"]]}
     r = benchmark_forward(net.net, random_inputs(net, lat["batch"], device), device, lat.get("mode", "eager"),
                           lat["dtype"], warmup=lat["warmup"], reps=lat["reps"], allow_few=lat["reps"] < 20)
     return {**m, "latency_ms": r["median_ms"], "latency_iqr_ms": r["iqr_ms"], "throughput_img_s": r["throughput_img_s"],
@@ -140,7 +149,16 @@ def teacher_reference_samples(net, cfg: dict, sampler: str, device: str):
 
 def execute(cfg: dict) -> Row | None:
     """Run (or resume) one configuration and return its row. `cfg` is the resolved config dict
-    with `method_name` set to the method's config-file name."""
+    with `method_name` set to the method's config-file name. A run that raises after its directory
+    exists leaves error.json there (the report lists it as failed; running it again retries)."""
+    try:
+        return _spine(cfg)
+    except Exception as e:  # not BaseException: a requeue (SystemExit) or a kill is no failure
+        write_failure(cfg, e)
+        raise
+
+
+def _spine(cfg: dict) -> Row | None:
     budget = validate(cfg)
     rel = run_relpath(cfg)
     run_dir = Path(cfg["paths"]["results"]) / rel
@@ -155,7 +173,7 @@ def execute(cfg: dict) -> Row | None:
     # Setup the run directory: the resolved config first (EDM's training_options.json)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", json.dumps(cfg, indent=1, sort_keys=True))
-    append_log(run_dir, "start", run=rel)
+    append_log(run_dir, "start", run=rel, job=scheduler_job_id())
     wall = {}
 
     # Teacher (cached) and data:
@@ -163,7 +181,7 @@ def execute(cfg: dict) -> Row | None:
     net, wall["teacher"] = teacher(cfg, data, device)
     net.net.to(device).eval()
     dense_cost = surgery.measure(net)
-    _, per_block = surgery.block_costs(net)
+    per_block = surgery.block_costs(net)[1] if len(net.net.blocks) else None  # the U-Net has no blocks
     ev = cfg["eval"]
     sampler = ev["sampler"] or ("ddpm" if net.process.kind == "ddpm" else "heun")
     ref_samples = teacher_reference_samples(net, cfg, sampler, device) if ev.get("ssim_teacher") else None
@@ -173,21 +191,45 @@ def execute(cfg: dict) -> Row | None:
     plan_path = run_dir / "plan.json"
     t0 = time.time()
     calib = calibration(data, cfg["calib"]["n"], cfg["calib"]["seed"], cfg["calib"]["bins"]).to(device)
-    if plan_path.exists():
+    rewrites = bool(getattr(method, "rewrites_weights", False))  # plan() rewrites surviving weights (OBS)
+    pruned_path = art_dir / "pruned.safetensors"
+    planned_now = not plan_path.exists()
+    if not planned_now:
         plan = Plan.from_json(plan_path.read_text())
     else:
         _log(f"planning {cfg['method_name']} at {budget.measure}={budget.keep}")
         plan = method.plan(net, budget, calib)
         if not isinstance(plan, Plan):
             raise BenchError(f"{cfg['method_name']}.plan() returned {type(plan).__name__}, not a Plan")
-        atomic_write_text(plan_path, plan.to_json())
+        if not rewrites:  # a weight-rewriting method's plan is written once its weights are stored (below)
+            atomic_write_text(plan_path, plan.to_json())
     wall["plan"] = time.time() - t0
 
     # Surgery: the only shape change; the measured result must meet the budget (progressive
     # methods meet it by the end of fine-tuning, checked below)
     callback = method.callback(budget, calib)
+    dense_teacher = None
+    wants_teacher = cfg["finetune"].get("distill", 0) > 0 or getattr(callback, "needs_teacher", False)
+    if wants_teacher and not (art_dir / "finetune" / "final.pt").exists():
+        import copy
+        # frozen dense model for KD (finetune.distill); plan() of a rewriting method changed `net`,
+        # so that one gets the cached teacher again
+        dense_teacher = teacher(cfg, data, device)[0] if rewrites else copy.deepcopy(net)
+        dense_teacher.net.to(device).eval().requires_grad_(False)
     surgery.apply(net, plan)
-    unit = per_block[budget.measure] / dense_cost[budget.measure]  # one block's share of the budget
+    if rewrites:  # the Plan cannot rebuild rewritten weights: store them once, reload them on resume
+        if planned_now:
+            plan.meta["weights_sha256"] = _store_weights(net, pruned_path)
+            atomic_write_text(plan_path, plan.to_json())
+            append_log(run_dir, "pruned_weights", path=str(pruned_path), sha256=plan.meta["weights_sha256"])
+        else:
+            _load_weights(net, pruned_path, plan.meta.get("weights_sha256"), plan_path)
+    # how far below the budget a plan may land: one unit of its granularity (a block's share; width
+    # and operator methods state theirs in plan.meta["unit_share"], else 10%)
+    if plan.granularity == "block" and per_block:
+        unit = per_block[budget.measure] / dense_cost[budget.measure]
+    else:
+        unit = float(plan.meta.get("unit_share", 0.10))
     keep = surgery.check_budget(dense_cost, surgery.measure(net), budget, unit_share=0 if callback else unit,
                                 final=callback is None)
     append_log(run_dir, "surgery", kept_blocks=net.kept_blocks, **keep)
@@ -199,7 +241,7 @@ def execute(cfg: dict) -> Row | None:
     if ft.steps > 0 or callback is not None:
         _log(f"fine-tuning {ft.steps} steps")
         net = finetune(net, data, ft, art_dir / "finetune", seed=cfg["seed"], callback=callback,
-                       run_dir=run_dir, device=device, progress=_progress(cfg))
+                       run_dir=run_dir, device=device, progress=_progress(cfg), teacher=dense_teacher)
         if callback is not None:  # progressive methods: the budget is checked on the final model
             keep = surgery.check_budget(dense_cost, surgery.measure(net), budget, unit_share=unit)
     wall["finetune"] = time.time() - t0
@@ -220,6 +262,7 @@ def execute(cfg: dict) -> Row | None:
     wall["sample"] = time.time() - t0
     if cfg.get("stop_after") == "sample":  # run_all.sh phase 1: heavy stages in parallel workers;
         _log(f"stopped after sampling (stop_after=sample): {run_dir}")  # score + timing run later, alone
+        append_log(run_dir, "stop_after", stage="sample")
         return None
 
     # Score: quality of the samples, then measured cost
@@ -238,7 +281,9 @@ def execute(cfg: dict) -> Row | None:
     wall["cost"] = time.time() - t0
 
     sha, dirty = git_info()
-    total_s = sum(wall.values())
+    if earlier := earlier_attempts_wall_s(run_dir):  # killed, requeued or stop_after attempts cost device time too
+        wall["earlier_attempts"] = earlier
+    total_s, n_devices = sum(wall.values()), 1  # a run holds one device (cfg.device)
     row = Row(
         run=rel, config_sha=config_hash(cfg)[:16], model=cfg["model"]["name"], dataset=cfg["data"]["name"],
         process=net.process.kind, method=cfg["method_name"], method_version=type(method).version,
@@ -253,7 +298,11 @@ def execute(cfg: dict) -> Row | None:
         finetune_steps=ft.steps, metrics=metrics, metric_n=int(ev["n"]), metric_ref=ref, metric_impl=impl,
         device=device_name(device), git_sha=sha, git_dirty=dirty,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), versions=library_versions(),
-        wall_s={k: round(v, 3) for k, v in wall.items()}, device_hours=total_s / 3600, **fid_fields,
+        wall_s={k: round(v, 3) for k, v in wall.items()}, device_hours=total_s * n_devices / 3600,
+        n_devices=n_devices, job_id=scheduler_job_id(), **fid_fields,
+        **({"stage_latency_ms": c["stage_latency_ms"], "stage_weights": c["stage_weights"],
+            "stage_blocks": c["stage_blocks"], "stage_macs_G": [v / 1e9 for v in c["stage_macs"]]}
+           if "stage_latency_ms" in c else {}),
     )
     write_row(row, run_dir)
     append_log(run_dir, "row", **metrics)
@@ -262,14 +311,48 @@ def execute(cfg: dict) -> Row | None:
     return row
 
 
+def _store_weights(net, path: Path) -> str:
+    """The pruned model's state (after plan + surgery) as safetensors, atomically; returns its sha256."""
+    import hashlib
+    import os
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.net.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _load_weights(net, path: Path, sha: str | None, plan_path: Path) -> None:
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise BenchError(f"{plan_path} exists but the method's rewritten weights {path} do not; delete the plan "
+                         "to plan again")
+    got = hashlib.sha256(path.read_bytes()).hexdigest()
+    if sha and got != sha:
+        raise BenchError(f"{path} has sha256 {got[:12]}..., the plan recorded {sha[:12]}...; delete {plan_path} "
+                         "and the file to plan again")
+    net.net.load_state_dict(load_file(str(path)))
+
+
 def score(cfg: dict, samples, labels) -> tuple[dict, str, str]:
     """Quality metrics of the protocol named in eval.scorer. Returns (metrics, metric_impl, metric_ref)."""
     ev = cfg["eval"]
+    if ev["scorer"] in (None, "none"):  # paper-table protocols score with Inception metrics only
+        if not ev.get("inception"):
+            raise BenchError("eval.scorer=none leaves no quality metric; add eval=inception or use scorer=classifier")
+        return {}, "none", "none"
     if ev["scorer"] != "classifier":
-        raise BenchError(f"eval.scorer={ev['scorer']!r} is not available; use 'classifier'")
+        raise BenchError(f"eval.scorer={ev['scorer']!r} is not available; use 'classifier' or 'none' (with eval=inception)")
     from bench.metrics.classifier import ClassifierScorer, load_or_train
     data_cfg = {k: v for k, v in cfg["data"].items() if k not in ("name", "split")}
-    clf = load_or_train(Path(cfg["paths"]["artifacts"]) / "classifiers", data_cfg, seed=0)
+    with file_lock(Path(cfg["paths"]["artifacts"]) / "classifiers" / ".lock"):  # trained once per sweep
+        clf = load_or_train(Path(cfg["paths"]["artifacts"]) / "classifiers", data_cfg, seed=0)
     ref_x, _ = load_data(cfg, split="all").all()
     scorer = ClassifierScorer(clf, ref_x)
     m = scorer.score(samples, labels)
@@ -297,16 +380,20 @@ def score_inception(cfg: dict, samples) -> tuple[dict, dict]:
 def _hydra_main():
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     @hydra.main(config_path="conf", config_name="run", version_base="1.3")
     def main(cfg) -> None:
         d = OmegaConf.to_container(cfg, resolve=True)
         d["method_name"] = HydraConfig.get().runtime.choices["method"]
+        guard_requeue_signal()  # in a SLURM job: one requeue per SIGUSR2, even when it arrives twice
         try:
             execute(d)
         except BenchError as e:
             print(f"error: {e}", file=sys.stderr)
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise  # in a sweep: hydra records this run's failure and goes on with the others
             sys.exit(2)
 
     main()
