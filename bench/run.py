@@ -265,8 +265,13 @@ def _spine(cfg: dict) -> Row | None:
         append_log(run_dir, "stop_after", stage="sample")
         return None
 
-    # Score: quality of the samples, then measured cost
+    # Score: quality of the samples (decoded to images first for latent models: model.vae), then cost
     t0 = time.time()
+    if cfg["model"].get("vae"):
+        from bench.vae import decode_samples
+        samples = decode_samples(cfg, samples, device)
+        if ref_samples is not None:
+            ref_samples = (decode_samples(cfg, ref_samples[0], device), ref_samples[1])
     metrics, impl, ref = score(cfg, samples, labels)
     fid_metrics, fid_fields = score_inception(cfg, samples)
     metrics.update(fid_metrics)
