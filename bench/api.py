@@ -7,6 +7,11 @@ in results, tables and the CLI (the config group is the registry: no decorators,
                                           place (OBS-style compensation) but never changes shapes
     callback(budget) -> TrainCallback     optional: progressive methods hook the shared fine-tune
                                           loop and hand it Plans to apply mid-training
+    rewrites_weights = True               the method's plan() changes surviving weights (OBS-style
+                                          compensation): bench.run then stores the model after
+                                          plan + surgery (artifacts: pruned.safetensors, sha256 in
+                                          plan.meta["weights_sha256"]) and reloads it on resume
+                                          instead of planning again (a Plan alone cannot rebuild it)
 
 Only ``bench.surgery`` changes shapes, and it measures the result against the Budget (never trust
 the knob). A Plan is JSON data, so a decision can be stored, diffed, and replayed on a fresh dense
@@ -53,7 +58,10 @@ class Plan:
     keep:   unit group -> kept indices of the *dense* model, e.g. {"blocks": [0, 2, 3, 5]};
             width groups are named per layer, e.g. {"blocks.3.attn.heads": [0, 2], ...}.
     stages: optional per-timestep-stage keep sets for stage-wise methods (Diff-ES):
-            [{"u_range": [lo, hi], "keep": {...}}, ...] with u the shared noise level in [0, 1].
+            [{"u_range": [lo, hi], "keep": {...}}, ...] with u the shared noise level in [0, 1];
+            optional "weight" per stage (its share of the sampler's network evaluations, for the
+            trajectory-average cost). keep["blocks"] is then the union the routed model stores
+            (bench.routing).
     scores: optional per-unit scores (higher = more important), kept for plots and analysis.
     meta:   free-form provenance (e.g. the method's ranking, per-timestep-bin scores).
     """
@@ -81,7 +89,12 @@ class TrainCallback(Protocol):
     """Hook into ``bench.finetune``. Return a Plan to have the loop apply it now (then the loop
     rebuilds the optimizer and EMA, since the old ones point at dead parameters). Plans always
     speak dense block indices (``net.kept_blocks`` maps the current model's positions to them).
-    The final model must meet the budget by the last step; the run checks it after fine-tuning."""
+    The final model must meet the budget by the last step; the run checks it after fine-tuning.
+    Optional ``on_ema(ema_module)``: called once after on_start with the loop's EMA copy of
+    ``net.net`` (e.g. to give it the same forward hooks: gradient flow's soft masks).
+    Optional ``loss(net, x0, y, generator, teacher)`` replaces the loop's loss (a method's own
+    recovery objective, e.g. TinyFusion's masked KD); ``needs_teacher = True`` has the run hand the
+    loop a frozen copy of the dense model as ``teacher``."""
 
     def on_start(self, net: "Denoiser", total_steps: int, run_dir: "str | None") -> None: ...
 
@@ -98,6 +111,7 @@ class Method(abc.ABC):
     granularity: ClassVar[str] = "block"
     version: ClassVar[int] = 1                  # bump when outputs change; stored in every row
     needs_grad: ClassVar[bool] = False          # informational: does plan() backpropagate?
+    rewrites_weights: ClassVar[bool] = False    # plan() rewrites surviving weights (OBS); see the module doc
 
     @abc.abstractmethod
     def plan(self, net: "Denoiser", budget: Budget, calib: "Calib") -> Plan:

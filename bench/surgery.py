@@ -19,7 +19,11 @@ TOL = 1e-9
 
 
 def measure(net: Denoiser) -> dict[str, float]:
-    """Measured cost of one forward at batch 1: params, MACs, blocks."""
+    """Measured cost of one forward at batch 1: params, MACs, blocks. A routed (stage-wise) model
+    reports params stored and the stage-weighted mean MACs and blocks (bench.routing.measure)."""
+    if getattr(net.net, "stage_router", None) is not None:
+        from bench import routing
+        return routing.measure(net)
     x, t, y = net.example_inputs(1)
     was_training = net.net.training
     net.net.eval()
@@ -63,8 +67,9 @@ def keep_top(scores, n_keep: int) -> list[int]:
 def apply(net: Denoiser, plan: Plan) -> Denoiser:
     """Apply a plan in place: block removal first, then operator removal (``ops.<group>`` keys),
     then width surgery (every other key names a width group, bench.width). Returns net."""
-    if plan.stages:
-        raise BenchError("stage-wise plans need the routed model (not available yet); use a static plan")
+    if plan.stages or getattr(net.net, "stage_router", None) is not None:
+        from bench import routing  # stage-wise plans: keep the union of the stages' blocks, then route
+        return routing.apply_stages(net, plan)
     ops = {k[4:]: v for k, v in plan.keep.items() if k.startswith("ops.")}
     width = {k: v for k, v in plan.keep.items() if k != "blocks" and not k.startswith("ops.")}
     if "blocks" in plan.keep:

@@ -179,6 +179,8 @@ class DiT(nn.Module):
     """Diffusion Transformer. ``forward(x, t, y)`` returns the raw prediction; with
     ``learn_sigma`` the output has 2*in_channels channels (prediction, variance interpolation)."""
 
+    stage_router = None  # stage-wise plans: a bench.routing.StageRouter picks each stage's blocks
+
     def __init__(
         self,
         input_size: int = 32,            # latent side (256px images / VAE factor 8)
@@ -250,6 +252,8 @@ class DiT(nn.Module):
         return x, c
 
     def forward(self, x, t, y, return_hidden: bool = False, force_drop_ids=None, generator=None):
+        if self.stage_router is not None:  # routed model (bench.routing): blocks chosen by the stage of t
+            return self.stage_router.forward(self, x, t, y, return_hidden, force_drop_ids, generator)
         h, c = self.embed(x, t, y, force_drop_ids, generator)
         hidden = [h]
         for block in self.blocks:

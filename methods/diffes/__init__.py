@@ -1,0 +1,193 @@
+"""Diff-ES: stage-wise structural pruning of diffusion models by evolutionary search.
+
+Paper: Zongfang Liu, Shengkun Tang, Zongliang Wu, Xin Yuan, Zhiqiang Shen, "Stage-wise Structural
+Diffusion Pruning via Evolutionary Search", arXiv 2603.05105 (2026); code ZongfangLiu/Diff-ES
+@71c9af0 (`dit/evo_search.py`, `dit/evo_pruning_utils.py`, `dit/calibration.py`, `dit/models.py`).
+Only the abstract of the paper was reachable; the rest follows the code as summarised in
+research/methods.md section 6 [V], written here in our own words.
+
+What it does [V]:
+  * the sampling trajectory is split into S stages of the noise level; each stage s gets its own
+    sparsity level L_s in [0, H]; the model switches keep sets with the timestep at inference and
+    shares one copy of the dense weights (bench.routing);
+  * per-stage calibration: probes noised inside the stage rank the units of each stage
+    (layer drop: 1 - cos(flatten(block out), flatten(block in)) per sample, ascending = drop order);
+  * the level vector is searched by an EvoPress-style evolution (methods.diffes.search): fixed
+    and random initial allocations under the budget, level-switch mutation, elitist survivors,
+    fitness cached per level vector;
+  * fitness: a fixed probe set of noises and labels sampled by the dense teacher and by the
+    candidate with DDIM at the run's CFG scale; default -MSE of the final latents
+    (methods.diffes.fitness; Frechet distance, SSIM, cosine, SNR as options);
+  * no fine-tuning in the code (training-free); here the shared fine-tune follows, as for every
+    method (it trains the routed model: each sample updates the blocks of its own stage).
+
+Reconstruction choices [A] (keyword arguments; defaults in brackets):
+  R1 stages      num_stages [4] stages uniform in u (= uniform in DDPM training t, the code's
+                 default; paper code 20, README 10: 4 suits an 8-block model), or `dividers` (inner
+                 u edges). Stage 0 is the least noisy (u ascending).
+  R2 budget      on the trajectory average: sum_s w_s cost(L_s) <= keep, w_s = the stage's share of
+                 the *deployed* sampler's network evaluations (traj_sampler/steps/skip [the run's
+                 eval sampler: 25-step DDPM ancestral]; bench.routing.nfe_weights); the code's fixed
+                 level sum is the equal-weight case (search.py). A params budget counts what the
+                 routed model stores (the union of the stages' blocks), so stage-wise layer drop has
+                 nothing to search there: every stage keeps the budget's number of blocks with the best
+                 trajectory-mean scores (a static plan, meta["params_budget"] says so).
+  R3 backend     layerdrop [layerdrop]: level = blocks removed in that stage (H = depth - 1, at least
+                 one block runs); secondorder (OBS width per stage, methods.obs_diff) stops with a
+                 BenchError: per-stage width routing with compensated banks is not built yet.
+  R4 scorer      per-stage block ranking on the calibration probes whose noise level lies in the stage
+                 [cosine = Diff-ES's flattened cosine]; shortgpt (per-token), flux_lite, magnitude,
+                 sensitivity, entpruner (CED), tinyfusion (keep probabilities of TinyFusion's mask
+                 learning on the stage's probes and noise range) make Diff-ES the stage-wise schedule
+                 over those rankings (scorer_kwargs go to the scorer). protect_ends [0] as the code's.
+  R5 population  the code's patterns front/back/middle/ramp_up/ramp_down/zigzag/ends plus flat (the
+                 uniform schedule: the search starts from at least it) and n_random [4] random
+                 (gamma) allocations, all projected on the budget; survivors [4] (code default),
+                 offspring [8] (code 16), generations [8] (code 100, README 50), sized so plan() takes
+                 ~10-20 s on one CPU thread for the default model.
+  R6 mutation    level switch of m <= mutation_max_levels [2] (README DiT 5 of 16 levels) levels,
+                 min(U{1..M}, U{1..M}) moves with M = mutation_n_valid [1] (README 1); unequal stage
+                 weights: random single-level repair to feasible and tight (search.py).
+  R7 fitness     probes [32] (code 64) with seeds probe_seed + k [1234, code's seed], labels k mod K,
+                 fitness_sampler [DDIM eta 0 for DDPM, Euler for flow], fitness_steps [10] (code 20),
+                 fitness_cfg [1.5 = the suite's eval CFG; code 2.1 for DiT], metric fitness [latent_mse].
+  R8 seed        the search's RNG (mutations, random patterns) [the run's seed]; probes are fixed.
+Not reproduced: SDXL, image-quality fitness metrics needing pyiqa, the multi-GPU orchestration.
+
+Outputs: plan.stages (u range, keep set, weight, level per stage), keep["blocks"] = the union
+stored; scores["blocks"] = trajectory-weighted mean stage scores; meta: the per-generation log
+(`generations`: best/mean fitness, best levels, evaluations, seconds), every evaluated schedule,
+the initial patterns' fitness, per-stage scores and drop orders, stage weights, settings.
+"""
+from __future__ import annotations
+
+import time
+
+from bench import routing
+from bench.api import BenchError, Budget, Method, Plan
+from bench.surgery import blocks_to_keep, keep_top
+from methods.blockscores import SCORERS
+from methods.diffes.backends import BACKENDS, make_backend
+from methods.diffes.fitness import METRICS, TrajectoryFitness
+from methods.diffes.search import PATTERNS, LevelSpace, evolve
+
+__all__ = ["DiffES", "LevelSpace", "evolve", "TrajectoryFitness"]
+
+
+class DiffES(Method):
+    granularity = "stage"
+    version = 1
+
+    def __init__(
+        self,
+        backend: str = "layerdrop",            # R3: layerdrop | secondorder (BenchError: width routing not built)
+        num_stages: int = 4,                   # R1: code default 20, README 10
+        dividers: list | None = None,          # R1: inner u edges; None = uniform in u
+        traj_sampler: str | None = None,       # R2: the deployed sampler (None: ddpm / heun by process)
+        traj_steps: int = 25,                  # R2: its steps (the suite's eval default)
+        traj_skip: str = "uniform",            # R2: its DDIM step selection
+        scorer: str = "cosine",                # R4: per-stage block ranking (methods.blockscores.SCORERS)
+        scorer_kwargs: dict | None = None,     # R4: e.g. {condition: pooled} for entpruner
+        protect_ends: int = 0,                 # R4: blocks at each end that never go (code: 0 in search)
+        patterns: list | tuple = PATTERNS,     # R5: initial allocations
+        n_random: int = 4,                     # R5: random (gamma) initial allocations
+        survivors: int = 4,                    # R5: code --survivors-per-selection 4
+        offspring: int = 8,                    # R5: code --offspring 16
+        generations: int = 8,                  # R5: code 100, README 50
+        mutation_max_levels: int = 2,          # R6: README DiT 5 (of 16 levels)
+        mutation_n_valid: int = 1,             # R6: README 1
+        fitness: str = "latent_mse",           # R7: latent_mse | latent_cos | snr_db | frechet | ssim
+        probes: int = 32,                      # R7: code --traj-probe-batch 64
+        probe_seed: int = 1234,                # R7: code's probe seed
+        fitness_sampler: str | None = None,    # R7: None = ddim (DDPM) / euler (flow)
+        fitness_steps: int = 10,               # R7: code 20
+        fitness_cfg: float = 1.5,              # R7: code 2.1 (DiT); the suite's eval CFG
+        batch_size: int = 128,                 # memory only
+        seed: int = 0,                         # R8: search RNG
+    ):
+        if backend not in BACKENDS:
+            raise BenchError(f"diffes backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+        if scorer not in SCORERS:
+            raise BenchError(f"diffes scorer={scorer!r} is unknown; use one of {', '.join(SCORERS)}")
+        if fitness not in METRICS:
+            raise BenchError(f"diffes fitness={fitness!r} is unknown; use one of {', '.join(METRICS)}")
+        bad = [p for p in patterns if p not in PATTERNS]
+        if bad:
+            raise BenchError(f"diffes patterns {bad} are unknown; use {', '.join(PATTERNS)}")
+        if num_stages < 1 or survivors < 1 or offspring < 0 or generations < 0 or mutation_max_levels < 1 \
+                or mutation_n_valid < 1 or (not patterns and n_random < 1):
+            raise BenchError("diffes needs num_stages >= 1, survivors >= 1, offspring >= 0, generations >= 0, "
+                             "mutation_max_levels >= 1, mutation_n_valid >= 1 and some initial pattern")
+        if dividers is not None:
+            d = [float(v) for v in dividers]
+            if not d or not all(0 < v < 1 for v in d) or any(b <= a for a, b in zip(d, d[1:])):
+                raise BenchError(f"diffes dividers={dividers} must be increasing inner edges in (0, 1)")
+        self.backend, self.num_stages, self.dividers = backend, int(num_stages), dividers
+        self.traj_sampler, self.traj_steps, self.traj_skip = traj_sampler, int(traj_steps), traj_skip
+        self.scorer, self.scorer_kwargs, self.protect_ends = scorer, dict(scorer_kwargs or {}), int(protect_ends)
+        self.patterns, self.n_random = list(patterns), int(n_random)
+        self.survivors, self.offspring, self.generations = int(survivors), int(offspring), int(generations)
+        self.mutation_max_levels, self.mutation_n_valid = int(mutation_max_levels), int(mutation_n_valid)
+        self.fitness, self.probes, self.probe_seed = fitness, int(probes), int(probe_seed)
+        self.fitness_sampler, self.fitness_steps, self.fitness_cfg = fitness_sampler, int(fitness_steps), float(fitness_cfg)
+        self.batch_size, self.seed = int(batch_size), int(seed)
+
+    def settings(self) -> dict:
+        keys = ("backend", "num_stages", "dividers", "traj_sampler", "traj_steps", "traj_skip", "scorer",
+                "scorer_kwargs", "protect_ends", "patterns", "n_random", "survivors", "offspring", "generations",
+                "mutation_max_levels", "mutation_n_valid", "fitness", "probes", "probe_seed", "fitness_sampler",
+                "fitness_steps", "fitness_cfg", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+    def edges(self) -> list[float]:
+        if self.dividers is not None:
+            return [0.0, *(float(v) for v in self.dividers), 1.0]
+        return [k / self.num_stages for k in range(self.num_stages)] + [1.0]
+
+    def stage_weights(self, net, edges) -> list[float]:
+        sampler = self.traj_sampler or ("ddpm" if net.process.kind == "ddpm" else "heun")
+        return routing.nfe_weights(net.process, edges, sampler, self.traj_steps, self.traj_skip)
+
+    def plan(self, net, budget: Budget, calib) -> Plan:
+        t0 = time.perf_counter()
+        edges = self.edges()
+        weights = self.stage_weights(net, edges)
+        be = make_backend(self.backend, scorer=self.scorer, scorer_kwargs=self.scorer_kwargs,
+                          protect_ends=self.protect_ends, batch_size=self.batch_size)
+        be.prepare(net, calib, edges)
+        depth = len(net.net.blocks)
+        mean_scores = [float(sum(w * sc[i] for w, sc in zip(weights, be.scores))) for i in range(depth)]
+        unit = be.per[budget.measure] / (be.fixed[budget.measure] + depth * be.per[budget.measure])
+        meta = {"method": "diffes", "settings": self.settings(), "edges": edges, "stage_weights": weights,
+                "trajectory_sampler": self.traj_sampler or ("ddpm" if net.process.kind == "ddpm" else "heun"),
+                "unit_share": unit, "calib_n": len(calib), **be.meta()}
+
+        if budget.measure == "params":  # R2: stored params = the union; nothing stage-wise to search
+            pool = [net.kept_blocks[i] for i in keep_top(mean_scores, blocks_to_keep(net, budget))]
+            stages = [{"u_range": [edges[s], edges[s + 1]], "keep": {"blocks": pool}, "weight": weights[s], "level": None}
+                      for s in range(len(weights))]
+            meta["params_budget"] = ("a params budget counts the stored union of the stages' blocks; every stage keeps "
+                                     "the blocks with the best trajectory-mean scores (a static plan)")
+            meta["seconds"] = round(time.perf_counter() - t0, 3)
+            return Plan("stage", {"blocks": pool}, {"blocks": mean_scores}, stages, meta)
+
+        space = LevelSpace(weights, be.cost(budget.measure), budget.keep)
+        fit = TrajectoryFitness(net, self.fitness, self.probes, self.probe_seed, self.fitness_sampler,
+                                self.fitness_steps, self.fitness_cfg, self.batch_size)
+
+        def fitness(levels) -> float:
+            with be.routed(net, levels, edges, weights):
+                return fit(net)
+
+        res = evolve(space, fitness, patterns=self.patterns, n_random=self.n_random, survivors=self.survivors,
+                     offspring=self.offspring, generations=self.generations, max_levels=self.mutation_max_levels,
+                     n_valid=self.mutation_n_valid, seed=self.seed)
+        stages = be.stages(res["levels"], edges, weights)
+        union = sorted(set().union(*(s["keep"]["blocks"] for s in stages)))
+        hist = res["history"]
+        meta.update({"levels": list(res["levels"]), "fitness": res["fitness"], "fitness_metric": self.fitness,
+                     "initial_best_fitness": hist[0]["best_fitness"], "final_best_fitness": hist[-1]["best_fitness"],
+                     "generations": hist, "initial": res["initial"], "evaluations": res["evaluations"],
+                     "trajectory_cost": space.total(res["levels"]), "max_level": space.max_level,
+                     "fitness_sampler": fit.sampler, "seconds": round(time.perf_counter() - t0, 3)})
+        return Plan("stage", {"blocks": union}, {"blocks": mean_scores}, stages, meta)

@@ -1,0 +1,231 @@
+"""Stage-wise routing (bench.routing): exact equivalence with static pruning, switching at stage
+boundaries, shared weights, stage-weighted costs and budgets, fine-tuning through a routed model."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from bench import routing, surgery
+from bench.api import BenchError, Budget, Plan
+from bench.models import build
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_net(family: str = "dit", seed: int = 0):
+    kw = dict(input_size=8, in_channels=1, num_classes=10, learn_sigma=True)
+    net = build("DiT-T/2", **kw) if family == "dit" else build("SiT-T/2", **kw, process={"kind": "flow"})
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in net.net.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+    return net.__class__(net.net.eval(), net.process, net.name, net.num_classes)
+
+
+def stage_plan(sets, edges=None, weights=None):
+    edges = edges or [k / len(sets) for k in range(len(sets) + 1)]
+    stages = [{"u_range": [edges[k], edges[k + 1]], "keep": {"blocks": list(s)}} for k, s in enumerate(sets)]
+    if weights:
+        for s, w in zip(stages, weights):
+            s["weight"] = w
+    union = sorted(set().union(*map(set, sets)))
+    return Plan(granularity="stage", keep={"blocks": union}, stages=stages)
+
+
+def static(net, keep):
+    return surgery.apply(copy.deepcopy(net), Plan(granularity="block", keep={"blocks": list(keep)}))
+
+
+def inputs(net, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    u = torch.rand(n, generator=g)  # every stage present: the batch is split by stage
+    return x, net.process.t_from_u(u), torch.randint(10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("family", ["dit", "sit"])
+def test_same_keep_set_in_every_stage_is_exactly_the_static_model(family):
+    net = make_net(family)
+    keep = [0, 2, 3]
+    routed = surgery.apply(copy.deepcopy(net), stage_plan([keep] * 4))
+    ref = static(net, keep)
+    x, t, y = inputs(net, 16)
+    with torch.no_grad():
+        assert torch.equal(routed(x, t, y), ref(x, t, y))
+    # the training loss too (label dropout drawn from the same generator), and its gradients
+    routed.net.train()
+    ref.net.train()
+    la = routed.loss(x, y, generator=torch.Generator().manual_seed(3))
+    lb = ref.loss(x, y, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(la, lb)
+    la.backward()
+    lb.backward()
+    for (na, pa), (nb, pb) in zip(routed.net.named_parameters(), ref.net.named_parameters()):
+        assert na == nb and (pa.grad is None) == (pb.grad is None)
+        if pa.grad is not None:
+            assert torch.equal(pa.grad, pb.grad), na
+    assert surgery.measure(routed)["macs"] == surgery.measure(ref)["macs"]
+    assert surgery.measure(routed)["params"] == surgery.measure(ref)["params"]
+
+
+@pytest.mark.parametrize("family", ["dit", "sit"])
+def test_different_sets_switch_at_the_stage_boundaries(family):
+    net = make_net(family)
+    sets = [[0, 1], [1, 2, 3], [3], [0, 3]]
+    plan = stage_plan(sets, edges=[0.0, 0.3, 0.5, 0.8, 1.0])
+    routed = surgery.apply(copy.deepcopy(net), plan)
+    assert routed.kept_blocks == [0, 1, 2, 3] and len(routed.net.blocks) == 4
+    refs = [static(net, s) for s in sets]
+    r = routing.router(routed)
+    # native timesteps on both sides of every boundary, and the two ends of the trajectory
+    if family == "dit":
+        T = net.process.T
+        ts = [0, 299, 300, 499, 500, 799, 800, T - 1]
+    else:  # flow: t = 1 - u (data at t = 1)
+        ts = [1.0, 0.7 + 1e-4, 0.7, 0.5 + 1e-4, 0.5, 0.2 + 1e-4, 0.2, 0.0]
+    expect = [0, 0, 1, 1, 2, 2, 3, 3]
+    t = torch.tensor(ts) if family == "sit" else torch.tensor(ts, dtype=torch.long)
+    assert r.stage_of(t).tolist() == expect
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(len(ts), 1, 8, 8, generator=g), torch.randint(10, (len(ts),), generator=g)
+    with torch.no_grad():
+        mixed = routed(x, t, y)  # one batch across all four stages
+        for i, s in enumerate(expect):
+            one = routed(x[i:i + 1], t[i:i + 1], y[i:i + 1])
+            want = refs[s](x[i:i + 1], t[i:i + 1], y[i:i + 1])
+            assert torch.equal(one, want), (i, s)
+            assert torch.allclose(mixed[i:i + 1], want, atol=1e-5, rtol=1e-5), (i, s)
+        # and the stage's own set differs from its neighbour's (the switch is real)
+        assert not torch.allclose(refs[0](x[1:2], t[1:2], y[1:2]), refs[1](x[1:2], t[1:2], y[1:2]))
+
+
+def test_weights_are_shared_not_copied():
+    net = make_net()
+    routed = surgery.apply(copy.deepcopy(net), stage_plan([[0, 1], [1, 2], [2, 3], [0, 3]]))
+    ptrs = [p.data_ptr() for p in routed.net.parameters()]
+    assert len(ptrs) == len(set(ptrs))
+    assert surgery.measure(routed)["params"] == surgery.measure(net)["params"]  # the union is all 4 blocks
+    # a union of fewer blocks stores fewer
+    small = surgery.apply(copy.deepcopy(net), stage_plan([[0], [0, 2], [2], [0]]))
+    assert small.kept_blocks == [0, 2] and len(small.net.blocks) == 2
+    assert surgery.measure(small)["params"] == surgery.measure(static(net, [0, 2]))["params"]
+    assert set(small.net.state_dict()) == set(static(net, [0, 2]).net.state_dict())  # official layout kept
+
+
+def test_costs_are_stage_weighted_and_budget_is_checked_on_them():
+    net = make_net()
+    dense = surgery.measure(net)
+    fixed, per = surgery.block_costs(net)
+    sets = [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3]]
+    w = [0.4, 0.3, 0.2, 0.1]
+    routed = surgery.apply(copy.deepcopy(net), stage_plan(sets, weights=w))
+    m = surgery.measure(routed)
+    assert m["stage_blocks"] == [1, 2, 3, 4] and m["stage_weights"] == pytest.approx(w)
+    assert m["blocks"] == pytest.approx(0.4 * 1 + 0.3 * 2 + 0.2 * 3 + 0.1 * 4)
+    for k, s in enumerate(sets):
+        assert m["stage_macs"][k] == pytest.approx(fixed["macs"] + len(s) * per["macs"], rel=1e-9)
+    assert m["macs"] == pytest.approx(sum(a * b for a, b in zip(w, m["stage_macs"])))
+    # 2.0 weighted blocks of 4: meets blocks 0.5, misses 0.45; params count the stored union (all 4)
+    keep = surgery.check_budget(dense, m, Budget("blocks", 0.5))
+    assert keep["keep_blocks"] == pytest.approx(0.5) and keep["keep_params"] == pytest.approx(1.0)
+    with pytest.raises(BenchError, match="over the budget"):
+        surgery.check_budget(dense, m, Budget("blocks", 0.45))
+    # without weights, stages weigh by the width of their u range
+    m2 = surgery.measure(surgery.apply(copy.deepcopy(net), stage_plan(sets, edges=[0, 0.5, 0.75, 0.875, 1])))
+    assert m2["stage_weights"] == pytest.approx([0.5, 0.25, 0.125, 0.125])
+
+
+def test_plan_round_trip_and_replay_give_the_same_model():
+    net = make_net("sit")
+    plan = stage_plan([[0, 1], [1, 3], [2, 3], [0, 3]], weights=[0.25, 0.25, 0.25, 0.25])
+    a = surgery.apply(copy.deepcopy(net), plan)
+    b = surgery.apply(copy.deepcopy(net), Plan.from_json(plan.to_json()))
+    x, t, y = inputs(net, 12, seed=5)
+    with torch.no_grad():
+        assert torch.equal(a(x, t, y), b(x, t, y))
+
+
+def test_nfe_weights_count_sampler_evaluations():
+    net = make_net()
+    edges = [0.0, 0.25, 0.5, 0.75, 1.0]
+    w = routing.nfe_weights(net.process, edges, "ddpm", 25)
+    from bench.processes.ddpm import space_timesteps
+    ts = torch.tensor(space_timesteps(1000, 25))
+    counts = [int(((ts >= 250 * k) & (ts < 250 * (k + 1))).sum()) for k in range(4)]
+    assert w == pytest.approx([c / 25 for c in counts]) and sum(w) == pytest.approx(1.0)
+    flow = make_net("sit").process
+    wf = routing.nfe_weights(flow, edges, "heun", 10)  # 20 evaluations, t = 0 .. 1
+    assert sum(wf) == pytest.approx(1.0) and len(wf) == 4 and min(wf) > 0
+
+
+def test_routed_model_fine_tunes_with_mixed_timesteps(tmp_path):
+    from bench.data import digits
+    from bench.finetune import FinetuneConfig, finetune
+
+    net = make_net()
+    routed = surgery.apply(copy.deepcopy(net), stage_plan([[0, 1], [2], [3], [1, 3]]))
+    before = {k: v.clone() for k, v in routed.net.state_dict().items()}
+    cfg = FinetuneConfig(steps=3, batch=16, lr=1e-3, ckpt_every=100, log_every=100)
+    out = finetune(routed, digits("train"), cfg, tmp_path / "ft", seed=0)
+    assert routing.is_routed(out)
+    after = out.net.state_dict()
+    for i in range(4):  # every stored block got gradient from the stages that use it
+        k = f"blocks.{i}.attn.qkv.weight"
+        assert not torch.equal(before[k], after[k]), k
+    # the finished weights reload into a freshly routed model (resume path)
+    again = surgery.apply(copy.deepcopy(net), stage_plan([[0, 1], [2], [3], [1, 3]]))
+    again = finetune(again, digits("train"), cfg, tmp_path / "ft", seed=0)
+    x, t, y = inputs(net, 8)
+    with torch.no_grad():
+        assert torch.equal(again(x, t, y), out(x, t, y))
+
+
+def test_hidden_states_and_pinning():
+    net = make_net()
+    routed = surgery.apply(copy.deepcopy(net), stage_plan([[0, 1], [2], [3], [1, 3]]))
+    x, _, y = inputs(net, 4)
+    t = torch.full((4,), 900, dtype=torch.long)  # last stage: blocks 1, 3
+    with torch.no_grad():
+        h = routed.hidden_states(x, t, y)
+        assert len(h) == 3
+        with pytest.raises(BenchError, match="one stage"):
+            routed.hidden_states(x, torch.tensor([0, 900, 0, 900]), y)
+        r = routing.router(routed)
+        with r.pin(0):  # stage 0's blocks whatever t is
+            assert torch.equal(routed(x, t, y), static(net, [0, 1])(x, t, y))
+
+
+def test_stage_latency_reports_every_stage():
+    net = make_net()
+    routed = surgery.apply(copy.deepcopy(net), stage_plan([[0], [0, 1, 2, 3], [1], [2]], weights=[0.1, 0.2, 0.3, 0.4]))
+    r = routing.stage_latency(routed, 4, "cpu", warmup=1, reps=3, allow_few=True)
+    assert len(r["records"]) == 4 and all(rec["median_ms"] > 0 for rec in r["records"])
+    assert r["median_ms"] == pytest.approx(sum(w * rec["median_ms"] for w, rec in zip(r["weights"], r["records"])))
+
+
+@pytest.mark.parametrize("stages,match", [
+    ([{"u_range": [0, 0.5], "keep": {"blocks": [0]}}, {"u_range": [0.6, 1], "keep": {"blocks": [1]}}], "contiguous"),
+    ([{"u_range": [0, 0.5], "keep": {"blocks": [0]}}, {"u_range": [0.5, 0.9], "keep": {"blocks": [1]}}], "end at u = 1"),
+    ([{"u_range": [0, 1], "keep": {"blocks": [0], "blocks.0.attn.heads": [0]}}], "methods.obs_diff"),
+    ([{"u_range": [0, 1], "keep": {"blocks": [7]}}], "invalid block plan"),
+    ([{"u_range": [0, 1], "keep": {"blocks": []}}], "non-empty"),
+])
+def test_bad_stage_plans_are_refused(stages, match):
+    net = make_net()
+    with pytest.raises(BenchError, match=match):
+        surgery.apply(copy.deepcopy(net), Plan(granularity="stage", keep={}, stages=stages))
+
+
+def test_routed_model_refuses_a_second_plan():
+    net = surgery.apply(make_net(), stage_plan([[0], [1]]))
+    with pytest.raises(BenchError, match="routed already"):
+        surgery.apply(net, Plan(granularity="block", keep={"blocks": [0]}))

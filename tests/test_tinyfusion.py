@@ -1,0 +1,201 @@
+"""TinyFusion (methods.tinyfusion): N:M groups, the learned decision (an exact-identity block is the
+one its group drops), no trace on the model, priors from other scorers, masked KD recovery."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bench import surgery
+from bench.api import BenchError, Budget, Plan
+from bench.data import calibration, digits
+from bench.models import build
+from methods.tinyfusion import MaskedKD, TinyFusion
+from methods.tinyfusion.kd import masked_mse
+from methods.tinyfusion.learn import candidates, make_groups
+
+FAST = dict(steps=60, batch=16, lora_rank=4, lora_alpha=8.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return calibration(digits("train"), n=64, seed=0, bins=4)
+
+
+def make_net(family="dit", seed=0):
+    kw = dict(input_size=8, in_channels=1, num_classes=10, learn_sigma=True)
+    net = build("DiT-T/2", **kw) if family == "dit" else build("SiT-T/2", **kw, process={"kind": "flow"})
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in net.net.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+    net.net.eval()
+    return net
+
+
+@pytest.fixture(scope="module")
+def trained(calib):
+    """Tiny models fitted to the calibration loss (every block useful, as in test_methods)."""
+    out = {}
+    for f in ("dit", "sit"):
+        net = make_net(f)
+        opt = torch.optim.Adam(net.net.parameters(), lr=3e-3)
+        for _ in range(30):
+            loss = net.loss(calib.x0, calib.y, u=calib.u, noise=calib.noise)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.net.eval()
+        out[f] = net
+    return out
+
+
+def make_identity(net, i):
+    with torch.no_grad():  # both adaLN gates 0: the block returns its input exactly
+        net.net.blocks[i].adaLN_modulation[-1].weight.zero_()
+        net.net.blocks[i].adaLN_modulation[-1].bias.zero_()
+
+
+def test_groups_and_candidates():
+    assert make_groups(8, 2, 4) == [([0, 1], 1), ([2, 3], 1), ([4, 5], 1), ([6, 7], 1)]      # 1:2
+    assert make_groups(8, 4, 4) == [([0, 1, 2, 3], 2), ([4, 5, 6, 7], 2)]                    # 2:4
+    g = make_groups(8, 2, 6)
+    assert [n for _, n in g] == [1, 2, 1, 2] and sum(n for _, n in g) == 6                 # remainder spread
+    assert sum(n for _, n in make_groups(7, 2, 3)) == 3 and make_groups(7, 2, 3)[-1][0] == [6]
+    assert make_groups(4, 2, 1) in ([([0, 1], 1), ([2, 3], 0)], [([0, 1], 0), ([2, 3], 1)])
+    c = candidates(4, 2)
+    assert c.shape == (6, 4) and torch.equal(c.sum(1), torch.full((6,), 2.0)) and len({tuple(r) for r in c.tolist()}) == 6
+    assert candidates(3, 0).shape == (1, 3) and candidates(2, 2).tolist() == [[1.0, 1.0]]
+
+
+@pytest.mark.parametrize("family", ["dit", "sit"])
+@pytest.mark.parametrize("identity", [1, 2])
+def test_learned_decision_drops_the_identity_block(family, identity, trained, calib):
+    """Groups {0, 1} and {2, 3} at 1:2: the group holding the identity block drops exactly it."""
+    net = copy.deepcopy(trained[family])
+    make_identity(net, identity)
+    plan = TinyFusion(**FAST).plan(net, Budget("blocks", 0.5), calib)
+    assert identity not in plan.keep["blocks"]
+    partner = identity ^ 1
+    assert partner in plan.keep["blocks"], plan.meta["ema_logits"]
+    assert len(plan.keep["blocks"]) == 2 and plan.scores["blocks"][identity] < 0.5
+
+
+def test_plan_leaves_no_trace_and_is_seeded(trained, calib):
+    net = copy.deepcopy(trained["dit"])
+    net.net.train()
+    before = {k: v.clone() for k, v in net.net.state_dict().items()}
+    flags = [p.requires_grad for p in net.net.parameters()]
+    a = TinyFusion(**FAST, seed=3).plan(net, Budget("blocks", 0.5), calib)
+    assert net.net.training and flags == [p.requires_grad for p in net.net.parameters()]
+    for k, v in net.net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(not m._forward_hooks for m in net.net.modules() if isinstance(m, nn.Linear))  # LoRA discarded
+    b = TinyFusion(**FAST, seed=3).plan(net, Budget("blocks", 0.5), calib)
+    a.meta.pop("seconds"), b.meta.pop("seconds")
+    assert a == b
+    assert Plan.from_json(a.to_json()) == a
+
+
+@pytest.mark.parametrize("update", ["full", "frozen"])
+def test_other_update_modes(update, trained, calib):
+    net = copy.deepcopy(trained["dit"])
+    make_identity(net, 3)
+    before = {k: v.clone() for k, v in net.net.state_dict().items()}
+    plan = TinyFusion(**FAST, update=update).plan(net, Budget("blocks", 0.5), calib)
+    assert 3 not in plan.keep["blocks"] and 2 in plan.keep["blocks"]
+    assert all(torch.equal(v, before[k]) for k, v in net.net.state_dict().items())
+
+
+def test_prior_from_another_scorer_sets_the_start(calib):
+    """With no learning steps the decision is the prior: block magnitude, one block scaled up per group."""
+    net = make_net("dit")
+    with torch.no_grad():
+        for i in (1, 2):
+            for p in net.net.blocks[i].parameters():
+                p.mul_(3.0)
+    plan = TinyFusion(steps=0, prior="magnitude").plan(net, Budget("blocks", 0.5), calib)
+    assert plan.keep["blocks"] == [1, 2] and len(plan.meta["prior_scores"]) == 4
+    plan = TinyFusion(steps=0).plan(net, Budget("blocks", 0.5), calib)  # no prior: ties, the first candidate
+    assert plan.keep["blocks"] == [0, 2]
+
+
+def test_budgets_in_macs_and_params_and_two_four_groups(trained, calib):
+    net = trained["dit"]
+    for budget in (Budget("macs", 0.6), Budget("params", 0.6), Budget("blocks", 0.75)):
+        plan = TinyFusion(**{**FAST, "steps": 10}).plan(net, budget, calib)
+        assert len(plan.keep["blocks"]) == surgery.blocks_to_keep(net, budget)
+        pruned = surgery.apply(copy.deepcopy(net), plan)
+        dense = surgery.measure(net)
+        assert surgery.check_budget(dense, surgery.measure(pruned), budget)[f"keep_{budget.measure}"] <= budget.keep
+    plan = TinyFusion(**{**FAST, "steps": 10}, group_size=4).plan(net, Budget("blocks", 0.5), calib)
+    assert len(plan.meta["candidates"]) == 1 and len(plan.meta["candidates"][0]) == 6  # one 2:4 group
+
+
+def test_masked_mse_ignores_outliers():
+    s = torch.zeros(2, 16, 8)
+    t = torch.zeros(2, 16, 8)
+    t[0, 3, 5] = 1000.0  # a massive activation of the teacher: outside its 2-sigma band
+    assert masked_mse(s, t, 2.0) == 0.0
+    t[1] += 0.1 * torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    assert masked_mse(s, t, 2.0) > 0
+
+
+def test_layer_maps():
+    kd = MaskedKD(group_size=2)
+    assert kd.layer_map([1, 3, 5, 7], 8) == [1, 3, 5, 7]
+    assert kd.layer_map([0, 2, 5, 6], 8) == [1, 3, 5, 7]  # 1:2: student i <-> teacher 2i+1
+    assert MaskedKD(group_size=4).layer_map([0, 2, 5, 6], 8) == [0, 3, 5, 7]
+    assert MaskedKD(group_size=2, rep_map="same_block").layer_map([0, 2, 5, 6], 8) == [0, 2, 5, 6]
+
+
+@pytest.mark.parametrize("family", ["dit", "sit"])
+def test_masked_kd_loss(family, trained):
+    teacher = copy.deepcopy(trained[family])
+    student = surgery.apply(copy.deepcopy(teacher), Plan("block", {"blocks": [0, 3]}))
+    student.net.train()
+    x0, y = digits("train").get(torch.arange(16))
+    # alpha = 0, beta = 0: exactly the student's own training loss on the same draws
+    plain = MaskedKD(2, alpha=0.0, beta=0.0).loss(student, x0, y, torch.Generator().manual_seed(0), teacher)
+    own = student.loss(x0, y, generator=torch.Generator().manual_seed(0))
+    assert plain.item() == pytest.approx(own.item(), rel=1e-5)
+    kd = MaskedKD(2)
+    kd.on_start(student, 10, None)
+    loss = kd.loss(student, x0, y, torch.Generator().manual_seed(0), teacher)
+    loss.backward()
+    assert torch.isfinite(loss) and student.net.blocks[0].attn.qkv.weight.grad is not None
+    assert all(p.grad is None for p in teacher.net.parameters())
+    with pytest.raises(BenchError, match="teacher"):
+        kd.loss(student, x0, y, torch.Generator().manual_seed(0), None)
+    kd.on_step(9, student, 0.0)
+    assert kd.state_dict() == {"step": 10}
+
+
+def test_kd_config_is_a_callback_that_asks_for_the_teacher(calib):
+    from omegaconf import OmegaConf
+    from hydra.utils import instantiate
+    conf = Path(__file__).resolve().parents[1] / "bench" / "conf" / "method"
+    m = instantiate(OmegaConf.create({"seed": 0, "method": OmegaConf.load(conf / "tinyfusion_kd.yaml")}).method)
+    cb = m.callback(Budget("blocks", 0.5), calib)
+    assert isinstance(cb, MaskedKD) and cb.needs_teacher
+    plain = instantiate(OmegaConf.create({"seed": 0, "method": OmegaConf.load(conf / "tinyfusion.yaml")}).method)
+    assert plain.callback(Budget("blocks", 0.5), calib) is None
+
+
+def test_bad_options():
+    for kw in ({"update": "adapter"}, {"recovery": "distill"}, {"prior": "taylor"}, {"prior": "tinyfusion"}, {"rep_map": "any"},
+               {"u_range": [0.5, 0.2]}, {"group_size": 0}):
+        with pytest.raises(BenchError):
+            TinyFusion(**kw)
