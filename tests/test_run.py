@@ -13,7 +13,8 @@ from bench.results import load_rows, run_relpath
 from bench.run import execute
 from tests.conftest import TINY, run_cli
 
-METHODS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "bench/conf/method").glob("*.yaml"))
+METHODS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "bench/conf/method").glob("*.yaml")
+                 if not p.stem.endswith("_paper"))  # paper-scale twins of tested configs
 TIMING_FIELDS = {"latency_ms", "latency_iqr_ms", "peak_mem_MB", "throughput_img_s", "date", "wall_s", "device_hours", "git_sha", "git_dirty"}
 
 
