@@ -6,6 +6,8 @@ the current plan and the callback state are saved atomically; a killed run resta
 last checkpoint and, on the same device, produces bit-identical weights.
 Progressive methods return a Plan from their callback; the loop applies it to the model and its
 EMA through bench.surgery, then rebuilds the optimizer (the old one points at dead parameters).
+Checkpoints list the plans applied so far ("plans", JSON) and a resume replays them in order
+(block, width or operator plans); older checkpoints without the list replay their kept blocks.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
     final = ckpt_dir / "final.pt"
     if final.exists():  # stage done: rebuild the final structure and load the EMA weights
         state = torch.load(final, map_location="cpu", weights_only=False)
-        _replay(net, state["kept_blocks"])
+        _replay(net, state["kept_blocks"], state.get("plans"))
         net.net.load_state_dict(state["ema"])
         return net
     if cfg.distill > 0 and teacher is None:
@@ -67,10 +69,12 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
     opt = _make_opt(net, cfg)
     gen = torch.Generator().manual_seed(seed)
     step = 0
+    applied: list[str] = []  # the callback's plans applied so far (JSON), replayed on resume
     last = ckpt_dir / "last.pt"
     if last.exists():  # resume: structure first (progressive plans), then weights and RNG
         state = torch.load(last, map_location="cpu", weights_only=False)
-        _replay(net, state["kept_blocks"])
+        applied = list(state.get("plans") or [])
+        _replay(net, state["kept_blocks"], state.get("plans"))
         ema = copy.deepcopy(net.net).eval().requires_grad_(False)
         net.net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -85,13 +89,18 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
 
     if callback is not None and hasattr(callback, "on_start"):
         callback.on_start(net, cfg.steps, str(run_dir) if run_dir else None)
+    if callback is not None and hasattr(callback, "on_ema"):  # optional: the EMA copy gets the callback's
+        callback.on_ema(ema)                                  # forward hooks too (gradient-flow soft masks)
     abort_at = int(os.environ.get("BENCH_TEST_ABORT_AT_STEP", "-1"))  # tests: simulate a kill
     t0 = time.time()
     it = range(step, cfg.steps)
     for step in (progress(it) if progress else it):
         idx = torch.randint(len(data), (cfg.batch,), generator=gen)
         x0, y = data.get(idx)
-        loss = net.loss(x0.to(device), y.to(device), generator=gen, teacher=teacher, distill=cfg.distill)
+        if callback is not None and hasattr(callback, "loss"):  # a method's own recovery loss (TinyFusion masked KD)
+            loss = callback.loss(net, x0.to(device), y.to(device), gen, teacher)
+        else:
+            loss = net.loss(x0.to(device), y.to(device), generator=gen, teacher=teacher, distill=cfg.distill)
         if not torch.isfinite(loss):
             raise BenchError(f"loss is {loss.item()} at fine-tune step {step}; lower finetune.lr "
                              "or check the data (values must be finite, pixels in [-1, 1])")
@@ -108,6 +117,7 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
             new_plan = callback.on_step(step, net, loss.item())
             if new_plan is not None:
                 _apply_progressive(net, ema, new_plan)
+                applied.append(new_plan.to_json())
                 opt = _make_opt(net, cfg)  # old optimizer state points at removed parameters
                 if run_dir:
                     append_log(run_dir, "surgery", step=step, kept_blocks=net.kept_blocks)
@@ -115,21 +125,30 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
         if done % cfg.ckpt_every == 0 and done < cfg.steps:
             atomic_torch_save({"step": done, "model": net.net.state_dict(), "ema": ema.state_dict(),
                                "opt": opt.state_dict(), "gen": gen.get_state(), "kept_blocks": net.kept_blocks,
-                               "callback": callback.state_dict() if callback is not None else None}, last)
+                               "callback": callback.state_dict() if callback is not None else None,
+                               "plans": applied}, last)
         if done == abort_at:
             os._exit(137)  # like SIGKILL: no cleanup, no final save
 
     net.net.load_state_dict(ema.state_dict())
     net.net.eval()
-    atomic_torch_save({"ema": ema.state_dict(), "kept_blocks": net.kept_blocks, "steps": cfg.steps}, final)
+    atomic_torch_save({"ema": ema.state_dict(), "kept_blocks": net.kept_blocks, "steps": cfg.steps, "plans": applied},
+                      final)
     if last.exists():
         last.unlink()  # the final weights supersede the resume point
     return net
 
 
-def _replay(net, kept_blocks: list[int]):
-    """Bring `net` to the block structure recorded in a checkpoint (a subset of its current one)."""
+def _replay(net, kept_blocks: list[int], plans: list[str] | None = None):
+    """Bring `net` to the structure recorded in a checkpoint: replay the callback's plans in order
+    (any plan: blocks, width, operators); checkpoints without "plans" (older ones) record only the
+    block structure, a subset of the current one."""
+    for text in plans or []:
+        surgery.apply(net, Plan.from_json(text))
     if list(kept_blocks) != list(net.kept_blocks):
+        if plans:
+            raise BenchError(f"replaying the checkpoint's plans gives blocks {net.kept_blocks}, the checkpoint "
+                             f"says {list(kept_blocks)}; delete the fine-tune checkpoint and rerun")
         surgery.apply(net, Plan(granularity="block", keep={"blocks": list(kept_blocks)}))
 
 
