@@ -55,7 +55,7 @@ DENSE_EVAL=${BENCH_DENSE_EVAL-eval=inception eval.inception.n=100 eval.inception
 # shellcheck disable=SC2086  # DENSE_EVAL is a list of overrides
 run method=dense budget.keep=1.0 $DENSE_EVAL "$@"
 
-# 2. the sweeps. Phase A (heavy: plan, fine-tune, sample) runs one worker per budget: on a 2-core
+# 2. the sweeps. Phase A (heavy: plan, fine-tune, sample) runs two workers (below): on a 2-core
 #    CPU two single-threaded workers do ~1.8x the work of one two-threaded process on these small
 #    models. Phase B then re-runs the same sweeps alone: every finished stage is skipped and only
 #    scoring and latency run, so timings are never taken while another worker loads the CPU.
@@ -66,10 +66,19 @@ sweep() {  # $1 = budget.keep, then overrides
     run -m "experiment=$e" "budget.keep=$1" "${@:2}"
   done
 }
+# Phase A's two workers split by experiment (depth methods | random + width methods), which
+# balances them better than one worker per budget (a 0.75 row costs more than a 0.5 row).
+worker() {  # $1 = worker id, then overrides; each experiment sweeps both budgets
+  local e
+  if [ "$1" = 0 ]; then set -- "${@:2}"; for e in default_suite; do run -m "experiment=$e" "$@"; done
+  else set -- "${@:2}"; for e in default_suite_width default_suite_random default_suite_width_random; do
+    run -m "experiment=$e" "$@"; done
+  fi
+}
 if [ "$JOBS" -ge 2 ]; then
   pids=()
-  for keep in 0.75 0.5; do
-    ( export OMP_NUM_THREADS=1; sweep "$keep" stop_after=sample "$@" 2>&1 | sed -u "s/^/[keep=$keep] /" ) &
+  for w in 0 1; do
+    ( export OMP_NUM_THREADS=1; worker "$w" stop_after=sample "$@" 2>&1 | sed -u "s/^/[worker $w] /" ) &
     pids+=($!)
   done
   fail=0

@@ -147,6 +147,48 @@ def test_width_and_operator_conformance(name, family, nets, calib):
         assert torch.isfinite(loss)
 
 
+UNET_METHODS = [m for m in OTHER_METHODS if granularity(m) in ("width", "operator")
+                and m not in ("obs_diff", "obs_diff_nocomp")]  # OBS-Diff: DiT/SiT only
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    net = build("UNet-T", input_size=8, in_channels=1, num_classes=10, block_out_channels=[16, 32],
+                layers_per_block=1, attention_levels=[1], norm_num_groups=4, learn_sigma=False)
+    with torch.no_grad():  # no zero-initialised output: every unit matters
+        for p in net.net.parameters():
+            if p.ndim >= 2 and float(p.abs().max()) == 0.0:
+                p.normal_(0.0, 0.05)
+    net.net.eval()
+    return net
+
+
+@pytest.mark.parametrize("name", UNET_METHODS)
+def test_width_methods_on_the_unet(name, unet, calib):
+    """The width and operator sweep on the U-Net: plan, Torch-Pruning surgery through the
+    DependencyGraph, measured MACs within the budget, exact replay, the model runs."""
+    net = copy.deepcopy(unet)
+    dense_cost = surgery.measure(net)
+    # LD-Pruner can only bypass shape-preserving ResNet blocks and attentions: less to remove
+    keep = 0.85 if name == "ld_pruner" else 0.6
+    budget = Budget("macs", keep)
+    plan = load_method(name).plan(net, budget, calib)
+    pruned = surgery.apply(copy.deepcopy(unet), plan)
+    got = surgery.check_budget(dense_cost, surgery.measure(pruned), budget,
+                               unit_share=float(plan.meta.get("unit_share", 0.10)),
+                               final=load_method(name).callback(budget, calib) is None)
+    if load_method(name).callback(budget, calib) is None:
+        assert got["keep_macs"] <= keep + 1e-6
+    replay = surgery.apply(copy.deepcopy(unet), Plan.from_json(plan.to_json()))
+    x, t, y = unet.example_inputs(2)
+    with torch.no_grad():
+        out = pruned(x, t, y)
+        torch.testing.assert_close(out, replay(x, t, y), rtol=0, atol=0)
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(pruned.loss(calib.x0, calib.y, u=calib.u, noise=calib.noise))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", BLOCK_METHODS)
 def test_method_conformance(name, family, nets, calib):

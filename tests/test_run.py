@@ -125,3 +125,18 @@ def test_nan_loss_stops_the_fine_tune(tmp_path):
     bad = TensorDataset(torch.full((8, 1, 8, 8), float("nan")), torch.zeros(8, dtype=torch.long), 10, "nan")
     with pytest.raises(BenchError, match="lower finetune.lr"):
         finetune(net, bad, FinetuneConfig(steps=3, batch=4), tmp_path / "ft")
+
+
+@pytest.mark.parametrize("method", ["diff_pruning", "ld_pruner"])
+def test_unet_width_and_operator_runs_give_rows(method, tmp_path, artifacts):
+    """The whole spine on the U-Net backbone (diffusers UNet2DModel): its own teacher, Torch-Pruning
+    surgery through the DependencyGraph (or operator removal), fine-tune, sample, score, row."""
+    from tests.conftest import compose
+    keep = 0.85 if method == "ld_pruner" else 0.6  # LD-Pruner bypasses only shape-preserving operators
+    over = [o for o in TINY if not o.startswith("model=")] + [
+        "model=unet_tiny", "budget.measure=macs", f"budget.keep={keep}",
+        f"paths.results={tmp_path / 'runs'}", f"paths.artifacts={artifacts}"]
+    row = execute(compose(over, method))
+    assert row.status == "ok" and row.model.startswith("UNet") and row.depth == 0
+    assert row.keep_macs <= keep + 1e-9 and row.keep_params < 1.0
+    assert 0 <= row.metrics["cond_acc"] <= 100 and row.latency_ms > 0

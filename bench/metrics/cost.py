@@ -199,7 +199,7 @@ def random_inputs(net, batch: int, device=None, seed: int = 0) -> tuple:
     device = device or net.device
     x = torch.randn(batch, n.in_channels, n.input_size, n.input_size, generator=g)
     t = net.process.t_from_u(torch.rand(batch, generator=g).clamp(0.01, 0.99))
-    y = torch.randint(net.num_classes, (batch,), generator=g)
+    y = torch.randint(max(1, net.num_classes), (batch,), generator=g)
     return x.to(device), t.to(device), y.to(device)
 
 

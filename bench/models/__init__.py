@@ -1,7 +1,8 @@
 """Paper names -> factories (DiT's `DiT_models` dict), and `build()` -> Denoiser.
 
 DiT-{S,B,L,XL}/{2,4,8} and SiT-{S,B,L,XL}/{2,4,8} are the papers' sizes (DiT Table 1); the
-`T` (tests) and `D8` (embedded default) sizes are ours.
+`T` (tests) and `D8` (embedded default) sizes are ours. Names starting with ``UNet`` or ``DDPM``
+build the diffusers U-Net backbone (bench.models.unet.build_unet; its own keyword arguments).
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ def build(name: str, input_size: int = 32, in_channels: int = 4, num_classes: in
           process: dict | None = None, **_) -> Denoiser:
     """Build a Denoiser. `process` holds the process factory's kwargs (kind: ddpm | flow).
     A `ckpt` in the official layout (or our own fine-tune checkpoints) is loaded strictly."""
+    if name.startswith(("UNet", "DDPM")):  # the U-Net backbone (DDPM layout), its own arguments
+        from bench.models.unet import build_unet
+        return build_unet(name=name, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                          learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob, ckpt=ckpt,
+                          process=process, **_)
     if name not in MODELS:
         raise BenchError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
     over = {k: v for k, v in dict(hidden_size=hidden_size, num_heads=num_heads, depth=depth).items() if v is not None}

@@ -38,7 +38,7 @@ Reconstruction choices [A] (each a keyword argument; default in brackets):
                      (meta["scores_per_bin"]); prediction outputs only.
   R7  schedule       adaptive [adaptive] (progressive, a fine-tune callback) or oneshot (prune to
                      the budget by CED at once, then the shared fine-tune: the ablation).
-  R8  when           decide every `period` [25; 15 in the 100-step default suite] steps; every decision before finish_frac [2/3] of
+  R8  when           decide every `period` [25; 15 in the 80-step default suite] steps; every decision before finish_frac [2/3] of
                      the fine-tune steps so the rest recovers the final model; the period shrinks
                      when a short run needs more decisions than fit.
   R9  how much       candidates drop the k lowest-CED blocks of the current model (CED recomputed
