@@ -16,7 +16,7 @@ from bench.data import calibration, digits
 from bench.models import build
 from methods.entpruner import LOG_NAME, EntPruner, decision_steps, replay
 from methods.entpruner import entropy as E
-from methods.entpruner.schedule import removal_order, vote
+from methods.entpruner.schedule import min_removals, removal_order, vote
 
 LOG_2PI_E = math.log(2 * math.pi) + 1
 
@@ -172,17 +172,19 @@ def test_block_whose_removal_collapses_the_output_has_the_largest_ced(family, ov
     assert plan.meta["entropy_ablated"][2] < plan.meta["entropy_full"]  # removal lowers the entropy
 
 
-def test_needs_a_transformer_backbone_and_valid_options(calib):
+def test_needs_bypassable_units_and_valid_options(calib):
     net = make_net("dit")
-    unet = copy.copy(net)
-    unet.units = lambda granularity="block": {"down": 2, "up": 2}
-    with pytest.raises(BenchError, match="transformer backbone"):
-        EntPruner().ced(unet, calib)
+    empty = copy.deepcopy(net)
+    empty.net.blocks = torch.nn.ModuleList()  # nothing to bypass: no blocks, no U-Net operators
+    with pytest.raises(BenchError, match="bypass one at a time"):
+        EntPruner().ced(empty, calib)
+    with pytest.raises(BenchError, match="MACs or params"):
+        EntPruner(schedule="oneshot").plan(unet_net(), Budget("blocks", 0.5), calib)
     fresh = build("DiT-T/2", input_size=8, in_channels=1, num_classes=10)  # adaLN-Zero: the output is 0
     with pytest.raises(BenchError, match="do not vary"):
         EntPruner().ced(fresh, calib)
     for bad in ({"estimator": "vonneumann"}, {"schedule": "gradual"}, {"pca": -1}, {"k_max": 0},
-                {"vote_weights": {"ntk": 0, "zico": 0}}, {"vote_weights": {"snip": 1.0}}):
+                {"vote_weights": {"ntk": 0, "zico": 0}}, {"vote_weights": {"snip": 1.0}}, {"pace": "sometimes"}):
         with pytest.raises(BenchError):
             EntPruner(**bad)
 
@@ -201,9 +203,12 @@ def test_decision_steps_and_vote():
     assert vote(copy.deepcopy(cands), {"ntk": 1, "zico": 1}, 0.5, 0.0) == 2    # one approval is enough
     assert vote(copy.deepcopy(cands), {"ntk": 3, "zico": 1}, 0.5, 0.0) == 1    # NTK outweighs ZiCo
     assert vote(copy.deepcopy(cands), {"ntk": 1, "zico": 1}, 1.0, 0.6) == 2    # 60 % slack: all approve
+    # the pace (R12): even spreads 4 removals over 3 decisions as 2, 1, 1; latest waits until forced
+    assert [min_removals("even", r, left, 2) for r, left in [(4, 2), (2, 1), (1, 0)]] == [2, 1, 1]
+    assert [min_removals("latest", r, left, 2) for r, left in [(4, 2), (4, 1), (2, 0)]] == [0, 2, 2]
 
 
-def run_adaptive(data, calib, run_dir, budget, steps=12, abort_at=None, **over):
+def run_adaptive(data, calib, run_dir, budget, steps=12, abort_at=None, ckpt_every=4, **over):
     """Fine-tune a tiny DiT with the adaptive schedule; returns (net, depth seen at every step)."""
     from bench.finetune import FinetuneConfig, finetune
 
@@ -226,7 +231,7 @@ def run_adaptive(data, calib, run_dir, budget, steps=12, abort_at=None, **over):
 
         state_dict, load_state_dict = inner.state_dict, inner.load_state_dict
 
-    cfg = FinetuneConfig(steps=steps, batch=8, lr=1e-3, ckpt_every=4, log_every=100)
+    cfg = FinetuneConfig(steps=steps, batch=8, lr=1e-3, ckpt_every=ckpt_every, log_every=100)
     net = finetune(net, data, cfg, run_dir / "ckpt", seed=0, callback=Spy(), run_dir=run_dir)
     seen.append(len(net.kept_blocks))
     return net, seen
@@ -254,11 +259,53 @@ def test_adaptive_reaches_the_block_budget_exactly_and_replays(adaptive):
     assert replay(run_dir / LOG_NAME).keep["blocks"] == net.kept_blocks
 
 
+def test_replay_rederives_every_decision(adaptive, tmp_path):
+    """replay() recomputes each choice from the logged CED and proxy values: a log whose choice does
+    not follow from them (here: a proxy value edited so the vote comes out differently, or a removal
+    swapped) is refused."""
+    _, _, run_dir = adaptive
+    lines = [json.loads(line) for line in (run_dir / LOG_NAME).read_text().splitlines()]
+    d = max(i for i, r in enumerate(lines) if r["event"] == "decision" and r["chosen_k"] > 0)  # the last one
+    swapped = copy.deepcopy(lines)
+    rec = swapped[d]
+    other = next(b for b in rec["kept_before"] if b not in rec["removed"])
+    rec["removed"] = sorted(rec["removed"][1:] + [other])
+    bad = tmp_path / "swapped.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in swapped))
+    with pytest.raises(BenchError, match="does not follow"):
+        replay(bad)
+    assert replay(bad, verify=False).keep != replay(run_dir / LOG_NAME).keep  # only the check catches it
+    voted = copy.deepcopy(lines)
+    rec = voted[d]
+    for c in rec["candidates"][1:]:  # every proxy now says "much better": the vote would take k_top
+        c["goodness"] = {p: v + 1e6 for p, v in c["goodness"].items()}
+    if rec["candidates"][-1]["k"] != rec["voted_k"]:
+        bad.write_text("".join(json.dumps(r) + "\n" for r in voted))
+        with pytest.raises(BenchError, match="does not follow"):
+            replay(bad)
+
+
+def test_even_pace_prunes_progressively_when_the_vote_never_passes(data, calib, tmp_path):
+    """quorum > 1: no vote passes. pace=even still removes an equal share at every decision (4 blocks
+    to 2 over decisions at steps 1, 3, 5, 7: one at each of the first two), pace=latest waits and
+    removes at the last decisions only."""
+    net, seen = run_adaptive(data, calib, tmp_path / "even", Budget("blocks", 0.5), quorum=1.5, k_max=1)
+    log = [json.loads(line) for line in (tmp_path / "even" / LOG_NAME).read_text().splitlines()][1:]
+    assert [len(d["removed"]) for d in log] == [1, 1] and [d["step"] for d in log] == [1, 3]
+    assert seen[-1] == 2 and all(d["voted_k"] == 0 and d["forced"] for d in log)
+    net, seen = run_adaptive(data, calib, tmp_path / "late", Budget("blocks", 0.5), quorum=1.5, k_max=1,
+                             pace="latest")
+    log = [json.loads(line) for line in (tmp_path / "late" / LOG_NAME).read_text().splitlines()][1:]
+    assert [(d["step"], len(d["removed"])) for d in log] == [(1, 0), (3, 0), (5, 1), (7, 1)]
+    assert seen[-1] == 2
+    assert replay(tmp_path / "late" / LOG_NAME).keep["blocks"] == net.kept_blocks
+
+
 def test_adaptive_reaches_a_macs_budget_with_forced_removals(data, calib, tmp_path):
     budget = Budget("macs", 0.6)
     target = surgery.blocks_to_keep(make_net("dit"), budget)
     # quorum above 1: no vote ever passes, so every removal is forced by the deadline rule
-    net, seen, = run_adaptive(data, calib, tmp_path, budget, steps=6, quorum=1.5)
+    net, seen, = run_adaptive(data, calib, tmp_path, budget, steps=6, quorum=1.5, pace="latest")
     assert seen[-1] == target and min(seen) == target
     log = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()][1:]
     assert all(d["voted_k"] == 0 for d in log) and any(d["forced"] for d in log)
@@ -266,20 +313,19 @@ def test_adaptive_reaches_a_macs_budget_with_forced_removals(data, calib, tmp_pa
 
 
 def test_adaptive_resume_after_a_kill_is_exact(adaptive, data, calib, tmp_path):
-    """Kill after step 6 (checkpoint at step 4, decision at step 5 already logged), resume:
+    """Kill after step 3 (checkpoint at step 2, decision at step 3 already logged), resume:
     same decisions, same final structure and bit-identical weights as the uninterrupted run."""
     ref_net, _, ref_dir = adaptive
     with pytest.raises(KeyboardInterrupt):
-        run_adaptive(data, calib, tmp_path, Budget("blocks", 0.5), abort_at=6)
-    assert any(json.loads(line).get("step") == 5 for line in (tmp_path / LOG_NAME).read_text().splitlines())
-    net, _ = run_adaptive(data, calib, tmp_path, Budget("blocks", 0.5))
+        run_adaptive(data, calib, tmp_path, Budget("blocks", 0.5), abort_at=3, ckpt_every=2)
+    assert any(json.loads(line).get("step") == 3 for line in (tmp_path / LOG_NAME).read_text().splitlines())
+    net, _ = run_adaptive(data, calib, tmp_path, Budget("blocks", 0.5), ckpt_every=2)
     assert net.kept_blocks == ref_net.kept_blocks
     for k, v in ref_net.net.state_dict().items():
         assert torch.equal(v, net.net.state_dict()[k]), k
     strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in p.read_text().splitlines()]
     assert strip(tmp_path / LOG_NAME) == strip(ref_dir / LOG_NAME)
-    assert replay(tmp_path / LOG_NAME) == replay(tmp_path / LOG_NAME) and \
-        replay(tmp_path / LOG_NAME).keep == replay(ref_dir / LOG_NAME).keep
+    assert replay(tmp_path / LOG_NAME).keep == replay(ref_dir / LOG_NAME).keep == {"blocks": net.kept_blocks}
 
 
 def test_adaptive_needs_fine_tune_steps(calib):
@@ -287,6 +333,100 @@ def test_adaptive_needs_fine_tune_steps(calib):
     with pytest.raises(BenchError, match="entpruner_oneshot"):
         cb.on_start(make_net("dit"), 0, None)
     assert EntPruner(schedule="oneshot").callback(Budget("blocks", 0.5), calib) is None
+
+
+# --------------------------------------------------------------------------------------------
+# The U-Net extension (R14): CED over the operators whose skip structure allows a bypass
+# --------------------------------------------------------------------------------------------
+
+def unet_net(seed: int = 0):
+    """The tiny diffusers U-Net of the unit tests (3 bypassable ResNet blocks, 4 attentions), with
+    its zero-initialised output convolutions redrawn so every operator does something."""
+    from omegaconf import OmegaConf
+    from pathlib import Path
+
+    torch.manual_seed(seed)
+    cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parent.parent / "bench/conf/model/unet_tiny.yaml"),
+                                 resolve=True)
+    net = build(**cfg)
+    with torch.no_grad():
+        for name, p in net.net.named_parameters():
+            if p.ndim >= 2 and float(p.abs().max()) == 0.0:
+                p.normal_(0.0, 0.2)
+    net.net.eval()
+    return net
+
+
+def make_unet_identity(net, label: str):
+    """An operator whose branch writes exactly zero: a ResNet block with conv2 = 0 (output = input
+    + 0), an attention with to_out = 0 (output = input + 0)."""
+    from methods.entpruner import units as U
+
+    g, i = label.split(":")
+    m = net.net._operator(g, int(i))
+    lin = m.conv2 if g == "resnets" else m.to_out[0]
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.zero_()
+    assert label in U.labels(net)
+
+
+@pytest.mark.parametrize("label", ["resnets:1", "attentions:2"])
+def test_unet_identity_operator_has_zero_ced_and_goes_first(label, calib):
+    net = unet_net()
+    make_unet_identity(net, label)
+    r = EntPruner(schedule="oneshot").ced(net, calib)
+    assert r["units"] == ["attentions:0", "attentions:1", "attentions:2", "attentions:3",
+                          "resnets:0", "resnets:1", "resnets:2"]
+    ced = dict(zip(r["units"], r["ced"]))
+    assert ced[label] == 0.0 and min(v for k, v in ced.items() if k != label) > 1e-4, ced
+    assert r["units"][removal_order(r["ced"])[0]] == label
+
+
+def test_unet_oneshot_meets_a_macs_budget_and_replays(calib):
+    net = unet_net()
+    make_unet_identity(net, "resnets:0")
+    budget = Budget("macs", 0.8)
+    plan = EntPruner(schedule="oneshot").plan(net, budget, calib)
+    assert plan.granularity == "operator" and plan.meta["removed"][0] == "resnets:0"
+    assert set(plan.keep) == {"ops.attentions", "ops.resnets"} and 0 not in plan.keep["ops.resnets"]
+    assert set(plan.scores) == {"attentions", "resnets"} and plan.scores["resnets"][0] == 0.0
+    dense = surgery.measure(net)
+    pruned = surgery.apply(copy.deepcopy(net), plan)
+    keep = surgery.check_budget(dense, surgery.measure(pruned), budget, unit_share=plan.meta["unit_share"])
+    assert keep["keep_macs"] <= 0.8
+    fresh = surgery.apply(unet_net(), type(plan).from_json(plan.to_json()))
+    x, t, y = net.example_inputs(2)
+    with torch.no_grad():
+        assert torch.equal(surgery.apply(copy.deepcopy(net), type(plan).from_json(plan.to_json())).net(x, t, y),
+                           pruned.net(x, t, y))
+    assert sum(p.numel() for p in fresh.net.parameters()) == sum(p.numel() for p in pruned.net.parameters())
+
+
+def test_unet_adaptive_reaches_the_macs_budget_and_replays(data, calib, tmp_path):
+    from bench.finetune import FinetuneConfig, finetune
+    from methods.entpruner import units as U
+
+    net = unet_net()
+    budget = Budget("macs", 0.85)  # about 3 of the 7 operators (a ResNet block ~7 %, an attention ~2 % of the MACs)
+    method = EntPruner(period=2, k_max=1, proxy_batch=8)
+    plan = method.plan(net, budget, calib)
+    assert plan.keep["ops.resnets"] == [0, 1, 2] and 0 < plan.meta["unit_share"] < 0.5  # starts dense
+    dense = surgery.measure(net)
+    net.net.train()
+    cfg = FinetuneConfig(steps=12, batch=8, lr=1e-3, ckpt_every=4, log_every=100)
+    net = finetune(net, data, cfg, tmp_path / "ckpt", seed=0, callback=method.callback(budget, calib), run_dir=tmp_path)
+    keep = surgery.check_budget(dense, surgery.measure(net), budget, unit_share=plan.meta["unit_share"])
+    assert keep["keep_macs"] <= 0.85
+    log = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
+    assert log[0]["kind"] == "operators" and all(d["step"] < 8 for d in log[1:])
+    assert 2 <= sum(len(d["removed"]) for d in log[1:]) < 7 and all(":" in s for d in log[1:] for s in d["removed"])
+    final = replay(tmp_path / LOG_NAME)
+    assert final.granularity == "operator" and U.labels(net) == [s for s in log[0]["start_kept"]
+                                                                  if s not in {r for d in log[1:] for r in d["removed"]}]
+    x, t, y = net.example_inputs(2)
+    rebuilt = surgery.apply(unet_net(), final)
+    assert U.labels(rebuilt) == U.labels(net)
 
 
 # --------------------------------------------------------------------------------------------

@@ -148,7 +148,8 @@ def test_width_and_operator_conformance(name, family, nets, calib):
 
 
 UNET_METHODS = [m for m in OTHER_METHODS if granularity(m) in ("width", "operator")
-                and m not in ("obs_diff", "obs_diff_nocomp")]  # OBS-Diff: DiT/SiT only
+                and m not in ("obs_diff", "obs_diff_nocomp")] + ["entpruner", "entpruner_oneshot"]
+# OBS-Diff: DiT/SiT only; EntPruner on the U-Net: CED over its bypassable operators (card R14)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +172,7 @@ def test_width_methods_on_the_unet(name, unet, calib):
     net = copy.deepcopy(unet)
     dense_cost = surgery.measure(net)
     # LD-Pruner can only bypass shape-preserving ResNet blocks and attentions: less to remove
-    keep = 0.85 if name == "ld_pruner" else 0.6
+    keep = 0.85 if name in ("ld_pruner", "entpruner", "entpruner_oneshot") else 0.6
     budget = Budget("macs", keep)
     plan = load_method(name).plan(net, budget, calib)
     pruned = surgery.apply(copy.deepcopy(unet), plan)

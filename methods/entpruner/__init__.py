@@ -54,15 +54,33 @@ Reconstruction choices [A] (each a keyword argument; default in brackets):
                      block (false: the raw sum). The largest k whose weighted approval
                      sum_p w_p approve_p / sum_p w_p reaches `quorum` is accepted
                      [vote_weights ntk=1, zico=1; quorum=1.0: both must approve, methods.md 1h].
-  R12 forcing        if the remaining decisions (k_max each) could no longer reach the target, the
-                     decision removes what is needed (logged as forced); the last one removes all
-                     that is left. Never past the target (bench.surgery.blocks_to_keep).
+  R12 pace           the least a decision removes whatever the vote says (logged as forced when
+                     it overrides the vote): pace=even [even] an equal share of what is still to
+                     go over this and the remaining decisions (ceil(remaining / decisions left));
+                     pace=latest only what the remaining decisions (k_max each) could no longer
+                     remove. The last decision removes all that is left; never past the target
+                     (bench.surgery.blocks_to_keep; U-Net: the fewest operators, in CED order, whose
+                     measured removal meets the budget). Why even is the default: on the default
+                     suite the NTK condition number of every candidate that drops a block is
+                     1-30 % above that of dropping none, at every decision, so with quorum 1.0 the
+                     vote never passes; under pace=latest the schedule then removes everything at
+                     its last decisions, a late one-shot with the least recovery (it scored far
+                     below one-shot CED in our 80- and 150-step suites). pace=even keeps the
+                     pruning progressive, as the paper's motivation has it, and lets the vote
+                     move removals earlier than the pace.
   R13 weights        CED and proxies on the current (non-EMA) weights, in eval mode.
+  R14 U-Net          the paper's first open question (does CED carry over to U-Nets?): the units
+                     are the U-Net's operators whose skip structure allows a bypass (ResNet blocks
+                     whose input and output shapes agree, residual attention blocks:
+                     methods.entpruner.units; the up path's skip concatenations still carry the
+                     down path's features). CED per operator exactly as for blocks; one-shot
+                     removes the lowest-CED operators until the measured MACs / params meet the
+                     budget (operators differ in cost, so each removal is measured); the adaptive
+                     schedule counts, at every decision, the fewest CED-ordered removals that meet
+                     the budget and paces those. Budgets in blocks are refused on the U-Net.
 Not reproduced: the paper's fine-tune recipe, data and numbers (not available).
-U-Net extension (the paper's first open question): needs the U-Net backbone; until it exists the
-adapter stops with a message on anything without transformer blocks (ced.block_group).
 
-Outputs: plan.scores["blocks"] = CED on the dense model, meta["scores_per_bin"] per noise bin;
+Outputs: plan.scores["blocks"] (U-Net: scores["resnets"], scores["attentions"]) = CED on the dense model, meta["scores_per_bin"] per noise bin;
 the adaptive schedule logs every decision (step, CED, candidates, proxy values, votes, choice) to
 <run_dir>/entpruner_decisions.jsonl; ``replay(path)`` rebuilds the final plan from it; plots in
 methods/plots.py.
@@ -71,10 +89,12 @@ from __future__ import annotations
 
 import torch
 
+from bench import surgery
 from bench.api import BenchError, Budget, Method, Plan
 from bench.surgery import blocks_to_keep, keep_top
+from methods.entpruner import units as U
 from methods.entpruner.ced import CONDITIONS, OUTPUTS, REDUCES, ced_scores
-from methods.entpruner.schedule import LOG_NAME, AdaptiveSchedule, decision_steps, replay
+from methods.entpruner.schedule import LOG_NAME, PACES, AdaptiveSchedule, decision_steps, removal_order, replay
 
 __all__ = ["EntPruner", "replay", "ced_scores", "decision_steps", "LOG_NAME"]
 
@@ -83,7 +103,7 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class EntPruner(Method):
     granularity = "block"
-    version = 1
+    version = 2  # 2: pace (R12), U-Net operators (R14)
     needs_grad = True  # the adaptive schedule's proxies backpropagate; CED itself does not
 
     def __init__(
@@ -105,6 +125,7 @@ class EntPruner(Method):
         period: int = 25,                  # R8: steps between decisions (scaled to 150 fine-tune steps)
         finish_frac: float = 2 / 3,        # R8: all pruning before this fraction of the fine-tune
         k_max: int = 2,                    # R9: most blocks one decision may remove voluntarily
+        pace: str = "even",                # R12: even (equal share per decision) | latest (only when forced)
         proxy_batch: int = 16,             # R10: probes for NTK and ZiCo
         proxy_params: str = "weights",     # R10: weights (Linear/Conv, TE-NAS/ZiCo code) | all
         zico_splits: int = 2,              # R10: ZiCo mini-batches (reference default split_data=2)
@@ -125,6 +146,7 @@ class EntPruner(Method):
         one_of("shrinkage", shrinkage, ("ledoit_wolf", "none"))
         one_of("dtype", dtype, tuple(_DTYPES))
         one_of("proxy_params", proxy_params, ("weights", "all"))
+        one_of("pace", pace, PACES)
         if not (pca in ("auto", "off") or (isinstance(pca, int) and pca >= 1)):
             raise BenchError(f"entpruner pca={pca!r} is unknown; use auto, off or a positive int")
         if period < 1 or k_max < 1 or proxy_batch < 2 or zico_splits < 2 or not 0 < finish_frac <= 1:
@@ -137,7 +159,7 @@ class EntPruner(Method):
         self.estimator, self.shrinkage, self.pca, self.knn_k = estimator, shrinkage, pca, int(knn_k)
         self.eps_floor, self.per_bin, self.sample_steps = float(eps_floor), bool(per_bin), int(sample_steps)
         self.sample_seed, self.batch_size, self.dtype = int(sample_seed), int(batch_size), dtype
-        self.period, self.finish_frac, self.k_max = int(period), float(finish_frac), int(k_max)
+        self.period, self.finish_frac, self.k_max, self.pace = int(period), float(finish_frac), int(k_max), pace
         self.proxy_batch, self.proxy_params, self.zico_splits = int(proxy_batch), proxy_params, int(zico_splits)
         self.zico_accumulate, self.zico_per_layer = bool(zico_accumulate), bool(zico_per_layer)
         self.vote_weights, self.quorum, self.tolerance = weights, float(quorum), float(tolerance)
@@ -146,7 +168,7 @@ class EntPruner(Method):
     def settings(self) -> dict:
         """Every knob, for the plan's meta and the decision log."""
         keys = ("schedule", "outputs", "condition", "reduce", "estimator", "shrinkage", "pca", "knn_k", "eps_floor",
-                "sample_steps", "sample_seed", "dtype", "period", "finish_frac", "k_max", "proxy_batch",
+                "sample_steps", "sample_seed", "dtype", "period", "finish_frac", "k_max", "pace", "proxy_batch",
                 "proxy_params", "zico_splits", "zico_accumulate", "zico_per_layer", "vote_weights", "quorum",
                 "tolerance")
         return {k: getattr(self, k) for k in keys}
@@ -160,17 +182,37 @@ class EntPruner(Method):
                           per_bin=self.per_bin if per_bin is None else per_bin)
 
     def plan(self, net, budget: Budget, calib) -> Plan:
+        kind = U.kind_of(net)
+        if kind == U.OPERATORS and budget.measure == "blocks":
+            raise BenchError("the U-Net has no transformer blocks; give EntPruner's budget in MACs or params "
+                             "(budget.measure=macs)")
         r = self.ced(net, calib)
-        depth = len(r["ced"])
-        n_keep = blocks_to_keep(net, budget)
-        kept = keep_top(r["ced"], n_keep) if self.schedule == "oneshot" else list(range(depth))
-        meta = {"method": "entpruner", "schedule": self.schedule, "calib_n": len(calib), "target_blocks": n_keep,
+        meta = {"method": "entpruner", "schedule": self.schedule, "calib_n": len(calib),
                 "entropy_full": r["H"], "entropy_ablated": r["H_ablated"], "groups": r["groups"], "dim": r["dim"],
                 "ced_seconds": r["seconds"], "settings": self.settings()}
         if r["ced_per_bin"] is not None:
             meta["scores_per_bin"] = r["ced_per_bin"]
-        return Plan(granularity="block", keep={"blocks": kept}, scores={"blocks": [float(c) for c in r["ced"]]},
-                    meta=meta)
+        if kind == U.BLOCKS:
+            depth = len(r["ced"])
+            n_keep = blocks_to_keep(net, budget)
+            kept = keep_top(r["ced"], n_keep) if self.schedule == "oneshot" else list(range(depth))
+            return Plan(granularity="block", keep={"blocks": kept}, scores={"blocks": [float(c) for c in r["ced"]]},
+                        meta={**meta, "target_blocks": n_keep})
+        # the U-Net (R14): bypassable operators, removed lowest CED first until the measured cost fits
+        labels, dense = r["units"], surgery.measure(net)[budget.measure]
+        if self.schedule == "oneshot":
+            order = [labels[i] for i in removal_order(r["ced"])]
+            k = U.needed(net, order, budget, labels, dense, None)
+            kept = [s for s in labels if s not in set(order[:k])]
+            before = U.frac_without(net, order[:k - 1], labels, budget, dense) if k else 1.0
+            share = before - U.frac_without(net, order[:k], labels, budget, dense)
+            meta["removed"] = order[:k]
+        else:
+            kept, share = labels, U.largest_share(net, budget, dense)
+        plan = U.plan_for(U.OPERATORS, kept, labels, {**meta, "unit_share": share + 1e-6, "units": labels})
+        groups = sorted({s.split(":")[0] for s in labels})
+        plan.scores = {g: [float(c) for s, c in zip(labels, r["ced"]) if s.split(":")[0] == g] for g in groups}
+        return plan
 
     def callback(self, budget: Budget, calib):
         return AdaptiveSchedule(self, budget, calib) if self.schedule == "adaptive" else None

@@ -1,4 +1,5 @@
-"""Conditional Entropy Deviation (CED) of every block: CED_i = |H - H_-i| (EntPruner, arXiv 2511.21122).
+"""Conditional Entropy Deviation (CED) of every bypassable unit (DiT/SiT blocks; U-Net ResNet blocks and
+attentions, methods.entpruner.units): CED_i = |H - H_-i| (EntPruner, arXiv 2511.21122).
 
 H is the entropy of the model's output distribution on the fixed calibration probes, conditional on
 the class label: H = sum_y p(y) H(out | y) over the probe classes (or pooled over all probes);
@@ -14,6 +15,7 @@ import time
 import torch
 
 from bench.api import BenchError
+from methods.entpruner import units as U
 from methods.entpruner.entropy import entropy, pca_basis
 
 OUTPUTS = ("prediction", "samples")
@@ -24,17 +26,6 @@ REDUCES = ("entropy", "per_group_abs")
 def eval_mode(net):
     """Score in eval mode, then restore the given mode (Denoiser.eval_mode)."""
     return net.eval_mode()
-
-
-def block_group(net) -> str:
-    """The unit group whose members can be bypassed one at a time. Transformers (DiT/SiT) only, for
-    now: the U-Net extension (CED over U-Net blocks whose skip structure allows bypassing) needs the
-    U-Net backbone, which does not exist yet."""
-    units = net.units("block")
-    if "blocks" not in units or not hasattr(net.net, "blocks"):
-        raise BenchError(f"EntPruner needs a transformer backbone (DiT/SiT blocks); {net.name} has units "
-                         f"{sorted(units)}. CED over U-Net blocks arrives with the U-Net backbone")
-    return "blocks"
 
 
 @torch.no_grad()
@@ -137,16 +128,17 @@ def ced_scores(net, calib, *, outputs: str = "prediction", condition: str = "cla
                estimator: str = "gaussian", shrinkage: str = "ledoit_wolf", pca="auto", knn_k: int = 3,
                eps_floor: float = 1e-8, batch_size: int = 64, amp_dtype=None, sample_steps: int = 10,
                sample_seed: int = 0, per_bin: bool = True) -> dict:
-    """CED of every block of the current model (current positions). Returns a JSON-able dict:
-    ced (depth,), ced_per_bin (bins x depth, prediction outputs only), H (full model), H_ablated
-    (depth,), groups (count), seconds."""
+    """CED of every bypassable unit of the current model (transformer blocks, or the U-Net's
+    ResNet blocks and attentions: methods.entpruner.units), in the order of ``units.labels(net)``.
+    Returns a JSON-able dict: ced (units,), units (their labels), ced_per_bin (bins x units,
+    prediction outputs only), H (full model), H_ablated (units,), groups (count), seconds."""
     if condition not in CONDITIONS:
         raise BenchError(f"condition={condition!r} is unknown; use one of {CONDITIONS}")
     if reduce not in REDUCES:
         raise BenchError(f"reduce={reduce!r} is unknown; use one of {REDUCES}")
-    group = block_group(net)
+    labels = U.labels(net)  # raises for a model with nothing to bypass
     t0 = time.perf_counter()
-    depth = net.units("block")[group]
+    depth = len(labels)
     est = {"estimator": estimator, "shrinkage": shrinkage, "knn_k": int(knn_k)}
     min_n = max(2, int(knn_k) + 1 if estimator == "knn" else 2)
     kw = dict(outputs=outputs, batch_size=batch_size, amp_dtype=amp_dtype, sample_steps=sample_steps,
@@ -164,7 +156,7 @@ def ced_scores(net, calib, *, outputs: str = "prediction", condition: str = "cla
                 else [] for k in range(calib.bins)]
     ced, h_abl, ced_bin = [], [], [[0.0] * depth for _ in bins]
     for i in range(depth):
-        with net.ablate(group, [i]):
+        with U.ablate(net, [i]):
             out = model_outputs(net, calib, **kw)
         h_full, h_i, c = _combine(groups, [g.h_of(out) for g in groups], reduce)
         ced.append(c)
@@ -174,6 +166,6 @@ def ced_scores(net, calib, *, outputs: str = "prediction", condition: str = "cla
                 ced_bin[k][i] = _combine(gs, [g.h_of(out) for g in gs], reduce)[2]
     if not all(map(lambda v: v == v and abs(v) != float("inf"), ced)):
         raise BenchError("CED is not finite; use estimator=diagonal or a larger eps_floor")
-    return {"ced": ced, "ced_per_bin": ced_bin if bins else None, "H": h_full, "H_ablated": h_abl,
+    return {"ced": ced, "units": labels, "ced_per_bin": ced_bin if bins else None, "H": h_full, "H_ablated": h_abl,
             "groups": len(groups), "probes": len(calib), "dim": int(ref.shape[1]),
             "seconds": round(time.perf_counter() - t0, 4)}

@@ -1,10 +1,12 @@
 """EntPruner's adaptive progressive schedule as a fine-tune callback, its decision log and replay.
 
-Every decision step: CED of the current model's blocks -> candidates that drop the k lowest-CED
-blocks (k = 0..k_max) -> NTK condition number and ZiCo of each candidate on a fixed proxy batch ->
-weighted approval vote -> remove the accepted blocks (never past the target; forced when the
-remaining decisions could no longer reach it). Each decision is one JSON line in
-``<run_dir>/entpruner_decisions.jsonl``; ``replay(path)`` rebuilds the final plan from it.
+Every decision step: CED of the current model's units (transformer blocks, or the U-Net's
+bypassable operators: methods.entpruner.units) -> candidates that drop the k lowest-CED units
+(k = 0..k_max) -> NTK condition number and ZiCo of each candidate on a fixed proxy batch ->
+weighted approval vote -> remove the accepted units, at least the pace's share of what is left
+(never past the target). Each decision is one JSON line in ``<run_dir>/entpruner_decisions.jsonl``;
+``replay(path)`` re-derives every decision from the logged CED and proxy values and rebuilds the
+final plan from it.
 """
 from __future__ import annotations
 
@@ -15,12 +17,26 @@ from pathlib import Path
 
 from bench.api import BenchError, Budget, Plan
 from bench.results import atomic_write_text
-from bench.surgery import blocks_to_keep
+from bench.surgery import blocks_to_keep, measure
 from methods import proxies
+from methods.entpruner import units as U
 from methods.entpruner.ced import eval_mode
 
 LOG_NAME = "entpruner_decisions.jsonl"
 PROXIES = ("ntk", "zico")
+PACES = ("even", "latest")
+
+
+def min_removals(pace: str, remaining: int, left_after: int, k_max: int) -> int:
+    """What this decision must remove whatever the vote says (R12). even: an equal share of what is
+    left over this and the remaining decisions, so pruning stays progressive when the proxies
+    never approve; latest: only what the remaining decisions (k_max each) could no longer remove
+    (a vote that never passes then prunes everything at the last decisions, a late one-shot)."""
+    if pace == "even":
+        return math.ceil(remaining / (left_after + 1))
+    if pace == "latest":
+        return max(0, remaining - k_max * left_after)
+    raise BenchError(f"entpruner pace={pace!r} is unknown; use one of {', '.join(PACES)}")
 
 
 def decision_steps(total_steps: int, period: int, finish_frac: float, removals: int, k_max: int) -> list[int]:
@@ -65,7 +81,8 @@ class AdaptiveSchedule:
     def __init__(self, method, budget: Budget, calib):
         self.m, self.budget, self.calib = method, budget, calib
         self.run_dir = None
-        self.state = {"target": None, "total_steps": None, "steps": [], "start_kept": None, "history": []}
+        self.state = {"target": None, "total_steps": None, "steps": [], "start_kept": None, "history": [],
+                      "kind": None, "dense": None}
 
     # ---- TrainCallback --------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -80,20 +97,25 @@ class AdaptiveSchedule:
                              "use method=entpruner_oneshot for a run without fine-tuning")
         st = self.state
         if st["target"] is None:  # fresh start: the plan kept the dense model
-            kept = list(net.kept_blocks)
-            if kept != list(range(len(kept))):
+            kind = U.kind_of(net)
+            kept = U.labels(net)
+            if kind == U.BLOCKS and kept != list(range(len(kept))):
                 raise BenchError(f"adaptive EntPruner starts from the dense model, got blocks {kept}")
-            st["target"] = blocks_to_keep(net, self.budget)
-            st["total_steps"] = int(total_steps)
-            st["start_kept"] = kept
-            st["steps"] = decision_steps(total_steps, self.m.period, self.m.finish_frac,
-                                         len(kept) - st["target"], self.m.k_max)
-        elif list(net.kept_blocks) != self.kept_now():
-            raise BenchError(f"resumed model has blocks {net.kept_blocks}, the schedule's state says "
+            st["kind"], st["start_kept"], st["total_steps"] = kind, kept, int(total_steps)
+            st["dense"] = measure(net)[self.budget.measure]
+            if kind == U.BLOCKS:
+                st["target"] = blocks_to_keep(net, self.budget)
+                removals = len(kept) - st["target"]
+            else:  # operators differ in cost: the target is the measured budget; plan the decisions
+                st["target"] = {self.budget.measure: self.budget.keep}  # for the count of a CED-order removal
+                removals = U.needed(net, kept, self.budget, kept, st["dense"], None)
+            st["steps"] = decision_steps(total_steps, self.m.period, self.m.finish_frac, removals, self.m.k_max)
+        elif U.labels(net) != self.kept_now():
+            raise BenchError(f"resumed model has units {U.labels(net)}, the schedule's state says "
                              f"{self.kept_now()}; delete the run's fine-tune checkpoint and rerun")
         self.run_dir = Path(run_dir) if run_dir else None
         if self.run_dir is not None:  # (re)write the log from the state: a resumed run drops what it redoes
-            head = {"event": "start", "target": st["target"], "start_kept": st["start_kept"],
+            head = {"event": "start", "kind": st["kind"], "target": st["target"], "start_kept": st["start_kept"],
                     "total_steps": st["total_steps"], "decision_steps": st["steps"],
                     "budget": {"measure": self.budget.measure, "keep": self.budget.keep}, "settings": self.m.settings()}
             lines = [head] + st["history"]
@@ -103,38 +125,42 @@ class AdaptiveSchedule:
         st = self.state
         if step not in st["steps"] or any(h["step"] == step for h in st["history"]):
             return None
-        remaining = len(net.kept_blocks) - st["target"]
-        if remaining <= 0:
+        kind = st.get("kind") or U.BLOCKS
+        if kind == U.BLOCKS and len(net.kept_blocks) <= st["target"]:
             return None
-        rec = self.decide(step, net, remaining, loss)
+        if kind == U.OPERATORS and measure(net)[self.budget.measure] / st["dense"] <= self.budget.keep + 1e-9:
+            return None
+        rec = self.decide(step, net, loss)
         st["history"].append(rec)
         if self.run_dir is not None:
             with open(self.run_dir / LOG_NAME, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if not rec["removed"]:
             return None
-        return Plan(granularity="block", keep={"blocks": rec["kept_after"]},
-                    meta={"method": "entpruner", "step": step, "removed": rec["removed"]})
+        return U.plan_for(kind, rec["kept_after"], st["start_kept"],
+                          {"method": "entpruner", "step": step, "removed": rec["removed"]})
 
     # ---- one decision ----------------------------------------------------------------------
     def kept_now(self) -> list[int]:
         st = self.state
         return st["history"][-1]["kept_after"] if st["history"] else list(st["start_kept"])
 
-    def decide(self, step: int, net, remaining: int, loss: float) -> dict:
+    def decide(self, step: int, net, loss: float) -> dict:
         t0 = time.perf_counter()
         m, st = self.m, self.state
-        kept = list(net.kept_blocks)
+        kept = U.labels(net)
         ced = m.ced(net, self.calib)
         order = removal_order(ced["ced"])
+        remaining = U.needed(net, [kept[i] for i in order], self.budget, st["start_kept"], st["dense"],
+                             st["target"])                          # fewest removals (CED order) that meet the budget
         left_after = sum(1 for s in st["steps"] if s > step)
-        k_min = max(0, remaining - m.k_max * left_after)          # what must go now to still reach the target
+        k_min = min(remaining, min_removals(m.pace, remaining, left_after, m.k_max))  # R12
         k_top = min(remaining, max(m.k_max, k_min))                # never past the target
         cands = []
         with eval_mode(net):
             for k in range(k_top + 1):
                 drop = sorted(order[:k])
-                with net.ablate("blocks", drop):
+                with U.ablate(net, drop):
                     ntk, zico, layers = self.proxies(net)
                 cands.append({"k": k, "remove": [kept[i] for i in drop], "ntk_cond": ntk, "zico": zico,
                               "zico_layers": layers,
@@ -142,10 +168,11 @@ class AdaptiveSchedule:
                                            "zico": zico / max(layers, 1) if m.zico_per_layer else zico}})
         voted = vote(cands, m.vote_weights, m.quorum, m.tolerance)
         chosen = max(voted, k_min)
-        removed = sorted(kept[i] for i in order[:chosen])
+        removed = [kept[i] for i in sorted(order[:chosen])]
         return {"event": "decision", "step": step, "loss": round(float(loss), 6), "kept_before": kept,
                 "ced": ced["ced"], "ced_per_bin": ced["ced_per_bin"], "order": [kept[i] for i in order],
-                "remaining": remaining, "k_min": k_min, "candidates": cands, "voted_k": voted, "chosen_k": chosen,
+                "remaining": remaining, "left_after": left_after, "k_min": k_min, "candidates": cands,
+                "voted_k": voted, "chosen_k": chosen,
                 "forced": chosen > voted, "removed": removed, "kept_after": [b for b in kept if b not in removed],
                 "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -161,9 +188,12 @@ class AdaptiveSchedule:
         return ntk, zico, layers
 
 
-def replay(decisions_path) -> Plan:
-    """The final block plan recorded in a decision log: the start structure minus every decision's
-    removals, in order. A decision logged again after a resume supersedes the one it redoes."""
+def replay(decisions_path, verify: bool = True) -> Plan:
+    """The final plan recorded in a decision log: the start structure minus every decision's
+    removals, in order. A decision logged again after a resume supersedes the one it redoes.
+    verify: re-derive every decision from its logged values with the logged settings (removal
+    order from the CED, the vote from the candidates' proxy values, the pace's minimum) and
+    raise if the logged choice or removals differ."""
     p = Path(decisions_path)
     if not p.is_file():
         raise BenchError(f"no EntPruner decision log at {p}")
@@ -178,11 +208,34 @@ def replay(decisions_path) -> Plan:
             decisions = [d for d in decisions if d["step"] < r["step"]] + [r]
     if start is None:
         raise BenchError(f"{p} has no start record; it is not an EntPruner decision log")
+    kind = start.get("kind", U.BLOCKS)
     kept = list(start["start_kept"])
     for d in decisions:
         if d["kept_before"] != kept:
             raise BenchError(f"{p}: decision at step {d['step']} starts from {d['kept_before']}, replay has {kept}")
+        if verify:
+            _verify(p, d, start["settings"])
         kept = [b for b in kept if b not in set(d["removed"])]
-    return Plan(granularity="block", keep={"blocks": kept},
-                meta={"method": "entpruner", "replayed_from": str(p), "decisions": len(decisions),
-                      "target": start["target"]})
+    return U.plan_for(kind, kept, start["start_kept"],
+                      {"method": "entpruner", "replayed_from": str(p), "decisions": len(decisions),
+                       "target": start["target"]})
+
+
+def _verify(p: Path, d: dict, settings: dict) -> None:
+    order = removal_order(d["ced"])
+    if [d["kept_before"][i] for i in order] != d["order"]:
+        raise BenchError(f"{p}: step {d['step']}: the logged removal order does not follow the logged CED")
+    cands = [{"k": c["k"], "goodness": c["goodness"]} for c in d["candidates"]]
+    voted = vote(cands, settings["vote_weights"], settings["quorum"], settings["tolerance"])
+    k_min = d["remaining"]
+    if "left_after" in d:  # logs of version 1 did not record it
+        k_min = min(d["remaining"], min_removals(settings.get("pace", "latest"), d["remaining"], d["left_after"],
+                                                 settings["k_max"]))
+        if k_min != d["k_min"]:
+            raise BenchError(f"{p}: step {d['step']}: k_min {d['k_min']} does not follow the pace rule ({k_min})")
+    chosen = max(voted, d["k_min"])
+    removed = [d["kept_before"][i] for i in sorted(order[:chosen])]
+    if voted != d["voted_k"] or chosen != d["chosen_k"] or removed != d["removed"]:
+        raise BenchError(f"{p}: step {d['step']}: the logged choice (voted {d['voted_k']}, chose {d['chosen_k']}, "
+                         f"removed {d['removed']}) does not follow from the logged values (voted {voted}, "
+                         f"chose {chosen}, removed {removed})")
