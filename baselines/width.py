@@ -4,7 +4,10 @@ Units are attention heads and MLP hidden channels of DiT/SiT, and coupled conv c
 heads) of the U-Net: ``bench.width.WidthGroup``. Every method here scores each unit, then
 ``bench.surgery.width_plan`` keeps the same fraction of every group (Torch-Pruning's local,
 ``global_pruning=False`` allocation that Diff-Pruning uses, methods.md section 2a) with the
-fraction found by measuring the pruned model against the budget (MACs or params).
+fraction found by measuring the pruned model against the budget (MACs or params); coarse U-Net
+groups (GroupNorm-tied, 4-8 units) round as Torch-Pruning does and are topped up unit by unit.
+The counts depend on the architecture and budget only, so every width method at one budget
+prunes to the same per-group counts (only the choice of units differs).
 
 * **Magnitude, L1** (Li et al. 2017, arXiv 1608.08710, Sec. 3.1; OBS-Diff's "L1-norm" baseline):
   I_u = sum over every coupled slice of |theta|.

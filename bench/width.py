@@ -10,6 +10,14 @@ backbones:
 
     unit j of group g owns  param.index_select(dim, idx[j])  for every (param, dim, idx) member
 
+How many units a group keeps is ``bench.surgery.width_plan``'s allocation (one fraction for every
+group, Torch-Pruning's local pruning, found by measuring). Groups differ in granularity: a DiT MLP
+has hundreds of channels, an attention a few heads, and a U-Net conv only C / num_groups units (a
+unit takes one channel from every GroupNorm group, so a 128-channel conv with 32 groups has 4).
+Coarse channel groups (fewer than ``surgery.COARSE_UNITS``) round their pruned count down, as
+Torch-Pruning does for GroupNorm-coupled groups, and get whole units back one group at a time up to
+the budget; rounding their kept count down made them all jump together and miss a budget by far.
+
 Plans speak *dense* unit ids (``WidthGroup.dense_ids``) so a plan replays on a fresh dense model.
 Plan keys: ``blocks.<dense block>.attn.heads`` and ``blocks.<dense block>.mlp.hidden`` for DiT/SiT;
 the U-Net names its groups after the root module (``<module path>.channels`` / ``.heads``).

@@ -12,7 +12,8 @@ Algorithm (paper Sec. 3.2, Eq. 7-8; methods.md section 2b):
     units go (group-local ratio, Torch-Pruning global_pruning=False), then fine-tune.
 
 Both score variants of the official code (config switch ``score``, since the choice can change
-rankings and the paper's numbers came from the second):
+rankings and the paper's numbers came from the second: the README's CIFAR-10 table is the
+``ddpm_exp`` DDIM codebase, FID 5.29 with quadratic skips; ``diff_pruning_paper`` uses it):
 
 * ``abs_mean`` — root ``ddpm_prune.py`` with pip torch_pruning ``TaylorImportance(multivariable=
   False)``: I_c = norm_mean( mean over coupled layers of sum_{k in c} |theta_k G_k| ).
@@ -27,6 +28,18 @@ digits decays slowly with t, so the truncation lands late and the scan must stay
 ``batch`` = 64 of the shared calibration probes (paper: 128 CIFAR training images).
 Conditional models are scored with their labels (no label dropout). Flow models use the velocity
 loss on the same u grid (an extension: the paper is DDPM-only).
+Allocation (how many units each group keeps): Torch-Pruning's local pruning with one ratio for
+every group, as ``bench.surgery.width_plan`` does for all width methods, with the ratio found by
+measuring the pruned model against the budget. Its rounding follows Torch-Pruning: a
+GroupNorm-coupled U-Net group (a 128-channel conv with 32 norm groups has only 4 units, one channel
+of every norm group each) rounds its *pruned* count down (ratio 0.3: 3 of 4 and 6 of 8 units kept),
+then whole units are added back, least-kept group first, while the measured cost stays within the
+budget. Rounding the kept count down (this suite's first version) made all coarse groups drop
+together (3/4 -> 2/4, 6/8 -> 5/8) and the CIFAR-10 experiment's budget fell from 0.557 to 0.357.
+The CIFAR-10 experiment (``experiment=diffpruning_cifar10``) gives its budget in params, 0.5554 =
+19.85M / 35.75M: the allocation then lands on exactly the paper's ratio-0.3 model; the paper's MAC
+ratio (3.4G / 6.1G = 0.557) is Torch-Pruning's counter without attention's matmuls, and this
+suite measures that model at 0.563 of its MACs. Fine-tune dropout 0.1 as the paper.
 KD fine-tuning (0.7 teacher-output MSE + 0.3 noise MSE, ``*_kd.sh``) is the shared loop's
 ``finetune.distill=0.7`` (a command-line override, so every method can be given the same KD).
 """
