@@ -2,9 +2,11 @@
 # The suite in one command.
 #   ./run_all.sh              install what is missing, run the embedded default suite, write tables + plots
 #   ./run_all.sh test [ARGS]  install what is missing, run the test suite (ARGS go to pytest)
-#   ./run_all.sh [OVERRIDES]  extra hydra overrides go to every run, e.g. ./run_all.sh device=cuda
+#   ./run_all.sh [OVERRIDES]  extra hydra overrides go to every run, e.g. ./run_all.sh device=cuda eval=inception
 # Environment: BENCH_PYTHON (use this interpreter, install nothing), BENCH_RESULTS (rows folder),
-# BENCH_REPORT (report name), BENCH_JOBS (parallel sweep workers; default 2 on CPU).
+# BENCH_REPORT (report name), BENCH_JOBS (parallel sweep workers on the CPU; default 2),
+# BENCH_DEVICE=cuda (run on the GPU when one is visible, as if device=cuda were given),
+# BENCH_DENSE_EVAL (the dense row's extra eval overrides; default below).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${BENCH_VENV:-.venv}
@@ -43,15 +45,34 @@ fi
 export PYTHONUNBUFFERED=1
 RESULTS=${BENCH_RESULTS:-results/runs}
 NAME=${BENCH_REPORT:-default}
-JOBS=${BENCH_JOBS:-2}
+# On a GPU (device=cuda among the overrides, or BENCH_DEVICE=cuda and a CUDA device visible) the
+# suite runs in one phase, in order, and every row gets the same eval (the caller's); so does a
+# CPU suite whose caller chose an eval group (eval=...).
+gpu=0; user_eval=0
+for a in "$@"; do
+  case "$a" in device=cuda*) gpu=1 ;; eval=*) user_eval=1 ;; esac
+done
+if [ "$gpu" = 0 ] && [ "${BENCH_DEVICE:-}" = cuda ]; then
+  if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    gpu=1; set -- device=cuda "$@"
+  else
+    echo "[run_all] BENCH_DEVICE=cuda but no CUDA device is visible: running on the CPU" >&2
+  fi
+fi
+if [ "$gpu" = 1 ]; then JOBS=1; else JOBS=${BENCH_JOBS:-2}; fi
 start=$(date +%s)
 run() { "$PY" -m bench.run "$@" "paths.results=$RESULTS"; }
 
 # 1. dense: trains (or finds) the teacher and the scoring classifier, which every later run reuses.
 #    On a CPU the Inception features cost ~3 min per 1,000 images, so only the dense row gets
 #    Inception FID/KID (100 samples against the 359 held-out test digits); the table says so.
-#    BENCH_DENSE_EVAL="" turns that off (the GPU suite passes eval=inception to every run instead).
-DENSE_EVAL=${BENCH_DENSE_EVAL-eval=inception eval.inception.n=100 eval.inception.ref_split=test}
+#    BENCH_DENSE_EVAL="" turns that off. On a GPU, or with the caller's eval=..., there is no such
+#    override: ./run_all.sh device=cuda eval=inception gives every row the same Inception protocol.
+if [ "$gpu" = 1 ] || [ "$user_eval" = 1 ]; then
+  DENSE_EVAL=${BENCH_DENSE_EVAL-}
+else
+  DENSE_EVAL=${BENCH_DENSE_EVAL-eval=inception eval.inception.n=100 eval.inception.ref_split=test}
+fi
 # shellcheck disable=SC2086  # DENSE_EVAL is a list of overrides
 run method=dense budget.keep=1.0 $DENSE_EVAL "$@"
 
@@ -59,7 +80,7 @@ run method=dense budget.keep=1.0 $DENSE_EVAL "$@"
 #    CPU two single-threaded workers do ~1.8x the work of one two-threaded process on these small
 #    models. Phase B then re-runs the same sweeps alone: every finished stage is skipped and only
 #    scoring and latency run, so timings are never taken while another worker loads the CPU.
-#    On a GPU use BENCH_JOBS=1 (one phase, in order).
+#    On a GPU there is one phase, in order (JOBS=1 above).
 sweep() {  # $1 = budget.keep, then overrides
   local e
   for e in default_suite default_suite_random default_suite_width default_suite_width_random; do

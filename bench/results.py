@@ -142,13 +142,15 @@ class Row:
     fid_ref: str = ""
     fid_weights: str = ""
     fid_weights_sha256: str = ""
+    latency_reps: int = 0      # timed calls behind latency_ms (>= 20 unless eval.latency.allow_few); 0: older row
+    warnings: list[str] = field(default_factory=list)  # protocol caveats, e.g. Inception n < 10k (also in log.jsonl)
     git_sha: str = "unknown"
     git_dirty: bool = False
     date: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     wall_s: dict[str, float] = field(default_factory=dict)   # per stage: teacher, plan, finetune, sample, score
     device_hours: float = 0.0  # sum(wall_s) x n_devices / 3600 (wall_s["earlier_attempts"]: killed, requeued, stop_after)
-    n_devices: int = 1         # devices the run held (a run uses one: cfg.device)
+    n_devices: int = 1         # devices held: 1 (a run uses cfg.device), or a SLURM job's allocated GPUs
     job_id: str = ""           # scheduler job that wrote the row (SLURM "<array>_<task>"), "" in process
     # stage-wise (routed) models only: per timestep stage, in stage order (u ascending); the row's
     # latency_ms / macs_G / keep_* are their means weighted by stage_weights (share of sampler NFEs)
@@ -174,10 +176,13 @@ def write_row(row: Row, run_dir: Path) -> Path:
 ERROR_FILE = "error.json"  # a run that started and raised: listed by the report as failed; a rerun retries it
 
 
-def write_failure(cfg: dict, err: BaseException) -> Path | None:
+def write_failure(cfg: dict, err: BaseException, wall_s: dict[str, float] | None = None,
+                  n_devices: int = 1) -> Path | None:
     """Record why a started run failed (<run dir>/error.json, atomically) so that a sweep's report
-    lists it beside the runs that finished. Bad input refused before the run directory exists
-    leaves nothing; a run killed from outside (SIGKILL, scancel) leaves nothing either and resumes."""
+    lists it beside the runs that finished, and what it cost: wall_s per stage (bench.run passes
+    the finished stages and `unfinished`; earlier attempts are added from log.jsonl), device_hours
+    = sum(wall_s) x n_devices / 3600. Bad input refused before the run directory exists leaves
+    nothing; a run killed from outside (SIGKILL, scancel) leaves nothing either and resumes."""
     import traceback
     from datetime import datetime, timezone
 
@@ -189,11 +194,16 @@ def write_failure(cfg: dict, err: BaseException) -> Path | None:
         return None
     b = cfg["budget"]
     sha, dirty = git_info()
+    wall = dict(wall_s or {})
+    if "earlier_attempts" not in wall and (earlier := earlier_attempts_wall_s(run_dir)):
+        wall["earlier_attempts"] = earlier
     rec = {"run": run_relpath(cfg), "config_sha": config_hash(cfg)[:16], "model": cfg["model"]["name"],
            "dataset": cfg["data"]["name"], "method": cfg["method_name"], "budget_measure": b["measure"],
            "budget_keep": float(b["keep"]), "seed": cfg["seed"], "status": "failed",
            "error": f"{type(err).__name__}: {err}", "traceback": "".join(traceback.format_exception(err, limit=-8)),
            "job_id": scheduler_job_id(), "git_sha": sha, "git_dirty": dirty, "schema": SCHEMA,
+           "wall_s": {k: round(float(v), 3) for k, v in wall.items()},
+           "device_hours": sum(wall.values()) * n_devices / 3600, "n_devices": int(n_devices),
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     path = run_dir / ERROR_FILE
     atomic_write_text(path, json.dumps(rec, indent=1, sort_keys=True, default=str))
@@ -206,6 +216,25 @@ def scheduler_job_id() -> str:
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
         return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     return env.get("SLURM_JOB_ID", "")
+
+
+def devices_held(device: str) -> int:
+    """Devices a run holds, for device_hours: 1 on the CPU; on CUDA the run uses one device
+    (cfg.device: "cuda" or "cuda:<i>"), but inside a SLURM job it holds what the job was allocated
+    on its node (SLURM_GPUS_ON_NODE, else the ids in SLURM_JOB_GPUS / SLURM_STEP_GPUS), so that is
+    what it costs; 1 when SLURM says nothing."""
+    if not str(device).startswith("cuda"):
+        return 1
+    env = os.environ
+    if env.get("SLURM_JOB_ID"):
+        n = env.get("SLURM_GPUS_ON_NODE", "").strip()
+        if n.isdigit() and int(n) > 0:
+            return int(n)
+        for key in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+            ids = [x for x in env.get(key, "").split(",") if x.strip()]
+            if ids:
+                return len(ids)
+    return 1
 
 
 def earlier_attempts_wall_s(run_dir: Path) -> float:

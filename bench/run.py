@@ -20,9 +20,9 @@ import torch
 from bench import surgery
 from bench.api import BenchError, Budget, Method, Plan
 from bench.launch import file_lock, guard_requeue_signal
-from bench.metrics.cost import device_name
+from bench.metrics.cost import MIN_REPS, device_name
 from bench.results import Row, append_log, atomic_torch_save, atomic_write_text, config_hash, git_info, \
-    earlier_attempts_wall_s, library_versions, run_relpath, scheduler_job_id, write_failure, write_row
+    devices_held, earlier_attempts_wall_s, library_versions, run_relpath, scheduler_job_id, write_failure, write_row
 
 
 def _log(msg: str):
@@ -37,7 +37,50 @@ def validate(cfg: dict) -> Budget:
         raise BenchError("device=cuda but no CUDA device is visible; use device=cpu")
     if cfg["eval"]["n"] < 1 or cfg["finetune"]["steps"] < 0:
         raise BenchError("eval.n must be >= 1 and finetune.steps >= 0")
+    if cfg["calib"]["n"] < 1 or cfg["calib"]["bins"] < 1:
+        raise BenchError(f"calib.n={cfg['calib']['n']}, calib.bins={cfg['calib']['bins']}: the calibration set needs "
+                         ">= 1 probe in >= 1 noise bin (defaults 256 and 8)")
+    lat = cfg["eval"]["latency"]
+    if lat["reps"] < MIN_REPS and not lat.get("allow_few"):
+        raise BenchError(f"eval.latency.reps={lat['reps']} < {MIN_REPS}: the latency protocol times at least "
+                         f"{MIN_REPS} calls; raise it, or set eval.latency.allow_few=true for a smoke run "
+                         "(the row records latency_reps)")
     return budget
+
+
+def check_inputs(cfg: dict, budget: Budget, method: Method):
+    """Bad data and infeasible budgets stop here, before the run directory exists: the data set is
+    built (a missing/empty folder, an unreadable image, a broken latent cache raise), its shape and
+    classes must fit the model, and a block method's budget must leave at least one block (measured
+    on the architecture, no weights loaded). Returns the data set."""
+    from bench.models import build
+
+    data = load_data(cfg)
+    spec = {**cfg["model"], "ckpt": None}
+
+    def arch_and_budget():
+        arch = build(**spec)
+        if type(method).granularity == "block" and len(getattr(arch.net, "blocks", ())):
+            surgery.blocks_to_keep(arch, budget)  # raises when even one block exceeds the budget
+        return arch
+
+    with torch.random.fork_rng(devices=[]):  # building the architecture must not move the run's RNG
+        try:  # shapes only: the meta device costs no memory or init time (DiT-XL/2 in < 1 s)
+            with torch.device("meta"):
+                arch = arch_and_budget()
+        except BenchError:
+            raise
+        except Exception:  # an op without a meta kernel: a real, randomly initialised copy
+            arch = arch_and_budget()
+    want = tuple(arch.example_inputs(1, "cpu")[0].shape[1:])
+    if tuple(data.shape) != want:
+        raise BenchError(f"data {data.name!r} gives {tuple(data.shape)} inputs but model {cfg['model']['name']} takes "
+                         f"{want} (in_channels, input_size, input_size); set model.in_channels / model.input_size "
+                         "or data.image_size to match (latents: the VAE's channels and resolution / 8)")
+    if arch.num_classes and data.num_classes > arch.num_classes:  # 0: an unconditional model ignores labels
+        raise BenchError(f"data {data.name!r} has {data.num_classes} classes but model.num_classes="
+                         f"{arch.num_classes}; set model.num_classes={data.num_classes}")
+    return data
 
 
 def _progress(cfg):
@@ -104,21 +147,23 @@ def make_method(cfg: dict) -> Method:
 
 def cost(net, cfg: dict, device: str) -> dict:
     """Measured params, MACs, and forward latency through the shared harness (warm-up, median of
-    >= 20 timed calls, CUDA events on a GPU, random inputs) in the configured mode and dtype."""
+    >= 20 timed calls, CUDA events on a GPU, random inputs) in the configured mode and dtype.
+    Fewer than 20 only with eval.latency.allow_few=true (tests; validate() refuses it otherwise)."""
     from bench.metrics.cost import benchmark_forward, random_inputs
 
     lat = cfg["eval"]["latency"]
+    few = bool(lat.get("allow_few"))
     m = surgery.measure(net)
     net.net.eval()
     if m.get("stage_weights"):  # routed (stage-wise) model: one latency per stage, t inside the stage;
         from bench.routing import stage_latency  # latency_ms = their mean weighted by the stages' NFE shares
         r = stage_latency(net, lat["batch"], device, lat.get("mode", "eager"), lat["dtype"], warmup=lat["warmup"],
-                          reps=lat["reps"], allow_few=lat["reps"] < 20)
+                          reps=lat["reps"], allow_few=few)
         return {**m, "latency_ms": r["median_ms"], "latency_iqr_ms": r["iqr_ms"],
                 "throughput_img_s": r["throughput_img_s"], "peak_mem_MB": r["peak_mem_MB"], "mode": r["mode"],
                 "stage_latency_ms": [x["median_ms"] for x in r["records"]]}
     r = benchmark_forward(net.net, random_inputs(net, lat["batch"], device), device, lat.get("mode", "eager"),
-                          lat["dtype"], warmup=lat["warmup"], reps=lat["reps"], allow_few=lat["reps"] < 20)
+                          lat["dtype"], warmup=lat["warmup"], reps=lat["reps"], allow_few=few)
     return {**m, "latency_ms": r["median_ms"], "latency_iqr_ms": r["iqr_ms"], "throughput_img_s": r["throughput_img_s"],
             "peak_mem_MB": r["peak_mem_MB"], "mode": r["mode"]}
 
@@ -150,15 +195,21 @@ def teacher_reference_samples(net, cfg: dict, sampler: str, device: str):
 def execute(cfg: dict) -> Row | None:
     """Run (or resume) one configuration and return its row. `cfg` is the resolved config dict
     with `method_name` set to the method's config-file name. A run that raises after its directory
-    exists leaves error.json there (the report lists it as failed; running it again retries)."""
+    exists leaves error.json there (the report lists it as failed; running it again retries), with
+    what it cost: wall_s of the finished stages, `unfinished` (the rest of the time up to the
+    failure, mostly the stage that raised) and device_hours."""
+    wall: dict[str, float] = {}
+    t_start = time.time()
     try:
-        return _spine(cfg)
+        return _spine(cfg, wall)
     except Exception as e:  # not BaseException: a requeue (SystemExit) or a kill is no failure
-        write_failure(cfg, e)
+        done = sum(v for k, v in wall.items() if k != "earlier_attempts")
+        spent = {**wall, "unfinished": max(0.0, time.time() - t_start - done)}
+        write_failure(cfg, e, wall_s=spent, n_devices=devices_held(str(cfg.get("device", "cpu"))))
         raise
 
 
-def _spine(cfg: dict) -> Row | None:
+def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
     budget = validate(cfg)
     rel = run_relpath(cfg)
     run_dir = Path(cfg["paths"]["results"]) / rel
@@ -169,15 +220,14 @@ def _spine(cfg: dict) -> Row | None:
     device = cfg["device"]
     torch.manual_seed(cfg["seed"])
     method = make_method(cfg)  # unknown kwargs / targets fail here, before the run dir exists
+    data = check_inputs(cfg, budget, method)  # bad data, a budget no block plan meets: also before it
 
     # Setup the run directory: the resolved config first (EDM's training_options.json)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", json.dumps(cfg, indent=1, sort_keys=True))
     append_log(run_dir, "start", run=rel, job=scheduler_job_id())
-    wall = {}
 
-    # Teacher (cached) and data:
-    data = load_data(cfg)
+    # Teacher (cached), on the data checked above:
     net, wall["teacher"] = teacher(cfg, data, device)
     net.net.to(device).eval()
     dense_cost = surgery.measure(net)
@@ -275,6 +325,11 @@ def _spine(cfg: dict) -> Row | None:
     metrics, impl, ref = score(cfg, samples, labels)
     fid_metrics, fid_fields = score_inception(cfg, samples)
     metrics.update(fid_metrics)
+    notes = list(fid_fields.pop("warnings", []))  # e.g. Inception n < 10k: kept in the row and the log
+    if notes:
+        append_log(run_dir, "warnings", messages=notes)
+        for w in notes:
+            _log(f"warning: {w}")
     if ref_samples is not None:  # Diff-Pruning's consistency protocol: same noise and labels as the teacher
         from bench.metrics.consistency import ssim_to_teacher
         ss = ssim_to_teacher(samples, ref_samples[0], student_labels=labels, teacher_labels=ref_samples[1])
@@ -288,7 +343,7 @@ def _spine(cfg: dict) -> Row | None:
     sha, dirty = git_info()
     if earlier := earlier_attempts_wall_s(run_dir):  # killed, requeued or stop_after attempts cost device time too
         wall["earlier_attempts"] = earlier
-    total_s, n_devices = sum(wall.values()), 1  # a run holds one device (cfg.device)
+    total_s, n_devices = sum(wall.values()), devices_held(device)  # 1, or the SLURM job's GPUs
     row = Row(
         run=rel, config_sha=config_hash(cfg)[:16], model=cfg["model"]["name"], dataset=cfg["data"]["name"],
         process=net.process.kind, method=cfg["method_name"], method_version=type(method).version,
@@ -297,6 +352,7 @@ def _spine(cfg: dict) -> Row | None:
         keep_macs=keep["keep_macs"], depth=len(net.net.blocks), params_M=c["params"] / 1e6,
         macs_G=c["macs"] / 1e9, latency_ms=c["latency_ms"], latency_batch=ev["latency"]["batch"],
         latency_dtype=ev["latency"]["dtype"], latency_mode=c["mode"], latency_iqr_ms=c["latency_iqr_ms"],
+        latency_reps=int(ev["latency"]["reps"]), warnings=notes,
         peak_mem_MB=c["peak_mem_MB"], throughput_img_s=c["throughput_img_s"],
         nfe=net.process.nfe(sampler, ev["steps"], ev["skip"]) * (2 if ev["cfg_scale"] != 1.0 else 1),
         sampler=sampler, cfg_scale=ev["cfg_scale"], cfg_convention=ev["cfg_convention"],
@@ -375,7 +431,7 @@ def score_inception(cfg: dict, samples) -> tuple[dict, dict]:
     m, impl, ref, x = evaluate(samples, lambda: load_data(cfg, split=inc["ref_split"]).all()[0], cfg["eval"],
                                Path(cfg["paths"]["artifacts"]), cfg["data"]["name"], cfg["device"])
     return m, {"fid_impl": impl, "fid_n": int(x["n"]), "fid_ref": ref, "fid_weights": str(x["weights_path"]),
-               "fid_weights_sha256": x["weights_sha256"]}
+               "fid_weights_sha256": x["weights_sha256"], "warnings": list(x.get("warnings", []))}
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = [
     "model=dit_tiny", "teacher.steps=30", "teacher.ckpt_every=1000", "teacher.batch=32",
     "finetune.steps=4", "finetune.batch=16", "finetune.ckpt_every=2",
-    "eval.n=20", "eval.batch=20", "eval.steps=3", "eval.latency.reps=2", "eval.latency.warmup=1",
+    "eval.n=20", "eval.batch=20", "eval.steps=3", "eval.latency.reps=2", "eval.latency.allow_few=true",
+    "eval.latency.warmup=1",
     "eval.latency.batch=4", "calib.n=32", "calib.bins=4",
 ]
 
@@ -51,3 +52,49 @@ def run_cli(args: list[str], env_extra: dict | None = None, timeout: int = 600):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def random_tfid_state(seed: int = 0) -> dict:
+    """A torch-fidelity InceptionV3 with random, well-scaled weights (He-normal convs, so
+    activations neither vanish nor explode), built without touching the network."""
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * (2.0 / mod.weight[0].numel()) ** 0.5)
+            elif isinstance(mod, torch.nn.BatchNorm2d):
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
+        net.fc.weight.copy_(torch.randn(net.fc.weight.shape, generator=g) * 0.05)
+    return net.state_dict()
+
+
+RANDOM_INCEPTION_ASSET = "test-inception-random"
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory):
+    """Random torch-fidelity Inception weights written once as a file. `register(monkeypatch)`
+    adds it to bench.assets under RANDOM_INCEPTION_ASSET with its pinned sha256 (found through
+    $BENCH_TEST_INCEPTION or an explicit path), so the resolvers verify it like any weights file."""
+    import hashlib
+    import types
+
+    import torch
+
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
+    torch.save(random_tfid_state(), path)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def register(mp):
+        from bench import assets
+        mp.setitem(assets.ASSETS, RANDOM_INCEPTION_ASSET,
+                   assets.Asset(filename=path.name, sha256=sha, size=path.stat().st_size, env="BENCH_TEST_INCEPTION"))
+
+    return types.SimpleNamespace(path=path, sha=sha, register=register)

@@ -18,6 +18,7 @@ from bench.metrics.export import export_npz, export_png_folder, read_adm_npz, to
 from bench.metrics.fid import AdmBackend, CleanFidBackend, config, evaluate, make_backend
 from bench.metrics.frechet import feature_stats, frechet_distance
 from bench.metrics.refstats import Reference
+from tests.conftest import RANDOM_INCEPTION_ASSET
 
 FID_HELPER_SHA = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 
@@ -285,39 +286,16 @@ def test_evaluate_end_to_end_fid_helper(x_digits, tmp_path):
 
 # ------------------------------------------------------------------ torch-fidelity vs the ADM path (random weights)
 
-def _random_tfid_state(seed: int = 0) -> dict:
-    """A torch-fidelity InceptionV3 with random, well-scaled weights (He-normal convs, so
-    activations neither vanish nor explode), built without touching the network."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
-        mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in net.modules():
-            if isinstance(mod, torch.nn.Conv2d):
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * (2.0 / mod.weight[0].numel()) ** 0.5)
-            elif isinstance(mod, torch.nn.BatchNorm2d):
-                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
-        net.fc.weight.copy_(torch.randn(net.fc.weight.shape, generator=g) * 0.05)
-    return net.state_dict()
-
-
 @pytest.fixture(scope="module")
-def tfid_random(tmp_path_factory, x_digits):
-    """The random weights written as a file and registered through bench.assets (with its sha256),
-    then both backends evaluated on the same images."""
+def tfid_random(tmp_path_factory, x_digits, random_inception):
+    """The random weights (tests/conftest.py: written as a file, registered through bench.assets
+    with its sha256), then both backends evaluated on the same images."""
     d = tmp_path_factory.mktemp("tfid")
-    path = d / "inception-random.pth"
-    torch.save(_random_tfid_state(), path)
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    path, sha = random_inception.path, random_inception.sha
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(assets.ASSETS, "test-inception-random",
-                   assets.Asset(filename=path.name, sha256=sha, size=path.stat().st_size, env="BENCH_TEST_INCEPTION"))
+        random_inception.register(mp)
         gen, ref = x_digits[200:210], x_digits[:8]
-        base = {"extractor": "torch-fidelity", "weights_asset": "test-inception-random", "weights": str(path),
+        base = {"extractor": "torch-fidelity", "weights_asset": RANDOM_INCEPTION_ASSET, "weights": str(path),
                 "bootstrap": 5, "kid_subset_size": 8, "batch": 10}
         out = {"path": path, "sha": sha, "gen": gen, "ref": ref}
         with warnings.catch_warnings():
@@ -365,6 +343,51 @@ def test_torch_fidelity_backend_equals_calculate_metrics(tfid_random):
     assert m["kid"] == pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-6)
     assert m["kid_std"] == pytest.approx(tf["kernel_inception_distance_std"], rel=1e-6)
     assert (m["precision"], m["recall"]) == pytest.approx((tf["precision"], tf["recall"]), abs=1e-9)
+
+
+# ------------------------------------------------------------------ eval=inception through the run spine
+
+def test_dense_eval_inception_row(tiny_cfg, random_inception, x_digits, tmp_path, monkeypatch):
+    """`bench.run method=dense eval=inception` on the tiny config: the row carries Inception FID and
+    KID with intervals, metric_n / fid_n, the weights file (found through bench.assets by its env
+    variable, sha256 checked) and the n < 10k warning, which log.jsonl records too. Few samples:
+    8 generated against an 8-image ADM reference batch (arr_0 only: mu/sigma from its features)."""
+    import json
+    from pathlib import Path
+
+    from bench.results import load_rows, run_relpath
+    from bench.run import execute
+
+    random_inception.register(monkeypatch)
+    monkeypatch.setenv("BENCH_TEST_INCEPTION", str(random_inception.path))
+    ref = export_npz(x_digits[:8], tmp_path / "ref8.npz")
+    cfg = tiny_cfg("dense", ["budget.keep=1.0", "eval=inception", "eval.n=8", "eval.batch=8",
+                             "eval.inception.extractor=torch-fidelity",
+                             f"eval.inception.weights_asset={RANDOM_INCEPTION_ASSET}", f"eval.inception.ref_npz={ref}",
+                             "eval.inception.bootstrap=5", "eval.inception.kid_subset_size=8",
+                             "eval.inception.batch=8"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        row = execute(cfg)
+    m = row.metrics
+    assert {"fid", "fid_ci_lo", "fid_ci_hi", "kid", "kid_std", "kid_ci_lo", "kid_ci_hi", "sfid", "is"} <= set(m)
+    assert m["fid"] > 0 and m["fid_ci_lo"] <= m["fid"] <= m["fid_ci_hi"] and m["kid_ci_lo"] <= m["kid_ci_hi"]
+    assert {"cond_acc", "fd_clf"} <= set(m)  # the default protocol's proxies stay beside them
+    assert row.metric_n == 8 and row.fid_n == 8
+    assert row.fid_impl == f"adm-pt/torch-fidelity-{random_inception.sha[:8]}"
+    assert row.fid_weights == str(random_inception.path) and row.fid_weights_sha256 == random_inception.sha
+    assert row.fid_ref.startswith("npz:ref8@") and row.latency_reps == 2
+    assert any("n=8 < 10,000" in w for w in row.warnings)
+    run_dir = Path(cfg["paths"]["results"]) / run_relpath(cfg)
+    saved = json.loads((run_dir / "row.json").read_text())
+    assert saved["warnings"] == row.warnings and saved["fid_weights"] == str(random_inception.path)
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [e["messages"] for e in log if e["event"] == "warnings"] == [row.warnings]
+    df = load_rows(cfg["paths"]["results"])
+    assert df.loc[0, "fid_n"] == 8 and df.loc[0, "m_kid_ci_hi"] == m["kid_ci_hi"]
+    from bench.report import build_report
+    md = next(p for p in build_report(df, tmp_path / "report", "t") if p.suffix == ".md").read_text()
+    assert "n=8" in md and "Below 10,000 samples FID is biased upward" in md  # the warning as a footnote
 
 
 # ------------------------------------------------------------------ GPU script, smoke mode on the CPU

@@ -39,6 +39,7 @@ def test_every_method_config_gives_a_row(method, tiny_cfg):
         assert row.keep_macs <= keep + 1e-9
     assert 0 <= row.metrics["cond_acc"] <= 100 and row.metrics["fd_clf"] >= 0
     assert row.params_M > 0 and row.macs_G > 0 and row.latency_ms > 0 and row.metric_n == 20
+    assert row.latency_reps == 2 and row.warnings == []  # TINY: eval.latency.allow_few=true
     df = load_rows(cfg["paths"]["results"])
     assert len(df) == 1 and df.loc[0, "method"] == method
 
@@ -108,7 +109,51 @@ def test_unmeetable_budget_stops_with_a_clear_message(tiny_cfg):
     cfg = tiny_cfg("shortgpt", ["budget.measure=macs", "budget.keep=0.01"])
     with pytest.raises(BenchError, match="cannot be met"):
         execute(cfg)
-    assert not list(Path(cfg["paths"]["results"]).rglob("row.json"))
+    assert not Path(cfg["paths"]["results"]).exists()  # refused before anything is written
+
+
+def test_fewer_than_20_latency_reps_need_allow_few(tiny_cfg):
+    cfg = tiny_cfg("dense", ["budget.keep=1.0", "eval.latency.allow_few=false"])  # TINY times 2 calls
+    with pytest.raises(BenchError, match=r"eval.latency.reps=2 < 20.*eval.latency.allow_few=true"):
+        execute(cfg)
+    assert not Path(cfg["paths"]["results"]).exists()
+    from tests.conftest import compose
+    lat = compose([])["eval"]["latency"]
+    assert lat["reps"] >= 20 and lat["allow_few"] is False  # the default suite times >= 20 calls
+
+
+def test_a_failed_run_records_its_cost(tiny_cfg):
+    cfg = tiny_cfg("dense", ["budget.keep=0.5"])  # passes the early checks, dense.plan() refuses it
+    with pytest.raises(BenchError, match="1.0"):
+        execute(cfg)
+    err = json.loads((Path(cfg["paths"]["results"]) / run_relpath(cfg) / "error.json").read_text())
+    assert err["status"] == "failed" and {"teacher", "unfinished"} <= set(err["wall_s"])
+    assert err["n_devices"] == 1
+    assert err["device_hours"] == pytest.approx(sum(err["wall_s"].values()) / 3600, rel=1e-2, abs=1e-6)
+    df = load_rows(cfg["paths"]["results"])
+    assert df.loc[0, "status"] == "failed" and df.loc[0, "device_hours"] >= 0
+
+
+def test_devices_held(monkeypatch):
+    from bench.results import devices_held
+    for k in ("SLURM_JOB_ID", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+        monkeypatch.delenv(k, raising=False)
+    assert devices_held("cpu") == devices_held("cuda") == devices_held("cuda:1") == 1  # one device per run
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    assert devices_held("cuda") == 1  # SLURM without a GPU allocation in the environment
+    monkeypatch.setenv("SLURM_JOB_GPUS", "0,3")
+    assert devices_held("cuda") == 2 and devices_held("cpu") == 1
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
+    assert devices_held("cuda:0") == 4  # the job holds (and pays for) all it was given
+
+
+def test_old_rows_load_without_latency_reps_and_warnings(tiny_cfg):
+    from bench.results import Row
+    row = execute(tiny_cfg("first_k"))
+    old = asdict(row)
+    old.pop("latency_reps"), old.pop("warnings")
+    back = Row(**old)
+    assert back.latency_reps == 0 and back.warnings == []
 
 
 def test_dense_rejects_a_pruning_budget(tiny_cfg):
