@@ -1,44 +1,76 @@
-"""Stage-wise routing: one copy of the dense block weights, a different subset of blocks per
-timestep stage (the routed model of stage-wise plans; only bench.surgery installs it).
+"""Stage-wise routing: one copy of the dense weights, a different subset of blocks and (for
+Diff-ES's second-order backend) of attention heads and MLP channels per timestep stage (the
+routed model of stage-wise plans; only bench.surgery installs it).
 
 Source: Diff-ES (Liu, Tang, Wu, Yuan, Shen, "Stage-wise Structural Diffusion Pruning via
 Evolutionary Search", arXiv 2603.05105, abstract: stage-conditioned weights are "activated
-dynamically without duplicating model parameters"; methods.md 6a). A stage-wise Plan holds
+dynamically without duplicating model parameters"; code `dit/models.py::_forward_block_struct` as
+summarised in methods.md 6a). A stage-wise Plan holds
 
-    stages = [{"u_range": [lo, hi], "keep": {"blocks": [dense ids]}, "weight": w}, ...]
+    stages = [{"u_range": [lo, hi], "weight": w,
+               "keep": {"blocks": [dense ids],                            # depth (layer drop)
+                        "blocks.<b>.attn.heads": [dense head ids], ...    # width (optional)
+                        "blocks.<b>.mlp.hidden": [dense channel ids], ...}}, ...]
 
 with u the suite's noise level (0 clean, 1 noise), ranges contiguous and covering [0, 1]. The
-model keeps the *union* of the stages' blocks (that is what is stored and what `params` counts);
-the forward maps t to u, u to its stage, and runs only that stage's blocks, selected by index from
-the shared ModuleList (no weight is copied).
+model stores the *union* over stages of the blocks and, per width group, of the kept units (that
+is what `params` counts); the forward maps t to u, u to its stage, and runs only that stage's
+blocks, selected by index from the shared ModuleList (no weight is copied).
+
+Width routing (Diff-ES `--prune-method secondorder`): in a stage that keeps a subset K of a
+block's stored heads, the q/k/v rows of K are ``index_select``-ed from the shared ``attn.qkv``
+(likewise the fc1 rows of kept channels from the shared ``mlp.fc1``), and the output projection
+is the stage's *own thin, OBS-compensated* ``attn.proj`` / ``mlp.fc2`` weight [out, |K| x width]
+from the bank; the biases stay shared (OBS changes weights only). The bank is a safetensors file
+named in ``plan.meta["bank"]`` ({"path", "sha256"}; Diff-ES's "OBS bank") with entries
+
+    stage<s>/<group>   the thin output projection of width group <group> in stage s
+    shared/<group>     the weights written into the *stored* projection (the union's columns)
+
+``pack_bank`` decides what is stored: the stored projection of a group holds the model's own
+columns or the weights of a stage that keeps exactly the union, whichever leaves the fewest bank
+parameters (so a plan with one keep set and one set of weights in every stage is exactly the
+static width-pruned, compensated model, with no stage entry), and a stage gets an entry only where
+its weights differ from the stored columns it would select (an uncompensated stage selects
+columns of the stored projection). Installed, the entries are
+parameters of ``net.net.stage_bank`` (fine-tuned with the rest, each by its own stage's samples);
+the official layout gains only those ``stage_bank.*`` keys.
 
 Choices (ours):
   * t -> u: DDPM u = (t + 1/2) / T, the exact inverse of ``t_from_u`` (floor(u T)); flow u = 1 - t.
     Stage k holds lo_k <= u < hi_k; u = 1 belongs to the last stage.
   * Batches with several stages (fine-tuning draws t per sample) are split into per-stage
-    subgroups that share the embedding; stages with the same block list run as one group, so a
-    plan with one keep set everywhere is bit-identical to the static pruned model. Sampling
-    batches share t and run as one group.
+    subgroups that share the embedding; stages with the same route (blocks and width specs) run
+    as one group, so a plan with one keep set everywhere is bit-identical to the static pruned
+    model. Sampling batches share t and run as one group.
+  * A block whose stage keeps all its stored units with the stored weights runs the block's own
+    forward; otherwise a forward that mirrors DiTBlock / Attention / Mlp with the selected rows and
+    the thin projection (same operations, so equal weights give equal outputs).
   * The routing decision reads the stage on the host (one device sync per forward).
     ``StageRouter.pin(s)`` fixes the stage instead (no decision, traceable by torch.compile): the
     compiled latency path and MAC counting use it.
-  * Costs: params = the stored model; MACs and blocks = the mean over stages weighted by each
-    stage's share of the sampler's network evaluations (``weight``; defaults to the width of the
-    u range), which is what budgets are checked against; latency likewise per stage.
-  * Per-stage *width* keep sets (Diff-ES's second-order backend: q/k/v and fc1 rows selected from
-    the shared weights, thin OBS-compensated attn.proj / mlp.fc2 stored per stage) are not routed
-    here yet; methods.obs_diff has the layer routine (obs_prune_columns) they would use.
+  * Costs: params = the stored model (shared union + bank); MACs and blocks = the mean over stages
+    weighted by each stage's share of the sampler's network evaluations (``weight``; defaults to
+    the width of the u range), which is what budgets are checked against; latency likewise per
+    stage. The selected rows are gathered per forward (Diff-ES does the same), which costs memory
+    traffic but no MACs.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from bench.api import BenchError
 
 EPS = 1e-9
+WIDTH_KINDS = ("attn.heads", "mlp.hidden")  # plan keys blocks.<b>.<kind>; consumers attn.proj / mlp.fc2
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,22 +148,183 @@ def nfe_weights(process, edges: list[float], sampler: str, steps: int, skip: str
 
 
 # --------------------------------------------------------------------------------------------
+# Width groups: names, units, consumer layers
+# --------------------------------------------------------------------------------------------
+
+def _split_group(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    if len(parts) != 4 or parts[0] != "blocks" or f"{parts[2]}.{parts[3]}" not in WIDTH_KINDS:
+        raise BenchError(f"plan.stages keep an unknown unit group {name!r}; stage keep sets name 'blocks' and "
+                         "width groups blocks.<b>.attn.heads / blocks.<b>.mlp.hidden")
+    try:
+        return int(parts[1]), f"{parts[2]}.{parts[3]}"
+    except ValueError:
+        raise BenchError(f"plan.stages keep {name!r}: the block index must be an integer") from None
+
+
+def _module(block, kind: str):
+    mod = getattr(block, "attn" if kind == "attn.heads" else "mlp", None)
+    if mod is None:
+        raise BenchError(f"width routing of {kind}: that branch was removed by an operator plan")
+    return mod
+
+
+def _stored_units(mod, kind: str) -> list[int]:
+    """Dense ids of the units the stored layer has (bench.width keeps them in ``kept_units``)."""
+    n = mod.num_heads if kind == "attn.heads" else mod.fc1.out_features
+    return list(getattr(mod, "kept_units", range(n)))
+
+
+def _consumer(mod, kind: str) -> nn.Linear:
+    return mod.proj if kind == "attn.heads" else mod.fc2
+
+
+def _unit_width(mod, kind: str) -> int:
+    return mod.head_dim if kind == "attn.heads" else 1
+
+
+def _cols(units, width: int) -> list[int]:
+    """Input columns of the consumer (and, for width 1, rows of the producer) of these unit positions."""
+    return [u * width + j for u in units for j in range(width)]
+
+
+def consumer_columns(net, group: str, keep_dense: list[int]) -> torch.Tensor:
+    """The current consumer weight's columns of the given dense units of `group` ([out, |keep| x width])."""
+    b, kind = _split_group(group)
+    mod = _module(net.net.blocks[list(net.kept_blocks).index(b)], kind)
+    stored = _stored_units(mod, kind)
+    pos = [stored.index(int(d)) for d in sorted(keep_dense)]
+    W = _consumer(mod, kind).weight
+    return W[:, torch.tensor(_cols(pos, _unit_width(mod, kind)), dtype=torch.long, device=W.device)]
+
+
+# --------------------------------------------------------------------------------------------
+# The bank of per-stage thin output projections
+# --------------------------------------------------------------------------------------------
+
+def bank_key(s: int | str, group: str) -> str:
+    """'stage<s>/<group>' (s an int) or 'shared/<group>'."""
+    return f"{'shared' if s == 'shared' else f'stage{int(s)}'}/{group}"
+
+
+def _param_name(key: str) -> str:  # nn.Module attribute names cannot hold '.' or '/'
+    return key.replace("/", "__").replace(".", "_")
+
+
+class StageBank(nn.Module):
+    """The stage entries of a bank as parameters of the routed backbone (``net.net.stage_bank``),
+    so they are counted, saved with the model and fine-tuned like the rest."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], trainable: bool = True):
+        super().__init__()
+        self.names = sorted(tensors)
+        for k in self.names:
+            self.register_parameter(_param_name(k), nn.Parameter(tensors[k], requires_grad=trainable))
+
+    def get(self, key: str) -> torch.Tensor:
+        return getattr(self, _param_name(key))
+
+
+@torch.no_grad()
+def pack_bank(net, stages: list[dict], thin: dict[tuple[int, str], torch.Tensor]) -> tuple[dict, dict]:
+    """What a width-routed model stores, from each stage's keep sets and its thin compensated
+    projections ``thin[(s, group)]`` ([out, kept units x width]; absent = the model's own columns,
+    uncompensated), on the model the plan will be applied to (the dense one).
+    Returns (union keep per width group, bank tensors) (the rules: module docstring)."""
+    sets = [s["keep"] for s in stages]
+    tensors: dict[str, torch.Tensor] = {}
+    union: dict[str, list[int]] = {}
+    groups = sorted({g for k in sets for g in k if g != "blocks"}, key=lambda g: (_split_group(g)[0], g))
+    for g in groups:
+        b, kind = _split_group(g)
+        mod = _module(net.net.blocks[list(net.kept_blocks).index(b)], kind)
+        present = _stored_units(mod, kind)
+        per = [sorted(int(i) for i in k.get(g, present)) for k in sets]
+        u = sorted(set().union(*per))
+        union[g] = u
+        raw = consumer_columns(net, g, u).detach().cpu()
+        width = _unit_width(mod, kind)
+        cols = [torch.tensor(_cols([u.index(i) for i in ids], width), dtype=torch.long) for ids in per]
+        want = [raw[:, c] if thin.get((s, g)) is None else thin[(s, g)].detach().cpu().to(raw.dtype).contiguous()
+                for s, c in enumerate(cols)]
+        for s, (w, c) in enumerate(zip(want, cols)):
+            if w.shape != (raw.shape[0], len(c)):
+                raise BenchError(f"stage {s} weights for {g} have shape {tuple(w.shape)}, its keep set needs "
+                                 f"{(raw.shape[0], len(c))}")
+
+        def entries(stored):  # the stages whose weights are not the stored columns they would select
+            return [s for s, (w, c) in enumerate(zip(want, cols)) if not torch.equal(w, stored[:, c])]
+
+        # the stored projection: the model's own columns or a union-keeping stage's weights, whichever
+        # leaves the fewest bank parameters (ties: own columns, then the earliest stage)
+        cands = [raw] + [want[s] for s, ids in enumerate(per) if ids == u]
+        stored = min(cands, key=lambda c: sum(want[s].numel() for s in entries(c)))
+        if not torch.equal(stored, raw):
+            tensors[bank_key("shared", g)] = stored
+        for s in entries(stored):
+            tensors[bank_key(s, g)] = want[s]
+    return union, tensors
+
+
+def save_bank(tensors: dict[str, torch.Tensor], directory) -> dict:
+    """Write the bank as safetensors, named by its content (stage_bank-<sha256[:16]>.safetensors),
+    atomically; returns the plan's reference {"path", "sha256", "tensors", "params"}."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".stage_bank-{os.getpid()}.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}, str(tmp))
+    sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    path = d / f"stage_bank-{sha[:16]}.safetensors"
+    os.replace(tmp, path)
+    return {"path": str(path), "sha256": sha, "tensors": len(tensors),
+            "params": int(sum(v.numel() for v in tensors.values()))}
+
+
+def load_bank(ref: dict) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(str(ref.get("path", "")))
+    if not path.is_file():
+        raise BenchError(f"the plan's stage bank {path} (per-stage thin projections) does not exist; it is written "
+                         "next to the run's artifacts when the plan is made: delete plan.json to plan again")
+    got = hashlib.sha256(path.read_bytes()).hexdigest()
+    if ref.get("sha256") and got != ref["sha256"]:
+        raise BenchError(f"stage bank {path} has sha256 {got[:12]}..., the plan recorded {ref['sha256'][:12]}...; "
+                         "delete plan.json to plan again")
+    return load_file(str(path))
+
+
+# --------------------------------------------------------------------------------------------
 # The router
 # --------------------------------------------------------------------------------------------
 
+class Thin(NamedTuple):
+    """A stage's width route through one attention or MLP: ``units`` = positions of the kept
+    units in the stored layer (ascending), ``weight`` = bank key of its own output projection
+    (None: the stored projection's columns of those units)."""
+    units: tuple[int, ...]
+    weight: str | None
+
+
 class StageRouter:
     """Plain data plus the routed forward; deliberately not an nn.Module, so the backbone's state
-    dict (official layout) is unchanged. ``positions[s]`` index the backbone's current ``blocks``."""
+    dict (official layout) is unchanged. ``positions[s]`` index the backbone's current ``blocks``;
+    ``routes[s]`` = ((position, attention Thin or None, MLP Thin or None), ...)."""
 
     def __init__(self, edges: list[float], positions: list[list[int]], dense_ids: list[list[int]],
-                 weights: list[float], kind: str, T: int | None):
+                 weights: list[float], kind: str, T: int | None, widths: list[dict] | None = None):
         self.edges = [float(e) for e in edges]
         self.positions = [list(map(int, p)) for p in positions]
         self.dense_ids = [list(map(int, d)) for d in dense_ids]
         self.weights = [float(w) for w in weights]
         self.kind, self.T = kind, T
+        widths = widths or [{} for _ in self.positions]  # per stage: position -> (attn Thin | None, mlp Thin | None)
+        self.routes = [tuple((p, *widths[s].get(p, (None, None))) for p in pos) for s, pos in enumerate(self.positions)]
         self.pinned: int | None = None
         self._inner: dict = {}  # device -> inner edges tensor (no host-to-device copy per forward)
+        self._index: dict = {}  # (kind, units, stored count, width, device) -> LongTensor of rows / columns
 
     @property
     def num_stages(self) -> int:
@@ -154,37 +347,87 @@ class StageRouter:
             self.pinned = old
 
     def forward(self, m, x, t, y, return_hidden: bool = False, force_drop_ids=None, generator=None):
-        """DiT.forward with the blocks of each sample's stage (called by DiT.forward)."""
+        """DiT.forward with the blocks (and widths) of each sample's stage (called by DiT.forward)."""
         h, c = m.embed(x, t, y, force_drop_ids, generator)
         if self.pinned is not None:
-            groups = {tuple(self.positions[self.pinned]): None}
+            groups = {self.routes[self.pinned]: None}
         else:
             st = self.stage_of(t)
             groups: dict[tuple, list[int]] = {}
             for s in torch.unique(st).tolist():  # the one host sync of a routed forward
-                groups.setdefault(tuple(self.positions[s]), []).append(s)
+                groups.setdefault(self.routes[s], []).append(s)
         if len(groups) == 1:
-            pos = next(iter(groups))
-            hidden = [h]
-            for p in pos:
-                h = m.blocks[p](h, c)
-                if return_hidden:
-                    hidden.append(h)
+            hidden = [h] if return_hidden else None
+            h = self._run(m, h, c, next(iter(groups)), hidden)
         else:
             if return_hidden:
                 raise BenchError("hidden states of a routed model need a batch from one stage (one t for all samples)")
             sels, outs = [], []
-            for pos, ss in groups.items():
+            for route, ss in groups.items():
                 sel = torch.nonzero(torch.isin(st, torch.tensor(ss, device=st.device))).flatten()
-                hs, cs = h.index_select(0, sel), c.index_select(0, sel)
-                for p in pos:
-                    hs = m.blocks[p](hs, cs)
                 sels.append(sel)
-                outs.append(hs)
+                outs.append(self._run(m, h.index_select(0, sel), c.index_select(0, sel), route))
             order = torch.cat(sels)
             h = torch.cat(outs)[torch.argsort(order)]
         out = m.unpatchify(m.final_layer(h, c))
         return (out, hidden) if return_hidden else out
+
+    # ---- one stage's blocks ------------------------------------------------------------------
+    def _run(self, m, h, c, route, hidden=None):
+        for p, a, f in route:
+            block = m.blocks[p]
+            h = block(h, c) if a is None and f is None else self._thin_block(m, block, h, c, a, f)
+            if hidden is not None:
+                hidden.append(h)
+        return h
+
+    def _thin_block(self, m, block, x, c, a: Thin | None, f: Thin | None):
+        """DiTBlock.forward (adaLN-Zero) with the stage's heads / channels (bench.models.dit)."""
+        from bench.models.dit import modulate
+
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+        if not block.skip_attn:
+            z = modulate(block.norm1(x), shift_msa, scale_msa)
+            x = x + gate_msa.unsqueeze(1) * (block.attn(z) if a is None else self._thin_attn(m, block.attn, z, a))
+        if not block.skip_mlp:
+            z = modulate(block.norm2(x), shift_mlp, scale_mlp)
+            x = x + gate_mlp.unsqueeze(1) * (block.mlp(z) if f is None else self._thin_mlp(m, block.mlp, z, f))
+        return x
+
+    def _idx(self, kind: str, units: tuple, n: int, width: int, device) -> torch.Tensor:
+        key = (kind, units, n, width, device)
+        idx = self._index.get(key)
+        if idx is None:
+            if kind == "qkv":  # q rows of the kept heads, then their k rows, then their v rows (Attention's layout)
+                rows = [o * n * width + r for o in range(3) for r in _cols(units, width)]
+            else:
+                rows = _cols(units, width)
+            idx = self._index[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return idx
+
+    def _weight(self, m, layer: nn.Linear, thin: Thin, n: int, width: int) -> torch.Tensor:
+        if thin.weight is not None:
+            return m.stage_bank.get(thin.weight)
+        return layer.weight.index_select(1, self._idx("cols", thin.units, n, width, layer.weight.device))
+
+    def _thin_attn(self, m, attn, x, a: Thin):
+        """Attention.forward with the kept heads' q/k/v rows of the shared qkv and the thin proj."""
+        B, N, _ = x.shape
+        H, hd, k = attn.num_heads, attn.head_dim, len(a.units)
+        rows = self._idx("qkv", a.units, H, hd, x.device)
+        b = attn.qkv.bias.index_select(0, rows) if attn.qkv.bias is not None else None
+        qkv = F.linear(x, attn.qkv.weight.index_select(0, rows), b).reshape(B, N, 3, k, hd).permute(2, 0, 3, 1, 4)
+        q, kk, v = qkv.unbind(0)
+        o = F.scaled_dot_product_attention(q, kk, v).transpose(1, 2).reshape(B, N, k * hd)
+        return F.linear(o, self._weight(m, attn.proj, a, H, hd), attn.proj.bias)
+
+    def _thin_mlp(self, m, mlp, x, f: Thin):
+        """Mlp.forward with the kept channels' fc1 rows of the shared fc1 and the thin fc2."""
+        n = mlp.fc1.out_features
+        rows = self._idx("cols", f.units, n, 1, x.device)
+        b = mlp.fc1.bias.index_select(0, rows) if mlp.fc1.bias is not None else None
+        hid = mlp.act(F.linear(x, mlp.fc1.weight.index_select(0, rows), b))
+        return F.linear(hid, self._weight(m, mlp.fc2, f, n, 1), mlp.fc2.bias)
 
 
 def router(net):
@@ -209,15 +452,18 @@ def _stage_sets(stages: list[dict]) -> list[list[int]]:
         keep = s.get("keep")
         if not isinstance(keep, dict) or "blocks" not in keep:
             raise BenchError(f"plan.stages[{k}] needs 'keep': {{'blocks': [...]}}")
-        other = sorted(set(keep) - {"blocks"})
-        if other:
-            raise BenchError(f"plan.stages[{k}] keeps width groups {other[:3]} per stage: per-stage width routing "
-                             "(Diff-ES's second-order backend: heads/channels selected from the shared weights, "
-                             "OBS-compensated thin projections per stage from methods.obs_diff) is not implemented "
-                             "in bench.routing yet; use block keep sets per stage")
         ids = sorted(int(i) for i in keep["blocks"])
         if not ids or len(set(ids)) != len(ids):
             raise BenchError(f"plan.stages[{k}] keeps blocks {ids}: need a non-empty set of distinct dense indices")
+        for g, units in keep.items():
+            if g == "blocks":
+                continue
+            b, _ = _split_group(g)
+            if b not in ids:
+                raise BenchError(f"plan.stages[{k}] keeps width group {g} of block {b}, which that stage drops")
+            u = [int(i) for i in units]
+            if not u or len(set(u)) != len(u):
+                raise BenchError(f"plan.stages[{k}] keeps {g} = {u[:8]}: need a non-empty set of distinct dense ids")
         sets.append(ids)
     return sets
 
@@ -233,8 +479,9 @@ def _weights(stages: list[dict], edges: list[float]) -> list[float]:
     return [x / total for x in w]
 
 
-def make_router(net, stages: list[dict]) -> StageRouter:
-    """A router for the model's current blocks (positions from ``net.kept_blocks``)."""
+def make_router(net, stages: list[dict], bank: dict[str, torch.Tensor] | None = None) -> StageRouter:
+    """A router for the model's current blocks (positions from ``net.kept_blocks``) and, for width
+    keep sets, its stored units; `bank` holds the stage entries (``stage<s>/<group>`` -> thin weight)."""
     edges = stage_edges(stages)
     sets = _stage_sets(stages)
     present = list(net.kept_blocks)
@@ -242,12 +489,62 @@ def make_router(net, stages: list[dict]) -> StageRouter:
     if missing:
         raise BenchError(f"plan.stages keep blocks {missing} that the model does not have (it has {present})")
     pos = [[present.index(i) for i in ids] for ids in sets]
-    return StageRouter(edges, pos, sets, _weights(stages, edges), net.process.kind, getattr(net.process, "T", None))
+    bank = bank or {}
+    widths = []
+    for s, st in enumerate(stages):
+        w: dict[int, list] = {}
+        for g, units in st["keep"].items():
+            if g == "blocks":
+                continue
+            b, kind = _split_group(g)
+            p = present.index(b)
+            mod = _module(net.net.blocks[p], kind)
+            stored = _stored_units(mod, kind)
+            ids = sorted(int(i) for i in units)
+            if not set(ids) <= set(stored):
+                raise BenchError(f"plan.stages[{s}] keeps {g} units {sorted(set(ids) - set(stored))[:8]} that the "
+                                 f"model does not store (it has {stored[:8]}...)")
+            key = bank_key(s, g)
+            thin = Thin(tuple(stored.index(i) for i in ids), key if key in bank else None)
+            if key in bank:
+                want = (_consumer(mod, kind).out_features, len(ids) * _unit_width(mod, kind))
+                if tuple(bank[key].shape) != want:
+                    raise BenchError(f"stage bank entry {key} has shape {tuple(bank[key].shape)}, the stage's keep set "
+                                     f"needs {want}")
+            if thin.weight is None and len(ids) == len(stored):
+                thin = None  # all stored units with the stored weights: the block's own forward
+            w.setdefault(p, [None, None])[WIDTH_KINDS.index(kind)] = thin
+        widths.append({p: tuple(v) for p, v in w.items()})
+    named = {bank_key(s, g) for s, st in enumerate(stages) for g in st["keep"] if g != "blocks"}
+    stray = sorted(set(bank) - named)
+    if stray:
+        raise BenchError(f"stage bank entries {stray[:3]} name no (stage, width group) of the plan")
+    return StageRouter(edges, pos, sets, _weights(stages, edges), net.process.kind, getattr(net.process, "T", None),
+                       widths)
+
+
+def _width_union(net, stages: list[dict]) -> dict[str, list[int]]:
+    """Per width group named by any stage: the union of the stages' kept units (a stage that does
+    not name a group keeps all the model's units of it)."""
+    groups = sorted({g for s in stages for g in s["keep"] if g != "blocks"})
+    out = {}
+    for g in groups:
+        b, kind = _split_group(g)
+        if b not in net.kept_blocks:
+            raise BenchError(f"plan.stages keep width group {g} of block {b}, which the model does not have")
+        stored = _stored_units(_module(net.net.blocks[list(net.kept_blocks).index(b)], kind), kind)
+        out[g] = sorted(set().union(*(set(int(i) for i in s["keep"].get(g, stored)) for s in stages)))
+        if not set(out[g]) <= set(stored):
+            raise BenchError(f"plan.stages keep {g} units {sorted(set(out[g]) - set(stored))[:8]} that the model does "
+                             f"not store (it has {stored[:8]}...)")
+    return out
 
 
 def apply_stages(net, plan) -> Any:
-    """Surgery for a stage-wise plan: keep the union of the stages' blocks (plus any static width
-    groups of plan.keep), then install the router. Called by bench.surgery.apply."""
+    """Surgery for a stage-wise plan: keep the union of the stages' blocks and width units (plus
+    any static width groups of plan.keep), write the bank's shared projections into the stored
+    layers, register its stage entries (``net.net.stage_bank``), then install the router. Called
+    by bench.surgery.apply."""
     from bench import surgery
     from bench.api import Plan
 
@@ -261,24 +558,56 @@ def apply_stages(net, plan) -> Any:
     if "blocks" in plan.keep and sorted(int(i) for i in plan.keep["blocks"]) != union:
         raise BenchError(f"plan.keep['blocks'] {sorted(plan.keep['blocks'])} must be the union of the stages' "
                          f"blocks {union} (what the routed model stores)")
-    static = Plan(plan.granularity, {**plan.keep, "blocks": union}, plan.scores, [], plan.meta)
+    width = _width_union(net, plan.stages)
+    for g, u in width.items():
+        if g in plan.keep and sorted(int(i) for i in plan.keep[g]) != u:
+            raise BenchError(f"plan.keep[{g!r}] must be the union of the stages' kept units {u[:8]}... (what the "
+                             "routed model stores)")
+    bank = load_bank(plan.meta["bank"]) if plan.meta.get("bank") else {}
+    static = Plan(plan.granularity, {**plan.keep, **width, "blocks": union}, plan.scores, [], plan.meta)
     surgery.apply(net, static)
-    net.net.stage_router = make_router(net, plan.stages)
+    stage_entries = {}
+    with torch.no_grad():
+        for key, w in bank.items():
+            where, g = key.split("/", 1)
+            if where != "shared":
+                stage_entries[key] = w
+                continue
+            b, kind = _split_group(g)
+            layer = _consumer(_module(net.net.blocks[net.kept_blocks.index(b)], kind), kind)
+            if tuple(w.shape) != tuple(layer.weight.shape):
+                raise BenchError(f"stage bank entry {key} has shape {tuple(w.shape)}, the stored layer "
+                                 f"{tuple(layer.weight.shape)}")
+            layer.weight.copy_(w)
+    dev = next(net.net.parameters()).device
+    r = make_router(net, plan.stages, stage_entries)
+    if stage_entries:
+        net.net.stage_bank = StageBank({k: v.to(dev) for k, v in stage_entries.items()})
+    net.net.stage_router = r
     return net
 
 
 @contextlib.contextmanager
-def routed(net, stages: list[dict]):
-    """Route the model's current blocks by `stages` for the duration (no surgery, no copy):
-    searches evaluate many stage-wise candidates on the one dense model this way."""
+def routed(net, stages: list[dict], bank: dict[str, torch.Tensor] | None = None):
+    """Route the model's current blocks and widths by `stages` for the duration (no surgery, no
+    copy of shared weights): searches evaluate many stage-wise candidates on the one dense model
+    this way. `bank`: stage entries ``stage<s>/<group>`` -> thin projection (used as given)."""
     _check_backbone(net)
     if is_routed(net):
         raise BenchError("the model is routed already")
-    net.net.stage_router = make_router(net, stages)
+    if "stage_bank" in net.net._modules:
+        raise BenchError("the model holds a stage bank already")
+    bank = bank or {}
+    r = make_router(net, stages, bank)
+    if bank:
+        net.net.stage_bank = StageBank(bank, trainable=False)
+    net.net.stage_router = r
     try:
         yield net
     finally:
         net.net.stage_router = None
+        if bank:
+            del net.net.stage_bank
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,8 +615,9 @@ def routed(net, stages: list[dict]):
 # --------------------------------------------------------------------------------------------
 
 def measure(net) -> dict:
-    """Params stored, and per stage MACs (batch 1) and blocks; 'macs' and 'blocks' are the
-    stage-weighted means (what budgets check), 'params' is what the routed model stores."""
+    """Params stored (shared union + stage bank), and per stage MACs (batch 1) and blocks; 'macs'
+    and 'blocks' are the stage-weighted means (what budgets check), 'params' is what the routed
+    model stores."""
     from bench.metrics.cost import count_macs, count_params
 
     r = router(net)
@@ -304,9 +634,11 @@ def measure(net) -> dict:
         net.net.train(was)
     blocks = [len(p) for p in r.positions]
     w = r.weights
+    bank = getattr(net.net, "stage_bank", None)
     return {"params": count_params(net.net), "macs": sum(a * b for a, b in zip(w, macs)),
             "blocks": sum(a * b for a, b in zip(w, blocks)), "stage_macs": macs, "stage_blocks": blocks,
-            "stage_weights": list(w), "stored_blocks": len(net.net.blocks)}
+            "stage_weights": list(w), "stored_blocks": len(net.net.blocks),
+            "stage_bank_params": count_params(bank) if bank is not None else 0}
 
 
 def stage_latency(net, batch: int, device, mode: str = "eager", dtype: str = "fp32", warmup: int = 5,

@@ -248,6 +248,8 @@ def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
         plan = Plan.from_json(plan_path.read_text())
     else:
         _log(f"planning {cfg['method_name']} at {budget.measure}={budget.keep}")
+        if hasattr(method, "bank_dir"):  # tensors the plan references (Diff-ES secondorder's stage bank) go here
+            method.bank_dir = str(art_dir)
         plan = method.plan(net, budget, calib)
         if not isinstance(plan, Plan):
             raise BenchError(f"{cfg['method_name']}.plan() returned {type(plan).__name__}, not a Plan")

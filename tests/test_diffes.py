@@ -1,5 +1,6 @@
 """Diff-ES (methods.diffes): budgeted level space, level-switch mutation, elitist search, the
-trajectory fitness, per-stage scorers, and the plan -> routed surgery -> budget path."""
+trajectory fitness, per-stage scorers, the plan -> routed surgery -> budget path, and the
+second-order width backend (per-stage OBS, thin compensated projections, exact replay)."""
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,9 @@ from bench.data import calibration, digits
 from bench.models import build
 from methods.blockscores import SCORERS
 from methods.diffes import DiffES
-from methods.diffes.backends import LayerDrop
+from methods.blockscores import subset
+from methods.diffes.backends import LayerDrop, SecondOrder
+from methods.obs_diff import reconstruction_error
 from methods.diffes.search import PATTERNS, LevelSpace, evolve, pattern_shape
 
 CONF = Path(__file__).resolve().parents[1] / "bench" / "conf" / "method"
@@ -213,10 +216,184 @@ def test_dividers_and_stage_weights_follow_the_sampler(teacher, calib):
     assert plan.meta["stage_weights"] == pytest.approx(routing.nfe_weights(teacher.process, plan.meta["edges"], "ddim", 10))
 
 
-def test_bad_options_and_the_missing_second_order_backend(teacher, calib):
+def test_bad_options_raise(teacher, calib):
     for kw in ({"backend": "wanda"}, {"scorer": "taylor"}, {"fitness": "topiq"}, {"patterns": ["spiral"]},
-               {"dividers": [0.5, 0.2]}):
+               {"dividers": [0.5, 0.2]}, {"levels": 1}, {"saliency": "diag"}, {"obs_chunk": 0}):
         with pytest.raises(BenchError):
             DiffES(**kw)
-    with pytest.raises(BenchError, match="methods.obs_diff"):
-        load(backend="secondorder").plan(teacher, Budget("macs", 0.6), calib)
+    with pytest.raises(BenchError, match="MACs or params"):
+        load(backend="secondorder", **FAST).plan(teacher, Budget("blocks", 0.5), calib)
+
+
+# --------------------------------------------------------------------------------------------
+# The second-order (OBS width) backend
+# --------------------------------------------------------------------------------------------
+
+EDGES = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+@pytest.fixture(scope="module")
+def second_order(teacher, calib):
+    be = SecondOrder(levels=8)
+    be.prepare(teacher, calib, EDGES)
+    return be
+
+
+def load_obs(tmp_path, **over) -> DiffES:
+    cfg = OmegaConf.create({"seed": 0, "method": OmegaConf.load(CONF / "diffes_obs.yaml")})
+    for k, v in {**FAST, **over}.items():
+        cfg.method[k] = v
+    m = instantiate(cfg.method)
+    m.bank_dir = str(tmp_path)
+    return m
+
+
+def static_compensated(net, lv):
+    """The static width-pruned model with a level's compensated projections written in."""
+    pruned = surgery.apply(copy.deepcopy(net), Plan("width", dict(lv["keep"])))
+    with torch.no_grad():
+        for g, W in lv["thin"].items():
+            block = pruned.net.blocks[int(g.split(".")[1])]
+            (block.attn.proj if g.endswith("attn.heads") else block.mlp.fc2).weight.copy_(W)
+    return pruned
+
+
+def test_secondorder_same_keep_set_and_weights_in_every_stage_is_the_static_compensated_model(
+        teacher, second_order, tmp_path):
+    lv = second_order.level(1, 5)  # stage 1's OBS choice at level 5, used in all four stages
+    stages = [{"u_range": [EDGES[s], EDGES[s + 1]], "keep": {"blocks": [0, 1, 2, 3], **lv["keep"]}, "weight": 0.25}
+              for s in range(4)]
+    union, tensors = routing.pack_bank(teacher, stages, {(s, g): w for s in range(4) for g, w in lv["thin"].items()})
+    assert union == lv["keep"] and all(k.startswith("shared/") for k in tensors)
+    plan = Plan("stage", {"blocks": [0, 1, 2, 3], **union}, stages=stages,
+                meta={"bank": routing.save_bank(tensors, tmp_path)})
+    routed = surgery.apply(copy.deepcopy(teacher), Plan.from_json(plan.to_json()))
+    ref = static_compensated(teacher, lv)
+    g = torch.Generator().manual_seed(0)
+    x, u, y = torch.randn(16, 1, 8, 8, generator=g), torch.rand(16, generator=g), torch.randint(10, (16,), generator=g)
+    t = teacher.process.t_from_u(u)
+    with torch.no_grad():
+        assert torch.equal(routed(x, t, y), ref(x, t, y))
+    assert surgery.measure(routed)["params"] == surgery.measure(ref)["params"]
+    assert surgery.measure(routed)["macs"] == surgery.measure(ref)["macs"]
+
+
+def test_secondorder_stage_sets_differ_and_switch_at_the_boundaries(teacher, second_order, tmp_path):
+    levels = [6, 4, 2, 0]
+    keep, stages, meta = second_order.result(levels, EDGES, [0.25] * 4)
+    routed = surgery.apply(copy.deepcopy(teacher), Plan("stage", keep, stages=stages, meta=meta))
+    chans = [tuple(s["keep"]["blocks.0.mlp.hidden"]) for s in stages]
+    assert len(set(chans)) == 4 and len(chans[0]) < len(chans[1]) < len(chans[2]) < len(chans[3]) == 128
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(1, 1, 8, 8, generator=g), torch.randint(10, (1,), generator=g)
+    for s, L in enumerate(levels):
+        ref = static_compensated(teacher, second_order.level(s, L))
+        for t in (int(1000 * EDGES[s]), int(1000 * EDGES[s + 1]) - 1):  # both ends of the stage
+            tt = torch.tensor([t])
+            with torch.no_grad():
+                torch.testing.assert_close(routed(x, tt, y), ref(x, tt, y), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the last stage keeps everything: the dense teacher there
+        assert torch.equal(routed(x, torch.tensor([999]), y), teacher(x, torch.tensor([999]), y))
+
+
+def test_compensated_stage_projection_lowers_the_layer_reconstruction_error(teacher, calib):
+    comp, plain = SecondOrder(levels=8), SecondOrder(levels=8, compensate=False)
+    comp.prepare(teacher, calib, EDGES)
+    plain.prepare(teacher, calib, EDGES)
+    from methods.obs_diff import obs_prune_columns
+    for s in (0, 3):
+        a, b = comp.level(s, 4), plain.level(s, 4)
+        for t in comp.targets:
+            grp = t["group"]
+            assert b["rel_error"][grp] > 0 and a["rel_error"][grp] < b["rel_error"][grp], (s, grp)
+            # the thin weights are the greedy OBS result of methods.obs_diff (least squares on the kept columns)
+            kept, W = obs_prune_columns(t["layer"].weight, comp.H[s][grp], comp.removed[4][grp], t["group_size"])
+            assert [t["dense_ids"][j] for j in kept] == a["keep"][grp]
+            cols = [j * t["group_size"] + i for j in kept for i in range(t["group_size"])]
+            torch.testing.assert_close(a["thin"][grp], W[:, cols], rtol=1e-4, atol=1e-5)
+    # on the stage's own inputs, compensated and plain outputs of one layer
+    sub = subset(calib, (routing.stage_index(teacher.process, EDGES, teacher.process.t_from_u(calib.u)) == 0))
+    X = []
+    layer = teacher.net.blocks[2].mlp.fc2
+    h = layer.register_forward_pre_hook(lambda mod, args: X.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        x_t, t = teacher.noisy(sub.x0, sub.u, sub.noise)
+        teacher(x_t, t, sub.y)
+    h.remove()
+    X = torch.cat(X)
+    grp = "blocks.2.mlp.hidden"
+    W = layer.weight.detach()
+    full = lambda lv: torch.zeros_like(W).index_copy_(1, torch.tensor(lv["keep"][grp]), lv["thin"][grp])
+    e_comp = reconstruction_error(W, full(comp.level(0, 4)), X)
+    e_plain = reconstruction_error(W, full(plain.level(0, 4)), X)
+    assert e_comp < e_plain
+
+
+def test_secondorder_cost_is_monotone_and_matches_the_measured_macs(teacher, second_order, tmp_path):
+    c = second_order.cost("macs")
+    assert len(c) == 8 and c[0] == pytest.approx(1.0) and all(b < a for a, b in zip(c, c[1:]))
+    p = second_order.cost("params")
+    assert p[0] == pytest.approx(1.0) and all(b < a for a, b in zip(p, p[1:]))
+    dense = surgery.measure(teacher)
+    levels = [7, 5, 1, 3]
+    keep, stages, meta = second_order.result(levels, EDGES, [0.25] * 4)
+    m = surgery.measure(surgery.apply(copy.deepcopy(teacher), Plan("stage", keep, stages=stages, meta=meta)))
+    assert [v / dense["macs"] for v in m["stage_macs"]] == pytest.approx([c[L] for L in levels], abs=1e-12)
+    # and a static model at a level has the params that cost('params') reports
+    for L in (2, 6):
+        assert surgery.measure(static_compensated(teacher, second_order.level(0, L)))["params"] / dense["params"] \
+            == pytest.approx(p[L], abs=1e-12)
+
+
+def test_diffes_obs_plan_meets_its_macs_budget_and_replays_on_a_fresh_dense_model(teacher, calib, tmp_path):
+    dense_cost = surgery.measure(teacher)
+    before = {k: v.clone() for k, v in teacher.net.state_dict().items()}
+    budget = Budget("macs", 0.6)
+    plan = load_obs(tmp_path).plan(teacher, budget, calib)
+    assert all(torch.equal(v, teacher.net.state_dict()[k]) for k, v in before.items())  # plan() changed nothing
+    assert plan.granularity == "stage" and len(plan.stages) == 4
+    assert len({tuple(s["keep"]["blocks.1.mlp.hidden"]) for s in plan.stages}) > 1  # a stage-wise schedule
+    assert Path(plan.meta["bank"]["path"]).parent == tmp_path
+    text = plan.to_json()
+    a = surgery.apply(copy.deepcopy(teacher), Plan.from_json(text))
+    b = surgery.apply(copy.deepcopy(teacher), Plan.from_json(text))
+    m = surgery.measure(a)
+    keep = surgery.check_budget(dense_cost, m, budget, unit_share=plan.meta["unit_share"])
+    assert keep["keep_macs"] == pytest.approx(plan.meta["trajectory_cost"], abs=1e-9) and keep["keep_macs"] <= 0.6
+    assert m["stage_bank_params"] == plan.meta["bank"]["params"] > 0
+    x, t, y = a.example_inputs(4)
+    t = teacher.process.t_from_u(torch.tensor([0.1, 0.4, 0.6, 0.9]))
+    with torch.no_grad():
+        assert torch.equal(a(x, t, y), b(x, t, y))
+    from methods.diffes.fitness import TrajectoryFitness  # the replayed model samples what the search scored
+    fit = TrajectoryFitness(teacher, probes=FAST["probes"], steps=FAST["fitness_steps"], batch_size=64)
+    assert fit(a) == pytest.approx(plan.meta["fitness"], rel=1e-9, abs=1e-12)
+    assert plan.meta["final_best_fitness"] >= plan.meta["initial_best_fitness"]
+
+
+def test_diffes_obs_params_budget_is_a_static_compensated_plan(teacher, calib, tmp_path):
+    plan = load_obs(tmp_path).plan(teacher, Budget("params", 0.7), calib)
+    assert all(s["keep"] == plan.stages[0]["keep"] for s in plan.stages)
+    routed = surgery.apply(copy.deepcopy(teacher), plan)
+    m, dense = surgery.measure(routed), surgery.measure(teacher)
+    assert m["stage_bank_params"] == 0 and m["params"] / dense["params"] <= 0.7
+    assert surgery.check_budget(dense, m, Budget("params", 0.7), unit_share=plan.meta["unit_share"])
+
+
+def test_diffes_obs_run_keeps_its_bank_with_the_run_artifacts(tiny_cfg):
+    """bench.run: the bank goes to the run's artifacts folder, plan.json names it, and the plan
+    replayed on the (cached) teacher gives the row's measured params and MACs."""
+    from bench.results import run_relpath
+    from bench.run import execute, load_data, teacher as run_teacher
+
+    cfg = tiny_cfg("diffes_obs", ["budget.measure=macs", "budget.keep=0.6", "finetune.steps=0",
+                                  "method.generations=1", "method.probes=8", "method.fitness_steps=3"])
+    row = execute(cfg)
+    rel = run_relpath(cfg)
+    plan = Plan.from_json((Path(cfg["paths"]["results"]) / rel / "plan.json").read_text())
+    bank = Path(plan.meta["bank"]["path"])
+    assert bank.parent == Path(cfg["paths"]["artifacts"]) / "runs" / rel and bank.is_file()
+    net, _ = run_teacher(cfg, load_data(cfg), "cpu")
+    m = surgery.measure(surgery.apply(net, plan))
+    assert row.params_M == pytest.approx(m["params"] / 1e6) and row.macs_G == pytest.approx(m["macs"] / 1e9)
+    assert row.keep_macs <= 0.6 + 1e-9 and row.keep_params > 1.0  # stage-wise width stores more than dense

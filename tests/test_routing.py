@@ -1,5 +1,7 @@
 """Stage-wise routing (bench.routing): exact equivalence with static pruning, switching at stage
-boundaries, shared weights, stage-weighted costs and budgets, fine-tuning through a routed model."""
+boundaries, shared weights, stage-weighted costs and budgets, fine-tuning through a routed model;
+per-stage width (heads / MLP channels selected from the shared weights, thin output projections
+per stage from a bank)."""
 from __future__ import annotations
 
 import copy
@@ -215,7 +217,10 @@ def test_stage_latency_reports_every_stage():
 @pytest.mark.parametrize("stages,match", [
     ([{"u_range": [0, 0.5], "keep": {"blocks": [0]}}, {"u_range": [0.6, 1], "keep": {"blocks": [1]}}], "contiguous"),
     ([{"u_range": [0, 0.5], "keep": {"blocks": [0]}}, {"u_range": [0.5, 0.9], "keep": {"blocks": [1]}}], "end at u = 1"),
-    ([{"u_range": [0, 1], "keep": {"blocks": [0], "blocks.0.attn.heads": [0]}}], "methods.obs_diff"),
+    ([{"u_range": [0, 1], "keep": {"blocks": [0], "blocks.1.attn.heads": [0]}}], "which that stage drops"),
+    ([{"u_range": [0, 1], "keep": {"blocks": [0], "blocks.0.attn.heads": [5]}}], "does not store"),
+    ([{"u_range": [0, 1], "keep": {"blocks": [0], "blocks.0.attn.gates": [0]}}], "unknown unit group"),
+    ([{"u_range": [0, 1], "keep": {"blocks": [0], "blocks.0.mlp.hidden": []}}], "non-empty"),
     ([{"u_range": [0, 1], "keep": {"blocks": [7]}}], "invalid block plan"),
     ([{"u_range": [0, 1], "keep": {"blocks": []}}], "non-empty"),
 ])
@@ -229,3 +234,168 @@ def test_routed_model_refuses_a_second_plan():
     net = surgery.apply(make_net(), stage_plan([[0], [1]]))
     with pytest.raises(BenchError, match="routed already"):
         surgery.apply(net, Plan(granularity="block", keep={"blocks": [0]}))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-stage width: shared q/k/v and fc1 rows, thin output projections per stage (the bank)
+# --------------------------------------------------------------------------------------------
+
+HEADS, CHANNELS = "attn.heads", "mlp.hidden"
+
+
+def width_keep(heads, channels, blocks=range(4)):
+    """A stage keep set: the same kept heads / channels in every block."""
+    keep = {"blocks": list(blocks)}
+    for b in blocks:
+        keep[f"blocks.{b}.{HEADS}"] = list(heads)
+        keep[f"blocks.{b}.{CHANNELS}"] = list(channels)
+    return keep
+
+
+def thin_weights(net, keep, seed):
+    """Some output projections for a keep set (stand-ins for compensated ones): the dense
+    columns plus a seeded perturbation, per width group."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, ids in keep.items():
+        if name == "blocks":
+            continue
+        W = routing.consumer_columns(net, name, ids).detach()
+        out[name] = W + 0.1 * torch.randn(W.shape, generator=g)
+    return out
+
+
+def static_width(net, keep, thin):
+    """The static width-pruned model with these output projections written in."""
+    pruned = surgery.apply(copy.deepcopy(net), Plan(granularity="width", keep={k: v for k, v in keep.items()
+                                                                              if k != "blocks"}))
+    with torch.no_grad():
+        for name, W in thin.items():
+            b = int(name.split(".")[1])
+            block = pruned.net.blocks[pruned.kept_blocks.index(b)]
+            layer = block.attn.proj if name.endswith(HEADS) else block.mlp.fc2
+            layer.weight.copy_(W)
+    return pruned
+
+
+def width_plan(net, keeps, thins, tmp_path, edges=None):
+    edges = edges or [k / len(keeps) for k in range(len(keeps) + 1)]
+    stages = [{"u_range": [edges[k], edges[k + 1]], "keep": keep} for k, keep in enumerate(keeps)]
+    thin = {(s, g): w for s, t in enumerate(thins) for g, w in t.items()}
+    union, tensors = routing.pack_bank(net, stages, thin)
+    ref = routing.save_bank(tensors, tmp_path)
+    blocks = sorted(set().union(*(k["blocks"] for k in keeps)))
+    return Plan(granularity="stage", keep={"blocks": blocks, **union}, stages=stages, meta={"bank": ref}), tensors
+
+
+@pytest.mark.parametrize("family", ["dit", "sit"])
+def test_width_plan_with_one_keep_set_and_weights_is_the_static_compensated_model(family, tmp_path):
+    net = make_net(family)
+    keep = width_keep([1], [0, 3, 5, 6, 17, 40, 41, 90, 127])
+    thin = thin_weights(net, keep, seed=0)
+    plan, tensors = width_plan(net, [keep] * 4, [thin] * 4, tmp_path)
+    assert all(k.startswith("shared/") for k in tensors)  # one copy, written into the stored projections
+    routed = surgery.apply(copy.deepcopy(net), Plan.from_json(plan.to_json()))
+    ref = static_width(net, keep, thin)
+    x, t, y = inputs(net, 16)
+    with torch.no_grad():
+        assert torch.equal(routed(x, t, y), ref(x, t, y))
+    a, b = surgery.measure(routed), surgery.measure(ref)
+    assert a["params"] == b["params"] and a["macs"] == b["macs"] and a["stage_bank_params"] == 0
+    assert set(routed.net.state_dict()) == set(ref.net.state_dict())  # no bank module: the official layout
+
+
+@pytest.mark.parametrize("family", ["dit", "sit"])
+def test_width_sets_switch_at_the_stage_boundaries(family, tmp_path):
+    net = make_net(family)
+    keeps = [width_keep([0], range(0, 128, 2)), width_keep([0, 1], range(64)),
+             width_keep([1], range(100, 128)), width_keep([0, 1], range(128))]
+    thins = [thin_weights(net, keeps[0], 1), thin_weights(net, keeps[1], 2), {}, {}]  # stage 2: selected columns
+    plan, tensors = width_plan(net, keeps, thins, tmp_path, edges=[0.0, 0.3, 0.5, 0.8, 1.0])
+    routed = surgery.apply(copy.deepcopy(net), plan)
+    refs = [static_width(net, k, th) for k, th in zip(keeps, thins)]
+    if family == "dit":
+        t = torch.tensor([0, 299, 300, 499, 500, 799, 800, net.process.T - 1], dtype=torch.long)
+    else:
+        t = torch.tensor([1.0, 0.7 + 1e-4, 0.7, 0.5 + 1e-4, 0.5, 0.2 + 1e-4, 0.2, 0.0])
+    expect = [0, 0, 1, 1, 2, 2, 3, 3]
+    assert routing.router(routed).stage_of(t).tolist() == expect
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(len(expect), 1, 8, 8, generator=g), torch.randint(10, (len(expect),), generator=g)
+    with torch.no_grad():
+        mixed = routed(x, t, y)  # one batch across all four stages (fine-tuning draws t per sample)
+        for i, s in enumerate(expect):
+            want = refs[s](x[i:i + 1], t[i:i + 1], y[i:i + 1])
+            torch.testing.assert_close(routed(x[i:i + 1], t[i:i + 1], y[i:i + 1]), want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mixed[i:i + 1], want, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(refs[0](x[1:2], t[1:2], y[1:2]), refs[1](x[1:2], t[1:2], y[1:2]))
+    # the last stage keeps every unit with the dense weights: exactly the dense model there
+    with torch.no_grad():
+        assert torch.equal(routed(x[6:], t[6:], y[6:]), net(x[6:], t[6:], y[6:]))
+
+
+def test_width_bank_stores_each_thin_projection_once_per_stage(tmp_path):
+    net = make_net()
+    keeps = [width_keep([0], range(32)), width_keep([1], range(32, 96)), width_keep([0], range(32)),
+             width_keep([0, 1], range(128))]
+    thins = [thin_weights(net, keeps[0], 1), thin_weights(net, keeps[1], 2), thin_weights(net, keeps[0], 3), {}]
+    plan, tensors = width_plan(net, keeps, thins, tmp_path)
+    assert sorted({k.split("/")[0] for k in tensors}) == ["stage0", "stage1", "stage2"]  # stage 3 selects the stored
+    routed = surgery.apply(copy.deepcopy(net), plan)
+    union = surgery.apply(copy.deepcopy(net), Plan(granularity="width", keep={k: v for k, v in plan.keep.items()
+                                                                             if k != "blocks"}))
+    m = surgery.measure(routed)
+    thin_params = sum(w.numel() for k, w in tensors.items() if k.startswith("stage"))
+    per_stage = [sum(w.numel() for g, w in th.items()) for th in thins]
+    assert thin_params == sum(per_stage[:3])
+    assert m["stage_bank_params"] == thin_params == plan.meta["bank"]["params"]
+    assert m["params"] == surgery.measure(union)["params"] + thin_params  # shared union + thin projections
+    ptrs = [p.data_ptr() for p in routed.net.parameters()]
+    assert len(ptrs) == len(set(ptrs))  # nothing stored twice
+    # MACs of a width stage are those of the static model with the same widths
+    for s, (k, th) in enumerate(zip(keeps, thins)):
+        assert m["stage_macs"][s] == surgery.measure(static_width(net, k, th))["macs"]
+
+
+def test_width_routed_model_fine_tunes_its_stage_projections_and_resumes(tmp_path):
+    from bench.data import digits
+    from bench.finetune import FinetuneConfig, finetune
+
+    net = make_net()
+    keeps = [width_keep([0], range(64)), width_keep([1], range(64, 128)), width_keep([0, 1], range(96)),
+             width_keep([0], range(128))]
+    thins = [thin_weights(net, k, s) for s, k in enumerate(keeps)]
+    plan, _ = width_plan(net, keeps, thins, tmp_path / "bank")
+    routed = surgery.apply(copy.deepcopy(net), plan)
+    before = {k: v.clone() for k, v in routed.net.state_dict().items()}
+    assert any(k.startswith("stage_bank.") for k in before)
+    cfg = FinetuneConfig(steps=3, batch=16, lr=1e-3, ckpt_every=100, log_every=100)
+    out = finetune(routed, digits("train"), cfg, tmp_path / "ft", seed=0)
+    after = out.net.state_dict()
+    changed = [k for k in before if k.startswith("stage_bank.") and not torch.equal(before[k], after[k])]
+    assert changed and not torch.equal(before["blocks.0.attn.qkv.weight"], after["blocks.0.attn.qkv.weight"])
+    again = finetune(surgery.apply(copy.deepcopy(net), plan), digits("train"), cfg, tmp_path / "ft", seed=0)
+    x, t, y = inputs(net, 8)
+    with torch.no_grad():
+        assert torch.equal(again(x, t, y), out(x, t, y))
+
+
+def test_bad_banks_are_refused(tmp_path):
+    net = make_net()
+    keeps = [width_keep([0], range(64)), width_keep([1], range(64))]
+    plan, tensors = width_plan(net, keeps, [thin_weights(net, k, s) for s, k in enumerate(keeps)], tmp_path)
+    bad = Plan.from_json(plan.to_json())
+    bad.meta["bank"]["sha256"] = "0" * 64
+    with pytest.raises(BenchError, match="sha256"):
+        surgery.apply(copy.deepcopy(net), bad)
+    gone = Plan.from_json(plan.to_json())
+    gone.meta["bank"]["path"] = str(tmp_path / "missing.safetensors")
+    with pytest.raises(BenchError, match="does not exist"):
+        surgery.apply(copy.deepcopy(net), gone)
+    wrong = dict(tensors)
+    key = next(k for k in wrong if k.startswith("stage1/"))
+    wrong[key] = wrong[key][:, :3]
+    shaped = Plan.from_json(plan.to_json())
+    shaped.meta["bank"] = routing.save_bank(wrong, tmp_path)
+    with pytest.raises(BenchError, match="shape"):
+        surgery.apply(copy.deepcopy(net), shaped)

@@ -11,7 +11,10 @@ What it does [V]:
     sparsity level L_s in [0, H]; the model switches keep sets with the timestep at inference and
     shares one copy of the dense weights (bench.routing);
   * per-stage calibration: probes noised inside the stage rank the units of each stage
-    (layer drop: 1 - cos(flatten(block out), flatten(block in)) per sample, ascending = drop order);
+    (layer drop: 1 - cos(flatten(block out), flatten(block in)) per sample, ascending = drop order;
+    second order: structured OBS on attn.proj / mlp.fc2 with that stage's layer Hessians, the
+    compensated thin projections stored per stage, q/k/v and fc1 rows selected from the shared
+    dense weights: the "OBS bank", methods.diffes.backends);
   * the level vector is searched by an EvoPress-style evolution (methods.diffes.search): fixed
     and random initial allocations under the budget, level-switch mutation, elitist survivors,
     fitness cached per level vector;
@@ -19,7 +22,8 @@ What it does [V]:
     candidate with DDIM at the run's CFG scale; default -MSE of the final latents
     (methods.diffes.fitness; Frechet distance, SSIM, cosine, SNR as options);
   * no fine-tuning in the code (training-free); here the shared fine-tune follows, as for every
-    method (it trains the routed model: each sample updates the blocks of its own stage).
+    method (it trains the routed model: each sample updates the blocks, and with the second-order
+    backend the thin projections, of its own stage).
 
 Reconstruction choices [A] (keyword arguments; defaults in brackets):
   R1 stages      num_stages [4] stages uniform in u (= uniform in DDPM training t, the code's
@@ -29,12 +33,16 @@ Reconstruction choices [A] (keyword arguments; defaults in brackets):
                  the *deployed* sampler's network evaluations (traj_sampler/steps/skip [the run's
                  eval sampler: 25-step DDPM ancestral]; bench.routing.nfe_weights); the code's fixed
                  level sum is the equal-weight case (search.py). A params budget counts what the
-                 routed model stores (the union of the stages' blocks), so stage-wise layer drop has
-                 nothing to search there: every stage keeps the budget's number of blocks with the best
-                 trajectory-mean scores (a static plan, meta["params_budget"] says so).
+                 routed model stores (the union of the stages' blocks; for second order also every
+                 stage's thin projections), so stage-wise pruning has nothing to search there: every
+                 stage keeps the budget's number of blocks with the best trajectory-mean scores, or
+                 (second order) the same OBS-chosen and compensated width, from the trajectory-weighted
+                 Hessian (a static plan, meta["params_budget"] says so).
   R3 backend     layerdrop [layerdrop]: level = blocks removed in that stage (H = depth - 1, at least
-                 one block runs); secondorder (OBS width per stage, methods.obs_diff) stops with a
-                 BenchError: per-stage width routing with compensated banks is not built yet.
+                 one block runs). secondorder (method diffes_obs): level = width removed in that
+                 stage, heads and MLP channels of every block, chosen and compensated by OBS
+                 (methods.obs_diff) on that stage's probes (details R9 and methods.diffes.backends);
+                 a MACs budget (blocks: refused).
   R4 scorer      per-stage block ranking on the calibration probes whose noise level lies in the stage
                  [cosine = Diff-ES's flattened cosine]; shortgpt (per-token), flux_lite, magnitude,
                  sensitivity, entpruner (CED), tinyfusion (keep probabilities of TinyFusion's mask
@@ -43,8 +51,9 @@ Reconstruction choices [A] (keyword arguments; defaults in brackets):
   R5 population  the code's patterns front/back/middle/ramp_up/ramp_down/zigzag/ends plus flat (the
                  uniform schedule: the search starts from at least it) and n_random [4] random
                  (gamma) allocations, all projected on the budget; survivors [4] (code default),
-                 offspring [8] (code 16), generations [8] (code 100, README 50), sized so plan() takes
-                 ~10-20 s on one CPU thread for the default model.
+                 offspring [8] (code 16), generations [5] (diffes.yaml; code 100, README 50: on the
+                 default teacher no unseen neighbour is left after ~5), sized so plan() takes ~10-20 s
+                 on one CPU thread for the default model.
   R6 mutation    level switch of m <= mutation_max_levels [2] (README DiT 5 of 16 levels) levels,
                  min(U{1..M}, U{1..M}) moves with M = mutation_n_valid [1] (README 1); unequal stage
                  weights: random single-level repair to feasible and tight (search.py).
@@ -52,10 +61,33 @@ Reconstruction choices [A] (keyword arguments; defaults in brackets):
                  fitness_sampler [DDIM eta 0 for DDPM, Euler for flow], fitness_steps [10] (code 20),
                  fitness_cfg [1.5 = the suite's eval CFG; code 2.1 for DiT], metric fitness [latent_mse].
   R8 seed        the search's RNG (mutations, random patterns) [the run's seed]; probes are fixed.
-Not reproduced: SDXL, image-quality fitness metrics needing pyiqa, the multi-GPU orchestration.
+  R9 second      levels [8]: level L removes round(L n / levels) units of each group of n (every
+     order       block's heads, its MLP channels; at least one kept; the code has levels = H heads, one
+                 head per level: ours keeps a fine grid on few-head models, the MLP carrying it); H_s = 2 E[X X^T] of each consumer's
+                 input over the stage's probes, uniform within the stage (the code's; OBS-Diff's
+                 log-decrease weights are per step of a whole trajectory), cfg_calib [true]: the
+                 null-label forward enters H too (the code's CFG-doubled batch); percdamp [0.01] always
+                 (code: only when the Cholesky fails); saliency [block] = w_S^T (Hinv_SS)^-1 w_S (the
+                 code's score_j; chol_diag = OBS-Diff's head rule); obs_chunk [1]; compensate [true]
+                 (false: selected columns, the ablation). One greedy OBS pass per (stage, layer) gives
+                 the removal order; level L keeps its prefix complement, with the least-squares weights
+                 W H_:K H_KK^-1 (what the greedy updates reach); cached per (stage, level). cost() is
+                 measured per level: MACs of a model routed at that level, params of the static one.
+     storage     the chosen stages' thin projections go to a safetensors bank named by its sha256
+                 (plan.meta["bank"]: path, sha256, params; bench.run puts it in the run's artifacts
+                 folder, tests elsewhere); bench.routing.apply_stages rebuilds the routed model from a
+                 fresh dense model, the plan and the bank, exactly (recomputing instead would need the
+                 calibration set and every stage's Hessians at surgery). Params reported = the shared
+                 union + the bank: above the dense model's when stages differ (Diff-ES's trade).
+Not reproduced: SDXL, image-quality fitness metrics needing pyiqa, the multi-GPU orchestration,
+the code's wanda / magnitude / activation first-order width backends, and a disk cache of the
+per-(stage, level) weights (they live in memory: fine for the suite's models, not for DiT-XL/2's
+10 stages x 16 levels).
 
-Outputs: plan.stages (u range, keep set, weight, level per stage), keep["blocks"] = the union
-stored; scores["blocks"] = trajectory-weighted mean stage scores; meta: the per-generation log
+Outputs: plan.stages (u range, keep set, weight, level per stage), keep["blocks"] (and, second
+order, every width group) = the union stored; scores["blocks"] = trajectory-weighted mean stage
+scores (second order: per width group, the units' trajectory-weighted OBS saliencies; meta["bank"]
+and per-stage relative layer errors `stage_rel_error`); meta: the per-generation log
 (`generations`: best/mean fitness, best levels, evaluations, seconds), every evaluated schedule,
 the initial patterns' fitness, per-stage scores and drop orders, stage weights, settings.
 """
@@ -65,7 +97,6 @@ import time
 
 from bench import routing
 from bench.api import BenchError, Budget, Method, Plan
-from bench.surgery import blocks_to_keep, keep_top
 from methods.blockscores import SCORERS
 from methods.diffes.backends import BACKENDS, make_backend
 from methods.diffes.fitness import METRICS, TrajectoryFitness
@@ -80,7 +111,7 @@ class DiffES(Method):
 
     def __init__(
         self,
-        backend: str = "layerdrop",            # R3: layerdrop | secondorder (BenchError: width routing not built)
+        backend: str = "layerdrop",            # R3: layerdrop | secondorder (OBS width per stage)
         num_stages: int = 4,                   # R1: code default 20, README 10
         dividers: list | None = None,          # R1: inner u edges; None = uniform in u
         traj_sampler: str | None = None,       # R2: the deployed sampler (None: ddpm / heun by process)
@@ -93,7 +124,7 @@ class DiffES(Method):
         n_random: int = 4,                     # R5: random (gamma) initial allocations
         survivors: int = 4,                    # R5: code --survivors-per-selection 4
         offspring: int = 8,                    # R5: code --offspring 16
-        generations: int = 8,                  # R5: code 100, README 50
+        generations: int = 5,                  # R5: code 100, README 50
         mutation_max_levels: int = 2,          # R6: README DiT 5 (of 16 levels)
         mutation_n_valid: int = 1,             # R6: README 1
         fitness: str = "latent_mse",           # R7: latent_mse | latent_cos | snr_db | frechet | ssim
@@ -104,6 +135,12 @@ class DiffES(Method):
         fitness_cfg: float = 1.5,              # R7: code 2.1 (DiT); the suite's eval CFG
         batch_size: int = 128,                 # memory only
         seed: int = 0,                         # R8: search RNG
+        levels: int = 8,                       # R9 secondorder: level L removes L/levels of the width (code: H)
+        percdamp: float = 0.01,                # R9: OBS damping (OBS-Diff's; code: only if Cholesky fails)
+        compensate: bool = True,               # R9: OBS update of the thin projections (false: the ablation)
+        saliency: str = "block",               # R9: group OBS (Diff-ES's score_j) | chol_diag (OBS-Diff's head rule)
+        obs_chunk: int = 1,                    # R9: groups removed per greedy OBS step
+        cfg_calib: bool = True,                # R9: null-label forward in the Hessians too (code: CFG-doubled batch)
     ):
         if backend not in BACKENDS:
             raise BenchError(f"diffes backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}")
@@ -131,13 +168,29 @@ class DiffES(Method):
         self.fitness, self.probes, self.probe_seed = fitness, int(probes), int(probe_seed)
         self.fitness_sampler, self.fitness_steps, self.fitness_cfg = fitness_sampler, int(fitness_steps), float(fitness_cfg)
         self.batch_size, self.seed = int(batch_size), int(seed)
+        if levels < 2 or percdamp < 0 or obs_chunk < 1 or saliency not in ("block", "chol_diag"):
+            raise BenchError("diffes needs levels >= 2, percdamp >= 0, obs_chunk >= 1 and saliency block | chol_diag")
+        self.levels, self.percdamp, self.compensate = int(levels), float(percdamp), bool(compensate)
+        self.saliency, self.obs_chunk, self.cfg_calib = saliency, int(obs_chunk), bool(cfg_calib)
+        self.bank_dir = None  # where the secondorder bank is written; bench.run sets the run's artifacts folder
 
     def settings(self) -> dict:
         keys = ("backend", "num_stages", "dividers", "traj_sampler", "traj_steps", "traj_skip", "scorer",
                 "scorer_kwargs", "protect_ends", "patterns", "n_random", "survivors", "offspring", "generations",
                 "mutation_max_levels", "mutation_n_valid", "fitness", "probes", "probe_seed", "fitness_sampler",
                 "fitness_steps", "fitness_cfg", "seed")
+        if self.backend == "secondorder":  # the block scorer is layer drop's; R9 are second-order's
+            keys = tuple(k for k in keys if k not in ("scorer", "scorer_kwargs", "protect_ends"))
+            keys += ("levels", "percdamp", "compensate", "saliency", "obs_chunk", "cfg_calib")
         return {k: getattr(self, k) for k in keys}
+
+    def make_backend(self):
+        if self.backend == "secondorder":
+            return make_backend("secondorder", levels=self.levels, percdamp=self.percdamp, compensate=self.compensate,
+                                saliency=self.saliency, chunk=self.obs_chunk, cfg_calib=self.cfg_calib,
+                                batch_size=self.batch_size, bank_dir=self.bank_dir)
+        return make_backend(self.backend, scorer=self.scorer, scorer_kwargs=self.scorer_kwargs,
+                            protect_ends=self.protect_ends, batch_size=self.batch_size)
 
     def edges(self) -> list[float]:
         if self.dividers is not None:
@@ -152,24 +205,18 @@ class DiffES(Method):
         t0 = time.perf_counter()
         edges = self.edges()
         weights = self.stage_weights(net, edges)
-        be = make_backend(self.backend, scorer=self.scorer, scorer_kwargs=self.scorer_kwargs,
-                          protect_ends=self.protect_ends, batch_size=self.batch_size)
+        be = self.make_backend()
         be.prepare(net, calib, edges)
-        depth = len(net.net.blocks)
-        mean_scores = [float(sum(w * sc[i] for w, sc in zip(weights, be.scores))) for i in range(depth)]
-        unit = be.per[budget.measure] / (be.fixed[budget.measure] + depth * be.per[budget.measure])
         meta = {"method": "diffes", "settings": self.settings(), "edges": edges, "stage_weights": weights,
                 "trajectory_sampler": self.traj_sampler or ("ddpm" if net.process.kind == "ddpm" else "heun"),
-                "unit_share": unit, "calib_n": len(calib), **be.meta()}
+                "unit_share": be.unit_share(budget.measure, weights), "calib_n": len(calib), **be.meta()}
+        scores = be.plan_scores(weights)
 
-        if budget.measure == "params":  # R2: stored params = the union; nothing stage-wise to search
-            pool = [net.kept_blocks[i] for i in keep_top(mean_scores, blocks_to_keep(net, budget))]
-            stages = [{"u_range": [edges[s], edges[s + 1]], "keep": {"blocks": pool}, "weight": weights[s], "level": None}
-                      for s in range(len(weights))]
-            meta["params_budget"] = ("a params budget counts the stored union of the stages' blocks; every stage keeps "
-                                     "the blocks with the best trajectory-mean scores (a static plan)")
+        if budget.measure == "params":  # R2: stored params; nothing stage-wise to search
+            keep, stages, extra = be.static_plan(net, budget, edges, weights)
+            meta.update(extra)
             meta["seconds"] = round(time.perf_counter() - t0, 3)
-            return Plan("stage", {"blocks": pool}, {"blocks": mean_scores}, stages, meta)
+            return Plan("stage", keep, scores, stages, meta)
 
         space = LevelSpace(weights, be.cost(budget.measure), budget.keep)
         fit = TrajectoryFitness(net, self.fitness, self.probes, self.probe_seed, self.fitness_sampler,
@@ -182,12 +229,11 @@ class DiffES(Method):
         res = evolve(space, fitness, patterns=self.patterns, n_random=self.n_random, survivors=self.survivors,
                      offspring=self.offspring, generations=self.generations, max_levels=self.mutation_max_levels,
                      n_valid=self.mutation_n_valid, seed=self.seed)
-        stages = be.stages(res["levels"], edges, weights)
-        union = sorted(set().union(*(s["keep"]["blocks"] for s in stages)))
+        keep, stages, extra = be.result(res["levels"], edges, weights)
         hist = res["history"]
         meta.update({"levels": list(res["levels"]), "fitness": res["fitness"], "fitness_metric": self.fitness,
                      "initial_best_fitness": hist[0]["best_fitness"], "final_best_fitness": hist[-1]["best_fitness"],
                      "generations": hist, "initial": res["initial"], "evaluations": res["evaluations"],
                      "trajectory_cost": space.total(res["levels"]), "max_level": space.max_level,
-                     "fitness_sampler": fit.sampler, "seconds": round(time.perf_counter() - t0, 3)})
-        return Plan("stage", {"blocks": union}, {"blocks": mean_scores}, stages, meta)
+                     "fitness_sampler": fit.sampler, **extra, "seconds": round(time.perf_counter() - t0, 3)})
+        return Plan("stage", keep, scores, stages, meta)
