@@ -91,7 +91,8 @@ def apply(net: Denoiser, plan: Plan) -> Denoiser:
                 raise BenchError(f"plan removes operators of group {group!r}; {net.name} has {sorted(have)}")
             net.remove_operators(group, [int(i) for i in keep])
     if width:
-        groups = net.width_groups()
+        names = getattr(net.net, "width_group_names", None)   # the U-Net's: names without the members
+        groups = names() if names is not None else net.width_groups()
         unknown = sorted(set(width) - set(groups))
         if unknown:
             raise BenchError(f"plan names width groups the model does not have: {unknown[:4]}; "
@@ -175,9 +176,10 @@ def width_plan(net: Denoiser, scores: dict[str, list[float]], budget: Budget, gr
                     meta={**(meta or {}), **extra})
 
     cache: dict[tuple, float] = {}
+    proto = _meta_copy(net, dense)   # trials on the meta device: shapes only, so MACs and params are exact and cheap
 
     def trial_of(cnt: dict[str, int]) -> Denoiser:
-        trial = copy.deepcopy(net)
+        trial = copy.deepcopy(proto if proto is not None else net)
         apply(trial, plan_for(cnt, {}))
         return trial
 
@@ -207,6 +209,23 @@ def width_plan(net: Denoiser, scores: dict[str, list[float]], budget: Budget, gr
     plan = plan_for(counts(lo, q_fill if fine else None, adds), extra)
     plan.meta["measured_keep"] = got
     return plan
+
+
+def _meta_copy(net: Denoiser, dense: dict[str, float]) -> Denoiser | None:
+    """A copy of net on the meta device (no weight data: copies, Torch-Pruning's tracing, surgery and
+    the FLOP counter cost no arithmetic), or None when the model does not run there; then trials
+    are real copies. MACs and params depend on shapes only: the copy must measure as `dense` does."""
+    import copy
+
+    memo = {}
+    for t in [*net.net.parameters(), *net.net.buffers()]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    try:
+        trial = copy.deepcopy(net, memo)
+        return trial if measure(trial) == dense else None
+    except Exception:  # an op without a meta kernel
+        return None
 
 
 def _allocate(budget, groups, coarse, fine, cost_of, counts, trial_of, step, dense):

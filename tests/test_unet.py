@@ -312,6 +312,56 @@ def test_ddpm_cifar10_prunes(ddpm):
     assert out.shape == x.shape and torch.isfinite(out).all() and count_params(net.net) < p0
 
 
+def test_ddpm_cifar10_checkpoint_folder_loads_and_prunes(ddpm, tmp_path):
+    """A DDPM CIFAR-10 checkpoint folder as google/ddpm-cifar10-32 ships it (config.json and the
+    pickled diffusion_pytorch_model.bin with diffusers' pre-0.15 attention names), written here with
+    random weights, loaded as a user loads it (experiment=diffpruning_cifar10 model.ckpt=<folder>,
+    bench.run's loader), pruned by a width method's plan at the experiment's budget through
+    bench.surgery (run.py's path: plan, apply, measure, check_budget); the forward works and the plan
+    replays exactly on a fresh load. magnitude_width: a cheap score, the allocation every method gets."""
+    import json
+
+    from bench import surgery
+    from bench.run import build_dense, make_method, validate
+    from tests.test_configs import hydra_compose
+
+    folder = tmp_path / "ddpm-cifar10-32"
+    ddpm.net.unet.save_pretrained(folder, safe_serialization=False)
+    sd = torch.load(folder / "diffusion_pytorch_model.bin", weights_only=True)
+    legacy = {}
+    for k, v in sd.items():
+        for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            k = k.replace(f".{new}.", f".{old}.")
+        legacy[k] = v
+    assert sum(k.endswith(".proj_attn.weight") for k in legacy) == 6                 # 2 down, 1 middle, 3 up attentions
+    torch.save(legacy, folder / "diffusion_pytorch_model.bin")
+    assert json.loads((folder / "config.json").read_text())["_class_name"] == "UNet2DModel"
+
+    d, _ = hydra_compose(["experiment=diffpruning_cifar10", "method=magnitude_width", f"model.ckpt={folder}"])
+    assert d["model"]["ckpt"] == str(folder)
+    budget = validate({**d, "device": "cpu"})
+    net = build_dense(d)
+    net.net.eval()
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)), torch.tensor([3, 900])
+    with torch.no_grad():
+        assert torch.equal(net(x, t), ddpm(x, t))                          # loaded exactly
+    dense = surgery.measure(net)
+    plan = make_method(d).plan(net, budget, None)
+    surgery.apply(net, plan)
+    keep = surgery.check_budget(dense, surgery.measure(net), budget, unit_share=float(plan.meta.get("unit_share", 0.1)))
+    assert budget.keep - 0.002 <= keep[f"keep_{budget.measure}"] <= budget.keep
+    assert keep["keep_macs"] < 0.6
+    with torch.no_grad():
+        out = net(x, t)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    fresh = build_dense(d)
+    fresh.net.eval()
+    surgery.apply(fresh, Plan.from_json(plan.to_json()))
+    with torch.no_grad():
+        assert torch.equal(fresh(x, t), out)
+    assert {k: g.dense_ids for k, g in fresh.width_groups().items()} == plan.keep
+
+
 # --------------------------------------------------------------------------------------------
 # Operators (LD-Pruner)
 # --------------------------------------------------------------------------------------------

@@ -105,6 +105,37 @@ def test_width_plan_meets_a_macs_budget_closely(keep):
         surgery.width_plan(net, scores, Budget("blocks", 0.5))
 
 
+@pytest.mark.parametrize("keep", [0.557, 0.4])
+def test_coarse_unet_groups_fill_a_macs_budget_unit_by_unit(keep):
+    """U-Net channel units are tied to GroupNorm groups (unet_tiny: 4 or 8 units per conv). Rounding
+    the kept count down made every coarse group jump together and land far under the budget; the
+    allocation rounds their pruned count down (Torch-Pruning) and adds whole units back, so the
+    measured MACs land within one coarse unit under the budget, with the same counts for any scores
+    and every coarse group within one unit of the least-kept group's fraction."""
+    from tests.test_unet import tiny
+
+    net = tiny()
+    groups = net.width_groups()
+    rnd = {s: {n: torch.rand(g.size, generator=torch.Generator().manual_seed(s)).tolist() for n, g in groups.items()}
+           for s in (0, 1)}
+    plans = [surgery.width_plan(net, rnd[s], Budget("macs", keep)) for s in (0, 1)]
+    dense = surgery.measure(net)
+    got = surgery.measure(surgery.apply(copy.deepcopy(net), plans[0]))["macs"] / dense["macs"]
+    assert plans[0].meta["measured_keep"] == pytest.approx(got) and got <= keep + 1e-9
+    coarse = [n for n, g in groups.items() if g.kind == "channels" and g.size < surgery.COARSE_UNITS]
+    assert coarse and set(plans[0].meta["coarse_units_added"]) <= set(coarse)
+    # within one unit: no coarse group can take one more unit without missing the budget
+    largest_unit = max(surgery._unit_cost_floor(surgery.apply(copy.deepcopy(net), plans[0]), coarse, "macs",
+                                                dense).values())
+    assert got >= keep - 2 * largest_unit - 0.01
+    assert {k: len(v) for k, v in plans[0].keep.items()} == {k: len(v) for k, v in plans[1].keep.items()}
+    frac = {n: len(plans[0].keep[n]) / groups[n].size for n in coarse}
+    assert max(frac.values()) - min(frac.values()) <= max(1 / groups[n].size for n in coarse) + 1e-9
+    # the meta-device trials measure what the real pruned model measures
+    real = surgery.measure(surgery.apply(copy.deepcopy(net), plans[1]))["macs"] / dense["macs"]
+    assert real == pytest.approx(plans[1].meta["measured_keep"])
+
+
 # ---- Diff-Pruning ---------------------------------------------------------------------------
 
 def test_truncation_stops_at_the_right_step_on_a_constructed_curve(monkeypatch, calib):

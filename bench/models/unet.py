@@ -137,10 +137,14 @@ class SegmentGroupNorm(nn.GroupNorm):
         if _uniform(self.channel_group):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         n, c = x.shape[:2]
-        gid = torch.as_tensor(_dense_ranks(self.channel_group), device=x.device)
-        ng = int(gid.max()) + 1
+        ranks = _dense_ranks(self.channel_group)      # group sizes from the Python list: no data-dependent
+        ng = max(ranks) + 1                           # ops, so the norm also runs on the meta device
+        gid = torch.as_tensor(ranks, device=x.device)
         xf = x.reshape(n, c, -1).float()
-        cnt = torch.bincount(gid, minlength=ng).to(xf) * xf.shape[-1]              # elements per group
+        sizes = [0] * ng
+        for r in ranks:
+            sizes[r] += 1
+        cnt = torch.tensor(sizes, device=x.device).to(xf) * xf.shape[-1]           # elements per group
         mean = torch.zeros(n, ng, device=x.device, dtype=xf.dtype).index_add_(1, gid, xf.sum(-1)) / cnt
         xc = xf - mean[:, gid, None]
         var = torch.zeros(n, ng, device=x.device, dtype=xf.dtype).index_add_(1, gid, xc.pow(2).sum(-1)) / cnt
@@ -395,6 +399,11 @@ class UNetBackbone(nn.Module):
             raise BenchError(f"width group {name}: {n} units present but {len(holder.kept_units)} recorded; "
                              "the model was changed outside bench.surgery")
         return chans
+
+    def width_group_names(self) -> list[str]:
+        """The names of width_groups() without building their members (bench.surgery.apply checks
+        a plan's keys with these: one pruning group per name is not needed for that)."""
+        return list(self._graph()[1])
 
     def width_groups(self) -> dict:
         """name -> bench.width.WidthGroup for every prunable width group of the current U-Net."""
