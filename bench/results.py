@@ -73,6 +73,10 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 
 def git_info() -> tuple[str, bool]:
+    """(short sha, dirty) of the checkout; BENCH_GIT_SHA (e.g. "3c0d85d1a2b4" or "...-dirty") names it
+    on a machine that received the tree without its .git (the GPU runs)."""
+    if env := os.environ.get("BENCH_GIT_SHA"):
+        return env.removesuffix("-dirty"), env.endswith("-dirty")
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
