@@ -193,7 +193,8 @@ def consumer_columns(net, group: str, keep_dense: list[int]) -> torch.Tensor:
     b, kind = _split_group(group)
     mod = _module(net.net.blocks[list(net.kept_blocks).index(b)], kind)
     stored = _stored_units(mod, kind)
-    pos = [stored.index(int(d)) for d in sorted(keep_dense)]
+    where = {d: i for i, d in enumerate(stored)}  # not list.index per unit (quadratic in the group size)
+    pos = [where[int(d)] for d in sorted(keep_dense)]
     W = _consumer(mod, kind).weight
     return W[:, torch.tensor(_cols(pos, _unit_width(mod, kind)), dtype=torch.long, device=W.device)]
 
@@ -244,7 +245,8 @@ def pack_bank(net, stages: list[dict], thin: dict[tuple[int, str], torch.Tensor]
         union[g] = u
         raw = consumer_columns(net, g, u).detach().cpu()
         width = _unit_width(mod, kind)
-        cols = [torch.tensor(_cols([u.index(i) for i in ids], width), dtype=torch.long) for ids in per]
+        at = {d: i for i, d in enumerate(u)}
+        cols = [torch.tensor(_cols([at[i] for i in ids], width), dtype=torch.long) for ids in per]
         want = [raw[:, c] if thin.get((s, g)) is None else thin[(s, g)].detach().cpu().to(raw.dtype).contiguous()
                 for s, c in enumerate(cols)]
         for s, (w, c) in enumerate(zip(want, cols)):
@@ -505,7 +507,8 @@ def make_router(net, stages: list[dict], bank: dict[str, torch.Tensor] | None = 
                 raise BenchError(f"plan.stages[{s}] keeps {g} units {sorted(set(ids) - set(stored))[:8]} that the "
                                  f"model does not store (it has {stored[:8]}...)")
             key = bank_key(s, g)
-            thin = Thin(tuple(stored.index(i) for i in ids), key if key in bank else None)
+            at = {d: i for i, d in enumerate(stored)}
+            thin = Thin(tuple(at[i] for i in ids), key if key in bank else None)
             if key in bank:
                 want = (_consumer(mod, kind).out_features, len(ids) * _unit_width(mod, kind))
                 if tuple(bank[key].shape) != want:

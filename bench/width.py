@@ -123,7 +123,8 @@ def dit_prune_width(net, kept_blocks: list[int], name: str, keep_dense: list[int
     keep = sorted(set(int(i) for i in keep_dense))
     if not keep or not set(keep) <= set(present):
         raise BenchError(f"invalid width plan for {name}: keep {keep[:8]}... not a non-empty subset of {present[:8]}...")
-    drop_pos = [p for p, d in enumerate(present) if d not in set(keep)]
+    keep_set = set(keep)  # built once: a set per unit made surgery quadratic (seconds per DiT-XL MLP)
+    drop_pos = [p for p, d in enumerate(present) if d not in keep_set]
     if not drop_pos:
         return
     if parts[2] == "attn":
@@ -137,4 +138,4 @@ def dit_prune_width(net, kept_blocks: list[int], name: str, keep_dense: list[int
     else:
         tp.prune_linear_out_channels(mod.fc1, drop_pos)
         tp.prune_linear_in_channels(mod.fc2, drop_pos)
-    mod.kept_units = [d for d in present if d in set(keep)]
+    mod.kept_units = [d for d in present if d in keep_set]

@@ -399,3 +399,43 @@ def test_bad_banks_are_refused(tmp_path):
     shaped.meta["bank"] = routing.save_bank(wrong, tmp_path)
     with pytest.raises(BenchError, match="shape"):
         surgery.apply(copy.deepcopy(net), shaped)
+
+
+# --------------------------------------------------------------------------------------------
+# The GPU measurement script bench.gpu.routing_speed, smoke mode on the CPU (tiny DiT, seconds)
+# --------------------------------------------------------------------------------------------
+
+def test_routing_speed_smoke(tmp_path):
+    from bench.gpu import routing_speed
+
+    res = routing_speed.main(["--smoke", "--out", str(tmp_path / "rs")])
+    assert (tmp_path / "rs.json").is_file() and "Stage-wise routing" in (tmp_path / "rs.md").read_text()
+    rows = [r for r in res["stages"] if r["mode"] == "eager" and r["dtype"] == "fp32"]
+    assert len(rows) == 4 and all(r["routed_ms"] and r["pinned_ms"] and r["same_n_ms"] for r in rows)
+    assert all(r["max_abs_diff"] == 0.0 for r in rows) and not res["errors"]
+
+
+def test_routing_speed_width_smoke(tmp_path):
+    from bench.gpu import routing_speed
+
+    res = routing_speed.main(["--smoke", "--width", "0.75,0.5,0.5,0.25", "--out", str(tmp_path / "rsw")])
+    m = res["meta"]
+    assert m["mode"] == "width" and m["fracs"] == [0.75, 0.5, 0.5, 0.25] and m["stages_distinct"]
+    # every stage has its own thin proj and fc2 in every block (stage 0 keeps both tiny heads: its proj is the stored one)
+    assert m["bank_tensors"] == 4 * 2 * m["depth"] and m["bank_stage_entries"] == 4 * 2 * m["depth"] - m["depth"]
+    assert m["stage_macs_G"] == m["static_macs_G"]  # a routed stage costs what its static model costs
+    assert all(c["max_abs_diff"] <= 1e-6 and c["pinned_max_abs_diff"] <= 1e-6 for c in res["check"])
+    assert not res["errors"] and not res["skipped"]
+    for dtype in ("fp32", "bf16"):
+        rows = [r for r in res["stages"] if (r["mode"], r["dtype"]) == ("eager", dtype)]
+        assert [r["frac"] for r in rows] == m["fracs"]
+        assert all(r["routed_ms"] and r["pinned_ms"] and r["same_frac_ms"] and r["routed_over_same_frac"] > 0
+                   for r in rows)
+        s = next(s for s in res["summary"] if (s["mode"], s["dtype"]) == ("eager", dtype))
+        assert s["routed_mean_ms"] and s["static_mean_ms"] and s["dense_ms"]
+    md = (tmp_path / "rsw.md").read_text()
+    assert "routed / same-frac" in md and (tmp_path / "rsw.json").is_file()
+    # the budget: nothing starts after it, and what was built and checked is still written
+    res = routing_speed.main(["--smoke", "--width", "0.5,0.25", "--budget-s", "0", "--out", str(tmp_path / "b0")])
+    assert res["skipped"] and not any(r.get("routed_ms") for r in res["stages"])
+    assert len(res["check"]) == 2 and "Not measured" in (tmp_path / "b0.md").read_text()

@@ -20,6 +20,26 @@ Per stage: latency, its ratio to same_n (routing overhead) and to static14; the 
 trajectory-weighted mean (uniform stage weights) against static14. Also a check that each stage's
 output equals the static model of that stage's block set (max abs difference). Writes
 <out>.json and <out>.md (rewritten after every measurement, so a killed run keeps what it has).
+
+Width mode (Diff-ES second-order backend's routed model, bench.routing width routing):
+
+    python -m bench.gpu.routing_speed --width 0.75,0.5,0.5,0.25     # cuda, DiT-XL/2 shape, ~4 min
+    python -m bench.gpu.routing_speed --width 0.75,0.5,0.5,0.25 --smoke --out /tmp/rsw   # CPU, seconds
+
+4 equal-u stages keep those fractions of every block's heads and MLP hidden channels (all 28
+blocks), each stage a different window of one seeded random permutation per width group (stages of
+one fraction keep different units; the windows cover every unit, so the model stores all of
+them); every stage has its own thin attn.proj / mlp.fc2 (the dense columns of its units plus a
+0.05 std random perturbation) in a stage bank, written as the plan's bank file and read back by
+bench.surgery. Before timing (fp32, CPU): each stage's routed (and pinned) output against the
+static width-pruned model (a width Plan through bench.surgery, i.e. Torch-Pruning surgery) with
+that stage's keep set and thin weights. Measured per stage: routed eager, pinned eager, same_frac
+= that static model (one per distinct width); compiled: the pinned stage and same_frac (a new width
+first, a repeated one last). Per stage routed / same_frac (routing overhead); the weighted mean
+against the static model of the trajectory-mean width; dense eager. Default out
+results/gpu/routing_speed_width; budget 210 s, and no measurement starts that would end after it
+(expected = the longest of its mode so far; a compiled stage reserves its static partner's time),
+so the run, compiles included, ends within ~4 min on an H200 (--no-compile: ~2 min).
 """
 from __future__ import annotations
 
@@ -99,9 +119,9 @@ def _md(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(out: Path, res: dict) -> None:
+def _write(out: Path, res: dict, md=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(res, indent=1)), (".md", _md(res))):
+    for suffix, text in ((".json", json.dumps(res, indent=1)), (".md", (md or _md)(res))):
         path = out.with_suffix(suffix)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text)
@@ -207,10 +227,349 @@ def run(out: Path, device: str, model: str, counts: list[int], keep: int, settin
     return res
 
 
+# --------------------------------------------------------------------------------------------
+# Width mode (--width): per-stage heads / MLP channels (Diff-ES second-order backend)
+# --------------------------------------------------------------------------------------------
+
+def kept_count(n: int, frac: float) -> int:
+    """Units a group of n keeps at fraction frac (bench.gpu.speed's rule: round, at least one)."""
+    return max(1, min(n, round(frac * n)))
+
+
+def width_keep_sets(dense, fracs: list[float], seed: int = 0) -> list[dict]:
+    """Per stage, a keep set naming every block and, in every width group, that stage's fraction of
+    the group's units: a cyclic window of one seeded random permutation per group, the window of
+    stage s starting at s n / S, so stages keep different (scattered) units, stages of one fraction
+    differ too, and the union of the default windows is every unit."""
+    S = len(fracs)
+    groups = dense.width_groups()
+    perms = {}
+    for i, (name, g) in enumerate(groups.items()):
+        perm = torch.randperm(g.size, generator=torch.Generator().manual_seed(seed * 100_003 + i)).tolist()
+        perms[name] = [g.dense_ids[p] for p in perm]
+    out = []
+    for s, f in enumerate(fracs):
+        keep = {"blocks": list(dense.kept_blocks)}
+        for name, g in groups.items():
+            n, off = g.size, s * g.size // S
+            keep[name] = sorted(perms[name][(off + j) % n] for j in range(kept_count(n, f)))
+        out.append(keep)
+    return out
+
+
+def perturbed_thin(dense, keeps: list[dict], scale: float = 0.05, seed: int = 0) -> dict:
+    """Each stage's own thin output projections {(stage, group): [out, kept x width]}: the dense
+    projection's columns of the stage's units plus a seeded Gaussian perturbation (scale x the
+    columns' std), stand-ins for OBS-compensated weights, so every stage has separate weights."""
+    from bench import routing
+
+    thin = {}
+    for s, keep in enumerate(keeps):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + s)
+        for name, ids in keep.items():
+            if name == "blocks":
+                continue
+            W = routing.consumer_columns(dense, name, ids).detach().float()
+            thin[(s, name)] = W + scale * float(W.std()) * torch.randn(W.shape, generator=g)
+    return thin
+
+
+def static_width(dense, keep: dict, thin_s: dict | None = None):
+    """The static width-pruned model of one keep set (a width Plan through bench.surgery, i.e.
+    Torch-Pruning's pruning functions), with the given thin projections written into its
+    attn.proj / mlp.fc2 (absent: the dense columns)."""
+    from bench import routing, surgery
+    from bench.api import Plan
+
+    net = surgery.apply(copy.deepcopy(dense), Plan("width", {k: v for k, v in keep.items() if k != "blocks"}))
+    with torch.no_grad():
+        for name, W in (thin_s or {}).items():
+            b, kind = routing._split_group(name)
+            mod = routing._module(net.net.blocks[list(net.kept_blocks).index(b)], kind)
+            routing._consumer(mod, kind).weight.copy_(W)
+    return net
+
+
+def build_width(model: str, fracs: list[float], bank_dir, scale: float = 0.05, **model_kw) -> dict:
+    """Dense model, the width-routed model of a stage plan (4 equal-u stages, weight 1/S, bank of
+    per-stage thin projections written to bank_dir and read back by bench.surgery), the keep sets
+    and each stage's thin weights."""
+    from bench import routing, surgery
+    from bench.api import Plan
+    from bench.gpu.speed import randomize_zero_init_
+    from bench.models import build as build_model
+
+    torch.manual_seed(0)
+    dense = build_model(model, **model_kw)
+    randomize_zero_init_(dense.net)
+    keeps = width_keep_sets(dense, fracs)
+    thin = perturbed_thin(dense, keeps, scale)
+    S = len(fracs)
+    stages = [{"u_range": [s / S, (s + 1) / S], "keep": k, "weight": 1.0 / S} for s, k in enumerate(keeps)]
+    union, tensors = routing.pack_bank(dense, stages, thin)
+    ref = routing.save_bank(tensors, bank_dir)
+    del tensors
+    plan = Plan("stage", {"blocks": list(dense.kept_blocks), **union}, stages=stages, meta={"bank": ref})
+    routed = surgery.apply(copy.deepcopy(dense), plan)
+    return {"dense": dense, "routed": routed, "router": routing.router(routed), "keeps": keeps, "thin": thin,
+            "plan": plan, "bank": ref, "union": union}
+
+
+def _md_width(res: dict) -> str:
+    m = res["meta"]
+    f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"
+    lines = [f"# Stage-wise width routing: per-stage latency, {m['model']} ({m['depth']} blocks, {m['heads']} heads, "
+             f"MLP {m['mlp_hidden']})", "",
+             f"device: {m['device']} · torch {m['torch']} · CUDA {m['cuda'] or '-'} · {m['warmup']} warm-up + median "
+             f"of {m['reps']} timed calls · random weights and inputs · every sample's t inside the stage", "",
+             f"routed model (Diff-ES second-order backend's, bench.routing): {m['stages']} stages (equal u ranges, "
+             f"weight 1/{m['stages']} each) keeping width fractions {m['fracs']} of every block's heads and MLP hidden "
+             f"channels ({', '.join(f'{h} heads / {c} ch' for h, c in zip(m['stage_heads'], m['stage_mlp_hidden']))}); "
+             f"the q/k/v and fc1 rows are selected per stage from the shared weights, and every stage has its own thin "
+             f"attn.proj / mlp.fc2 (the dense columns + a {m['perturbation']:g} std random perturbation) from the bank "
+             f"({m['bank_tensors']} tensors, {m['bank_params_M']:.1f} M params). Stores {m['routed_params_M']:.1f} M "
+             f"params (shared union {m['routed_params_M'] - m['bank_params_M']:.1f} M + bank; dense "
+             f"{m['dense_params_M']:.1f} M). MACs per image: stages "
+             f"{', '.join(f'{v:.4g}' for v in m['stage_macs_G'])} G (static same-fraction "
+             f"{', '.join(f'{v:.4g}' for v in m['static_macs_G'])} G), weighted mean {m['routed_macs_G']:.4g} G vs "
+             f"static {m['mean_frac']:g} width {m['static_mean_macs_G']:.4g} G, dense {m['dense_macs_G']:.4g} G.", "",
+             f"Keep sets: every stage's units are a different window of one random permutation per group (stages of "
+             f"one fraction differ: {m['stages_distinct']}); block 0 heads per stage: "
+             + "; ".join(f"{s}: {h}" for s, h in enumerate(m["block0_heads"])), "",
+             "Check (fp32, CPU, 2 samples, before timing): each stage's routed output against the static model with "
+             "the same keep set and that stage's thin weights: max abs diff "
+             + ", ".join(f"stage {c['stage']} {c['max_abs_diff']:.3g} (pinned {c['pinned_max_abs_diff']:.3g}, output "
+                         f"max {c['out_max_abs']:.3g})" for c in res["check"]), "",
+             "| mode | dtype | batch | stage | width | routed ms | pinned ms | same-frac static ms | routed / same-frac | "
+             "pinned / same-frac | routed / static mean | out max abs diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    diff = {c["stage"]: c["max_abs_diff"] for c in res["check"]}
+    for r in res["stages"]:
+        lines.append(f"| {r['mode']} | {r['dtype']} | {r['batch']} | {r['stage']} | {r['frac']:g} | "
+                     f"{f(r.get('routed_ms'))} | {f(r.get('pinned_ms'))} | {f(r.get('same_frac_ms'))} | "
+                     f"{f(r.get('routed_over_same_frac'))} | {f(r.get('pinned_over_same_frac'))} | "
+                     f"{f(r.get('routed_over_static_mean'))} | {diff[r['stage']]:.2g} |")
+    lines += ["", f"| mode | dtype | batch | routed weighted mean ms | static {m['mean_frac']:g} width ms | dense ms | "
+              "speedup vs dense: routed | static | MAC ratio routed/static |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in res["summary"]:
+        lines.append(f"| {s['mode']} | {s['dtype']} | {s['batch']} | {f(s.get('routed_mean_ms'))} | "
+                     f"{f(s.get('static_mean_ms'))} | {f(s.get('dense_ms'))} | {f(s.get('routed_speedup'))} | "
+                     f"{f(s.get('static_speedup'))} | {f(s.get('mac_ratio'))} |")
+    lines += ["", "routed: the routed forward picks the stage from t (one device-to-host sync per call) and gathers "
+              "the stage's q/k/v and fc1 rows from the shared weights; pinned: the stage fixed beforehand "
+              "(StageRouter.pin, as a sampler that knows its step could, and the compiled graphs); same-frac: the "
+              "static width-pruned model (Torch-Pruning surgery) with the stage's keep set and thin weights, the "
+              "routing-overhead reference; static mean: the static model with the trajectory-mean width. In compile "
+              "mode the routed column is the pinned graph. "
+              f"Setup (CPU: models, bank, check) {f(m.get('setup_s'), 1)} s; whole run {f(m.get('elapsed_s'), 1)} s "
+              f"of a {m['budget_s']:g} s budget."]
+    if res["errors"]:
+        lines += ["", "Errors:", ""] + [f"- {e}" for e in res["errors"]]
+    if res["skipped"]:
+        lines += ["", "Not measured:", ""] + [f"- {e}" for e in res["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def _width_derived(res: dict) -> None:
+    """Ratios and per-setting summaries from the rows measured so far."""
+    m = res["meta"]
+    w = m["stage_weights"]
+    for s in res["summary"]:
+        rows = [r for r in res["stages"] if (r["mode"], r["dtype"], r["batch"]) == (s["mode"], s["dtype"], s["batch"])]
+        for r in rows:
+            for k in ("routed", "pinned"):
+                if r.get(f"{k}_ms") and r.get("same_frac_ms"):
+                    r[f"{k}_over_same_frac"] = r[f"{k}_ms"] / r["same_frac_ms"]
+            if r.get("routed_ms") and s.get("static_mean_ms"):
+                r["routed_over_static_mean"] = r["routed_ms"] / s["static_mean_ms"]
+        if len(rows) == m["stages"] and all(r.get("routed_ms") for r in rows):
+            s["routed_mean_ms"] = sum(a * r["routed_ms"] for a, r in zip(w, rows))
+        if s.get("dense_ms"):
+            for k, v in (("routed_speedup", s.get("routed_mean_ms")), ("static_speedup", s.get("static_mean_ms"))):
+                if v:
+                    s[k] = s["dense_ms"] / v
+
+
+def run_width(out: Path, device: str, model: str, fracs: list[float], settings: list, warmup: int, reps: int,
+              budget_s: float, model_kw: dict, log=print) -> dict:
+    """Build, check (fp32, CPU), then time every setting; models move to the device one at a time.
+    Budget: no measurement starts after budget_s, nor one expected to end after it (expected = the
+    longest measurement of its mode so far; a compiled stage reserves room for its static partner)."""
+    import tempfile
+
+    from bench import routing
+
+    t_start = time.perf_counter()
+    elapsed = lambda: time.perf_counter() - t_start
+    with tempfile.TemporaryDirectory(prefix="routing_speed_bank_") as tmp:
+        W = build_width(model, fracs, tmp, **model_kw)
+    dense, routed, r, keeps, thin = W["dense"], W["routed"], W["router"], W["keeps"], W["thin"]
+    S, proc = len(fracs), dense.process
+    blk0 = dense.net.blocks[0]
+    H, hidden = blk0.attn.num_heads, blk0.mlp.fc1.out_features
+    key_of = lambda f: (kept_count(H, f), kept_count(hidden, f))  # what a static model's shapes depend on
+    mean_frac = sum(fracs) / S
+    # one static same-fraction model per distinct shape: the first stage of that shape's exact model
+    first_of = {}
+    for s, f in enumerate(fracs):
+        first_of.setdefault(key_of(f), s)
+
+    x1, _, y1 = random_inputs(dense, 1, "cpu")
+    stage_macs, static_macs, check, statics = [], [], [], {}
+    xs, _, ys = random_inputs(dense, 2, "cpu", seed=2)
+    for s in range(S):
+        ref = static_width(dense, keeps[s], {g: w for (k, g), w in thin.items() if k == s})
+        ts = routing.t_in_stage(proc, r.edges, s, 2)
+        with torch.no_grad():  # correctness (fp32, CPU) before any timing
+            want = ref.net.eval()(xs, ts, ys)
+            got = routed.net.eval()(xs, ts, ys)
+            with r.pin(s):
+                got_pin = routed.net(xs, ts, ys)
+        check.append({"stage": s, "max_abs_diff": float((got - want).abs().max()),
+                      "pinned_max_abs_diff": float((got_pin - want).abs().max()), "out_max_abs": float(want.abs().max())})
+        with r.pin(s):
+            stage_macs.append(count_macs(routed.net.eval(), x1, routing.t_in_stage(proc, r.edges, s, 1), y1))
+        static_macs.append(count_macs(ref.net.eval(), x1, routing.t_in_stage(proc, r.edges, s, 1), y1))
+        if first_of[key_of(fracs[s])] == s:
+            statics[key_of(fracs[s])] = ref
+        del ref
+        log(f"[routing-width] stage {s} (width {fracs[s]:g}): routed vs static max abs diff {check[-1]['max_abs_diff']:.3g}")
+    if key_of(mean_frac) not in statics:  # the trajectory-mean reference, when no stage has its width
+        statics[key_of(mean_frac)] = static_width(dense, width_keep_sets(dense, [mean_frac], seed=1)[0])
+    static_mean = statics[key_of(mean_frac)]
+    t1 = random_inputs(dense, 1, "cpu")
+    bank = getattr(routed.net, "stage_bank", None)
+    pairs = [(keeps[a][g], keeps[b][g]) for a in range(S) for b in range(a + 1, S) if fracs[a] == fracs[b]
+             for g in keeps[a] if g != "blocks"]
+    meta = {"mode": "width", "model": model, "model_kw": model_kw, "depth": len(dense.net.blocks), "heads": H,
+            "mlp_hidden": hidden, "device": device_name(device), "device_type": torch.device(device).type,
+            "torch": torch.__version__, "cuda": torch.version.cuda if torch.device(device).type == "cuda" else None,
+            "warmup": warmup, "reps": reps, "stages": S, "fracs": fracs, "stage_weights": list(r.weights),
+            "stage_heads": [kept_count(H, f) for f in fracs], "stage_mlp_hidden": [kept_count(hidden, f) for f in fracs],
+            "block0_heads": [k.get(f"blocks.{dense.kept_blocks[0]}.attn.heads") for k in keeps],
+            "stages_distinct": all(a != b for a, b in pairs) if pairs else None,
+            "perturbation": 0.05, "bank_tensors": W["bank"]["tensors"], "bank_params_M": W["bank"]["params"] / 1e6,
+            "bank_sha256": W["bank"]["sha256"], "bank_stage_entries": sum(1 for n in (bank.names if bank else [])
+                                                                          if n.startswith("stage")),
+            "routed_params_M": count_params(routed.net) / 1e6, "dense_params_M": count_params(dense.net) / 1e6,
+            "static_params_M": {f"{k[0]}h/{k[1]}c": count_params(v.net) / 1e6 for k, v in statics.items()},
+            "stage_macs_G": [v / 1e9 for v in stage_macs], "static_macs_G": [v / 1e9 for v in static_macs],
+            "routed_macs_G": sum(a * v for a, v in zip(r.weights, stage_macs)) / 1e9, "mean_frac": mean_frac,
+            "static_mean_macs_G": count_macs(static_mean.net.eval(), *t1) / 1e9,
+            "dense_macs_G": count_macs(dense.net.eval(), *t1) / 1e9, "settings": [list(map(str, s)) for s in settings],
+            "budget_s": budget_s, "setup_s": elapsed()}
+    del thin, W
+    res = {"meta": meta, "check": check, "stages": [], "summary": [], "errors": [], "skipped": []}
+    _write(out, res, _md_width)
+    log(f"[routing-width] setup {meta['setup_s']:.1f} s; bank {meta['bank_params_M']:.1f} M params")
+
+    longest = {}  # mode -> longest measurement so far (s): what the budget expects of the next one
+    resident = [None]
+
+    def place(net):  # one model on the device at a time
+        if resident[0] is not net:
+            if resident[0] is not None:
+                resident[0].net.to("cpu")
+                if torch.device(device).type == "cuda":
+                    torch.cuda.empty_cache()
+            net.net.to(device)
+            resident[0] = net
+
+    def fits(tag, mode, n=1):
+        need = n * longest.get(mode, 0.0)
+        if elapsed() + need > budget_s:
+            res["skipped"].append(f"{tag}: time budget ({budget_s:.0f} s) spent" if need == 0 or elapsed() > budget_s
+                                  else f"{tag}: would end after the time budget ({budget_s:.0f} s; at "
+                                       f"{elapsed():.0f} s, needs ~{need:.0f} s)")
+            log(f"[routing-width] skip {res['skipped'][-1]}")
+            return False
+        return True
+
+    def bench(net, inputs, mode, dtype, tag):
+        t0 = time.perf_counter()
+        try:
+            place(net)
+            return benchmark_forward(net.net, inputs, device, mode, dtype, warmup=warmup, reps=reps)["median_ms"]
+        except Exception as e:  # an OOM or a compile error must not lose the other measurements
+            msg = f"{tag}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            res["errors"].append(msg)
+            log(f"[routing-width] {msg}")
+            return None
+        finally:
+            longest[mode] = max(longest.get(mode, 0.0), time.perf_counter() - t0)
+
+    def save():
+        meta["elapsed_s"] = elapsed()
+        _width_derived(res)
+        _write(out, res, _md_width)
+
+    for mode, dtype, batch in settings:
+        head = f"{mode} {dtype} batch {batch}"
+        if not fits(head, mode):
+            continue
+        x, _, y = random_inputs(dense, batch, device, seed=batch)
+        ts = [routing.t_in_stage(proc, r.edges, s, batch, device) for s in range(S)]
+        rows = [{"mode": mode, "dtype": dtype, "batch": batch, "stage": s, "frac": fracs[s],
+                 "heads": kept_count(H, fracs[s]), "mlp_hidden": kept_count(hidden, fracs[s])} for s in range(S)]
+        summ = {"mode": mode, "dtype": dtype, "batch": batch, "mac_ratio": meta["routed_macs_G"] / meta["static_mean_macs_G"]}
+        res["stages"] += rows
+        res["summary"].append(summ)
+        same = {}  # shape key -> static latency (ms) in this setting
+
+        def static_of(s, tag):
+            k = key_of(fracs[s])
+            if k not in same and fits(f"{head} {tag}", mode):
+                same[k] = bench(statics[k], (x, ts[s], y), mode, dtype, f"{head} {tag}")
+            return same.get(k)
+
+        if mode == "eager":  # grouped by model: the routed model stays on the device for all its stages
+            for s in range(S):
+                if fits(f"{head} stage {s} routed", mode):
+                    rows[s]["routed_ms"] = bench(routed, (x, ts[s], y), mode, dtype, f"{head} stage {s} routed")
+                if fits(f"{head} stage {s} pinned", mode):
+                    with r.pin(s):
+                        rows[s]["pinned_ms"] = bench(routed, (x, ts[s], y), mode, dtype, f"{head} stage {s} pinned")
+                save()
+            for s in range(S):
+                rows[s]["same_frac_ms"] = static_of(s, f"static width {fracs[s]:g}")
+                save()
+        else:  # compiled: a stage and its static partner together; a new width first (a repeated width last)
+            order = sorted(range(S), key=lambda s: (first_of[key_of(fracs[s])] != s, s))
+            for s in order:
+                n = 1 + (key_of(fracs[s]) not in same)
+                if not fits(f"{head} stage {s} pinned + static", mode, n):
+                    continue
+                with r.pin(s):
+                    rows[s]["pinned_ms"] = rows[s]["routed_ms"] = bench(routed, (x, ts[s], y), mode, dtype,
+                                                                        f"{head} stage {s} pinned")
+                rows[s]["same_frac_ms"] = static_of(s, f"static width {fracs[s]:g}")
+                save()
+                log(f"[routing-width] {head} stage {s}: pinned {rows[s]['pinned_ms']} ms, same-frac "
+                    f"{rows[s]['same_frac_ms']} ms")
+        k = key_of(mean_frac)
+        if k not in same and fits(f"{head} static width {mean_frac:g}", mode):
+            same[k] = bench(static_mean, (x, ts[0], y), mode, dtype, f"{head} static width {mean_frac:g}")
+        summ["static_mean_ms"] = same.get(k)
+        if mode == "eager" and fits(f"{head} dense", mode):
+            summ["dense_ms"] = bench(dense, (x, ts[0], y), mode, dtype, f"{head} dense")
+        for row in rows:
+            if mode == "eager":
+                log(f"[routing-width] {head} stage {row['stage']} (width {row['frac']:g}): routed "
+                    f"{row.get('routed_ms')} ms, pinned {row.get('pinned_ms')} ms, same-frac {row.get('same_frac_ms')} ms")
+        save()
+    if resident[0] is not None:
+        resident[0].net.to("cpu")
+    save()
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("results/gpu/routing_speed"),
-                   help="path prefix: writes <out>.json and <out>.md")
+    p.add_argument("--out", type=Path, default=None,
+                   help="path prefix: writes <out>.json and <out>.md (default results/gpu/routing_speed, "
+                        "results/gpu/routing_speed_width with --width)")
+    p.add_argument("--width", default=None,
+                   help="width mode: kept fraction of every block's heads and MLP channels per stage, e.g. "
+                        "0.75,0.5,0.5,0.25 (equal u ranges); --stage-blocks / --static-blocks are then unused")
     p.add_argument("--smoke", action="store_true", help="tiny DiT on the CPU (a test of this script)")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     p.add_argument("--model", default="DiT-XL/2")
@@ -223,9 +582,15 @@ def main(argv: list[str] | None = None) -> dict:
                         "off with --smoke)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--budget-s", type=float, default=420.0, help="start no setting after this many seconds")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no setting after this many seconds (default 420; width mode: 210, and no "
+                        "measurement that would end after it)")
     a = p.parse_args(argv)
 
+    if a.width is not None:
+        return _main_width(a)
+    a.out = a.out or Path("results/gpu/routing_speed")
+    a.budget_s = 420.0 if a.budget_s is None else a.budget_s
     out = a.out.with_suffix("") if a.out.suffix in (".json", ".md") else a.out
     model, counts, keep = a.model, [int(v) for v in a.stage_blocks.split(",")], a.static_blocks
     model_kw = dict(input_size=32, in_channels=4, num_classes=1000)  # DiT-XL/2 at 256 px (32x32 latents)
@@ -244,6 +609,40 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("no CUDA device; use --smoke (CPU) or --device cpu")
     res = run(out, device, model, counts, keep, settings, warmup, reps, a.budget_s, model_kw)
     print(f"[routing] wrote {out}.json and {out}.md")
+    return res
+
+
+def _main_width(a) -> dict:
+    try:
+        fracs = [float(v) for v in a.width.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--width {a.width!r}: give kept fractions, e.g. 0.75,0.5,0.5,0.25") from None
+    if not fracs or not all(0 < f <= 1 for f in fracs):
+        raise SystemExit(f"--width {a.width!r}: every fraction must be in (0, 1]")
+    out = a.out or Path("results/gpu/routing_speed_width")
+    out = out.with_suffix("") if out.suffix in (".json", ".md") else out
+    budget_s = 210.0 if a.budget_s is None else a.budget_s
+    model, model_kw = a.model, dict(input_size=32, in_channels=4, num_classes=1000)  # DiT-XL/2 at 256 px
+    batches = [int(v) for v in a.batches.split(",")]
+    dtypes = a.dtypes.split(",")
+    warmup, reps, device = a.warmup, a.reps, a.device or ("cpu" if a.smoke else "cuda")
+    if a.smoke:
+        model, model_kw = "DiT-T/2", dict(input_size=8, in_channels=4, num_classes=10)
+        batches, warmup, reps = [4], 2, 20
+        dtypes = ["fp32", "bf16"] if a.dtypes == "bf16" else dtypes
+    settings = [("eager", d, b) for d in dtypes for b in batches]
+    if a.compile if a.compile is not None else not a.smoke:
+        settings += [("compile", d, b) for d in dtypes for b in batches]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device; use --smoke (CPU) or --device cpu")
+    threads = torch.get_num_threads()
+    if a.smoke:  # a check of this script, not a measurement: don't compete for shared CPU cores
+        torch.set_num_threads(1)
+    try:
+        res = run_width(out, device, model, fracs, settings, warmup, reps, budget_s, model_kw)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"[routing-width] wrote {out}.json and {out}.md")
     return res
 
 
