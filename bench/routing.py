@@ -270,7 +270,11 @@ def pack_bank(net, stages: list[dict], thin: dict[tuple[int, str], torch.Tensor]
 
 def save_bank(tensors: dict[str, torch.Tensor], directory) -> dict:
     """Write the bank as safetensors, named by its content (stage_bank-<sha256[:16]>.safetensors),
-    atomically; returns the plan's reference {"path", "sha256", "tensors", "params"}."""
+    atomically; returns the plan's reference {"path", "sha256", "tensors" (entries in the file),
+    "stage_tensors", "params", "shared_tensors", "shared_params"}. "params" counts the stage entries
+    only: what the routed model stores beyond the union (``net.net.stage_bank``, measure's
+    ``stage_bank_params``); the shared entries are written into the stored projections, add no
+    parameter, and are counted apart ("shared_params")."""
     from safetensors.torch import save_file
 
     d = Path(directory)
@@ -280,8 +284,10 @@ def save_bank(tensors: dict[str, torch.Tensor], directory) -> dict:
     sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
     path = d / f"stage_bank-{sha[:16]}.safetensors"
     os.replace(tmp, path)
-    return {"path": str(path), "sha256": sha, "tensors": len(tensors),
-            "params": int(sum(v.numel() for v in tensors.values()))}
+    shared = {k for k in tensors if k.split("/", 1)[0] == "shared"}
+    count = lambda keys: int(sum(tensors[k].numel() for k in keys))
+    return {"path": str(path), "sha256": sha, "tensors": len(tensors), "stage_tensors": len(tensors) - len(shared),
+            "params": count(set(tensors) - shared), "shared_tensors": len(shared), "shared_params": count(shared)}
 
 
 def load_bank(ref: dict) -> dict[str, torch.Tensor]:

@@ -74,11 +74,14 @@ Reconstruction choices [A] (keyword arguments; defaults in brackets):
                  W H_:K H_KK^-1 (what the greedy updates reach); cached per (stage, level). cost() is
                  measured per level: MACs of a model routed at that level, params of the static one.
      storage     the chosen stages' thin projections go to a safetensors bank named by its sha256
-                 (plan.meta["bank"]: path, sha256, params; bench.run puts it in the run's artifacts
-                 folder, tests elsewhere); bench.routing.apply_stages rebuilds the routed model from a
-                 fresh dense model, the plan and the bank, exactly (recomputing instead would need the
-                 calibration set and every stage's Hessians at surgery). Params reported = the shared
-                 union + the bank: above the dense model's when stages differ (Diff-ES's trade).
+                 (plan.meta["bank"]: path, sha256, params = the stage entries' params, i.e. what the
+                 routed model stores beyond the union, = measure's stage_bank_params; shared_params =
+                 the weights written into the stored projections, which add nothing; bench.run puts it
+                 in the run's artifacts folder, tests elsewhere); bench.routing.apply_stages rebuilds the
+                 routed model from a fresh dense model, the plan and the bank, exactly (recomputing
+                 instead would need the calibration set and every stage's Hessians at surgery). Params
+                 reported = the shared union + the stage entries: above the dense model's when stages
+                 differ (Diff-ES's trade).
 Not reproduced: SDXL, image-quality fitness metrics needing pyiqa, the multi-GPU orchestration,
 the code's wanda / magnitude / activation first-order width backends, and a disk cache of the
 per-(stage, level) weights (they live in memory: fine for the suite's models, not for DiT-XL/2's
