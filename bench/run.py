@@ -55,6 +55,10 @@ def check_inputs(cfg: dict, budget: Budget, method: Method):
     on the architecture, no weights loaded). Returns the data set."""
     from bench.models import build
 
+    if getattr(method, "mask_only", False) and (cfg["finetune"]["steps"] > 0 or budget.keep < 1.0):
+        raise BenchError(f"{cfg['method_name']} prunes to masks (zeros, no shape change, no speedup without sparse "
+                         "kernels): the shared fine-tune would refill the zeros and the measured cost stays dense; "
+                         "run it with finetune=none budget.keep=1.0 (its sparsity is a method setting)")
     data = load_data(cfg)
     spec = {**cfg["model"], "ckpt": None}
 

@@ -104,7 +104,10 @@ OTHER_METHODS = [m for m in METHODS if granularity(m) != "block"]
 
 
 def budget_for(name: str, keep: float = 0.5) -> Budget:
-    """Block methods take a budget in blocks; width / operator methods one in MACs."""
+    """Block methods take a budget in blocks; width / operator methods one in MACs; mask-only methods
+    (OBS-Diff unstructured / N:M: zeros, no shape change) keep the dense cost."""
+    if getattr(load_method(name), "mask_only", False):
+        return Budget("macs", 1.0)
     return Budget("blocks", 1.0 if name == "dense" else keep) if granularity(name) == "block" else Budget("macs", keep)
 
 
@@ -119,10 +122,15 @@ def test_width_and_operator_conformance(name, family, nets, calib):
     method = load_method(name)
     rewrites = type(method).rewrites_weights
     dense_cost = surgery.measure(nets[family])
-    for budget in [Budget("macs", 0.6), Budget("params", 0.7)]:
+    masks = getattr(method, "mask_only", False)  # OBS-Diff unstructured / N:M: zeros at the dense cost
+    for budget in [Budget("macs", 1.0), Budget("params", 1.0)] if masks else [Budget("macs", 0.6), Budget("params", 0.7)]:
         net = copy.deepcopy(nets[family]) if rewrites else nets[family]
         before = snapshot(net)
         plan = method.plan(net, budget, calib)
+        if masks:
+            assert plan.meta["mask_only"] and plan.meta["target_sparsity"] == pytest.approx(0.5, abs=0.01)
+            zeros = sum(int((net.net.blocks[i].mlp.fc1.weight == 0).sum()) for i in range(len(net.net.blocks)))
+            assert zeros >= 0.49 * sum(net.net.blocks[i].mlp.fc1.weight.numel() for i in range(len(net.net.blocks)))
         progressive = method.callback(budget, calib) is not None
         assert isinstance(plan, Plan) and plan.granularity == type(method).granularity
         assert Plan.from_json(plan.to_json()) == plan
@@ -148,7 +156,7 @@ def test_width_and_operator_conformance(name, family, nets, calib):
 
 
 UNET_METHODS = [m for m in OTHER_METHODS if granularity(m) in ("width", "operator")
-                and m not in ("obs_diff", "obs_diff_nocomp")] + ["entpruner", "entpruner_oneshot"]
+                and not m.startswith("obs_diff")] + ["entpruner", "entpruner_oneshot"]
 # OBS-Diff: DiT/SiT only; EntPruner on the U-Net: CED over its bypassable operators (card R14)
 
 

@@ -25,10 +25,12 @@ def _comparable(row) -> dict:
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_config_gives_a_row(method, tiny_cfg):
     """The conformance sweep's last leg: plan -> surgery -> fine-tune -> sample -> score -> row."""
-    from tests.test_methods import granularity
-    keep = 1.0 if method == "dense" else 0.5
+    from tests.test_methods import granularity, load_method
+    masks = getattr(load_method(method), "mask_only", False)  # OBS-Diff unstructured / N:M: zeros, dense cost
+    keep = 1.0 if method == "dense" or masks else 0.5
     block = granularity(method) == "block"
-    cfg = tiny_cfg(method, [f"budget.keep={keep}"] + ([] if block else ["budget.measure=macs"]))
+    cfg = tiny_cfg(method, [f"budget.keep={keep}"] + ([] if block else ["budget.measure=macs"])
+                   + (["finetune.steps=0"] if masks else []))
     row = execute(cfg)
     run_dir = Path(cfg["paths"]["results"]) / run_relpath(cfg)
     assert (run_dir / "row.json").exists() and (run_dir / "plan.json").exists()
@@ -185,3 +187,13 @@ def test_unet_width_and_operator_runs_give_rows(method, tmp_path, artifacts):
     assert row.status == "ok" and row.model.startswith("UNet") and row.depth == 0
     assert row.keep_macs <= keep + 1e-9 and row.keep_params < 1.0
     assert 0 <= row.metrics["cond_acc"] <= 100 and row.latency_ms > 0
+
+
+def test_mask_only_methods_refuse_a_fine_tune_or_a_budget(tiny_cfg):
+    """OBS-Diff unstructured / N:M give zeros (no shape change): a fine-tune would refill them and a
+    budget below 1 cannot be met by the dense-cost model, so both stop before the run dir exists."""
+    for over in (["budget.keep=1.0", "budget.measure=macs"], ["budget.keep=0.5", "budget.measure=macs", "finetune.steps=0"]):
+        cfg = tiny_cfg("obs_diff_nm", over)
+        with pytest.raises(BenchError, match="finetune=none budget.keep=1.0"):
+            execute(cfg)
+        assert not (Path(cfg["paths"]["results"]) / run_relpath(cfg)).exists()

@@ -35,8 +35,8 @@ def calib():
 
 def make_net(family="dit", seed=0):
     kw = dict(input_size=8, in_channels=1, num_classes=10, learn_sigma=True)
+    torch.manual_seed(seed)  # before build: the weights not redrawn below (patch embed) are seeded too
     net = build("DiT-T/2", **kw) if family == "dit" else build("SiT-T/2", **kw, process={"kind": "flow"})
-    torch.manual_seed(seed)
     with torch.no_grad():
         for p in net.net.parameters():
             if p.ndim == 2:

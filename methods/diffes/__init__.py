@@ -69,9 +69,9 @@ Reconstruction choices [A] (keyword arguments; defaults in brackets):
                  null-label forward enters H too (the code's CFG-doubled batch); percdamp [0.01] always
                  (code: only when the Cholesky fails); saliency [block] = w_S^T (Hinv_SS)^-1 w_S (the
                  code's score_j; chol_diag = OBS-Diff's head rule); obs_chunk [1]; compensate [true]
-                 (false: selected columns, the ablation). One greedy OBS pass per (stage, layer) gives
-                 the removal order; level L keeps its prefix complement, with the least-squares weights
-                 W H_:K H_KK^-1 (what the greedy updates reach); cached per (stage, level). cost() is
+                 (false: selected columns, the ablation). A greedy OBS run per (stage, level) from the
+                 dense layer gives the kept units (levels nest: greedy steps are sequential) and the
+                 compensated weights (the least-squares optimum W H_:K H_KK^-1); cached per (stage, level). cost() is
                  measured per level: MACs of a model routed at that level, params of the static one.
      storage     the chosen stages' thin projections go to a safetensors bank named by its sha256
                  (plan.meta["bank"]: path, sha256, params = the stage entries' params, i.e. what the

@@ -29,12 +29,12 @@ the group-OBS routine and the Hessian accumulator are methods.obs_diff's):
     from the head count, so a 2- or 4-head model still has a fine grid, carried by the MLP];
   * which units go: methods.obs_diff.obs_prune_columns on the consumer (attn.proj in groups of
     head_dim columns, mlp.fc2 in single columns) with H_s, greedy group-OBS removal (saliency
-    w_S^T (Hinv_SS)^-1 w_S, Diff-ES's `score_j`) with exact downdates of Hinv, run once per
-    (stage, layer) down to the highest level; level L keeps what its first removed(L) steps
-    leave [V: the code saves the whole trajectory of k = 1..H removals]. The compensated thin
-    weights of level L are the least-squares optimum on the kept columns, W_K' = W H_:K H_KK^-1,
-    which is what the greedy OBS updates reach with exact downdates (methods.obs_diff.obs; tested
-    against obs_prune_columns) [A: one pass instead of one per level]; damping `percdamp` x
+    w_S^T (Hinv_SS)^-1 w_S, Diff-ES's `score_j`) with exact downdates of Hinv, run per (stage,
+    level) from the dense layer down to removed(L) groups (greedy steps are sequential, so level
+    L's removals are the first removed(L) of any deeper level's: levels nest) [V: the code saves
+    the whole trajectory of k = 1..H removals]. The compensated thin weights of level L are that
+    run's updated columns, the least-squares optimum on the kept columns W_K' = W H_:K H_KK^-1
+    (tested against it), cached per (stage, level); damping `percdamp` x
     mean(diag H) always [A: Diff-ES damps only when the Cholesky fails];
   * kept q/k/v rows and fc1 rows are selected from the shared dense weights; only the thin
     compensated projections are stored per stage (bench.routing's bank, written as a safetensors
@@ -202,163 +202,6 @@ class SecondOrder(Backend):
             self.H.append(self._hessians(net, sub))
             self.probes.append(len(sub))
         self._cache: dict = {}   # (stage | "pooled", level) -> kept ids, thin weights, errors per group
-        self._orders: dict = {}  # (stage | "pooled", group) -> greedy OBS removal order
-        self._costs: dict = {}
-        self._pooled = None
-
-    @torch.no_grad()
-    def _hessians(self, net, calib) -> dict[str, torch.Tensor]:
-        """group -> H = 2 E[X X^T] of its consumer's input over these probes (uniform weights)."""
-        from methods.obs_diff import HessianAccumulator
-
-        accs = {t["group"]: HessianAccumulator(t["layer"].in_features, device=t["layer"].weight.device)
-                for t in self.targets}
-        hooks = [t["layer"].register_forward_pre_hook(
-            lambda mod, args, g=t["group"]: accs[g].add(args[0], 1.0, count=args[0].shape[0])) for t in self.targets]
-        cfg = self.cfg_calib and getattr(getattr(net.net, "y_embedder", None), "dropout_prob", 0.0) > 0
-        dev = net.device
-        try:
-            with net.eval_mode():
-                for x0, y, noise, u in calib.batches(self.batch_size):
-                    x_t, t = net.noisy(x0.to(dev), u.to(dev), noise.to(dev))
-                    y = y.to(dev)
-                    net(x_t, t, y)
-                    if cfg:  # the null-label half of a CFG forward
-                        net(x_t, t, torch.full_like(y, net.null_label))
-        finally:
-            for h in hooks:
-                h.remove()
-        return {g: a.H for g, a in accs.items()}
-
-    def _hessian(self, s, g: str) -> torch.Tensor:
-        if s == "pooled":
-            return self._pooled[g]
-        return self.H[s][g]
-
-    # ---- one (stage, level): OBS on every consumer ------------------------------------------
-    def _order(self, s, t: dict) -> list[int]:
-        """Greedy group-OBS removal order of one consumer under stage s's Hessian, down to the
-        highest level (methods.obs_diff.obs_prune_columns, cached per (stage, group))."""
-        from methods.obs_diff import obs_prune_columns
-
-        key = (s, t["group"])
-        if key not in self._orders:
-            k = self.removed[self.max_level][t["group"]]
-            self._orders[key] = obs_prune_columns(t["layer"].weight, self._hessian(s, t["group"]), k, t["group_size"],
-                                                  self.percdamp, self.compensate, self.saliency, self.chunk,
-                                                  return_info=True)[2]["order"]
-        return self._orders[key]
-
-    @torch.no_grad()
-    def level(self, s, L: int) -> dict:
-        """{"keep": group -> kept dense ids, "thin": group -> [out, kept x width] compensated weight
-        (groups that lose units), "rel_error": group -> relative output error of the layer}.
-        Level L keeps what the greedy order leaves after its first removed(L) groups; the weights
-        are the least-squares optimum over those columns under the damped H, W_K' = W H_:K H_KK^-1,
-        which is what the greedy OBS updates with exact downdates reach (methods.obs_diff.obs), so
-        one greedy pass per (stage, group) serves every level."""
-        key = (s, int(L))
-        if key in self._cache:
-            return self._cache[key]
-        from methods.obs_diff.obs import _prepare
-
-        keep, thin, err = {}, {}, {}
-        for t in self.targets:
-            g, gs, W = t["group"], t["group_size"], t["layer"].weight
-            k = self.removed[L][g]
-            if k == 0:
-                keep[g] = list(t["dense_ids"])
-                continue
-            H = self._hessian(s, g)
-            gone = set(self._order(s, t)[:k])
-            kept = [j for j in range(len(t["dense_ids"])) if j not in gone]
-            cols = torch.tensor([j * gs + i for j in kept for i in range(gs)], dtype=torch.long, device=W.device)
-            Wd, Hd = _prepare(W, H, self.percdamp)
-            if self.compensate:  # W_K' = W H_:K H_KK^-1 (H symmetric: solve H_KK X = H_K: W^T)
-                WK = torch.linalg.solve(Hd[cols][:, cols], Hd[cols] @ Wd.T).T
-            else:
-                WK = Wd[:, cols]
-            thin[g] = WK.to(W.dtype).contiguous()
-            keep[g] = [t["dense_ids"][j] for j in kept]
-            dW = -W.double()
-            dW[:, cols] += thin[g].double()
-            Hu = H.to(dW.device, torch.float64)
-            ref = float(torch.einsum("ri,ij,rj->", W.double(), Hu, W.double()))
-            err[g] = float(torch.einsum("ri,ij,rj->", dW, Hu, dW)) / ref if ref > 0 else 0.0
-        self._cache[key] = out = {"keep": keep, "thin": thin, "rel_error": err}
-        return out
-
-    def stage_keep(self, s, level):
-        drop = set(self.orders[s][:level])
-        return {"blocks": [self.present[i] for i in range(self.depth) if i not in drop]}
-
-    def unit_share(self, measure, weights):  # one block's share of the dense model
-        return self.per[measure] / (self.fixed[measure] + self.depth * self.per[measure])
-
-    def plan_scores(self, weights):  # trajectory-weighted mean of the stages' block scores
-        return {"blocks": [float(sum(w * sc[i] for w, sc in zip(weights, self.scores))) for i in range(self.depth)]}
-
-    def result(self, levels, edges, weights):
-        stages = self.stages(levels, edges, weights)
-        union = sorted(set().union(*(s["keep"]["blocks"] for s in stages)))
-        return {"blocks": union}, stages, {}
-
-    def static_plan(self, net, budget, edges, weights):
-        mean = self.plan_scores(weights)["blocks"]
-        pool = [net.kept_blocks[i] for i in surgery.keep_top(mean, surgery.blocks_to_keep(net, budget))]
-        stages = [{"u_range": [edges[s], edges[s + 1]], "keep": {"blocks": pool}, "weight": weights[s], "level": None}
-                  for s in range(len(weights))]
-        note = ("a params budget counts the stored union of the stages' blocks; every stage keeps the blocks with "
-                "the best trajectory-mean scores (a static plan)")
-        return {"blocks": pool}, stages, {"params_budget": note}
-
-    def meta(self):
-        return {"scorer": self.scorer, "scorer_kwargs": self.scorer_kwargs, "protect_ends": self.protect_ends,
-                "stage_scores": self.scores, "stage_drop_orders": [[self.present[i] for i in o] for o in self.orders],
-                "stage_probes": self.probes}
-
-
-def removed_units(n: int, level: int, levels: int) -> int:
-    """Units of a group of n removed at `level` of `levels`: round(level n / levels), at least one kept."""
-    return min(n - 1, int(math.floor(level * n / levels + 0.5)))
-
-
-class SecondOrder(Backend):
-    name = "secondorder"
-
-    def __init__(self, levels: int = 8, percdamp: float = 0.01, compensate: bool = True, saliency: str = "block",
-                 chunk: int = 1, cfg_calib: bool = True, batch_size: int = 64, bank_dir: str | None = None):
-        from methods.obs_diff import width_layers  # noqa: F401  (fails early if OBS-Diff is missing)
-        if levels < 2 or percdamp < 0 or chunk < 1 or saliency not in ("block", "chol_diag"):
-            raise BenchError("diffes secondorder needs levels >= 2, percdamp >= 0, obs_chunk >= 1 and saliency "
-                             "block | chol_diag")
-        self.levels, self.percdamp, self.compensate = int(levels), float(percdamp), bool(compensate)
-        self.saliency, self.chunk, self.cfg_calib = saliency, int(chunk), bool(cfg_calib)
-        self.batch_size, self.bank_dir = int(batch_size), bank_dir
-
-    # ---- calibration: per-stage layer Hessians -------------------------------------------------
-    def prepare(self, net, calib, edges):
-        from methods.obs_diff import width_layers
-
-        routing._check_backbone(net)
-        if routing.is_routed(net):
-            raise BenchError("diffes secondorder plans on a static model, not a routed one")
-        self.net, self.present = net, list(net.kept_blocks)
-        self.targets = width_layers(net)  # consumer layer (attn.proj / mlp.fc2) of every width group
-        self.max_level = self.levels - 1
-        self.removed = [{t["group"]: removed_units(len(t["dense_ids"]), L, self.levels) for t in self.targets}
-                        for L in range(self.levels)]
-        st = routing.stage_index(net.process, edges, net.process.t_from_u(calib.u))
-        self.H, self.probes = [], []
-        for s in range(len(edges) - 1):
-            sub = subset(calib, (st == s).cpu())
-            if len(sub) == 0:
-                raise BenchError(f"diffes secondorder: no calibration probe lies in stage {s} "
-                                 f"[{edges[s]:.3f}, {edges[s + 1]:.3f}); raise calib.n or use fewer stages")
-            self.H.append(self._hessians(net, sub))
-            self.probes.append(len(sub))
-        self._cache: dict = {}   # (stage | "pooled", level) -> kept ids, thin weights, errors per group
-        self._orders: dict = {}  # (stage | "pooled", group) -> greedy OBS removal order
         self._costs: dict = {}
         self._pooled = None
 

@@ -52,7 +52,8 @@ Our choices [A] (keyword arguments; default in brackets):
                  weights of qkv, proj, fc1 and fc2 in place: **masks, no speedup and no measured
                  params/MACs saving without sparse kernels**, so they only run with budget.keep=1.0
                  and, as in the paper, without fine-tuning (finetune=none: the shared loop does not
-                 keep masks).
+                 keep masks); bench.run refuses anything else before the run starts (``mask_only``).
+                 Configs: obs_diff_unstructured (sparsity 0.5), obs_diff_nm (2:4).
 Training-free as in the paper (its DDPM-CIFAR comparison fine-tunes afterwards); in the suite the
 shared fine-tune follows like for every other method.
 
@@ -164,6 +165,7 @@ class ObsDiff(Method):
         self.packages, self.n_probes, self.sampler, self.steps = int(packages), int(n_probes), sampler, int(steps)
         self.cfg_scale, self.cfg_convention, self.saliency, self.chunk = float(cfg_scale), cfg_convention, saliency, int(chunk)
         self.sparsity, self.nm, self.blocksize = float(sparsity), (n_, m_), int(blocksize)
+        self.mask_only = mode != "structured"  # zeros, no shape change: the run refuses a fine-tune that refills them
         self.batch_size, self.seed, self.round_to = int(batch_size), int(seed), int(round_to)
 
     def settings(self) -> dict:
