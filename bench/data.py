@@ -142,7 +142,7 @@ class ImageFolder(Dataset):
     ~25 us per JPEG from a warm cache, so ~30 s for ImageNet's 1.28M files, in threads for cold
     disks), plus a full decode of any JPEG that does not end with its EOI marker (a truncated
     download); an integer N checks a fixed random sample of N files (seed 0) for folders where even
-    that is too slow (``+data.verify=5000`` on the command line); "none" skips the check. A file that fails later, when loaded, still stops the
+    that is too slow (``data.verify=5000`` on the command line); "none" skips the check. A file that fails later, when loaded, still stops the
     run with its name."""
 
     def __init__(self, root: str, image_size: int = 256, name: str | None = None, verify: str | int = "all"):

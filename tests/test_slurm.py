@@ -492,9 +492,15 @@ def test_slurm_sweep_gives_every_row_once(area):
         assert STAGES <= set(row.wall_s) and all(v >= 0 for v in row.wall_s.values())
         assert row.n_devices == 1
         assert row.device_hours == pytest.approx(sum(row.wall_s.values()) / 3600, rel=1e-3, abs=1e-6)
-    acct = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", arrays.pop()],
-                          capture_output=True, text=True).stdout.split()
-    assert len(acct) == 6, acct
+    array = arrays.pop()
+    end = time.time() + 90  # accounting is asynchronous: a task that wrote its row may still be ending in slurmdbd
+    while True:
+        acct = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", array],
+                              capture_output=True, text=True).stdout.split()
+        if (len(acct) == 6 and all(a.endswith("|COMPLETED") for a in acct)) or time.time() > end:
+            break
+        time.sleep(1)
+    assert len(acct) == 6 and all(a.endswith("|COMPLETED") for a in acct), acct
     from bench.report import build_report
     build_report(df, area / "report", "slurm")
     assert "from 6 finished runs @" in (area / "report/tables/slurm.md").read_text()  # it counts the finished runs
