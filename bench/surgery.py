@@ -108,6 +108,17 @@ COARSE_UNITS = 32
 _ALLOC_MEMO: dict = {}          # structure + budget -> allocation (counts do not depend on scores)
 
 
+def _largest_fitting(a: float, b: float, fits, iters: int) -> float:
+    """Bisection: the largest value in [a, b) (to 2^-iters of the interval) that fits, given that a fits."""
+    for _ in range(iters):
+        mid = (a + b) / 2
+        if fits(mid):
+            a = mid
+        else:
+            b = mid
+    return a
+
+
 def width_plan(net: Denoiser, scores: dict[str, list[float]], budget: Budget, granularity: str = "width",
                round_to: dict[str, int] | None = None, meta: dict | None = None) -> Plan:
     """The Diff-Pruning / Torch-Pruning 'local' allocation: every width group keeps (about) the same
@@ -269,14 +280,8 @@ def _allocate(budget, groups, coarse, fine, cost_of, counts, trial_of, step, den
                     q_fill = f
                 else:   # the fine groups cannot reach f: what is left fits no fine step, and later
                     capped = True   # coarse units only make fine steps dearer
-                    a, b = q_fill, f
-                    for _ in range(max(1, math.ceil(math.log2(max(2.0, (b - a) * max_fine))))):
-                        mid = (a + b) / 2
-                        if cost_of(lo, mid, adds) <= B:
-                            a = mid
-                        else:
-                            b = mid
-                    q_fill = a
+                    q_fill = _largest_fitting(q_fill, f, lambda q: cost_of(lo, q, adds) <= B,
+                                              max(1, math.ceil(math.log2(max(2.0, (f - q_fill) * max_fine)))))
             cur = cost_of(lo, q_fill if fine else None, adds)
             floor = _unit_cost_floor(trial_of(counts(lo, q_fill if fine else None, adds)), open_, budget.measure, dense)
             level = []
@@ -309,14 +314,7 @@ def _allocate(budget, groups, coarse, fine, cost_of, counts, trial_of, step, den
                     (level.append if cur + floor.get(n, 0.0) <= B else closed.add)(n)
     # 3. fill: the fine channel groups' common fraction up to the budget (coarse counts fixed)
     if lo < 1.0 and fine and not (coarse and (capped or q_fill >= 1.0)):
-        a, b = q_fill, 1.0
-        for _ in range(11):
-            mid = (a + b) / 2
-            if cost_of(lo, mid, adds) <= B:
-                a = mid
-            else:
-                b = mid
-        q_fill = a
+        q_fill = _largest_fitting(q_fill, 1.0, lambda q: cost_of(lo, q, adds) <= B, 11)
     return lo, q_fill, adds, cost_of(lo, q_fill if fine else None, adds)
 
 
