@@ -58,23 +58,29 @@ from pathlib import Path
 
 import torch
 
+import abc
+
 from bench import routing, surgery
 from bench.api import BenchError, Plan
 from methods.blockscores import block_scores, subset
 
 
-class Backend:
+class Backend(abc.ABC):
+    """What a sparsity level means per stage (the interface the search and the run use)."""
     name = ""
     max_level: int
 
+    @abc.abstractmethod
     def prepare(self, net, calib, edges: list[float]) -> None:
-        raise NotImplementedError
+        """Per-stage calibration on the dense model (orders of removal, Hessians), once."""
 
+    @abc.abstractmethod
     def cost(self, measure: str) -> list[float]:
-        raise NotImplementedError
+        """cost[level]: the measured cost of one stage at that level, a fraction of the dense model."""
 
+    @abc.abstractmethod
     def stage_keep(self, s: int, level: int) -> dict[str, list[int]]:
-        raise NotImplementedError
+        """Stage s's keep set at this level (Plan data, dense indices)."""
 
     def stages(self, levels, edges: list[float], weights: list[float]) -> list[dict]:
         return [{"u_range": [edges[s], edges[s + 1]], "keep": self.stage_keep(s, int(L)), "weight": weights[s],
@@ -83,17 +89,21 @@ class Backend:
     def routed(self, net, levels, edges, weights):
         return routing.routed(net, self.stages(levels, edges, weights))
 
+    @abc.abstractmethod
     def unit_share(self, measure: str, weights: list[float]) -> float:
-        raise NotImplementedError
+        """How far below the budget a tight plan may land: one unit's (one level step's) share of the cost."""
 
+    @abc.abstractmethod
     def plan_scores(self, weights: list[float]) -> dict[str, list[float]]:
-        raise NotImplementedError
+        """Per-unit scores for plan.scores (higher = kept), pooled over the stages' weights."""
 
+    @abc.abstractmethod
     def result(self, levels, edges, weights) -> tuple[dict, list[dict], dict]:
-        raise NotImplementedError
+        """(union keep, stages, meta) of the plan that these per-stage levels give."""
 
+    @abc.abstractmethod
     def static_plan(self, net, budget, edges, weights) -> tuple[dict, list[dict], dict]:
-        raise NotImplementedError
+        """The same keep set in every stage (budgets that stage-wise routing cannot lower, e.g. params)."""
 
     def meta(self) -> dict:
         return {}
