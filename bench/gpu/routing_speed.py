@@ -84,6 +84,37 @@ def build(model: str, counts: list[int], keep: int, **model_kw):
     return dense, routed, static, static_keep, sets, routing.router(routed)
 
 
+def _f(v, p: int = 3) -> str:
+    return "-" if v is None else f"{v:.{p}f}"
+
+
+def _table(cols: list[tuple[str, object]], rows: list[dict]) -> list[str]:
+    """Markdown table lines; cols = (header, cell): a row key (a float, 3 decimals) or a function
+    of the row giving the cell's text."""
+    cell = lambda c, r: c(r) if callable(c) else _f(r.get(c))
+    return (["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+            + ["| " + " | ".join(cell(c, r) for _, c in cols) + " |" for r in rows])
+
+
+_SETTING = [("mode", lambda r: str(r["mode"])), ("dtype", lambda r: str(r["dtype"])), ("batch", lambda r: str(r["batch"]))]
+
+
+def _failed(res: dict, tag: str, e: Exception, log, who: str) -> None:
+    """Record a measurement that raised (its first line) in res["errors"] and go on."""
+    msg = f"{tag}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    res["errors"].append(msg)
+    log(f"[{who}] {msg}")
+
+
+def _notes(res: dict) -> list[str]:
+    out = []
+    if res["errors"]:
+        out += ["", "Errors:", ""] + [f"- {e}" for e in res["errors"]]
+    if res["skipped"]:
+        out += ["", "Not measured:", ""] + [f"- {e}" for e in res["skipped"]]
+    return out
+
+
 def _md(res: dict) -> str:
     m = res["meta"]
     lines = [f"# Stage-wise routing: per-stage latency, {m['model']} ({m['depth']} blocks)", "",
@@ -94,29 +125,21 @@ def _md(res: dict) -> str:
              f"{m['routed_params_M']:.1f} M params (static {m['static_blocks']}: {m['static_params_M']:.1f} M, dense "
              f"{m['dense_params_M']:.1f} M). MACs per image: stages {', '.join(f'{v:.4g}' for v in m['stage_macs_G'])} G, "
              f"weighted mean {m['routed_macs_G']:.4g} G vs static {m['static_macs_G']:.4g} G.", "",
-             "Stage keep sets: " + "; ".join(f"{s}: {b}" for s, b in enumerate(m["stage_sets"])), "",
-             "| mode | dtype | batch | stage | blocks | routed ms | pinned ms | same-n static ms | routed / same-n | "
-             "routed / static | out max abs diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"
-    for r in res["stages"]:
-        lines.append(f"| {r['mode']} | {r['dtype']} | {r['batch']} | {r['stage']} | {r['blocks']} | {f(r.get('routed_ms'))} | "
-                     f"{f(r.get('pinned_ms'))} | {f(r.get('same_n_ms'))} | {f(r.get('routed_over_same_n'))} | "
-                     f"{f(r.get('routed_over_static'))} | {f(r.get('max_abs_diff'), 2) if r.get('max_abs_diff') is not None else '-'} |")
-    lines += ["", "| mode | dtype | batch | routed weighted mean ms | static ms | dense ms | speedup vs dense: routed | "
-              "static | MAC ratio routed/static |", "|---|---|---|---|---|---|---|---|---|"]
-    for s in res["summary"]:
-        lines.append(f"| {s['mode']} | {s['dtype']} | {s['batch']} | {f(s.get('routed_mean_ms'))} | {f(s.get('static_ms'))} | "
-                     f"{f(s.get('dense_ms'))} | {f(s.get('routed_speedup'))} | {f(s.get('static_speedup'))} | "
-                     f"{f(s.get('mac_ratio'))} |")
+             "Stage keep sets: " + "; ".join(f"{s}: {b}" for s, b in enumerate(m["stage_sets"])), ""]
+    diff = lambda r: _f(r.get("max_abs_diff"), 2) if r.get("max_abs_diff") is not None else "-"
+    lines += _table(_SETTING + [("stage", lambda r: str(r["stage"])), ("blocks", lambda r: str(r["blocks"])),
+                                ("routed ms", "routed_ms"), ("pinned ms", "pinned_ms"), ("same-n static ms", "same_n_ms"),
+                                ("routed / same-n", "routed_over_same_n"), ("routed / static", "routed_over_static"),
+                                ("out max abs diff", diff)], res["stages"])
+    lines += [""] + _table(_SETTING + [("routed weighted mean ms", "routed_mean_ms"), ("static ms", "static_ms"),
+                                       ("dense ms", "dense_ms"), ("speedup vs dense: routed", "routed_speedup"),
+                                       ("static", "static_speedup"), ("MAC ratio routed/static", "mac_ratio")],
+                           res["summary"])
     lines += ["", "routed: the routed forward picks the stage from t (one device-to-host sync per call); pinned: the "
               "stage fixed beforehand, as a sampler that knows its step could (and the compiled graphs); same-n: a "
               "static model with the stage's number of blocks; routed / static: against the static model with the "
               "trajectory-average number of blocks. In compile mode the routed column is the pinned graph."]
-    if res["errors"]:
-        lines += ["", "Errors:", ""] + [f"- {e}" for e in res["errors"]]
-    if res["skipped"]:
-        lines += ["", "Not measured:", ""] + [f"- {e}" for e in res["skipped"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _notes(res)) + "\n"
 
 
 def _write(out: Path, res: dict, md=None) -> None:
@@ -160,10 +183,7 @@ def run(out: Path, device: str, model: str, counts: list[int], keep: int, settin
             net.net.to(device)
             return benchmark_forward(net.net, inputs, device, mode, dtype, warmup=warmup, reps=reps)
         except Exception as e:  # an OOM or a compile error must not lose the other measurements
-            msg = f"{tag}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            res["errors"].append(msg)
-            log(f"[routing] {msg}")
-            return None
+            return _failed(res, tag, e, log, "routing")
         finally:
             net.net.to("cpu")
             if torch.device(device).type == "cuda":
@@ -317,7 +337,6 @@ def build_width(model: str, fracs: list[float], bank_dir, scale: float = 0.05, *
 
 def _md_width(res: dict) -> str:
     m = res["meta"]
-    f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"
     lines = [f"# Stage-wise width routing: per-stage latency, {m['model']} ({m['depth']} blocks, {m['heads']} heads, "
              f"MLP {m['mlp_hidden']})", "",
              f"device: {m['device']} · torch {m['torch']} · CUDA {m['cuda'] or '-'} · {m['warmup']} warm-up + median "
@@ -339,34 +358,27 @@ def _md_width(res: dict) -> str:
              "Check (fp32, CPU, 2 samples, before timing): each stage's routed output against the static model with "
              "the same keep set and that stage's thin weights: max abs diff "
              + ", ".join(f"stage {c['stage']} {c['max_abs_diff']:.3g} (pinned {c['pinned_max_abs_diff']:.3g}, output "
-                         f"max {c['out_max_abs']:.3g})" for c in res["check"]), "",
-             "| mode | dtype | batch | stage | width | routed ms | pinned ms | same-frac static ms | routed / same-frac | "
-             "pinned / same-frac | routed / static mean | out max abs diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                         f"max {c['out_max_abs']:.3g})" for c in res["check"]), ""]
     diff = {c["stage"]: c["max_abs_diff"] for c in res["check"]}
-    for r in res["stages"]:
-        lines.append(f"| {r['mode']} | {r['dtype']} | {r['batch']} | {r['stage']} | {r['frac']:g} | "
-                     f"{f(r.get('routed_ms'))} | {f(r.get('pinned_ms'))} | {f(r.get('same_frac_ms'))} | "
-                     f"{f(r.get('routed_over_same_frac'))} | {f(r.get('pinned_over_same_frac'))} | "
-                     f"{f(r.get('routed_over_static_mean'))} | {diff[r['stage']]:.2g} |")
-    lines += ["", f"| mode | dtype | batch | routed weighted mean ms | static {m['mean_frac']:g} width ms | dense ms | "
-              "speedup vs dense: routed | static | MAC ratio routed/static |", "|---|---|---|---|---|---|---|---|---|"]
-    for s in res["summary"]:
-        lines.append(f"| {s['mode']} | {s['dtype']} | {s['batch']} | {f(s.get('routed_mean_ms'))} | "
-                     f"{f(s.get('static_mean_ms'))} | {f(s.get('dense_ms'))} | {f(s.get('routed_speedup'))} | "
-                     f"{f(s.get('static_speedup'))} | {f(s.get('mac_ratio'))} |")
+    lines += _table(_SETTING + [("stage", lambda r: str(r["stage"])), ("width", lambda r: f"{r['frac']:g}"),
+                                ("routed ms", "routed_ms"), ("pinned ms", "pinned_ms"),
+                                ("same-frac static ms", "same_frac_ms"), ("routed / same-frac", "routed_over_same_frac"),
+                                ("pinned / same-frac", "pinned_over_same_frac"),
+                                ("routed / static mean", "routed_over_static_mean"),
+                                ("out max abs diff", lambda r: f"{diff[r['stage']]:.2g}")], res["stages"])
+    lines += [""] + _table(_SETTING + [("routed weighted mean ms", "routed_mean_ms"),
+                                       (f"static {m['mean_frac']:g} width ms", "static_mean_ms"), ("dense ms", "dense_ms"),
+                                       ("speedup vs dense: routed", "routed_speedup"), ("static", "static_speedup"),
+                                       ("MAC ratio routed/static", "mac_ratio")], res["summary"])
     lines += ["", "routed: the routed forward picks the stage from t (one device-to-host sync per call) and gathers "
               "the stage's q/k/v and fc1 rows from the shared weights; pinned: the stage fixed beforehand "
               "(StageRouter.pin, as a sampler that knows its step could, and the compiled graphs); same-frac: the "
               "static width-pruned model (Torch-Pruning surgery) with the stage's keep set and thin weights, the "
               "routing-overhead reference; static mean: the static model with the trajectory-mean width. In compile "
               "mode the routed column is the pinned graph. "
-              f"Setup (CPU: models, bank, check) {f(m.get('setup_s'), 1)} s; whole run {f(m.get('elapsed_s'), 1)} s "
+              f"Setup (CPU: models, bank, check) {_f(m.get('setup_s'), 1)} s; whole run {_f(m.get('elapsed_s'), 1)} s "
               f"of a {m['budget_s']:g} s budget."]
-    if res["errors"]:
-        lines += ["", "Errors:", ""] + [f"- {e}" for e in res["errors"]]
-    if res["skipped"]:
-        lines += ["", "Not measured:", ""] + [f"- {e}" for e in res["skipped"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _notes(res)) + "\n"
 
 
 def _width_derived(res: dict) -> None:
@@ -490,10 +502,7 @@ def run_width(out: Path, device: str, model: str, fracs: list[float], settings: 
             place(net)
             return benchmark_forward(net.net, inputs, device, mode, dtype, warmup=warmup, reps=reps)["median_ms"]
         except Exception as e:  # an OOM or a compile error must not lose the other measurements
-            msg = f"{tag}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            res["errors"].append(msg)
-            log(f"[routing-width] {msg}")
-            return None
+            return _failed(res, tag, e, log, "routing-width")
         finally:
             longest[mode] = max(longest.get(mode, 0.0), time.perf_counter() - t0)
 
@@ -562,6 +571,23 @@ def run_width(out: Path, device: str, model: str, fracs: list[float], settings: 
     return res
 
 
+def _timing_settings(a) -> tuple[str, list, int, int]:
+    """(device, [(mode, dtype, batch)], warmup, reps) from the command line; --smoke: a CPU check
+    of the script (batch 4, fp32 and bf16, eager only unless --compile)."""
+    batches = [int(v) for v in a.batches.split(",")]
+    dtypes = a.dtypes.split(",")
+    warmup, reps, device = a.warmup, a.reps, a.device or ("cpu" if a.smoke else "cuda")
+    if a.smoke:
+        batches, warmup, reps = [4], 2, 20
+        dtypes = ["fp32", "bf16"] if a.dtypes == "bf16" else dtypes
+    settings = [("eager", d, b) for d in dtypes for b in batches]
+    if a.compile if a.compile is not None else not a.smoke:
+        settings += [("compile", d, b) for d in dtypes for b in batches]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device; use --smoke (CPU) or --device cpu")
+    return device, settings, warmup, reps
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None,
@@ -594,19 +620,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = a.out.with_suffix("") if a.out.suffix in (".json", ".md") else a.out
     model, counts, keep = a.model, [int(v) for v in a.stage_blocks.split(",")], a.static_blocks
     model_kw = dict(input_size=32, in_channels=4, num_classes=1000)  # DiT-XL/2 at 256 px (32x32 latents)
-    batches = [int(v) for v in a.batches.split(",")]
-    dtypes = a.dtypes.split(",")
-    warmup, reps, device = a.warmup, a.reps, a.device or ("cpu" if a.smoke else "cuda")
     if a.smoke:
         model, counts, keep = "DiT-T/2", [1, 2, 2, 3], 2
         model_kw = dict(input_size=8, in_channels=4, num_classes=10)
-        batches, warmup, reps = [4], 2, 20
-        dtypes = ["fp32", "bf16"] if a.dtypes == "bf16" else dtypes
-    settings = [("eager", d, b) for d in dtypes for b in batches]
-    if a.compile if a.compile is not None else not a.smoke:
-        settings += [("compile", d, b) for d in dtypes for b in batches]
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device; use --smoke (CPU) or --device cpu")
+    device, settings, warmup, reps = _timing_settings(a)
     res = run(out, device, model, counts, keep, settings, warmup, reps, a.budget_s, model_kw)
     print(f"[routing] wrote {out}.json and {out}.md")
     return res
@@ -623,18 +640,9 @@ def _main_width(a) -> dict:
     out = out.with_suffix("") if out.suffix in (".json", ".md") else out
     budget_s = 210.0 if a.budget_s is None else a.budget_s
     model, model_kw = a.model, dict(input_size=32, in_channels=4, num_classes=1000)  # DiT-XL/2 at 256 px
-    batches = [int(v) for v in a.batches.split(",")]
-    dtypes = a.dtypes.split(",")
-    warmup, reps, device = a.warmup, a.reps, a.device or ("cpu" if a.smoke else "cuda")
     if a.smoke:
         model, model_kw = "DiT-T/2", dict(input_size=8, in_channels=4, num_classes=10)
-        batches, warmup, reps = [4], 2, 20
-        dtypes = ["fp32", "bf16"] if a.dtypes == "bf16" else dtypes
-    settings = [("eager", d, b) for d in dtypes for b in batches]
-    if a.compile if a.compile is not None else not a.smoke:
-        settings += [("compile", d, b) for d in dtypes for b in batches]
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device; use --smoke (CPU) or --device cpu")
+    device, settings, warmup, reps = _timing_settings(a)
     threads = torch.get_num_threads()
     if a.smoke:  # a check of this script, not a measurement: don't compete for shared CPU cores
         torch.set_num_threads(1)
