@@ -27,7 +27,7 @@ user cancelled it. Here the first of SIGUSR2 and SIGTERM decides how the job lea
 (guard_requeue_signal):
   * SIGUSR2 first: submitit checkpoints and requeues (above). The SIGTERM that `scontrol requeue`
     itself sends to the job, often while the handler is still running, is ignored, as are later
-    USR2s: the requeue always completes.
+    USR2s, by this process and by the `scontrol requeue` it starts: the requeue always completes.
   * SIGTERM first: the run stops at once (SystemExit(143) in the job's main thread: no row, no
     error.json, as for SIGKILL); its stored stages (plan, fine-tune checkpoints, samples) stay, and
     a later USR2 is ignored. Submitting the same sweep again skips the finished runs and resumes the
@@ -80,6 +80,17 @@ def guard_requeue_signal() -> bool:
             _say(f"{signal.Signals(signum).name} ignored: already leaving on {signal.Signals(leaving[0]).name}")
             return
         leaving.append(signum)
+        # From here the job leaves on this requeue, and ignores SIGTERM and further requeue signals
+        # at the OS level, not in a Python handler: the `scontrol requeue` child that submitit's
+        # handler starts inherits SIG_IGN (a handler is reset to the default action in a child; an
+        # ignore is kept across exec). slurmstepd signals every process of the step, so a late second
+        # USR2, or the SIGTERM that the requeue itself sends, would otherwise kill scontrol before it
+        # requeues: check_call raises inside the run, hydra's run_job records it as the run's failure
+        # and the job ends as completed, without a requeue (seen in CI).
+        _say(f"{signal.Signals(signum).name}: checkpointing and requeueing; SIGTERM and further "
+             f"{signal.Signals(sig).name} are ignored from now on")
+        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         handler(signum, frame)
 
     def stop(signum, frame):
