@@ -75,32 +75,35 @@ def guard_requeue_signal() -> bool:
     def _say(msg: str) -> None:
         print(f"bench.launch: {msg}", file=sys.stderr, flush=True)
 
-    def once(signum, frame):
+    def leave(signum) -> bool:
+        """The first requeue signal or SIGTERM decides how this process leaves (False: one did
+        already). From then on both are ignored at the OS level, not in a Python handler, so that
+        the children the job starts inherit the ignore (a handler is reset to the default action in
+        a child; SIG_IGN is kept across exec): slurmstepd signals every process of the step, and a
+        late second USR2, or the SIGTERM that the requeue itself sends, would otherwise kill the
+        `scontrol requeue` that submitit's handler runs before it requeues; check_call then raises
+        inside the run, hydra's run_job records that as the run's failure and the job ends as
+        completed, without a requeue (seen in CI). `leaving` covers a second signal that Python
+        delivers before SIG_IGN is in place."""
         if leaving:
             _say(f"{signal.Signals(signum).name} ignored: already leaving on {signal.Signals(leaving[0]).name}")
-            return
+            return False
         leaving.append(signum)
-        # From here the job leaves on this requeue, and ignores SIGTERM and further requeue signals
-        # at the OS level, not in a Python handler: the `scontrol requeue` child that submitit's
-        # handler starts inherits SIG_IGN (a handler is reset to the default action in a child; an
-        # ignore is kept across exec). slurmstepd signals every process of the step, so a late second
-        # USR2, or the SIGTERM that the requeue itself sends, would otherwise kill scontrol before it
-        # requeues: check_call raises inside the run, hydra's run_job records it as the run's failure
-        # and the job ends as completed, without a requeue (seen in CI).
-        _say(f"{signal.Signals(signum).name}: checkpointing and requeueing; SIGTERM and further "
-             f"{signal.Signals(sig).name} are ignored from now on")
         signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        handler(signum, frame)
+        return True
+
+    def once(signum, frame):
+        if leave(signum):
+            _say(f"{signal.Signals(signum).name}: checkpointing and requeueing; SIGTERM and further "
+                 f"{signal.Signals(sig).name} are ignored from now on")
+            handler(signum, frame)
 
     def stop(signum, frame):
-        if leaving:  # the requeue's own SIGTERM, or a second one while stopping: let that finish
-            _say(f"SIGTERM ignored: already leaving on {signal.Signals(leaving[0]).name}")
-            return
-        leaving.append(signum)
-        _say("SIGTERM (job cancelled or killed by the scheduler): stopping the run now; no row is "
-             "written, its stored stages stay and a resubmission resumes from them")
-        raise SystemExit(STOP_EXIT)
+        if leave(signum):
+            _say("SIGTERM (job cancelled or killed by the scheduler): stopping the run now; no row is "
+                 "written, its stored stages stay and a resubmission resumes from them")
+            raise SystemExit(STOP_EXIT)
 
     once._bench_once = True
     signal.signal(sig, once)
