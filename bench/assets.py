@@ -25,11 +25,9 @@ hash and only then moves the file into place.
 from __future__ import annotations
 
 import glob
-import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,14 +235,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     if skey in disk:
         _MEMO[key] = disk[skey]
         return disk[skey]
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    from bench.io import sha256_file as raw_sha256
+    digest = raw_sha256(p)
     _MEMO[key] = digest
     try:  # best effort: a read-only home only costs a re-hash next time
-        from bench.results import atomic_write_text
+        from bench.io import atomic_write_text
         try:
             disk = json.loads(cache_file.read_text())
         except (OSError, ValueError):
@@ -332,23 +327,16 @@ def fetch(name: str, dest: str | os.PathLike | None = None) -> Path:
                 [f for o, f in search_path(name) if o == "cache" and "*" not in str(f)] + \
                 [Path(os.getcwd()) / "pretrained_models"]
         dest = next((c for c in cands if _writable(c)), cands[-1])
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{a.filename}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(a.url) as r:  # noqa: S310 (opt-in only)
+    from bench.io import atomic_write, sha256_file as raw_sha256
+
+    def fetch(tmp):  # the hash is checked on the temp file: a bad download never takes the final name
+        with open(tmp, "wb") as f, urllib.request.urlopen(a.url) as r:  # noqa: S310 (opt-in only)
             shutil.copyfileobj(r, f)
-        digest = sha256_file(tmp)
+        digest = raw_sha256(tmp)
         if a.sha256 is not None and digest != a.sha256:
             raise BenchError(f"asset {name!r}: the download from {a.url} has sha256 {digest}, expected {a.sha256}; "
                              "nothing was installed")
-        final = dest / a.filename
-        os.replace(tmp, final)
-        return final
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return atomic_write(Path(dest) / a.filename, fetch)
 
 
 def _writable(folder: Path) -> bool:

@@ -21,7 +21,8 @@ import torch
 
 from bench import surgery
 from bench.api import BenchError, Plan
-from bench.results import append_log, atomic_torch_save
+from bench.io import atomic_torch_save
+from bench.results import append_log
 
 
 @dataclass

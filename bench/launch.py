@@ -41,8 +41,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from contextlib import contextmanager
-from pathlib import Path
 
 
 ON_SIGTERM_ENV = "BENCH_ON_SIGTERM"  # stop (default) | ignore; set by cluster.on_sigterm (conf/cluster/slurm.yaml)
@@ -110,20 +108,3 @@ def guard_requeue_signal() -> bool:
     if policy == "stop" and sig != signal.SIGTERM:
         signal.signal(signal.SIGTERM, stop)
     return True
-
-
-@contextmanager
-def file_lock(path):
-    """Hold an exclusive advisory lock (flock) on `path` for the block. Concurrent jobs of a sweep
-    that need the same missing artifact (the trained teacher, the scoring classifier) build it once:
-    the first takes the lock, the others wait and then find it. A killed holder releases the lock."""
-    import fcntl
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

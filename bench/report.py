@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.results import Row, atomic_write_text, load_rows
+from bench.io import atomic_write_text
+from bench.results import Row, load_rows
 
 GROUP_KEYS = ["model", "dataset", "process", "device", "latency_mode", "latency_dtype", "latency_batch", "sampler", "nfe",
               "cfg_scale", "metric_impl", "metric_n", "metric_ref"]

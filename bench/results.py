@@ -11,10 +11,11 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.io import atomic_write_text, slug
 
 SCHEMA = 1
 # config keys that do not change a run's results (where files go, how it is launched)
@@ -26,50 +27,13 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _slug(s: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(s))
-
-
 def run_relpath(cfg: dict) -> str:
     """<model>-<data>-<process>/<method>/<measure><keep>-s<seed>-<device>-<hash8>"""
     m = cfg["model"]
     b = cfg["budget"]
-    head = f"{_slug(m['name'])}-{_slug(cfg['data']['name'])}-{m['process']['kind']}"
+    head = f"{slug(m['name'])}-{slug(cfg['data']['name'])}-{m['process']['kind']}"
     tail = f"{b['measure']}{float(b['keep']):.3g}-s{cfg['seed']}-{cfg['device']}-{config_hash(cfg)[:8]}"
-    return f"{head}/{_slug(cfg['method_name'])}/{tail}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    import torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return f"{head}/{slug(cfg['method_name'])}/{tail}"
 
 
 def git_info() -> tuple[str, bool]:

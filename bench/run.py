@@ -19,9 +19,10 @@ import torch
 
 from bench import surgery
 from bench.api import BenchError, Budget, Method, Plan
-from bench.launch import file_lock, guard_requeue_signal
+from bench.io import atomic_torch_save, atomic_write, atomic_write_text, file_lock, sha256_file
+from bench.launch import guard_requeue_signal
 from bench.metrics.cost import MIN_REPS, device_name
-from bench.results import Row, append_log, atomic_torch_save, atomic_write_text, config_hash, git_info, \
+from bench.results import Row, append_log, config_hash, git_info, \
     devices_held, earlier_attempts_wall_s, library_versions, run_relpath, scheduler_job_id, write_failure, write_row
 
 
@@ -380,27 +381,20 @@ def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
 
 def _store_weights(net, path: Path) -> str:
     """The pruned model's state (after plan + surgery) as safetensors, atomically; returns its sha256."""
-    import hashlib
-    import os
-
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.net.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    state = {k: v.detach().cpu().contiguous() for k, v in net.net.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp))
+    return sha256_file(path)
 
 
 def _load_weights(net, path: Path, sha: str | None, plan_path: Path) -> None:
-    import hashlib
-
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise BenchError(f"{plan_path} exists but the method's rewritten weights {path} do not; delete the plan "
                          "to plan again")
-    got = hashlib.sha256(path.read_bytes()).hexdigest()
+    got = sha256_file(path)
     if sha and got != sha:
         raise BenchError(f"{path} has sha256 {got[:12]}..., the plan recorded {sha[:12]}...; delete {plan_path} "
                          "and the file to plan again")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.results import (ERROR_FILE, Row, append_log, atomic_write_text, earlier_attempts_wall_s, load_rows,
-                           run_relpath, write_row)
+from bench.io import atomic_write_text
+from bench.results import ERROR_FILE, Row, append_log, earlier_attempts_wall_s, load_rows, run_relpath, write_row
 from tests.conftest import ROOT, TINY, compose, run_cli
 
 STAGES = {"teacher", "plan", "finetune", "sample", "score", "cost"}
@@ -182,7 +182,7 @@ def _train_teacher(args):
 
 def test_concurrent_jobs_train_a_missing_teacher_once(tmp_path):
     """Two jobs of a sweep start on an empty artifacts folder: one trains the shared teacher, the
-    other waits for the lock and loads it (bench.launch.file_lock)."""
+    other waits for the lock and loads it (bench.io.file_lock)."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Manager().Barrier(2)
     with ctx.Pool(2) as pool:

@@ -128,7 +128,7 @@ def _markdown(rep: dict) -> str:
 
 
 def _write(rep: dict, out: Path):
-    from bench.results import atomic_write_text
+    from bench.io import atomic_write_text
     atomic_write_text(out / "fid_throughput.json", json.dumps(rep, indent=1, sort_keys=True))
     atomic_write_text(out / "fid_throughput.md", _markdown(rep))
 

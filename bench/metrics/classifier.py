@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from bench.api import BenchError
 from bench.metrics.frechet import feature_stats, frechet_distance
-from bench.results import atomic_torch_save
+from bench.io import atomic_torch_save
 
 VERSION = 1  # bump when the architecture or training recipe changes: it enters the cache key
 HPARAMS = {"steps": 500, "batch": 64, "lr": 2e-3, "width": 16, "emb_dim": 64}

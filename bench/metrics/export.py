@@ -14,13 +14,13 @@ repeated to RGB, because the Inception networks (and ADM's evaluator) take 3 cha
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bench.api import BenchError
+from bench.io import atomic_savez
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -47,18 +47,7 @@ def to_nhwc_uint8(samples) -> np.ndarray:
 def export_npz(samples, path) -> Path:
     """Write samples in the ADM reference-batch layout (``arr_0``: uint8 N,H,W,3), atomically."""
     arr = to_nhwc_uint8(samples)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, arr_0=arr)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_savez(path, arr_0=arr)
 
 
 def export_png_folder(samples, folder) -> Path:

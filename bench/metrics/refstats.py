@@ -19,10 +19,7 @@ used as given; features of its arr_0 images (for KID and P/R) are cached beside,
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,6 +28,7 @@ import numpy as np
 import torch
 
 from bench.api import BenchError
+from bench.io import atomic_savez, file_lock, slug
 from bench.metrics.export import read_adm_npz, to_uint8
 from bench.metrics.frechet import feature_stats
 
@@ -63,37 +61,6 @@ class Reference:
         return self._frechet[key]
 
 
-def _atomic_savez(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def _lock(path: Path):
-    """One process computes a reference at a time (parallel sweep workers wait, then reuse it)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _slug(s: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(s))
-
-
 def ref_stats(dataset_name: str, resolution: int, protocol: str, images_fn: Callable[[], torch.Tensor],
               features_fn: Callable[[torch.Tensor], dict], artifacts_dir, split: str = "all",
               max_images: int = MAX_REF_IMAGES, meta: dict | None = None) -> Path:
@@ -101,10 +68,10 @@ def ref_stats(dataset_name: str, resolution: int, protocol: str, images_fn: Call
 
     images_fn() -> the real images, float N,C,H,W in [-1, 1] or uint8 N,C,H,W (C = 1 or 3), the
     same format as the samples. features_fn(uint8 N,3,H,W) -> {"pool": ..., ["spatial": ...]}."""
-    path = Path(artifacts_dir) / "refstats" / f"{_slug(dataset_name)}-{_slug(split)}-{resolution}px-{protocol}.npz"
+    path = Path(artifacts_dir) / "refstats" / f"{slug(dataset_name)}-{slug(split)}-{resolution}px-{protocol}.npz"
     if path.is_file():
         return path
-    with _lock(path):
+    with file_lock(path.with_name(path.name + ".lock")):
         if path.is_file():  # another worker finished it while we waited
             return path
         x = to_uint8(images_fn())
@@ -122,7 +89,7 @@ def ref_stats(dataset_name: str, resolution: int, protocol: str, images_fn: Call
         info = {"dataset": dataset_name, "split": split, "resolution": resolution, "protocol": protocol,
                 "n": int(x.shape[0]), **(meta or {})}
         arrays["meta"] = np.array(json.dumps(info, sort_keys=True))
-        _atomic_savez(path, **arrays)
+        atomic_savez(path, **arrays)
     return path
 
 
@@ -144,11 +111,11 @@ def user_reference(npz_path, protocol: str, features_fn: Callable[[torch.Tensor]
     feats: dict[str, torch.Tensor] = {}
     if "arr_0" in z:
         cache = Path(artifacts_dir) / "refstats" / f"npz-{sha256[:8]}-{protocol}.npz"
-        with _lock(cache):
+        with file_lock(cache.with_name(cache.name + ".lock")):
             if not cache.is_file():
                 f = features_fn(torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2).contiguous())
                 arrays = {k: v.numpy().astype(np.float32) for k, v in f.items() if k in ("pool", "spatial")}
-                _atomic_savez(cache, **arrays)
+                atomic_savez(cache, **arrays)
         with np.load(cache) as c:
             feats = {k: torch.from_numpy(c[k]) for k in c.files}
     if "mu" in z:

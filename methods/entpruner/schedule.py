@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench.api import BenchError, Budget, Plan
-from bench.results import atomic_write_text
+from bench.io import atomic_write_text
 from bench.surgery import blocks_to_keep, measure
 from methods import proxies
 from methods.entpruner import units as U

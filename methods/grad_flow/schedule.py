@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.api import BenchError, Budget, Plan
-from bench.results import atomic_write_text
+from bench.io import atomic_write_text
 from methods.grad_flow.criterion import MaskHooks, collect_units, gradient_flow_scores, importance, multipliers
 
 LOG_NAME = "grad_flow_decisions.jsonl"
