@@ -234,17 +234,26 @@ class LatentCache(TensorDataset):
 
 
 def build_dataset(kind: str = "digits", **kw) -> Dataset:
-    if kind == "digits":
-        return digits(**kw)
-    if kind == "image_folder":
-        return ImageFolder(**kw)
-    if kind == "latents":
-        return LatentCache(**kw)
-    if kind == "torchvision":
-        return torchvision_dataset(**kw)
-    if kind == "cifar":
-        return cifar_batches(**kw)
-    raise BenchError(f"unknown data.kind={kind!r}; use digits, image_folder, latents, cifar or torchvision")
+    import inspect
+
+    builders = {"digits": digits, "image_folder": ImageFolder, "latents": LatentCache,
+                "torchvision": torchvision_dataset, "cifar": cifar_batches}
+    if kind not in builders:
+        raise BenchError(f"data.kind={kind!r} is unknown; use one of {', '.join(builders)}")
+    known = [n for n in inspect.signature(builders[kind]).parameters if n != "self"]
+    unknown = sorted(set(kw) - set(known))
+    if unknown:
+        raise BenchError(f"data.{unknown[0]}={kw[unknown[0]]!r}: data.kind={kind} has no such key (it takes "
+                         f"{', '.join(known)}); remove +data.{unknown[0]} or fix its spelling")
+    return builders[kind](**kw)
+
+
+def from_config(cfg: dict, split: str | None = None) -> Dataset:
+    """The run's data set from its config (`data` group); `split` overrides the digits split."""
+    d = {k: v for k, v in cfg["data"].items() if k != "name"}
+    if split is not None and d.get("kind") == "digits":
+        d["split"] = split
+    return build_dataset(**d)
 
 
 def cifar_batches(root: str, split: str = "train", image_size: int = 32, dataset: str = "CIFAR10") -> TensorDataset:

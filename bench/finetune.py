@@ -21,7 +21,7 @@ import torch
 
 from bench import surgery
 from bench.api import BenchError, Plan
-from bench.io import atomic_torch_save
+from bench.io import atomic_torch_save, read_state
 from bench.results import append_log
 
 
@@ -57,10 +57,12 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
     `teacher` (the frozen dense Denoiser) is needed when cfg.distill > 0."""
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / "final.pt"
-    if final.exists():  # stage done: rebuild the final structure and load the EMA weights
-        state = torch.load(final, map_location="cpu", weights_only=False)
-        _replay(net, state["kept_blocks"], state.get("plans"))
-        net.net.load_state_dict(state["ema"])
+    log = (lambda path, dest: append_log(run_dir, "state_moved_aside", path=str(path), to=str(dest))) if run_dir else None
+    # stage done: rebuild the final structure and load the EMA weights (on a copy: a checkpoint that
+    # does not fit is moved aside and the fine-tune redone, and `net` must still be the start model)
+    if (done := read_state(final, lambda p: _restore(net, p, ("ema",)), "fine-tune weights", log)) is not None:
+        net.net, net.kept_blocks = done.net, done.kept_blocks
+        net.net.load_state_dict(done.state["ema"])
         return net
     if cfg.distill > 0 and teacher is None:
         raise BenchError("finetune.distill > 0 needs the dense teacher; the run passes it (bench.run)")
@@ -72,10 +74,13 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
     step = 0
     applied: list[str] = []  # the callback's plans applied so far (JSON), replayed on resume
     last = ckpt_dir / "last.pt"
-    if last.exists():  # resume: structure first (progressive plans), then weights and RNG
-        state = torch.load(last, map_location="cpu", weights_only=False)
+    resumed = read_state(last, lambda p: _restore(net, p, ("model", "ema", "opt", "gen", "step")),
+                         "fine-tune checkpoint", log)
+    if resumed is not None:  # resume: structure first (progressive plans), then weights and RNG
+        state = resumed.state
         applied = list(state.get("plans") or [])
-        _replay(net, state["kept_blocks"], state.get("plans"))
+        net.net, net.kept_blocks = resumed.net, resumed.kept_blocks
+        net.net.to(device).train()
         ema = copy.deepcopy(net.net).eval().requires_grad_(False)
         net.net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -138,6 +143,28 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
     if last.exists():
         last.unlink()  # the final weights supersede the resume point
     return net
+
+
+@dataclass
+class _Restored:
+    net: torch.nn.Module   # the backbone in the checkpoint's structure, its weights loaded
+    kept_blocks: list[int]
+    state: dict
+
+
+def _restore(net, path: Path, keys: tuple[str, ...]) -> _Restored:
+    """Read a checkpoint and bring a copy of `net` to its structure with its weights; raises when the
+    file is cut short or does not fit (then bench.io.read_state moves it aside and the loop redoes it)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or any(k not in state for k in keys + ("kept_blocks",)):
+        raise ValueError(f"missing keys: {[k for k in keys + ('kept_blocks',) if k not in state]}")
+    shadow = copy.copy(net)
+    shadow.net, shadow.kept_blocks = copy.deepcopy(net.net), list(net.kept_blocks)
+    _replay(shadow, state["kept_blocks"], state.get("plans"))
+    for k in ("model", "ema"):  # every stored weight set must fit the structure (the caller loads them)
+        if k in keys:
+            shadow.net.load_state_dict(state[k])
+    return _Restored(shadow.net, list(shadow.kept_blocks), state)
 
 
 def _replay(net, kept_blocks: list[int], plans: list[str] | None = None):

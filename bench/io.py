@@ -8,6 +8,8 @@ errors in words. One helper per job; nothing else in the tree opens a temp file 
     file_lock(path, wait=...)     exclusive flock; released when the holder exits or dies
     slug(s)                       a string as a file-name component
     sha256_file(path)             hex digest, streamed
+    read_state(path, load, what)  stored state, or None (missing; unreadable: moved aside, redone)
+    move_aside(path)              keep an unreadable file for a post-mortem under another name
 
 A reader never sees half a file: the content goes to a temp file in the same folder and is
 renamed onto the target (POSIX rename is atomic). A failed write removes its temp file and raises
@@ -20,11 +22,14 @@ import errno
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 # a write that fails with this little room left is reported as a full disk whatever the library said
 _LOW_SPACE_BYTES = 1 << 20
@@ -133,10 +138,13 @@ def file_lock(path, wait: bool = True, on_wait: Callable[[str], None] | None = N
                 on_wait(holder)
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            f.seek(0)
-            f.truncate()
-            f.write(f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            f.flush()
+            try:  # who holds it, for the message of whoever waits (best effort: a full disk must not stop a run here)
+                f.seek(0)
+                f.truncate()
+                f.write(f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                f.flush()
+            except OSError:
+                pass
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
@@ -162,3 +170,26 @@ def move_aside(path, why: str = "corrupt") -> Path:
     dest = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     os.replace(path, dest)
     return dest
+
+
+def read_state(path, load: Callable[[Path], T], what: str, on_moved: Callable[[Path, Path], None] | None = None
+               ) -> T | None:
+    """Stored state a stage skips on: `load(path)` if the file exists and reads; None if it does not
+    exist. A file that cannot be read (cut short by a kill or a full disk, corrupted, or failing
+    `load`'s own checks) is moved aside with a warning and None is returned, so the stage is redone;
+    it is never trusted and never blocks a rerun. OS errors (permissions, I/O) are raised."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return load(path)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 (any reader's failure means the same: not usable state)
+        dest = move_aside(path)
+        cause = str(e).splitlines()[0][:160] if str(e) else ""
+        print(f"[bench] warning: {what} {path} cannot be read ({type(e).__name__}{': ' + cause if cause else ''}); "
+              f"moved aside to {dest.name} and redone", file=sys.stderr, flush=True)
+        if on_moved:
+            on_moved(path, dest)
+        return None

@@ -26,6 +26,8 @@ GROUP_KEYS = ["model", "dataset", "process", "device", "latency_mode", "latency_
 # and the rows that have them must share one Inception protocol (checked in inception_note)
 FID_KEYS = ["fid_impl", "fid_n", "fid_ref"]
 LINE_KEYS = ["method", "budget_measure", "budget_keep"]
+# settings that make rows of one method and budget different lines (not seeds of one setting)
+VARIANT_KEYS = ["finetune_steps", "method_version"]
 DENSE = "dense"  # the method name of the unpruned reference; speedups are relative to it
 # metric name -> (label, better direction); this is also the column order of known metrics
 METRICS = {"fid": ("FID", "↓"), "sfid": ("sFID", "↓"), "is": ("IS", "↑"), "precision": ("precision", "↑"),
@@ -34,6 +36,9 @@ METRICS = {"fid": ("FID", "↓"), "sfid": ("sFID", "↓"), "is": ("IS", "↑"), 
 COSTS = {"params_M": "params (M)", "macs_G": "MACs (G)", "keep_macs": "keep MACs", "latency_ms": "latency (ms) ↓"}
 QUALITY_PREF = ["m_fid", "m_fd_clf"]  # y axis of the figure: real FID when there is one
 PROXY_NOTE = "classifier-feature Frechet distance, not Inception FID"
+FLAGGED_DENSE_NOTE = ("speedup is blank: the dense row's latency is flagged (spread or busy machine, see its "
+                      "warnings); rerun its timing on an idle machine")
+FLAGGED_NOTE = "speedup is blank where the latency is flagged (spread or busy machine, see the rows' warnings): "
 NO_DENSE_NOTE = ("speedup is blank: this group has no dense row with a latency on the same device, mode, dtype and batch "
                  "to divide by (the figure uses keep MACs instead)")
 
@@ -105,26 +110,57 @@ def check_single_protocol(df: pd.DataFrame) -> None:
         raise ValueError(f"one table would mix protocols ({what}); build one table per protocol group")
 
 
+def variant_keys(g: pd.DataFrame) -> list[str]:
+    """The VARIANT_KEYS on which this group's rows differ: each value becomes a line of its own."""
+    return [k for k in VARIANT_KEYS if k in g.columns and g[k].nunique(dropna=False) > 1]
+
+
+def set_apart(g: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows to average, rows set apart): runs that share a line (method, budget, variant) and a
+    seed differ in something else of their config, so they are not seeds of one setting. None of
+    them is averaged; they are listed with their runs, to be picked with --where."""
+    keys = LINE_KEYS + variant_keys(g) + ["seed"]
+    dup = g.duplicated(keys, keep=False)
+    return g[~dup], g[dup]
+
+
+def _flagged(g: pd.DataFrame) -> pd.Series:
+    """Rows whose latency carries a flag (bench.metrics.cost.latency_flags: spread, busy)."""
+    if "latency_flags" not in g.columns:
+        return pd.Series(False, index=g.index)
+    return g["latency_flags"].map(lambda f: isinstance(f, list) and len(f) > 0)
+
+
 def summarize(g: pd.DataFrame) -> tuple[pd.DataFrame, list[str], str | None]:
-    """One protocol group's ok rows -> one line per (method, budget): mean, std (ddof=1), n_seeds,
-    speedup. Returns (lines, value columns, note or None)."""
+    """One protocol group's ok rows -> one line per (method, budget, variant): mean, std (ddof=1),
+    n_seeds, speedup. Rows whose latency is flagged give no speedup (nor does a flagged dense row
+    give any). Returns (lines, value columns, note or None)."""
     check_single_protocol(g)
-    dup = g[g.duplicated(LINE_KEYS + ["seed"], keep=False)]
-    if len(dup):  # same line and seed twice = they differ in something else (finetune_steps, version)
-        raise ValueError(f"runs {sorted(dup['run'])} share method, budget and seed; they are not seeds "
-                         "of one setting and cannot be averaged")
+    keys = LINE_KEYS + variant_keys(g)
     vcols = metric_cols(g) + list(COSTS)
-    by = g.groupby(LINE_KEYS, sort=True)
+    by = g.groupby(keys, sort=True)
     lines = by[vcols].mean().join(by[vcols].std(ddof=1).add_suffix("_std")).join(by[ci_cols(g)].mean())
     lines["n_seeds"] = by.size()
+    lines["_flagged"] = g.assign(_f=_flagged(g)).groupby(keys, sort=True)["_f"].any()
     lines = lines.reset_index()
     lines["_order"] = (lines["method"] != DENSE).astype(int)  # dense first, then keep desc, then name
-    lines = lines.sort_values(["_order", "budget_keep", "method", "budget_measure"],
-                              ascending=[True, False, True, True], kind="mergesort")
-    dense_ms = g.loc[g["method"] == DENSE, "latency_ms"].mean()  # NaN when the group has no dense row
-    lines["speedup"] = dense_ms / lines["latency_ms"]
-    note = None if pd.notna(dense_ms) else NO_DENSE_NOTE
-    return lines.drop(columns="_order").reset_index(drop=True), vcols, note
+    lines = lines.sort_values(["_order", "budget_keep", "method", "budget_measure"] + keys[len(LINE_KEYS):],
+                              ascending=[True, False, True, True] + [True] * (len(keys) - len(LINE_KEYS)),
+                              kind="mergesort")
+    dense = g[g["method"] == DENSE]
+    dense_ms = dense["latency_ms"].mean()  # NaN when the group has no dense row
+    notes = []
+    if pd.isna(dense_ms):
+        notes.append(NO_DENSE_NOTE)
+    elif _flagged(dense).any():
+        dense_ms = float("nan")
+        notes.append(FLAGGED_DENSE_NOTE)
+    lines["speedup"] = (dense_ms / lines["latency_ms"]).where(~lines["_flagged"].astype(bool))
+    if pd.notna(dense_ms) and lines["_flagged"].any():
+        notes.append(FLAGGED_NOTE + ", ".join(sorted({f"{m} {k:g}" for m, k in
+                                                      zip(lines.loc[lines["_flagged"], "method"],
+                                                          lines.loc[lines["_flagged"], "budget_keep"])})) + ".")
+    return lines.drop(columns=["_order", "_flagged"]).reset_index(drop=True), vcols, " ".join(notes) or None
 
 
 def title(key: dict) -> str:
@@ -172,7 +208,9 @@ def fmt_cell(r, c: str) -> str:
 
 def cells(lines: pd.DataFrame, vcols: list[str]) -> tuple[list[str], list[list[str]]]:
     head = ["method", "budget", "n_seeds"] + [label(c) for c in vcols] + [label("speedup")]
-    body = [[r["method"], f"{r['budget_measure']} {r['budget_keep']:g}", str(int(r["n_seeds"]))]
+    variants = [k for k in VARIANT_KEYS if k in lines.columns]
+    name = lambda r: r["method"] + "".join(f" ({k} {r[k]})" for k in variants)  # noqa: E731
+    body = [[name(r), f"{r['budget_measure']} {r['budget_keep']:g}", str(int(r["n_seeds"]))]
             + [fmt_cell(r, c) for c in vcols] + [fmt_num(r["speedup"])]
             for _, r in lines.iterrows()]
     return head, body
@@ -207,7 +245,8 @@ def _md_table(head: list[str], body: list[list[str]], left: int) -> list[str]:
     return out + ["| " + " | ".join(map(esc, r)) + " |" for r in body]
 
 
-def render_md(prov: str, name: str, groups: list, failed: pd.DataFrame) -> str:
+def render_md(prov: str, name: str, groups: list, failed: pd.DataFrame, apart: pd.DataFrame | None = None,
+              skipped: list[str] = ()) -> str:
     out = [f"<!-- {prov} -->", f"# Results: {name}", "",
            "Cells are mean ± std over seeds (sample std; omitted for one seed). ↑/↓ = better direction. "
            "speedup = dense latency / latency within one group (same device, dtype, batch).", ""]
@@ -218,6 +257,15 @@ def render_md(prov: str, name: str, groups: list, failed: pd.DataFrame) -> str:
     out += ["## Failed runs", ""]
     out += _md_table(["run", "method", "budget", "seed", "status", "error"], _failed_cells(failed), left=6) \
         if len(failed) else ["None."]
+    if apart is not None and len(apart):
+        out += ["", "## Runs set apart (not averaged)", "",
+                "These runs share method, budget and seed with another run but differ in some other setting, so "
+                "they are not seeds of one setting; pick one with `python -m bench.report --where KEY=VALUE`.", ""]
+        out += _md_table(["run", "method", "budget", "seed", "config_sha"],
+                         [[r["run"], r["method"], f"{r['budget_measure']} {r['budget_keep']:g}", str(r["seed"]),
+                           str(r["config_sha"])] for _, r in apart.iterrows()], left=5)
+    if skipped:
+        out += ["", "## Files skipped (unreadable)", ""] + [f"- {m}" for m in skipped]
     return "\n".join(out) + "\n"
 
 
@@ -318,20 +366,37 @@ def plot(groups: list, base: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------- entry points
-def build_report(df: pd.DataFrame, out_dir, name: str = "default") -> list[Path]:
-    """Write tables, figure and runs.csv for the rows in df (as from load_rows); return the paths."""
+def where(df: pd.DataFrame, conditions: list[str]) -> pd.DataFrame:
+    """Rows whose column KEY equals VALUE for every 'KEY=VALUE' (compared as text: finetune_steps=80)."""
+    for c in conditions:
+        key, sep, value = c.partition("=")
+        if not sep or key not in df.columns:
+            known = ", ".join(sorted(c for c in df.columns if not c.startswith(("m_", "wall_"))))
+            raise ValueError(f"--where {c!r}: use KEY=VALUE with a row field as KEY ({known})")
+        df = df[df[key].astype(str) == value]
+    return df
+
+
+def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list[str] | None = None) -> list[Path]:
+    """Write tables, figure and runs.csv for the rows in df (as from load_rows); return the paths.
+    `skipped`: files load_rows could not read, listed in the tables' text."""
     if df.empty:
         raise ValueError("no rows to report; point --runs at a folder with row.json files")
     out = Path(out_dir)
     prov = provenance(df)
     bad = df["status"].ne("ok")  # failed (or unfinished) rows are listed, never averaged
     ok, failed = df[~bad], df[bad].sort_values(["run"], kind="mergesort")
-    groups = []
+    groups, apart = [], []
     for key, g in ok.groupby(GROUP_KEYS, dropna=False, sort=True):
+        g, a = set_apart(g)
+        apart.append(a)
+        if g.empty:
+            continue
         lines, vcols, note = summarize(g)
         note = " ".join(n for n in (inception_note(g), note) if n)
         groups.append((dict(zip(GROUP_KEYS, key)), lines, vcols, note))
-    texts = {out / "tables" / f"{name}.md": render_md(prov, name, groups, failed),
+    apart = pd.concat(apart).sort_values(["run"], kind="mergesort") if apart else ok.iloc[:0]
+    texts = {out / "tables" / f"{name}.md": render_md(prov, name, groups, failed, apart, skipped or []),
              out / "tables" / f"{name}.tex": render_tex(prov, groups, failed),
              out / "tables" / f"{name}.csv": render_csv(prov, groups),
              out / f"{name}_runs.csv": runs_csv(prov, df)}
@@ -345,12 +410,20 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default="results/runs", help="folder searched for **/row.json")
     ap.add_argument("--out", default="reports", help="writes <out>/tables, <out>/figures, <out>/runs.csv")
     ap.add_argument("--name", default="default", help="file stem of the tables and figure")
+    ap.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                    help="only rows whose field KEY equals VALUE (repeatable), e.g. --where finetune_steps=80")
     args = ap.parse_args(argv)
-    df = load_rows(args.runs)
-    if df.empty:
-        print(f"error: no row.json under {args.runs}", file=sys.stderr)
+    skipped: list[str] = []
+    try:
+        df = load_rows(args.runs, skipped=skipped)
+        if df.empty:
+            print(f"error: no readable row.json under {args.runs}", file=sys.stderr)
+            return 1
+        paths = build_report(where(df, args.where), args.out, args.name, skipped)
+    except (ValueError, OSError) as e:  # mixed protocols, a bad --where, a full disk: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
         return 1
-    for p in build_report(df, args.out, args.name):
+    for p in paths:
         print(p)
     return 0
 

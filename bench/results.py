@@ -111,6 +111,8 @@ class Row:
     fid_weights: str = ""
     fid_weights_sha256: str = ""
     latency_reps: int = 0      # timed calls behind latency_ms (>= 20 unless eval.latency.allow_few); 0: older row
+    latency_flags: list[str] = field(default_factory=list)  # "spread" / "busy": no speedup from this latency
+    latency_others_cores: float | None = None  # CPU cores other processes used while it was timed (None: unknown)
     warnings: list[str] = field(default_factory=list)  # protocol caveats, e.g. Inception n < 10k (also in log.jsonl)
     git_sha: str = "unknown"
     git_dirty: bool = False
@@ -132,6 +134,29 @@ class Row:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+
+def parse_row(path: Path) -> Row:
+    """A row.json as a Row; raises ValueError naming the file when it is cut short, not JSON, of
+    another schema, or missing fields (a row that does not parse is not a finished run)."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: row schema {d.get('schema') if isinstance(d, dict) else None!r} is not {SCHEMA}")
+    try:
+        return Row(**d)
+    except TypeError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def read_row(run_dir: Path) -> Row | None:
+    """The run's row if it is finished; a row.json that does not parse is moved aside (the run then
+    redoes what is missing: its stored stages are kept) and None is returned."""
+    from bench.io import read_state
+
+    return read_state(Path(run_dir) / "row.json", parse_row, "row")
 
 
 def write_row(row: Row, run_dir: Path) -> Path:
@@ -234,10 +259,12 @@ def append_log(run_dir: Path, event: str, **data: Any) -> None:
         f.write(json.dumps(rec, default=str) + "\n")
 
 
-def load_rows(root: str | Path = "results/runs"):
+def load_rows(root: str | Path = "results/runs", skipped: list[str] | None = None):
     """All row.json files under root -> a pandas DataFrame, metrics flattened to `m_<name>` columns,
-    plus the error.json of runs that failed (status "failed"). Rows of an unknown schema are
-    refused rather than misread."""
+    plus the error.json of runs that failed (status "failed"). A file that does not parse (cut
+    short, corrupt, another schema) is skipped with a warning naming it, appended to `skipped`."""
+    import sys
+
     import pandas as pd
 
     recs = []
@@ -245,10 +272,17 @@ def load_rows(root: str | Path = "results/runs"):
     done = {p.parent for p in rows}
     failed = [p for p in sorted(Path(root).rglob(ERROR_FILE)) if p.parent not in done]
     for p in rows + failed:  # failed runs (status "failed", error) are listed by the report, never averaged
-        d = json.loads(p.read_text())
+        try:
+            d = asdict(parse_row(p)) if p.name == "row.json" else json.loads(p.read_text())
+            if not isinstance(d, dict):
+                raise ValueError(f"{p}: not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            msg = f"skipped {p}: {str(e).removeprefix(str(p) + ': ')}"
+            print(f"warning: {msg}", file=sys.stderr)
+            if skipped is not None:
+                skipped.append(msg)
+            continue
         d.pop("traceback", None)
-        if d.get("schema") != SCHEMA:
-            raise ValueError(f"{p}: row schema {d.get('schema')} is not {SCHEMA}; re-run or migrate it")
         for k, v in (d.pop("metrics", None) or {}).items():
             d[f"m_{k}"] = v
         for k, v in (d.pop("wall_s", None) or {}).items():

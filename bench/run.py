@@ -17,75 +17,19 @@ from pathlib import Path
 
 import torch
 
-from bench import surgery
+from bench import checks, surgery
 from bench.api import BenchError, Budget, Method, Plan
-from bench.io import atomic_torch_save, atomic_write, atomic_write_text, file_lock, sha256_file
+from bench.io import atomic_torch_save, atomic_write, atomic_write_text, file_lock, os_error_message, read_state, \
+    sha256_file
 from bench.launch import guard_requeue_signal
-from bench.metrics.cost import MIN_REPS, device_name
-from bench.results import Row, append_log, config_hash, git_info, \
+from bench.data import from_config
+from bench.metrics.cost import device_name
+from bench.results import Row, append_log, config_hash, git_info, read_row, \
     devices_held, earlier_attempts_wall_s, library_versions, run_relpath, scheduler_job_id, write_failure, write_row
 
 
 def _log(msg: str):
     print(f"[bench] {msg}", flush=True)
-
-
-def validate(cfg: dict) -> Budget:
-    """Bad input stops here, before anything is written."""
-    b = cfg["budget"]
-    budget = Budget(b["measure"], b["keep"])
-    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise BenchError("device=cuda but no CUDA device is visible; use device=cpu")
-    if cfg["eval"]["n"] < 1 or cfg["finetune"]["steps"] < 0:
-        raise BenchError("eval.n must be >= 1 and finetune.steps >= 0")
-    if cfg["calib"]["n"] < 1 or cfg["calib"]["bins"] < 1:
-        raise BenchError(f"calib.n={cfg['calib']['n']}, calib.bins={cfg['calib']['bins']}: the calibration set needs "
-                         ">= 1 probe in >= 1 noise bin (defaults 256 and 8)")
-    lat = cfg["eval"]["latency"]
-    if lat["reps"] < MIN_REPS and not lat.get("allow_few"):
-        raise BenchError(f"eval.latency.reps={lat['reps']} < {MIN_REPS}: the latency protocol times at least "
-                         f"{MIN_REPS} calls; raise it, or set eval.latency.allow_few=true for a smoke run "
-                         "(the row records latency_reps)")
-    return budget
-
-
-def check_inputs(cfg: dict, budget: Budget, method: Method):
-    """Bad data and infeasible budgets stop here, before the run directory exists: the data set is
-    built (a missing/empty folder, an unreadable image, a broken latent cache raise), its shape and
-    classes must fit the model, and a block method's budget must leave at least one block (measured
-    on the architecture, no weights loaded). Returns the data set."""
-    from bench.models import build
-
-    if getattr(method, "mask_only", False) and (cfg["finetune"]["steps"] > 0 or budget.keep < 1.0):
-        raise BenchError(f"{cfg['method_name']} prunes to masks (zeros, no shape change, no speedup without sparse "
-                         "kernels): the shared fine-tune would refill the zeros and the measured cost stays dense; "
-                         "run it with finetune=none budget.keep=1.0 (its sparsity is a method setting)")
-    data = load_data(cfg)
-    spec = {**cfg["model"], "ckpt": None}
-
-    def arch_and_budget():
-        arch = build(**spec)
-        if type(method).granularity == "block" and len(getattr(arch.net, "blocks", ())):
-            surgery.blocks_to_keep(arch, budget)  # raises when even one block exceeds the budget
-        return arch
-
-    with torch.random.fork_rng(devices=[]):  # building the architecture must not move the run's RNG
-        try:  # shapes only: the meta device costs no memory or init time (DiT-XL/2 in < 1 s)
-            with torch.device("meta"):
-                arch = arch_and_budget()
-        except BenchError:
-            raise
-        except Exception:  # an op without a meta kernel: a real, randomly initialised copy
-            arch = arch_and_budget()
-    want = tuple(arch.example_inputs(1, "cpu")[0].shape[1:])
-    if tuple(data.shape) != want:
-        raise BenchError(f"data {data.name!r} gives {tuple(data.shape)} inputs but model {cfg['model']['name']} takes "
-                         f"{want} (in_channels, input_size, input_size); set model.in_channels / model.input_size "
-                         "or data.image_size to match (latents: the VAE's channels and resolution / 8)")
-    if arch.num_classes and data.num_classes > arch.num_classes:  # 0: an unconditional model ignores labels
-        raise BenchError(f"data {data.name!r} has {data.num_classes} classes but model.num_classes="
-                         f"{arch.num_classes}; set model.num_classes={data.num_classes}")
-    return data
 
 
 def _progress(cfg):
@@ -102,14 +46,6 @@ def _progress(cfg):
 def build_dense(cfg: dict):
     from bench.models import build
     return build(**cfg["model"])
-
-
-def load_data(cfg: dict, split: str | None = None):
-    from bench.data import build_dataset
-    d = {k: v for k, v in cfg["data"].items() if k != "name"}
-    if split is not None and d.get("kind") == "digits":
-        d["split"] = split
-    return build_dataset(**d)
 
 
 def teacher(cfg: dict, data, device: str):
@@ -135,15 +71,27 @@ def teacher(cfg: dict, data, device: str):
 
 def make_method(cfg: dict) -> Method:
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
     from omegaconf import OmegaConf
 
+    from bench.checks import check_method_kwargs
+    kwargs = {k: v for k, v in cfg["method"].items() if not k.startswith("_")}
+    try:
+        cls = get_class(cfg["method"]["_target_"])
+    except Exception as e:  # a misspelt _target_ or a module that does not import
+        raise BenchError(f"method._target_={cfg['method'].get('_target_')!r} ({cfg['method_name']}) cannot be "
+                         f"imported: {e}; fix bench/conf/method/{cfg['method_name']}.yaml") from None
+    check_method_kwargs(cls, kwargs, cfg["method_name"])
     try:
         m = instantiate(OmegaConf.create(cfg["method"]), _convert_="all")
     except InstantiationException as e:  # hydra wraps the constructor's own message; show that one
         cause = e.__cause__
-        if isinstance(cause, BenchError):
-            raise cause from None
+        if isinstance(cause, BenchError):  # the method's own check: name the config key it is about
+            import re
+            msg = str(cause)
+            key = next((k for k in kwargs if re.search(rf"(^|[\s(]){re.escape(k)}=", msg)), None)
+            raise BenchError(f"method.{key}={kwargs[key]!r}: {msg}" if key else
+                             f"method={cfg['method_name']}: {msg}") from None
         raise BenchError(f"method {cfg['method_name']!r} could not be built: {cause or e}") from None
     if not isinstance(m, Method):
         raise BenchError(f"method {cfg['method_name']!r} does not build a bench.api.Method")
@@ -164,13 +112,31 @@ def cost(net, cfg: dict, device: str) -> dict:
         from bench.routing import stage_latency  # latency_ms = their mean weighted by the stages' NFE shares
         r = stage_latency(net, lat["batch"], device, lat.get("mode", "eager"), lat["dtype"], warmup=lat["warmup"],
                           reps=lat["reps"], allow_few=few)
+        recs = r["records"]
         return {**m, "latency_ms": r["median_ms"], "latency_iqr_ms": r["iqr_ms"],
                 "throughput_img_s": r["throughput_img_s"], "peak_mem_MB": r["peak_mem_MB"], "mode": r["mode"],
-                "stage_latency_ms": [x["median_ms"] for x in r["records"]]}
+                "stage_latency_ms": [x["median_ms"] for x in recs],
+                "flags": sorted({f for x in recs for f in x["flags"]}),
+                "others_cores": max((x["others_cores"] for x in recs if x["others_cores"] is not None), default=None)}
     r = benchmark_forward(net.net, random_inputs(net, lat["batch"], device), device, lat.get("mode", "eager"),
                           lat["dtype"], warmup=lat["warmup"], reps=lat["reps"], allow_few=few)
     return {**m, "latency_ms": r["median_ms"], "latency_iqr_ms": r["iqr_ms"], "throughput_img_s": r["throughput_img_s"],
-            "peak_mem_MB": r["peak_mem_MB"], "mode": r["mode"]}
+            "peak_mem_MB": r["peak_mem_MB"], "mode": r["mode"], "flags": r["flags"], "others_cores": r["others_cores"]}
+
+
+def latency_warnings(c: dict) -> list[str]:
+    """The row's words for a timing that cannot be trusted (bench.metrics.cost.latency_flags)."""
+    from bench.metrics.cost import SPREAD_MAX, busy_cores_max
+
+    out = []
+    if "spread" in c["flags"]:
+        out.append(f"latency spread: IQR {c['latency_iqr_ms']:.3g} ms is {c['latency_iqr_ms'] / c['latency_ms']:.0%} "
+                   f"of the median {c['latency_ms']:.3g} ms (> {SPREAD_MAX:.0%}); no speedup is computed from it")
+    if "busy" in c["flags"]:
+        out.append(f"latency busy: other processes used {c['others_cores']:.2g} cores while it was timed "
+                   f"(> {busy_cores_max():.2g}); rerun the timing on an idle machine (delete row.json: only "
+                   "scoring and timing are redone); no speedup is computed from it")
+    return out
 
 
 def teacher_reference_samples(net, cfg: dict, sampler: str, device: str):
@@ -183,9 +149,8 @@ def teacher_reference_samples(net, cfg: dict, sampler: str, device: str):
            "eval": {k: ev[k] for k in ("n", "seed", "steps", "cfg_scale", "cfg_convention", "labels", "skip", "eta")},
            "sampler": sampler, "device": device}
     path = Path(cfg["paths"]["artifacts"]) / "teacher_samples" / f"{config_hash(key)[:16]}.pt"
-    if path.exists():
-        s = torch.load(path, weights_only=True)
-        return s["samples"], s["labels"]
+    if (stored := read_state(path, lambda p: _read_samples(p, ev["n"]), "teacher samples")) is not None:
+        return stored
     _log("sampling the teacher once for SSIM-to-teacher (cached)")
     samples, labels = generate(net, ev["n"], ev["seed"], ev["batch"], sampler, ev["steps"], ev["cfg_scale"],
                                ev["cfg_convention"], ev["labels"], ev["skip"], ev["eta"], device)
@@ -215,22 +180,35 @@ def execute(cfg: dict) -> Row | None:
 
 
 def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
-    budget = validate(cfg)
+    budget = checks.check(cfg)  # every value, combination and output folder: nothing is written before
     rel = run_relpath(cfg)
     run_dir = Path(cfg["paths"]["results"]) / rel
     art_dir = Path(cfg["paths"]["artifacts"]) / "runs" / rel
-    if (run_dir / "row.json").exists():
+    if (row := read_row(run_dir)) is not None:
         _log(f"done already: {run_dir}")
-        return Row(**json.loads((run_dir / "row.json").read_text()))
-    device = cfg["device"]
+        return row
     torch.manual_seed(cfg["seed"])
-    method = make_method(cfg)  # unknown kwargs / targets fail here, before the run dir exists
-    data = check_inputs(cfg, budget, method)  # bad data, a budget no block plan meets: also before it
+    method = make_method(cfg)  # unknown or mistyped kwargs, a bad _target_: before the run dir exists
+    data = checks.check_inputs(cfg, budget, method)  # data, checkpoint, assets, a budget no block plan meets
 
+    # One writer per run: a second copy of this config waits here for the first (the lock dies with
+    # its holder, so a killed run never blocks its own resume), then finds its row or resumes
+    art_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(art_dir / "run.lock", on_wait=lambda who: _log(f"{run_dir} is being run by {who}; waiting")):
+        if (row := read_row(run_dir)) is not None:
+            _log(f"done already (by the other copy): {run_dir}")
+            return row
+        return _stages(cfg, wall, budget, method, data, rel, run_dir, art_dir)
+
+
+def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, data, rel: str, run_dir: Path,
+            art_dir: Path) -> Row | None:
+    device = cfg["device"]
     # Setup the run directory: the resolved config first (EDM's training_options.json)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", json.dumps(cfg, indent=1, sort_keys=True))
     append_log(run_dir, "start", run=rel, job=scheduler_job_id())
+    moved = lambda path, dest: append_log(run_dir, "state_moved_aside", path=str(path), to=str(dest))  # noqa: E731
 
     # Teacher (cached), on the data checked above:
     net, wall["teacher"] = teacher(cfg, data, device)
@@ -248,10 +226,10 @@ def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
     calib = calibration(data, cfg["calib"]["n"], cfg["calib"]["seed"], cfg["calib"]["bins"]).to(device)
     rewrites = bool(getattr(method, "rewrites_weights", False))  # plan() rewrites surviving weights (OBS)
     pruned_path = art_dir / "pruned.safetensors"
-    planned_now = not plan_path.exists()
-    if not planned_now:
-        plan = Plan.from_json(plan_path.read_text())
-    else:
+    # a stored plan that cannot be read (or whose rewritten weights are gone) is moved aside and redone
+    plan = read_state(plan_path, lambda p: _read_plan(p, pruned_path if rewrites else None), "plan", on_moved=moved)
+    planned_now = plan is None
+    if planned_now:
         _log(f"planning {cfg['method_name']} at {budget.measure}={budget.keep}")
         if hasattr(method, "bank_dir"):  # tensors the plan references (Diff-ES secondorder's stage bank) go here
             method.bank_dir = str(art_dir)
@@ -267,7 +245,7 @@ def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
     callback = method.callback(budget, calib)
     dense_teacher = None
     wants_teacher = cfg["finetune"].get("distill", 0) > 0 or getattr(callback, "needs_teacher", False)
-    if wants_teacher and not (art_dir / "finetune" / "final.pt").exists():
+    if wants_teacher:
         import copy
         # frozen dense model for KD (finetune.distill); plan() of a rewriting method changed `net`,
         # so that one gets the cached teacher again
@@ -279,8 +257,9 @@ def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
             plan.meta["weights_sha256"] = _store_weights(net, pruned_path)
             atomic_write_text(plan_path, plan.to_json())
             append_log(run_dir, "pruned_weights", path=str(pruned_path), sha256=plan.meta["weights_sha256"])
-        else:
-            _load_weights(net, pruned_path, plan.meta.get("weights_sha256"), plan_path)
+        else:  # _read_plan checked the file's sha256 against the plan
+            from safetensors.torch import load_file
+            net.net.load_state_dict(load_file(str(pruned_path)))
     # how far below the budget a plan may land: one unit of its granularity (a block's share; width
     # and operator methods state theirs in plan.meta["unit_share"], else 10%)
     if plan.granularity == "block" and per_block:
@@ -308,13 +287,14 @@ def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
     from bench.sample import generate
     samples_path = art_dir / "samples.pt"
     t0 = time.time()
-    if samples_path.exists():
-        s = torch.load(samples_path, weights_only=True)
-        samples, labels = s["samples"], s["labels"]
+    stored = read_state(samples_path, lambda p: _read_samples(p, ev["n"]), "samples", on_moved=moved)
+    if stored is not None:
+        samples, labels = stored
     else:
         _log(f"sampling {ev['n']} ({sampler}, {ev['steps']} steps, cfg {ev['cfg_scale']})")
         samples, labels = generate(net, ev["n"], ev["seed"], ev["batch"], sampler, ev["steps"], ev["cfg_scale"],
                                    ev["cfg_convention"], ev["labels"], ev["skip"], ev["eta"], device, _progress(cfg))
+        check_samples(samples, cfg)  # NaN/Inf or collapsed samples are refused, not scored
         atomic_torch_save({"samples": samples, "labels": labels}, samples_path)
     wall["sample"] = time.time() - t0
     if cfg.get("stop_after") == "sample":  # run_all.sh phase 1: heavy stages in parallel workers;
@@ -346,6 +326,11 @@ def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
     t0 = time.time()
     c = cost(net, cfg, device)
     wall["cost"] = time.time() - t0
+    if lat_notes := latency_warnings(c):
+        notes += lat_notes
+        append_log(run_dir, "warnings", messages=lat_notes)
+        for w in lat_notes:
+            _log(f"warning: {w}")
 
     sha, dirty = git_info()
     if earlier := earlier_attempts_wall_s(run_dir):  # killed, requeued or stop_after attempts cost device time too
@@ -359,7 +344,8 @@ def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
         keep_macs=keep["keep_macs"], depth=len(net.net.blocks), params_M=c["params"] / 1e6,
         macs_G=c["macs"] / 1e9, latency_ms=c["latency_ms"], latency_batch=ev["latency"]["batch"],
         latency_dtype=ev["latency"]["dtype"], latency_mode=c["mode"], latency_iqr_ms=c["latency_iqr_ms"],
-        latency_reps=int(ev["latency"]["reps"]), warnings=notes,
+        latency_reps=int(ev["latency"]["reps"]), latency_flags=c["flags"], latency_others_cores=c["others_cores"],
+        warnings=notes,
         peak_mem_MB=c["peak_mem_MB"], throughput_img_s=c["throughput_img_s"],
         nfe=net.process.nfe(sampler, ev["steps"], ev["skip"]) * (2 if ev["cfg_scale"] != 1.0 else 1),
         sampler=sampler, cfg_scale=ev["cfg_scale"], cfg_convention=ev["cfg_convention"],
@@ -388,17 +374,38 @@ def _store_weights(net, path: Path) -> str:
     return sha256_file(path)
 
 
-def _load_weights(net, path: Path, sha: str | None, plan_path: Path) -> None:
-    from safetensors.torch import load_file
+def _read_plan(path: Path, weights: Path | None) -> Plan:
+    """A stored plan; for a weight-rewriting method also its weights file, whose sha256 the plan
+    recorded (either one missing or different: the plan is redone)."""
+    plan = Plan.from_json(path.read_text())
+    if weights is not None:
+        want = plan.meta.get("weights_sha256")
+        if not weights.is_file() or not want or sha256_file(weights) != want:
+            raise ValueError(f"the rewritten weights {weights} are missing or differ from the sha256 the plan recorded")
+    return plan
 
-    if not path.is_file():
-        raise BenchError(f"{plan_path} exists but the method's rewritten weights {path} do not; delete the plan "
-                         "to plan again")
-    got = sha256_file(path)
-    if sha and got != sha:
-        raise BenchError(f"{path} has sha256 {got[:12]}..., the plan recorded {sha[:12]}...; delete {plan_path} "
-                         "and the file to plan again")
-    net.net.load_state_dict(load_file(str(path)))
+
+def _read_samples(path: Path, n: int):
+    """Stored samples and labels; a file with the wrong keys or count is treated as unfinished."""
+    s = torch.load(path, weights_only=True)
+    samples, labels = s["samples"], s["labels"]
+    if len(samples) != n or len(labels) != n:
+        raise ValueError(f"{len(samples)} samples stored, {n} expected")
+    return samples, labels
+
+
+def check_samples(samples: torch.Tensor, cfg: dict) -> None:
+    """Refuse samples that cannot be meaningful before anything scores them: non-finite values (a
+    diverged model or sampler) or samples that are all alike (a collapsed model: every sample the
+    same image)."""
+    bad = (~torch.isfinite(samples)).flatten(1).any(1)
+    if bad.any():
+        raise BenchError(f"{int(bad.sum())} of {len(samples)} samples contain NaN/Inf (the pruned model or the "
+                         f"sampler diverged: eval.sampler={cfg['eval']['sampler']}, eval.steps={cfg['eval']['steps']}, "
+                         f"eval.cfg_scale={cfg['eval']['cfg_scale']}); fine-tune longer or lower finetune.lr; no row is "
+                         "written")
+    if len(samples) > 1 and float(samples.flatten(1).std(0).max()) == 0.0:
+        raise BenchError(f"all {len(samples)} samples are the same image: the model collapsed; no row is written")
 
 
 def score(cfg: dict, samples, labels) -> tuple[dict, str, str]:
@@ -414,7 +421,7 @@ def score(cfg: dict, samples, labels) -> tuple[dict, str, str]:
     data_cfg = {k: v for k, v in cfg["data"].items() if k not in ("name", "split")}
     with file_lock(Path(cfg["paths"]["artifacts"]) / "classifiers" / ".lock"):  # trained once per sweep
         clf = load_or_train(Path(cfg["paths"]["artifacts"]) / "classifiers", data_cfg, seed=0)
-    ref_x, _ = load_data(cfg, split="all").all()
+    ref_x, _ = from_config(cfg, split="all").all()
     scorer = ClassifierScorer(clf, ref_x)
     m = scorer.score(samples, labels)
     metrics = {"cond_acc": float(m["cond_acc"]), "fd_clf": float(m["fd_clf"])}
@@ -428,7 +435,7 @@ def score_inception(cfg: dict, samples) -> tuple[dict, dict]:
     if not inc:
         return {}, {}
     from bench.metrics.fid import evaluate
-    m, impl, ref, x = evaluate(samples, lambda: load_data(cfg, split=inc["ref_split"]).all()[0], cfg["eval"],
+    m, impl, ref, x = evaluate(samples, lambda: from_config(cfg, split=inc["ref_split"]).all()[0], cfg["eval"],
                                Path(cfg["paths"]["artifacts"]), cfg["data"]["name"], cfg["device"])
     return m, {"fid_impl": impl, "fid_n": int(x["n"]), "fid_ref": ref, "fid_weights": str(x["weights_path"]),
                "fid_weights_sha256": x["weights_sha256"], "warnings": list(x.get("warnings", []))}
@@ -449,15 +456,22 @@ def _hydra_main():
         d = OmegaConf.to_container(cfg, resolve=True)
         d["method_name"] = HydraConfig.get().runtime.choices["method"]
         guard_requeue_signal()  # in a SLURM job: one requeue per SIGUSR2, even when it arrives twice
-        try:
-            execute(d)
-        except BenchError as e:
-            print(f"error: {e}", file=sys.stderr)
-            if HydraConfig.get().mode == RunMode.MULTIRUN:
-                raise  # in a sweep: hydra records this run's failure and goes on with the others
-            sys.exit(2)
+        cli(d, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
 
     main()
+
+
+def cli(d: dict, multirun: bool = False) -> Row | None:
+    """What the command line does with one resolved config: run it. A user's mistake (BenchError)
+    or the machine's state (a full disk, an unwritable folder: OSError) ends in one line on stderr
+    and exit status 2, never a traceback; in a sweep the error is raised on for hydra to record."""
+    try:
+        return execute(d)
+    except (BenchError, OSError) as e:
+        print(f"error: {e if isinstance(e, BenchError) else os_error_message(e)}", file=sys.stderr)
+        if multirun:
+            raise  # in a sweep: hydra records this run's failure and goes on with the others
+        sys.exit(2)
 
 
 if __name__ == "__main__":

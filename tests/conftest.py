@@ -98,3 +98,19 @@ def random_inception(tmp_path_factory):
                    assets.Asset(filename=path.name, sha256=sha, size=path.stat().st_size, env="BENCH_TEST_INCEPTION"))
 
     return types.SimpleNamespace(path=path, sha=sha, register=register)
+
+
+def as_float64(*nets, inputs: tuple = ()) -> tuple:
+    """Compare two models' outputs in float64: models of different shapes (pruned vs masked) or
+    batches of different sizes run the same math in another summation order, which float32 GEMM
+    kernels round differently on each machine (~1e-6); in float64 that reordering error is ~1e-15,
+    so a tolerance of 1e-12 holds on any CPU while a wrong index set or weight differs by >1e-3.
+    Converts each Denoiser's backbone in place; returns the inputs in float64 (integer t kept)."""
+    import torch
+
+    for n in nets:
+        n.net.double()
+    return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in inputs)
+
+
+F64_TOL = {"rtol": 1e-12, "atol": 1e-12}

@@ -1,6 +1,6 @@
 """Every config composes: each experiment at every point of its sweep (the hydra sweeper params that
 ``-m`` launches) and each method config, resolved and checked by the run's own validation
-(``bench.run.validate`` and ``make_method``), the fine-tune config, the model factory (on the meta
+(``bench.checks.check_config`` and ``make_method``), the fine-tune config, the model factory (on the meta
 device: shapes only) and the run directory. A config that does not compose, names a missing
 method, passes a keyword its class does not take or gives a width method a block budget fails here.
 
@@ -75,9 +75,10 @@ def check_run_config(d: dict) -> Method:
     """What bench.run checks before a run starts, plus the factories' keyword arguments."""
     from bench.finetune import FinetuneConfig
     from bench.results import run_relpath
-    from bench.run import make_method, validate
+    from bench.checks import check_config
+    from bench.run import make_method
 
-    budget = validate({**d, "device": "cpu"})  # the device is the launcher's business
+    budget = check_config(d)  # the device and the folders are the launcher's business
     method = make_method(d)
     assert isinstance(method, Method)
     FinetuneConfig(**d["finetune"])
@@ -143,10 +144,11 @@ def test_diffpruning_cifar10_budget_is_met_by_every_swept_method():
     is within the run's unit_share of it, and is the paper's ratio-0.3 model: 4-unit groups keep
     3, 8-unit groups 6, the 256/512-channel groups 179/358 (Torch-Pruning's counts)."""
     from bench.data import TensorDataset, calibration
-    from bench.run import build_dense, make_method, validate
+    from bench.checks import check_config
+    from bench.run import build_dense, make_method
 
     d, sweep = hydra_compose(["experiment=diffpruning_cifar10"])
-    budget = validate({**d, "device": "cpu"})
+    budget = check_config(d)
     torch.manual_seed(0)
     net = build_dense({**d, "model": {**d["model"], "ckpt": None}})
     net.net.eval()

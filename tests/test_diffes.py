@@ -23,6 +23,7 @@ from methods.blockscores import subset
 from methods.diffes.backends import LayerDrop, SecondOrder
 from methods.obs_diff import reconstruction_error
 from methods.diffes.search import PATTERNS, LevelSpace, evolve, pattern_shape
+from tests.conftest import F64_TOL, as_float64
 
 CONF = Path(__file__).resolve().parents[1] / "bench" / "conf" / "method"
 FAST = dict(probes=16, fitness_steps=4, generations=4, offspring=6, n_random=2, batch_size=64)
@@ -290,14 +291,16 @@ def test_secondorder_stage_sets_differ_and_switch_at_the_boundaries(teacher, sec
     assert len(set(chans)) == 4 and len(chans[0]) < len(chans[1]) < len(chans[2]) < len(chans[3]) == 128
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(1, 1, 8, 8, generator=g), torch.randint(10, (1,), generator=g)
+    with torch.no_grad():  # the last stage keeps everything: the dense teacher there
+        assert torch.equal(routed(x, torch.tensor([999]), y), teacher(x, torch.tensor([999]), y))
+    (x,) = as_float64(routed, inputs=(x,))  # routed and static models: other GEMM shapes, see as_float64
     for s, L in enumerate(levels):
         ref = static_compensated(teacher, second_order.level(s, L))
+        as_float64(ref)
         for t in (int(1000 * EDGES[s]), int(1000 * EDGES[s + 1]) - 1):  # both ends of the stage
             tt = torch.tensor([t])
             with torch.no_grad():
-                torch.testing.assert_close(routed(x, tt, y), ref(x, tt, y), rtol=1e-5, atol=1e-6)
-    with torch.no_grad():  # the last stage keeps everything: the dense teacher there
-        assert torch.equal(routed(x, torch.tensor([999]), y), teacher(x, torch.tensor([999]), y))
+                torch.testing.assert_close(routed(x, tt, y), ref(x, tt, y), **F64_TOL)
 
 
 def test_compensated_stage_projection_lowers_the_layer_reconstruction_error(teacher, calib):
@@ -442,7 +445,8 @@ def test_diffes_obs_run_keeps_its_bank_with_the_run_artifacts(tiny_cfg):
     """bench.run: the bank goes to the run's artifacts folder, plan.json names it, and the plan
     replayed on the (cached) teacher gives the row's measured params and MACs."""
     from bench.results import run_relpath
-    from bench.run import execute, load_data, teacher as run_teacher
+    from bench.data import from_config
+    from bench.run import execute, teacher as run_teacher
 
     cfg = tiny_cfg("diffes_obs", ["budget.measure=macs", "budget.keep=0.6", "finetune.steps=0",
                                   "method.generations=1", "method.probes=8", "method.fitness_steps=3"])
@@ -451,7 +455,7 @@ def test_diffes_obs_run_keeps_its_bank_with_the_run_artifacts(tiny_cfg):
     plan = Plan.from_json((Path(cfg["paths"]["results"]) / rel / "plan.json").read_text())
     bank = Path(plan.meta["bank"]["path"])
     assert bank.parent == Path(cfg["paths"]["artifacts"]) / "runs" / rel and bank.is_file()
-    net, _ = run_teacher(cfg, load_data(cfg), "cpu")
+    net, _ = run_teacher(cfg, from_config(cfg), "cpu")
     m = surgery.measure(surgery.apply(net, plan))
     assert row.params_M == pytest.approx(m["params"] / 1e6) and row.macs_G == pytest.approx(m["macs"] / 1e9)
     assert row.keep_macs <= 0.6 + 1e-9 and row.keep_params > 1.0  # stage-wise width stores more than dense

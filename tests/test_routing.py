@@ -12,6 +12,7 @@ import torch
 from bench import routing, surgery
 from bench.api import BenchError, Budget, Plan
 from bench.models import build
+from tests.conftest import F64_TOL, as_float64
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,13 +100,14 @@ def test_different_sets_switch_at_the_stage_boundaries(family):
     assert r.stage_of(t).tolist() == expect
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(len(ts), 1, 8, 8, generator=g), torch.randint(10, (len(ts),), generator=g)
+    (x,) = as_float64(net, routed, *refs, inputs=(x,))  # batch of 8 vs batch of 1: see as_float64
     with torch.no_grad():
         mixed = routed(x, t, y)  # one batch across all four stages
         for i, s in enumerate(expect):
             one = routed(x[i:i + 1], t[i:i + 1], y[i:i + 1])
             want = refs[s](x[i:i + 1], t[i:i + 1], y[i:i + 1])
             assert torch.equal(one, want), (i, s)
-            assert torch.allclose(mixed[i:i + 1], want, atol=1e-5, rtol=1e-5), (i, s)
+            torch.testing.assert_close(mixed[i:i + 1], want, **F64_TOL)
         # and the stage's own set differs from its neighbour's (the switch is real)
         assert not torch.allclose(refs[0](x[1:2], t[1:2], y[1:2]), refs[1](x[1:2], t[1:2], y[1:2]))
 
@@ -322,12 +324,13 @@ def test_width_sets_switch_at_the_stage_boundaries(family, tmp_path):
     assert routing.router(routed).stage_of(t).tolist() == expect
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(len(expect), 1, 8, 8, generator=g), torch.randint(10, (len(expect),), generator=g)
+    (x,) = as_float64(net, routed, *refs, inputs=(x,))  # batch of 8 vs batch of 1: see as_float64
     with torch.no_grad():
         mixed = routed(x, t, y)  # one batch across all four stages (fine-tuning draws t per sample)
         for i, s in enumerate(expect):
             want = refs[s](x[i:i + 1], t[i:i + 1], y[i:i + 1])
-            torch.testing.assert_close(routed(x[i:i + 1], t[i:i + 1], y[i:i + 1]), want, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(mixed[i:i + 1], want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(routed(x[i:i + 1], t[i:i + 1], y[i:i + 1]), want, **F64_TOL)
+            torch.testing.assert_close(mixed[i:i + 1], want, **F64_TOL)
         assert not torch.allclose(refs[0](x[1:2], t[1:2], y[1:2]), refs[1](x[1:2], t[1:2], y[1:2]))
     # the last stage keeps every unit with the dense weights: exactly the dense model there
     with torch.no_grad():

@@ -41,7 +41,8 @@ def test_every_method_config_gives_a_row(method, tiny_cfg):
         assert row.keep_macs <= keep + 1e-9
     assert 0 <= row.metrics["cond_acc"] <= 100 and row.metrics["fd_clf"] >= 0
     assert row.params_M > 0 and row.macs_G > 0 and row.latency_ms > 0 and row.metric_n == 20
-    assert row.latency_reps == 2 and row.warnings == []  # TINY: eval.latency.allow_few=true
+    assert row.latency_reps == 2  # TINY: eval.latency.allow_few=true
+    assert [w for w in row.warnings if not w.startswith("latency ")] == []  # a busy test machine may flag timings
     df = load_rows(cfg["paths"]["results"])
     assert len(df) == 1 and df.loc[0, "method"] == method
 
@@ -116,7 +117,7 @@ def test_unmeetable_budget_stops_with_a_clear_message(tiny_cfg):
 
 def test_fewer_than_20_latency_reps_need_allow_few(tiny_cfg):
     cfg = tiny_cfg("dense", ["budget.keep=1.0", "eval.latency.allow_few=false"])  # TINY times 2 calls
-    with pytest.raises(BenchError, match=r"eval.latency.reps=2 < 20.*eval.latency.allow_few=true"):
+    with pytest.raises(BenchError, match=r"eval.latency.reps=2: the latency protocol times at least 20 calls.*eval.latency.allow_few=true"):
         execute(cfg)
     assert not Path(cfg["paths"]["results"]).exists()
     from tests.conftest import compose

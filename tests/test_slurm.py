@@ -173,11 +173,12 @@ def test_sixteen_concurrent_writers_give_sixteen_rows(tmp_path):
 def _train_teacher(args):
     """One job's teacher stage (spawned: a fresh interpreter, as on a cluster node)."""
     artifacts, barrier = args
-    from bench.run import load_data, teacher
+    from bench.data import from_config
+    from bench.run import teacher
 
     cfg = compose(TINY + [f"paths.artifacts={artifacts}"])
     barrier.wait(timeout=120)
-    teacher(cfg, load_data(cfg), "cpu")
+    teacher(cfg, from_config(cfg), "cpu")
 
 
 def test_concurrent_jobs_train_a_missing_teacher_once(tmp_path):

@@ -322,7 +322,8 @@ def test_ddpm_cifar10_checkpoint_folder_loads_and_prunes(ddpm, tmp_path):
     import json
 
     from bench import surgery
-    from bench.run import build_dense, make_method, validate
+    from bench.checks import check_config
+    from bench.run import build_dense, make_method
     from tests.test_configs import hydra_compose
 
     folder = tmp_path / "ddpm-cifar10-32"
@@ -339,7 +340,7 @@ def test_ddpm_cifar10_checkpoint_folder_loads_and_prunes(ddpm, tmp_path):
 
     d, _ = hydra_compose(["experiment=diffpruning_cifar10", "method=magnitude_width", f"model.ckpt={folder}"])
     assert d["model"]["ckpt"] == str(folder)
-    budget = validate({**d, "device": "cpu"})
+    budget = check_config(d)
     net = build_dense(d)
     net.net.eval()
     x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)), torch.tensor([3, 900])

@@ -14,6 +14,7 @@ batch (`speedup`).
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import statistics
 import time
@@ -315,7 +316,8 @@ def benchmark_forward(fn: Callable | torch.nn.Module, example_inputs: tuple, dev
         if device.type == "cuda":
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-        times = _time_calls(lambda: runner(*example_inputs), warmup - 1, reps, device)
+        with OtherLoad() as load:
+            times = _time_calls(lambda: runner(*example_inputs), warmup - 1, reps, device)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     finally:
         if module is not None:
@@ -333,7 +335,9 @@ def benchmark_forward(fn: Callable | torch.nn.Module, example_inputs: tuple, dev
         "first_call_s": first_call_s, "out_finite": out_finite,
         "mode": mode, "dtype": dtype, "device": device_name(device), "device_type": device.type,
         "torch": torch.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "others_cores": load.cores,
     }
+    rec["flags"] = latency_flags(rec)
     if device.type == "cuda":
         cb = torch.backends.cuda
         rec["sdpa_enabled"] = [k for k, on in (("flash", cb.flash_sdp_enabled()),
@@ -341,6 +345,62 @@ def benchmark_forward(fn: Callable | torch.nn.Module, example_inputs: tuple, dev
                                                ("cudnn", cb.cudnn_sdp_enabled()),
                                                ("math", cb.math_sdp_enabled())) if on]
     return rec
+
+
+SPREAD_MAX = 0.20  # IQR / median above this: the timings disagree too much to compare (CPU suite rows: <= 0.15)
+
+
+def busy_cores_max() -> float:
+    """Cores other processes may use during a timing before it is flagged busy: half a core, or a
+    quarter of a large machine (a shared node always has some background)."""
+    return max(0.5, 0.25 * (os.cpu_count() or 1))
+
+
+class OtherLoad:
+    """CPU used by *other* processes while the block runs, in cores (Linux /proc/stat minus this
+    process's own user+system time); None where /proc/stat is unavailable. A timing taken while
+    another job computes is not a clean timing (a model measured at 6.4 ms alone took 830 ms beside
+    another job), and the 1-minute load average lags by minutes, so it is measured over the block."""
+
+    def __enter__(self):
+        self.cores = None
+        self._t0, self._busy0, self._own0 = time.perf_counter(), self._busy(), self._own()
+        return self
+
+    def __exit__(self, *exc):
+        busy1 = self._busy()
+        wall = time.perf_counter() - self._t0
+        if self._busy0 is not None and busy1 is not None and wall > 0:
+            others = (busy1 - self._busy0) - (self._own() - self._own0)
+            self.cores = max(0.0, others / wall)
+        return False
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal: everything but idle and iowait
+        return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system
+
+
+def latency_flags(rec: dict) -> list[str]:
+    """Why a timing cannot be trusted: "spread" (IQR / median > SPREAD_MAX) and/or "busy" (other
+    processes used more than busy_cores_max() cores while it ran). Reports compute no speedup from
+    a flagged timing."""
+    flags = []
+    if rec["median_ms"] > 0 and rec["iqr_ms"] / rec["median_ms"] > SPREAD_MAX:
+        flags.append("spread")
+    if rec.get("others_cores") is not None and rec["others_cores"] > busy_cores_max():
+        flags.append("busy")
+    return flags
 
 
 COMPARABLE = ("device", "mode", "dtype", "batch")

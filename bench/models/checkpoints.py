@@ -115,24 +115,36 @@ def _mismatch_message(path, model, sd, own, missing, unexpected, shapes) -> str:
     lines = [f"checkpoint {path} does not match the model: {len(missing)} missing, "
              f"{len(unexpected)} unexpected, {len(shapes)} shape-mismatched keys"]
     if missing:
-        lines.append(f"  missing: {listed(missing)}")
+        lines.append(f"missing: {listed(missing)}")
     if unexpected:
-        lines.append(f"  unexpected: {listed(unexpected)}")
+        lines.append(f"unexpected: {listed(unexpected)}")
     for k, s_ckpt, s_model in shapes[:5]:
-        lines.append(f"  shape: {k} checkpoint {s_ckpt} vs model {s_model}")
+        lines.append(f"shape: {k} checkpoint {s_ckpt} vs model {s_model}")
     if len(shapes) > 5:
-        lines.append(f"  ... (+{len(shapes) - 5} more shape mismatches)")
+        lines.append(f"... (+{len(shapes) - 5} more shape mismatches)")
     ckpt_cfg, model_cfg = infer_config(sd), infer_config(own)
     if ckpt_cfg is None:
-        lines.append("  the checkpoint does not look like DiT/SiT (no pos_embed / x_embedder.proj.weight); "
+        lines.append("the checkpoint does not look like DiT/SiT (no pos_embed / x_embedder.proj.weight); "
                      "pass an official DiT/SiT weights file")
-        return "\n".join(lines)
+        return "; ".join(lines)
     family = type(model).__name__ if type(model).__name__ in ("DiT", "SiT") else "DiT"
     ckpt_desc = _describe(ckpt_cfg, family)
     model_desc = f" but the model is {_describe(model_cfg, family)}" if model_cfg else ""
-    lines.append(f"  the checkpoint is {ckpt_desc}{model_desc}; build the model as {ckpt_desc.split('(')[0]} "
-                 "with those arguments, or pass the checkpoint made for this model")
-    return "\n".join(lines)
+    lines.append(f"the checkpoint is {ckpt_desc}{model_desc}; build the model it was made for with "
+                 f"{_overrides(ckpt_cfg, family)}, or pass the checkpoint made for this model")
+    return "; ".join(lines)
+
+
+def _overrides(cfg: dict, family: str) -> str:
+    """Command-line overrides that build the architecture `cfg` describes (every key below is in
+    each DiT/SiT model config; a size outside the table adds its depth and width with +)."""
+    name = _model_name(cfg, family)
+    out = [f"model.name={name or family + '-XL/' + str(cfg['patch_size'])}"]
+    out += [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cfg.items()
+            if k in ("input_size", "in_channels", "num_classes", "learn_sigma")]
+    if not name:
+        out += [f"+model.depth={cfg['depth']}", f"+model.hidden_size={cfg['hidden_size']}"]
+    return " ".join(out)
 
 
 def _describe(cfg: dict, family: str) -> str:

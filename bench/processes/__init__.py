@@ -13,12 +13,13 @@ from bench.processes.ddpm import GaussianDiffusion
 from bench.processes.flow import LinearFlow
 
 
+PROCESSES = {"ddpm": GaussianDiffusion, "flow": LinearFlow}
+
+
 def create_process(kind: str = "ddpm", **kwargs):
-    if kind == "ddpm":
-        return GaussianDiffusion(**kwargs)
-    if kind == "flow":
-        return LinearFlow(**kwargs)
-    raise ValueError(f"unknown process {kind!r}; use 'ddpm' or 'flow'")
+    if kind not in PROCESSES:
+        raise ValueError(f"unknown process {kind!r}; use 'ddpm' or 'flow'")
+    return PROCESSES[kind](**kwargs)
 
 
 def guided(model_fn, y, scale: float, null_label: int, convention: str = "all", channels: int | None = None):

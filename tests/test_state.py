@@ -1,0 +1,309 @@
+"""Stored state is never trusted blindly, one writer per run, and the machine's state in words:
+a corrupt row/plan/checkpoint/samples file is moved aside and its stage redone; the report names
+and skips what it cannot read and sets apart rows that cannot be averaged; a held run lock makes a
+second copy wait; a timing taken on a busy machine is flagged; a full disk is one line naming the path."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.results import load_rows, run_relpath
+from bench.run import execute
+from tests.conftest import ROOT, TINY, run_cli
+
+TIMING = {"latency_ms", "latency_iqr_ms", "peak_mem_MB", "throughput_img_s", "date", "wall_s", "device_hours",
+          "git_sha", "git_dirty", "latency_flags", "latency_others_cores", "warnings"}
+
+
+def _same(a, b) -> None:
+    da, db = (asdict(r) if not isinstance(r, dict) else dict(r) for r in (a, b))
+    for k in TIMING | {"run", "config_sha"}:
+        da.pop(k, None), db.pop(k, None)
+    assert da == db
+
+
+def _paths(cfg):
+    rel = run_relpath(cfg)
+    return Path(cfg["paths"]["results"]) / rel, Path(cfg["paths"]["artifacts"]) / "runs" / rel
+
+
+def test_corrupt_row_is_moved_aside_and_the_run_finishes_again(tiny_cfg, capsys):
+    cfg = tiny_cfg("first_k")
+    first = execute(cfg)
+    run_dir, _ = _paths(cfg)
+    (run_dir / "row.json").write_text('{"run": "cut short by a ki')  # a row that does not parse
+    second = execute(cfg)
+    err = capsys.readouterr().err
+    assert "cannot be read" in err and "row.json" in err
+    _same(first, second)
+    assert json.loads((run_dir / "row.json").read_text())["status"] == "ok"
+    assert len(list(run_dir.glob("row.json.corrupt-*"))) == 1  # kept for a post-mortem, never read as state
+
+
+def test_report_names_and_skips_a_corrupt_row(tiny_cfg, tmp_path, capsys):
+    from bench.report import main
+
+    cfg = tiny_cfg("first_k")
+    execute(cfg)
+    execute(tiny_cfg("last_k"))
+    bad = _paths(cfg)[0] / "row.json"
+    bad.write_text("{not json")
+    assert main(["--runs", cfg["paths"]["results"], "--out", str(tmp_path / "rep"), "--name", "t"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {bad}" in err
+    md = (tmp_path / "rep" / "tables" / "t.md").read_text()
+    assert "last_k" in md and "| first_k" not in md
+    assert "Files skipped (unreadable)" in md and str(bad) in md
+
+
+def test_corrupt_plan_samples_and_final_weights_are_redone(tiny_cfg):
+    """Each stage's artifact cut short (plan.json, samples.pt, finetune/final.pt): the rerun moves it
+    aside, redoes the stage and gives the same row."""
+    cfg = tiny_cfg("sensitivity")
+    first = execute(cfg)
+    run_dir, art = _paths(cfg)
+    for f in (run_dir / "row.json", ):
+        f.unlink()
+    (run_dir / "plan.json").write_text('{"granularity": "block", "keep": {"blocks": [0, ')
+    (art / "samples.pt").write_bytes((art / "samples.pt").read_bytes()[:100])
+    final = art / "finetune" / "final.pt"
+    final.write_bytes(final.read_bytes()[: len(final.read_bytes()) // 2])
+    second = execute(cfg)
+    _same(first, second)
+    moved = {json.loads(line)["path"] for line in (run_dir / "log.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "state_moved_aside"}
+    assert moved == {str(run_dir / "plan.json"), str(art / "samples.pt"), str(final)}
+
+
+@pytest.mark.slow
+def test_corrupt_resume_checkpoint_restarts_the_fine_tune(tmp_path, artifacts):
+    """Killed after the step-2 checkpoint; that checkpoint is then cut short (as by a full disk or a
+    kill mid-write of a non-atomic copy): the rerun moves it aside, fine-tunes from the start and
+    gives the row of an uninterrupted run."""
+    common = TINY + ["method=first_k", "finetune.steps=6", "finetune.ckpt_every=2", f"paths.artifacts={artifacts}"]
+    killed = run_cli(common + [f"paths.results={tmp_path / 'a'}"], {"BENCH_TEST_ABORT_AT_STEP": "3"})
+    assert killed.returncode == 137, killed.stderr
+    last = next(artifacts.glob("runs/**/first_k/**/finetune/last.pt"))
+    last.write_bytes(b"PK\x03\x04 truncated")
+    resumed = run_cli(common + [f"paths.results={tmp_path / 'a'}"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "fine-tune checkpoint" in resumed.stderr and "moved aside" in resumed.stderr
+    log = [json.loads(line) for p in (tmp_path / "a").rglob("log.jsonl") for line in p.read_text().splitlines()]
+    assert not any(e["event"] == "finetune_resume" for e in log)  # restarted, not resumed from garbage
+    ra = json.loads(next((tmp_path / "a").rglob("row.json")).read_text())
+    import shutil
+    for f in artifacts.glob("runs/**/first_k/**/finetune"):
+        shutil.rmtree(f)
+    for f in artifacts.glob("runs/**/first_k/**/samples.pt"):
+        f.unlink()
+    ref = run_cli(common + [f"paths.results={tmp_path / 'b'}"])
+    assert ref.returncode == 0, ref.stderr
+    _same(ra, json.loads(next((tmp_path / "b").rglob("row.json")).read_text()))
+
+
+@pytest.mark.slow
+def test_a_second_copy_waits_for_the_run_lock(tiny_cfg, tmp_path):
+    """While another process holds the run's lock, a second copy of the config says so and waits
+    (writing nothing); when the holder goes, it runs. The lock is the kernel's (flock), so a killed
+    holder releases it."""
+    from bench.io import file_lock
+
+    cfg = tiny_cfg("first_k")
+    execute(tiny_cfg("dense", ["budget.keep=1.0"]))  # the teacher and classifier exist: the copy is quick
+    run_dir, art = _paths(cfg)
+    art.mkdir(parents=True, exist_ok=True)
+    args = [o for o in TINY] + ["method=first_k", f"paths.results={cfg['paths']['results']}",
+                                f"paths.artifacts={cfg['paths']['artifacts']}"]
+    with file_lock(art / "run.lock"):
+        p = subprocess.Popen([sys.executable, "-m", "bench.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        out = ""
+        deadline = time.time() + 120
+        while "waiting" not in out and time.time() < deadline and p.poll() is None:
+            out += p.stdout.readline()
+        assert "is being run by" in out and f"pid {os.getpid()}" in out, out
+        time.sleep(1.0)
+        assert not run_dir.exists()  # nothing written while it waits
+    rest, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out + rest
+    assert (run_dir / "row.json").exists()
+
+
+def test_file_lock_no_wait_names_the_holder(tmp_path):
+    from bench.io import LockHeld, file_lock
+
+    with file_lock(tmp_path / "x.lock"):
+        with pytest.raises(LockHeld, match=f"pid {os.getpid()}"):
+            with file_lock(tmp_path / "x.lock", wait=False):
+                pass
+    with file_lock(tmp_path / "x.lock", wait=False):  # released when the block ends
+        pass
+
+
+def _burn(seconds: float):
+    end = time.time() + seconds
+    while time.time() < end:
+        pass
+
+
+def test_a_timing_on_a_busy_machine_is_flagged():
+    """Simulated load: a CPU-bound process per core runs while a forward is timed; the record says
+    'busy' and how many cores the others used. The same timing alone is not flagged busy."""
+    import multiprocessing as mp
+
+    from bench.metrics.cost import benchmark_forward, busy_cores_max
+
+    lin = torch.nn.Linear(64, 64)
+    x = (torch.randn(8, 64),)
+    torch.set_num_threads(1)
+    alone = benchmark_forward(lin, x, "cpu", warmup=2, reps=20)
+    assert "busy" not in alone["flags"] and alone["others_cores"] is not None
+    ctx = mp.get_context("spawn")
+    burners = [ctx.Process(target=_burn, args=(8.0,)) for _ in range(os.cpu_count() or 1)]
+    for b in burners:
+        b.start()
+    try:
+        time.sleep(1.0)
+        busy = benchmark_forward(lambda a: lin(a) + sum(torch.ones(200).cumsum(0)[-1:]), x, "cpu", warmup=2,
+                                 reps=200)
+    finally:
+        for b in burners:
+            b.terminate()
+            b.join()
+    assert "busy" in busy["flags"], busy["others_cores"]
+    assert busy["others_cores"] > busy_cores_max()
+
+
+def _row(method, keep, seed, latency, flags=(), steps=80, run=None):
+    from bench.results import Row
+    return Row(run=run or f"m/{method}/{keep}-s{seed}-{steps}", config_sha=f"{method}{keep}{seed}{steps}", model="M",
+               dataset="D", process="ddpm", method=method, method_version=1, granularity="block",
+               budget_measure="blocks", budget_keep=keep, seed=seed, keep_blocks=keep, keep_params=keep,
+               keep_macs=keep, depth=4, params_M=1.0, macs_G=1.0, latency_ms=latency, latency_batch=4,
+               latency_dtype="fp32", latency_mode="eager", latency_iqr_ms=0.1, peak_mem_MB=None,
+               throughput_img_s=1.0, nfe=10, sampler="ddpm", cfg_scale=1.0, cfg_convention="all",
+               finetune_steps=steps, metrics={"fd_clf": 10.0 + seed}, metric_n=20, metric_ref="r", metric_impl="i",
+               device="cpu", latency_flags=list(flags))
+
+
+def _write(rows, root: Path):
+    from bench.results import write_row
+    for r in rows:
+        d = root / r.run
+        d.mkdir(parents=True)
+        write_row(r, d)
+
+
+def test_report_gives_no_speedup_from_a_flagged_latency(tmp_path):
+    from bench.report import build_report
+
+    _write([_row("dense", 1.0, 0, 10.0), _row("a", 0.5, 0, 5.0), _row("b", 0.5, 0, 5.0, flags=["busy"])],
+           tmp_path / "runs")
+    build_report(load_rows(tmp_path / "runs"), tmp_path / "rep", "t")
+    csv = (tmp_path / "rep" / "tables" / "t.csv").read_text()
+    import io
+
+    import pandas as pd
+    df = pd.read_csv(io.StringIO(csv), comment="#").set_index("method")
+    assert df.loc["a", "speedup"] == pytest.approx(2.0) and pd.isna(df.loc["b", "speedup"])
+    assert "latency is flagged" in (tmp_path / "rep" / "tables" / "t.md").read_text()
+    # a flagged dense row: no speedup at all in its group
+    _write([_row("dense", 1.0, 1, 10.0, flags=["spread"], run="x/dense"), _row("a", 0.5, 1, 5.0, run="x/a")],
+           tmp_path / "runs2")
+    build_report(load_rows(tmp_path / "runs2"), tmp_path / "rep2", "t")
+    df = pd.read_csv(tmp_path / "rep2" / "tables" / "t.csv", comment="#")
+    assert df["speedup"].isna().all()
+
+
+def test_rows_that_differ_in_finetune_steps_are_lines_of_their_own(tmp_path):
+    """Two runs differing only in finetune.steps: two lines, no traceback; runs that still collide
+    (same line and seed, another setting) are set apart, and --where picks a subset."""
+    from bench.report import main
+
+    _write([_row("dense", 1.0, 0, 10.0), _row("a", 0.5, 0, 5.0, steps=80), _row("a", 0.5, 0, 5.0, steps=300),
+            _row("c", 0.5, 0, 5.0, run="p/c1"), _row("c", 0.5, 0, 5.0, run="p/c2")], tmp_path / "runs")
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--name", "t"]) == 0
+    md = (tmp_path / "rep" / "tables" / "t.md").read_text()
+    assert "a (finetune_steps 80)" in md and "a (finetune_steps 300)" in md
+    assert "Runs set apart" in md and "p/c1" in md and "p/c2" in md
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--name", "w",
+                 "--where", "finetune_steps=300"]) == 0
+    md = (tmp_path / "rep" / "tables" / "w.md").read_text()
+    assert "| a " in md and "finetune_steps" not in md and "| c " not in md
+
+
+def test_report_where_with_an_unknown_key_is_one_line(tmp_path, capsys):
+    from bench.report import main
+
+    _write([_row("dense", 1.0, 0, 10.0)], tmp_path / "runs")
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--where", "nope=1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --where 'nope=1'") and "Traceback" not in err
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 256 KiB tmpfs (root only: CI runs as root), unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_torch_save_is_enospc_naming_the_path(tiny_tmpfs):
+    """torch's zip writer reports a full disk as 'unexpected pos'; bench.io turns it back into ENOSPC
+    with the target's path, and leaves no temp file behind."""
+    import errno
+
+    from bench.io import atomic_torch_save, os_error_message
+
+    target = tiny_tmpfs / "ckpt.pt"
+    with pytest.raises(OSError) as exc:
+        atomic_torch_save({"w": torch.zeros(1 << 20)}, target)  # 4 MiB into 256 KiB
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(target)
+    assert "no space left" in os_error_message(exc.value) and str(target) in os_error_message(exc.value)
+    assert list(tiny_tmpfs.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_full_disk_run_is_one_line_naming_the_path(tiny_tmpfs, tmp_path):
+    r = run_cli(TINY + ["method=dense", "budget.keep=1.0", f"paths.results={tmp_path / 'runs'}",
+                        f"paths.artifacts={tiny_tmpfs}"])
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "unexpected pos" not in r.stderr
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "no space left" in err[0] and str(tiny_tmpfs) in err[0]
+
+
+def test_unwritable_results_folder_stops_before_the_run(tmp_path, capsys):
+    """A read-only results folder (a read-only tmpfs: root ignores file modes) is refused up front."""
+    from bench.run import cli
+    from tests.conftest import compose
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli(compose(TINY + [f"paths.results={ro}/runs", f"paths.artifacts={tmp_path / 'art'}"]))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "paths.results" in err and "not writable" in err
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
