@@ -4,7 +4,8 @@
 
   1. values: every key of the spine's groups (seed, device, budget, calib, finetune, teacher, eval,
      eval.latency, eval.inception, model, stop_after) has a type, a range or a set of options;
-     unknown keys are refused (a typo would silently change nothing);
+     unknown keys are refused (a typo would silently change nothing); the cluster group too (a
+     job also checks what its launcher was given);
   2. combinations a later stage needs: a sampler of the model's process, no more sampler steps
      than the process has, guidance only for a class-conditional model, TF32 only on CUDA,
      a scorer or Inception metrics to give the row a quality number;
@@ -147,6 +148,14 @@ RULES: dict[str, dict[str, Rule]] = {
         "depth": Int(1, eg=12, nullable=True), "ckpt": Str("/path/to/DiT-XL-2-256x256.pt", nullable=True),
         "vae": Str("sd-vae-ft-ema", nullable=True), "latent_scale": Num(0.18215, lo=0, lo_open=True),
         "process": None,
+    },
+    "cluster": {
+        "name": OneOf("local", "slurm", "submitit_local"), "partition": Str("gpu", nullable=True),
+        "account": Str("my-account", nullable=True), "qos": Str("normal", nullable=True),
+        "constraint": Str("h100", nullable=True), "timeout_min": Int(1, eg=60), "gpus_per_node": Int(0, eg=1, nullable=True),
+        "cpus_per_task": Int(1, eg=8), "mem_gb": Rule("num", 64, lo=0, lo_open=True, nullable=True), "array_parallelism": Int(1, eg=64),
+        "max_requeues": Int(0, eg=3), "signal_delay_s": Int(0, eg=120), "on_sigterm": OneOf("stop", "ignore"),
+        "additional_parameters": None, "setup": Str(":"),
     },
 }
 # keys a group may carry beyond its rules (the U-Net's own architecture arguments are checked by its factory)

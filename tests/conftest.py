@@ -114,3 +114,14 @@ def as_float64(*nets, inputs: tuple = ()) -> tuple:
 
 
 F64_TOL = {"rtol": 1e-12, "atol": 1e-12}
+
+
+def ensure_teacher(artifacts: Path, extra: tuple = ()) -> None:
+    """Train (or find) the tiny teacher in `artifacts` in this process, so that a test which kills a
+    run's subprocess mid-fine-tune (BENCH_TEST_ABORT_AT_STEP) kills the run's fine-tune, not the
+    teacher's training, whatever tests ran before it."""
+    from bench.data import from_config
+    from bench.run import teacher
+
+    cfg = compose(TINY + [f"paths.artifacts={artifacts}", *extra])
+    teacher(cfg, from_config(cfg), "cpu")

@@ -124,7 +124,7 @@ def test_hash_cache_by_path_size_mtime(tmp_path, monkeypatch):
     monkeypatch.setattr(assets, "_MEMO", {})
     calls = []
     real = hashlib.sha256
-    monkeypatch.setattr(assets.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(bench.io.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))  # the one hasher
     assert assets.sha256_file(p) == h and not calls  # from the on-disk cache: not re-read
     p.write_bytes(b"abd")  # new content -> new mtime -> hashed again
     assert assets.sha256_file(p) == real(b"abd").hexdigest() and calls

@@ -108,6 +108,10 @@ CASES = [
     ("method-unknown-kwarg", ["+method.depth=3"], "shortgpt", "method.depth"),
     ("method-own-range", ["method.thr=1.5"], "diff_pruning", "method.thr"),
     ("method-mask-with-finetune", ["budget.keep=1.0"], "obs_diff_nm", "finetune=none"),
+    ("sit-steps-zero", ["model=sit_digits", "model.name=SiT-T/2", "eval.steps=0"], "dense", "eval.steps"),
+    # cluster (checked in the job as well: the launcher has used it by then)
+    ("cluster-timeout-zero", ["cluster=slurm", "cluster.timeout_min=0"], "dense", "cluster.timeout_min"),
+    ("cluster-sigterm-unknown", ["cluster=slurm", "cluster.on_sigterm=never"], "dense", "cluster.on_sigterm"),
     # output folders
     ("results-under-a-file", ["paths.results={file:plain}/runs"], "dense", "paths.results"),
     ("artifacts-under-a-file", ["paths.artifacts={file:plain}/art"], "dense", "paths.artifacts"),
@@ -198,3 +202,20 @@ def test_command_line_bad_input_has_no_traceback(tmp_path):
         assert r.returncode == 2, r.stderr[-2000:]
         assert "Traceback" not in r.stderr and key in r.stderr
         assert not (tmp_path / "runs").exists()
+
+
+def test_samples_that_cannot_be_meaningful_are_refused():
+    """NaN/Inf samples (a diverged model) and all-identical samples (a collapsed one) stop the run
+    before scoring: no row is written from them."""
+    from bench.api import BenchError
+    from bench.run import check_samples
+
+    cfg = compose(TINY)
+    ok = torch.randn(6, 1, 8, 8)
+    check_samples(ok, cfg)
+    bad = ok.clone()
+    bad[2, 0, 3, 3] = float("nan")
+    with pytest.raises(BenchError, match="1 of 6 samples contain NaN"):
+        check_samples(bad, cfg)
+    with pytest.raises(BenchError, match="all 6 samples are the same image"):
+        check_samples(ok[:1].repeat(6, 1, 1, 1), cfg)

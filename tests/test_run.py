@@ -11,7 +11,7 @@ import torch
 from bench.api import BenchError
 from bench.results import load_rows, run_relpath
 from bench.run import execute
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, ensure_teacher, run_cli
 
 METHODS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "bench/conf/method").glob("*.yaml")
                  if not p.stem.endswith("_paper"))  # paper-scale twins of tested configs
@@ -70,6 +70,7 @@ def test_killed_finetune_resumes_to_the_same_row(tmp_path, artifacts):
     an uninterrupted run: identical quality numbers and measured costs."""
     common = TINY + ["method=sensitivity", "budget.keep=0.5", "finetune.steps=8", "finetune.ckpt_every=2",
                      f"paths.artifacts={artifacts}"]
+    ensure_teacher(artifacts)
     killed = run_cli(common + [f"paths.results={tmp_path / 'a'}"], {"BENCH_TEST_ABORT_AT_STEP": "5"})
     assert killed.returncode == 137, killed.stderr
     assert not list((tmp_path / "a").rglob("row.json"))  # nothing looks finished

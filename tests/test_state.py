@@ -17,7 +17,7 @@ import torch
 
 from bench.results import load_rows, run_relpath
 from bench.run import execute
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, ensure_teacher, run_cli
 
 TIMING = {"latency_ms", "latency_iqr_ms", "peak_mem_MB", "throughput_img_s", "date", "wall_s", "device_hours",
           "git_sha", "git_dirty", "latency_flags", "latency_others_cores", "warnings"}
@@ -89,6 +89,7 @@ def test_corrupt_resume_checkpoint_restarts_the_fine_tune(tmp_path, artifacts):
     kill mid-write of a non-atomic copy): the rerun moves it aside, fine-tunes from the start and
     gives the row of an uninterrupted run."""
     common = TINY + ["method=first_k", "finetune.steps=6", "finetune.ckpt_every=2", f"paths.artifacts={artifacts}"]
+    ensure_teacher(artifacts)
     killed = run_cli(common + [f"paths.results={tmp_path / 'a'}"], {"BENCH_TEST_ABORT_AT_STEP": "3"})
     assert killed.returncode == 137, killed.stderr
     last = next(artifacts.glob("runs/**/first_k/**/finetune/last.pt"))

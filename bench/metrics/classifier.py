@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from bench.api import BenchError
 from bench.metrics.frechet import feature_stats, frechet_distance
-from bench.io import atomic_torch_save
+from bench.io import atomic_torch_save, read_state
 
 VERSION = 1  # bump when the architecture or training recipe changes: it enters the cache key
 HPARAMS = {"steps": 500, "batch": 64, "lr": 2e-3, "width": 16, "emb_dim": 64}
@@ -111,12 +111,15 @@ def load_or_train(cache_dir, data_cfg: dict, seed: int = 0) -> SmallClassifier:
     key = json.dumps({"data": data_cfg, "hparams": HPARAMS, "seed": seed, "version": VERSION},
                      sort_keys=True, default=str)
     path = Path(cache_dir) / f"classifier-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
-    if path.is_file():
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+    def load(p):
+        ck = torch.load(p, map_location="cpu", weights_only=True)
         clf = SmallClassifier(**ck["arch"])
         clf.load_state_dict(ck["state_dict"])
         clf.test_acc = ck["test_acc"]
         return clf.eval()
+
+    if (clf := read_state(path, load, "scoring classifier")) is not None:  # unreadable: moved aside, retrained
+        return clf
 
     def split(name):
         try:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from bench.api import BenchError
-from bench.io import atomic_savez, file_lock, slug
+from bench.io import atomic_savez, file_lock, read_state, slug
 from bench.metrics.export import read_adm_npz, to_uint8
 from bench.metrics.frechet import feature_stats
 
@@ -69,10 +69,13 @@ def ref_stats(dataset_name: str, resolution: int, protocol: str, images_fn: Call
     images_fn() -> the real images, float N,C,H,W in [-1, 1] or uint8 N,C,H,W (C = 1 or 3), the
     same format as the samples. features_fn(uint8 N,3,H,W) -> {"pool": ..., ["spatial": ...]}."""
     path = Path(artifacts_dir) / "refstats" / f"{slug(dataset_name)}-{slug(split)}-{resolution}px-{protocol}.npz"
-    if path.is_file():
+    def cached() -> bool:  # a cache file cut short or corrupt is moved aside and computed again
+        return read_state(path, lambda p: load_cached(p, ""), "reference statistics") is not None
+
+    if cached():
         return path
     with file_lock(path.with_name(path.name + ".lock")):
-        if path.is_file():  # another worker finished it while we waited
+        if cached():  # another worker finished it while we waited
             return path
         x = to_uint8(images_fn())
         if x.shape[-1] != resolution or x.shape[-2] != resolution:
@@ -112,7 +115,7 @@ def user_reference(npz_path, protocol: str, features_fn: Callable[[torch.Tensor]
     if "arr_0" in z:
         cache = Path(artifacts_dir) / "refstats" / f"npz-{sha256[:8]}-{protocol}.npz"
         with file_lock(cache.with_name(cache.name + ".lock")):
-            if not cache.is_file():
+            if read_state(cache, lambda p: dict(np.load(p)), "reference features") is None:
                 f = features_fn(torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2).contiguous())
                 arrays = {k: v.numpy().astype(np.float32) for k, v in f.items() if k in ("pool", "spatial")}
                 atomic_savez(cache, **arrays)
