@@ -125,3 +125,21 @@ def ensure_teacher(artifacts: Path, extra: tuple = ()) -> None:
 
     cfg = compose(TINY + [f"paths.artifacts={artifacts}", *extra])
     teacher(cfg, from_config(cfg), "cpu")
+
+
+# row fields that differ between two runs of one config on one machine: timings, their flags and
+# words (a timing taken while another process ran is flagged "busy"), dates, provenance
+TIMING_FIELDS = {"latency_ms", "latency_iqr_ms", "peak_mem_MB", "throughput_img_s", "date", "wall_s", "device_hours",
+                 "git_sha", "git_dirty", "latency_flags", "latency_others_cores"}
+
+
+def comparable(row) -> dict:
+    """A row (Row or dict) without TIMING_FIELDS, run name and config hash, and without the latency
+    warnings: what two runs of one config must agree on bit for bit."""
+    from dataclasses import asdict
+
+    d = dict(row) if isinstance(row, dict) else asdict(row)
+    for k in TIMING_FIELDS | {"run", "config_sha"}:
+        d.pop(k, None)
+    d["warnings"] = [w for w in d.get("warnings", []) if not w.startswith("latency ")]
+    return d

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import bench.io
 from bench import assets
 from bench.api import BenchError
 from bench.assets import Asset

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,10 @@ import torch
 
 from bench.results import load_rows, run_relpath
 from bench.run import execute
-from tests.conftest import ROOT, TINY, ensure_teacher, run_cli
-
-TIMING = {"latency_ms", "latency_iqr_ms", "peak_mem_MB", "throughput_img_s", "date", "wall_s", "device_hours",
-          "git_sha", "git_dirty", "latency_flags", "latency_others_cores", "warnings"}
-
+from tests.conftest import ROOT, TINY, comparable, ensure_teacher, run_cli
 
 def _same(a, b) -> None:
-    da, db = (asdict(r) if not isinstance(r, dict) else dict(r) for r in (a, b))
-    for k in TIMING | {"run", "config_sha"}:
-        da.pop(k, None), db.pop(k, None)
-    assert da == db
+    assert comparable(a) == comparable(b)
 
 
 def _paths(cfg):
