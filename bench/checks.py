@@ -108,7 +108,7 @@ _TRAIN = {
     "steps": Int(0, eg=80), "batch": Int(1, eg=32), "lr": Num(5e-4, lo=0, lo_open=True),
     "weight_decay": Num(0.0, lo=0), "grad_clip": Num(1.0, lo=0), "ema_decay": Num(0.99, lo=0, hi=1),
     "ema_warmup": Bool(True), "ckpt_every": Int(1, eg=50), "log_every": Int(1, eg=50),
-    "distill": Num(0.7, lo=0, hi=1),
+    "distill": Num(0.7, lo=0, hi=1), "precision": OneOf(None, "fp32", "tf32", "bf16", eg="bf16"), "compile": Bool(),
 }
 
 # group -> key -> rule. A group listed here has exactly these keys.
@@ -123,6 +123,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "steps": Int(1, eg=25), "skip": OneOf("uniform", "quad"), "eta": Num(0.0, lo=0),
         "cfg_scale": Num(1.5, lo=0), "cfg_convention": OneOf("all", "dit3"), "labels": OneOf("balanced", "random"),
         "seed": Int(0, eg=0), "scorer": OneOf("classifier", "none", None, eg="classifier"), "ssim_teacher": Bool(True),
+        "precision": OneOf(None, "fp32", "tf32", "bf16", eg="bf16"), "compile": Bool(),
         "latency": None, "inception": None,  # sub-groups, below
     },
     "eval.latency": {
@@ -265,8 +266,10 @@ def check_device(cfg: dict) -> None:
         if idx >= torch.cuda.device_count():
             raise refuse("device", device, f"only {torch.cuda.device_count()} CUDA device(s) are visible",
                          "use device=cuda")
-    elif cfg["eval"]["latency"]["dtype"] == "tf32":
-        raise refuse("eval.latency.dtype", "tf32", "is a CUDA mode", "use eval.latency.dtype=fp32 (or bf16) on the CPU")
+    else:
+        for key in ("eval.latency.dtype", "eval.precision", "finetune.precision", "teacher.precision"):
+            if _get(cfg, key) == "tf32":
+                raise refuse(key, "tf32", "is a CUDA mode", f"use {key}=fp32 (or bf16) on the CPU")
 
 
 def check_method_kwargs(cls, kwargs: dict, method_name: str) -> None:

@@ -22,6 +22,7 @@ import torch
 from bench import surgery
 from bench.api import BenchError, Plan
 from bench.io import atomic_torch_save, read_state
+from bench.metrics.cost import resolve_precision, tf32
 from bench.results import append_log
 
 
@@ -37,6 +38,8 @@ class FinetuneConfig:
     ckpt_every: int = 100          # steps between resumable checkpoints
     log_every: int = 50
     distill: float = 0.0           # > 0: weight of the teacher-output MSE (Diff-Pruning KD: 0.7); needs the teacher
+    precision: str | None = None   # fp32 | tf32 | bf16 (autocast; fp32 master weights, optimizer, EMA); null: tf32 on CUDA (DiT's train.py), fp32 elsewhere
+    compile: bool = False          # torch.compile the backbone's forward (recompiled after a progressive surgery)
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
@@ -98,43 +101,35 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
     if callback is not None and hasattr(callback, "on_ema"):  # optional: the EMA copy gets the callback's
         callback.on_ema(ema)                                  # forward hooks too (gradient-flow soft masks)
     abort_at = int(os.environ.get("BENCH_TEST_ABORT_AT_STEP", "-1"))  # tests: simulate a kill
+    prec = resolve_precision(cfg.precision, device)
     t0 = time.time()
     it = range(step, cfg.steps)
-    for step in (progress(it) if progress else it):
-        idx = torch.randint(len(data), (cfg.batch,), generator=gen)
-        x0, y = data.get(idx)
-        if callback is not None and hasattr(callback, "loss"):  # a method's own recovery loss (TinyFusion masked KD)
-            loss = callback.loss(net, x0.to(device), y.to(device), gen, teacher)
-        else:
-            loss = net.loss(x0.to(device), y.to(device), generator=gen, teacher=teacher, distill=cfg.distill)
-        if not torch.isfinite(loss):
-            raise BenchError(f"loss is {loss.item()} at fine-tune step {step}; lower finetune.lr "
-                             "or check the data (values must be finite, pixels in [-1, 1])")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.net.parameters(), cfg.grad_clip)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
-        _ema_update(ema, net.net, decay)
-        if run_dir and (step % cfg.log_every == 0 or step == cfg.steps - 1):
-            append_log(run_dir, "finetune", step=step, loss=round(loss.item(), 6), s=round(time.time() - t0, 2))
-        if callback is not None:
-            new_plan = callback.on_step(step, net, loss.item())
-            if new_plan is not None:
-                _apply_progressive(net, ema, new_plan)
-                applied.append(new_plan.to_json())
-                opt = _make_opt(net, cfg)  # old optimizer state points at removed parameters
-                if run_dir:
-                    append_log(run_dir, "surgery", step=step, kept_blocks=net.kept_blocks)
-        done = step + 1
-        if done % cfg.ckpt_every == 0 and done < cfg.steps:
-            atomic_torch_save({"step": done, "model": net.net.state_dict(), "ema": ema.state_dict(),
-                               "opt": opt.state_dict(), "gen": gen.get_state(), "kept_blocks": net.kept_blocks,
-                               "callback": callback.state_dict() if callback is not None else None,
-                               "plans": applied}, last)
-        if done == abort_at:
-            os._exit(137)  # like SIGKILL: no cleanup, no final save
+    with tf32(prec == "tf32"):
+        for step in (progress(it) if progress else it):
+            if cfg.compile and net.forward_fn is None:  # first step, or the structure changed
+                net.forward_fn = torch.compile(net.net)
+            loss = _step(net, data, cfg, gen, device, prec, callback, teacher, step)
+            _update(net, ema, opt, loss, cfg, step)
+            if run_dir and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+                append_log(run_dir, "finetune", step=step, loss=round(loss.item(), 6), s=round(time.time() - t0, 2))
+            if callback is not None:
+                new_plan = callback.on_step(step, net, loss.item())
+                if new_plan is not None:
+                    net.forward_fn = None  # a compiled forward of the old structure
+                    _apply_progressive(net, ema, new_plan)
+                    applied.append(new_plan.to_json())
+                    opt = _make_opt(net, cfg)  # old optimizer state points at removed parameters
+                    if run_dir:
+                        append_log(run_dir, "surgery", step=step, kept_blocks=net.kept_blocks)
+            done = step + 1
+            if done % cfg.ckpt_every == 0 and done < cfg.steps:
+                atomic_torch_save({"step": done, "model": net.net.state_dict(), "ema": ema.state_dict(),
+                                   "opt": opt.state_dict(), "gen": gen.get_state(), "kept_blocks": net.kept_blocks,
+                                   "callback": callback.state_dict() if callback is not None else None,
+                                   "plans": applied}, last)
+            if done == abort_at:
+                os._exit(137)  # like SIGKILL: no cleanup, no final save
+    net.forward_fn = None
 
     net.net.load_state_dict(ema.state_dict())
     net.net.eval()
@@ -143,6 +138,32 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
     if last.exists():
         last.unlink()  # the final weights supersede the resume point
     return net
+
+
+def _step(net, data, cfg: FinetuneConfig, gen, device, prec: str, callback, teacher, step: int) -> torch.Tensor:
+    """One batch's loss (forward under the configured precision: bf16 autocast keeps fp32 weights)."""
+    idx = torch.randint(len(data), (cfg.batch,), generator=gen)
+    x0, y = data.get(idx)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=prec == "bf16"):
+        if callback is not None and hasattr(callback, "loss"):  # a method's own recovery loss (TinyFusion masked KD)
+            loss = callback.loss(net, x0.to(device), y.to(device), gen, teacher)
+        else:
+            loss = net.loss(x0.to(device), y.to(device), generator=gen, teacher=teacher, distill=cfg.distill)
+    if not torch.isfinite(loss):
+        raise BenchError(f"loss is {loss.item()} at fine-tune step {step}; lower finetune.lr "
+                         "or check the data (values must be finite, pixels in [-1, 1])")
+    return loss
+
+
+def _update(net, ema, opt, loss: torch.Tensor, cfg: FinetuneConfig, step: int) -> None:
+    """Backward, clip, optimizer step and EMA update (all in fp32: master weights, AdamW state, EMA)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(net.net.parameters(), cfg.grad_clip)
+    opt.step()
+    decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+    _ema_update(ema, net.net, decay)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from bench.io import atomic_write_text
 from bench.results import Row, load_rows
 
 GROUP_KEYS = ["model", "dataset", "process", "device", "latency_mode", "latency_dtype", "latency_batch", "sampler", "nfe",
-              "cfg_scale", "metric_impl", "metric_n", "metric_ref"]
+              "cfg_scale", "eval_precision", "metric_impl", "metric_n", "metric_ref"]
 # Inception metrics are optional per row (costly on a CPU): rows without them leave the cells blank,
 # and the rows that have them must share one Inception protocol (checked in inception_note)
 FID_KEYS = ["fid_impl", "fid_n", "fid_ref"]
@@ -165,7 +165,8 @@ def summarize(g: pd.DataFrame) -> tuple[pd.DataFrame, list[str], str | None]:
 
 def title(key: dict) -> str:
     return (f"{key['model']} · {key['dataset']} · {key['process']} — {key['sampler']}, NFE {key['nfe']}, "
-            f"cfg {key['cfg_scale']:g} — {key['metric_impl']}, n={key['metric_n']}, ref {key['metric_ref']} "
+            f"cfg {key['cfg_scale']:g}, sampled in {key['eval_precision']} — {key['metric_impl']}, n={key['metric_n']}, "
+            f"ref {key['metric_ref']} "
             f"— {key['device']}, {key['latency_mode']}, {key['latency_dtype']}, batch {key['latency_batch']}")
 
 

@@ -111,6 +111,12 @@ class Row:
     fid_weights: str = ""
     fid_weights_sha256: str = ""
     latency_reps: int = 0      # timed calls behind latency_ms (>= 20 unless eval.latency.allow_few); 0: older row
+    # how the fine-tune and the sampler ran (rows before these fields: fp32, eager); a table never
+    # puts two sampling precisions in one quality column (bench.report groups by eval_precision)
+    finetune_precision: str = "fp32"
+    finetune_compile: bool = False
+    eval_precision: str = "fp32"
+    eval_compile: bool = False
     latency_flags: list[str] = field(default_factory=list)  # "spread" / "busy": no speedup from this latency
     latency_others_cores: float | None = None  # CPU cores other processes used while it was timed (None: unknown)
     warnings: list[str] = field(default_factory=list)  # protocol caveats, e.g. Inception n < 10k (also in log.jsonl)

@@ -23,7 +23,7 @@ from bench.io import atomic_torch_save, atomic_write, atomic_write_text, file_lo
     sha256_file
 from bench.launch import guard_requeue_signal
 from bench.data import from_config
-from bench.metrics.cost import device_name
+from bench.metrics.cost import device_name, resolve_precision
 from bench.results import Row, append_log, config_hash, git_info, read_row, \
     devices_held, earlier_attempts_wall_s, library_versions, run_relpath, scheduler_job_id, write_failure, write_row
 
@@ -146,14 +146,16 @@ def teacher_reference_samples(net, cfg: dict, sampler: str, device: str):
 
     ev = cfg["eval"]
     key = {"teacher": {k: cfg[k] for k in ("model", "data", "teacher")},
-           "eval": {k: ev[k] for k in ("n", "seed", "steps", "cfg_scale", "cfg_convention", "labels", "skip", "eta")},
+           "eval": {k: ev[k] for k in ("n", "seed", "steps", "cfg_scale", "cfg_convention", "labels", "skip", "eta")
+                    + (("precision",) if ev.get("precision") else ())},
            "sampler": sampler, "device": device}
     path = Path(cfg["paths"]["artifacts"]) / "teacher_samples" / f"{config_hash(key)[:16]}.pt"
     if (stored := read_state(path, lambda p: _read_samples(p, ev["n"]), "teacher samples")) is not None:
         return stored
     _log("sampling the teacher once for SSIM-to-teacher (cached)")
     samples, labels = generate(net, ev["n"], ev["seed"], ev["batch"], sampler, ev["steps"], ev["cfg_scale"],
-                               ev["cfg_convention"], ev["labels"], ev["skip"], ev["eta"], device)
+                               ev["cfg_convention"], ev["labels"], ev["skip"], ev["eta"], device,
+                               precision=ev.get("precision"), compile=ev.get("compile", False))
     atomic_torch_save({"samples": samples, "labels": labels}, path)
     return samples, labels
 
@@ -293,7 +295,8 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
     else:
         _log(f"sampling {ev['n']} ({sampler}, {ev['steps']} steps, cfg {ev['cfg_scale']})")
         samples, labels = generate(net, ev["n"], ev["seed"], ev["batch"], sampler, ev["steps"], ev["cfg_scale"],
-                                   ev["cfg_convention"], ev["labels"], ev["skip"], ev["eta"], device, _progress(cfg))
+                                   ev["cfg_convention"], ev["labels"], ev["skip"], ev["eta"], device, _progress(cfg),
+                                   precision=ev.get("precision"), compile=ev.get("compile", False))
         check_samples(samples, cfg)  # NaN/Inf or collapsed samples are refused, not scored
         atomic_torch_save({"samples": samples, "labels": labels}, samples_path)
     wall["sample"] = time.time() - t0
@@ -349,7 +352,9 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
         peak_mem_MB=c["peak_mem_MB"], throughput_img_s=c["throughput_img_s"],
         nfe=net.process.nfe(sampler, ev["steps"], ev["skip"]) * (2 if ev["cfg_scale"] != 1.0 else 1),
         sampler=sampler, cfg_scale=ev["cfg_scale"], cfg_convention=ev["cfg_convention"],
-        finetune_steps=ft.steps, metrics=metrics, metric_n=int(ev["n"]), metric_ref=ref, metric_impl=impl,
+        finetune_steps=ft.steps, finetune_precision=resolve_precision(ft.precision, device),
+        finetune_compile=bool(ft.compile), eval_precision=resolve_precision(ev.get("precision"), device),
+        eval_compile=bool(ev.get("compile", False)), metrics=metrics, metric_n=int(ev["n"]), metric_ref=ref, metric_impl=impl,
         device=device_name(device), git_sha=sha, git_dirty=dirty,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), versions=library_versions(),
         wall_s={k: round(v, 3) for k, v in wall.items()}, device_hours=total_s * n_devices / 3600,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from bench.report import build_report, check_single_protocol, fmt_num, fmt_pm, main, summarize
+from bench.report import GROUP_KEYS, build_report, check_single_protocol, fmt_num, fmt_pm, main, summarize
 from bench.results import Row, load_rows, write_row
 
 BASE = dict(model="dit-xs", dataset="toy", process="flow", method_version=1, granularity="block",
@@ -75,7 +75,7 @@ def test_markdown_table(report):
     out, _, _ = report
     md = (out / "tables" / "t.md").read_text()
     secs = md_sections(md)
-    cpu = secs["dit-xs · toy · flow — euler, NFE 10, cfg 1 — smallcnn-v1, n=256, ref train — cpu, eager, fp32, batch 8"]
+    cpu = secs["dit-xs · toy · flow — euler, NFE 10, cfg 1, sampled in fp32 — smallcnn-v1, n=256, ref train — cpu, eager, fp32, batch 8"]
     table = [line for line in cpu.splitlines() if line.startswith("|")]
     assert table == [
         "| method | budget | n_seeds | FD (clf) ↓ | cond. acc (%) ↑ | params (M) | MACs (G) | keep MACs "
@@ -181,7 +181,7 @@ def test_cli(runs, tmp_path):
 def test_tables_csv_columns(report):
     out, _, _ = report
     csv = pd.read_csv(out / "tables" / "t.csv", comment="#")
-    assert list(csv.columns)[13:] == [
+    assert list(csv.columns)[len(GROUP_KEYS):] == [
         "method", "budget_measure", "budget_keep", "n_seeds", "m_fd_clf", "m_fd_clf_std", "m_cond_acc",
         "m_cond_acc_std", "params_M", "params_M_std", "macs_G", "macs_G_std", "keep_macs", "keep_macs_std",
         "latency_ms", "latency_ms_std", "speedup"]

@@ -168,6 +168,16 @@ def tf32(enabled: bool) -> Iterator[None]:
             setattr(o, a, v)
 
 
+def resolve_precision(dtype: str | None, device: str | torch.device) -> str:
+    """A config's precision (fine-tune, sampling): null means DiT's own setting, TF32 on CUDA
+    (DiT's train.py and sample_ddp.py enable it), strict fp32 elsewhere."""
+    if dtype is None:
+        return "tf32" if torch.device(device).type == "cuda" else "fp32"
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown precision {dtype!r}; use one of {DTYPES}")
+    return dtype
+
+
 @contextlib.contextmanager
 def precision(dtype: str, device: str | torch.device) -> Iterator[None]:
     """fp32: strict IEEE fp32 (TF32 off for matmuls and convs); tf32: TF32 on; bf16: autocast to

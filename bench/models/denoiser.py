@@ -21,11 +21,27 @@ class Denoiser:
         self.null_label = num_classes if null_label is None else null_label
         # original (dense) index of each block still present; Plans always speak dense indices
         self.kept_blocks: list[int] = list(range(len(net.blocks)))
+        # a compiled forward of `net` (torch.compile; bench.finetune / bench.sample set it for the
+        # duration of a loop and drop it after any surgery); None: `net` itself
+        self.forward_fn = None
 
     # ---- prediction ------------------------------------------------------------------------
     def __call__(self, x_t, t, y=None, **kw):
         """Raw prediction (eps [+ variance] for DDPM, velocity for flow) at the native timestep t."""
-        return self.net(x_t, t, y, **kw)
+        return (self.forward_fn or self.net)(x_t, t, y, **kw)
+
+    @contextlib.contextmanager
+    def compiled(self, enabled: bool = True):
+        """Run the block with `self(...)` and `loss()` through torch.compile of the backbone (static
+        shapes; one graph per batch shape). The parameters are shared, nothing is copied."""
+        if not enabled:
+            yield
+            return
+        self.forward_fn = torch.compile(self.net)
+        try:
+            yield
+        finally:
+            self.forward_fn = None
 
     @property
     def in_channels(self) -> int:
@@ -61,7 +77,7 @@ class Denoiser:
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator).to(x0.device) if generator is not None else torch.randn_like(x0)
         if teacher is None or distill <= 0:
-            model_fn = lambda x_t, t_: self.net(x_t, t_, y, force_drop_ids=force_drop_ids, generator=generator)
+            model_fn = lambda x_t, t_: self(x_t, t_, y, force_drop_ids=force_drop_ids, generator=generator)
             return self.process.training_loss(model_fn, x0, t, noise, reduction=reduction)
         if force_drop_ids is None:  # the same label dropout for student and teacher
             p = getattr(getattr(self.net, "y_embedder", None), "dropout_prob", 0.0) if self.net.training else 0.0
@@ -70,7 +86,7 @@ class Denoiser:
         held = {}
 
         def model_fn(x_t, t_):
-            out = self.net(x_t, t_, y, force_drop_ids=force_drop_ids)
+            out = self(x_t, t_, y, force_drop_ids=force_drop_ids)
             with torch.no_grad():
                 held["teacher"] = teacher.net(x_t, t_, y, force_drop_ids=force_drop_ids)
             held["student"] = out
