@@ -1,0 +1,93 @@
+"""Precision and compilation as config (fine-tune, sampling); the sampler's noise without per-step host loops."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.data import TensorDataset
+from bench.finetune import FinetuneConfig, finetune
+from bench.models import build
+from bench.sample import PerSampleNoise, generate
+
+
+def _net(seed=0):
+    from bench.gpu.speed import randomize_zero_init_
+
+    torch.manual_seed(seed)
+    net = build("DiT-T/2", input_size=8, in_channels=1, num_classes=10)
+    randomize_zero_init_(net.net)  # adaLN-Zero gates are 0 at init: the output would not depend on the math
+    return net
+
+
+def _data(n=32):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.randint(10, (n,), generator=g), 10, "r")
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (4, 32, 32), (1, 7, 7)])
+def test_chunked_noise_is_the_per_step_stream(shape):
+    """Drawing 32 steps at once per sample gives exactly the per-step draws (16-aligned sizes), and
+    other sizes fall back to per-step draws: sample i's noise never depends on the chunking."""
+    x = torch.empty(3, *shape)
+    a, b = PerSampleNoise([5, 6, 7], chunk=32), PerSampleNoise([5, 6, 7], chunk=1)
+    for _ in range(40):  # across a chunk boundary
+        assert torch.equal(a(x), b(x))
+
+
+def test_sample_i_is_the_same_whatever_the_batch():
+    net = _net()
+    a, ya = generate(net, 6, 0, 6, "ddpm", 4, 1.5)
+    b, yb = generate(net, 6, 0, 4, "ddpm", 4, 1.5)
+    assert torch.equal(ya, yb)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # batch 6 vs 4+2: GEMM summation order only
+
+
+def test_bf16_sampling_changes_the_network_not_the_noise():
+    """bf16 autocast runs the forward in bfloat16 (outputs differ slightly), same labels and x_T."""
+    net = _net()
+    a, ya = generate(net, 4, 0, 4, "ddpm", 3, 1.5, precision="fp32")
+    b, yb = generate(net, 4, 0, 4, "ddpm", 3, 1.5, precision="bf16")
+    assert torch.equal(ya, yb) and a.dtype == b.dtype == torch.float32
+    rel = ((a - b).abs().max() / a.abs().max()).item()  # a random model's samples are far outside [-1, 1]
+    assert 0 < rel < 1e-2, rel
+
+
+def test_bf16_finetune_keeps_fp32_master_weights_and_ema(tmp_path):
+    data = _data()
+    fp32 = finetune(_net(), data, FinetuneConfig(steps=3, batch=8, precision="fp32"), tmp_path / "a")
+    bf16 = finetune(_net(), data, FinetuneConfig(steps=3, batch=8, precision="bf16"), tmp_path / "b")
+    assert all(p.dtype == torch.float32 for p in bf16.net.parameters())
+    state = torch.load(tmp_path / "b" / "final.pt", weights_only=False)
+    assert all(v.dtype == torch.float32 for v in state["ema"].values() if v.is_floating_point())
+    moved = max((p - q).abs().max().item() for p, q in zip(fp32.net.parameters(), bf16.net.parameters()))
+    assert 0 < moved < 1e-2  # the same updates up to bfloat16 rounding of the forward
+
+
+def test_rows_record_precision_and_compile(tiny_cfg):
+    from bench.run import execute
+
+    row = execute(tiny_cfg("first_k", ["finetune.precision=bf16", "eval.precision=bf16"]))
+    assert (row.finetune_precision, row.eval_precision, row.finetune_compile, row.eval_compile) == \
+        ("bf16", "bf16", False, False)
+    default = execute(tiny_cfg("first_k"))
+    assert (default.finetune_precision, default.eval_precision) == ("fp32", "fp32")  # null on the CPU: fp32
+
+
+def test_resolve_precision_defaults_to_tf32_on_cuda_only():
+    from bench.metrics.cost import resolve_precision
+
+    assert resolve_precision(None, "cuda") == "tf32" and resolve_precision(None, "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16", "cpu")
+
+
+@pytest.mark.slow
+def test_compiled_sampling_equals_eager(request):
+    """torch.compile of the backbone: the same samples within float tolerance (CPU inductor, slow)."""
+    if not request.config.getoption("-m") or "slow" not in request.config.getoption("-m"):
+        pytest.skip("torch.compile on the CPU takes ~40 s cold; run with -m slow")
+    net = _net()
+    a, _ = generate(net, 4, 0, 4, "ddpm", 3, 1.5)
+    b, _ = generate(net, 4, 0, 4, "ddpm", 3, 1.5, compile=True)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
