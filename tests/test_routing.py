@@ -416,6 +416,10 @@ def test_routing_speed_smoke(tmp_path):
     rows = [r for r in res["stages"] if r["mode"] == "eager" and r["dtype"] == "fp32"]
     assert len(rows) == 4 and all(r["routed_ms"] and r["pinned_ms"] and r["same_n_ms"] for r in rows)
     assert all(r["max_abs_diff"] == 0.0 for r in rows) and not res["errors"]
+    md = (tmp_path / "rs.md").read_text()
+    (tmp_path / "rs.md").unlink()
+    routing_speed.main(["--render", "--out", str(tmp_path / "rs")])  # the tables again from the record alone
+    assert (tmp_path / "rs.md").read_text() == md
 
 
 def test_routing_speed_width_smoke(tmp_path):

@@ -2,6 +2,7 @@
 
     python -m bench.gpu.routing_speed                              # cuda, DiT-XL/2 shape, ~5 min
     python -m bench.gpu.routing_speed --smoke --out /tmp/rs        # tiny DiT on the CPU, seconds
+    python -m bench.gpu.routing_speed --render [--width ...]       # rewrite the .md from the .json, no measurement
 
 The routed model (bench.routing, the model a Diff-ES plan gives) stores the union of its stages'
 blocks once and runs, for each timestep stage, only that stage's blocks. Default plan: 4 equal u
@@ -51,7 +52,9 @@ from pathlib import Path
 
 import torch
 
+from bench.io import atomic_write_text
 from bench.metrics.cost import benchmark_forward, count_macs, count_params, device_name, random_inputs
+from bench.tables import markdown_table
 
 
 def stage_sets(depth: int, counts: list[int]) -> list[list[int]]:
@@ -92,8 +95,7 @@ def _table(cols: list[tuple[str, object]], rows: list[dict]) -> list[str]:
     """Markdown table lines; cols = (header, cell): a row key (a float, 3 decimals) or a function
     of the row giving the cell's text."""
     cell = lambda c, r: c(r) if callable(c) else _f(r.get(c))
-    return (["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
-            + ["| " + " | ".join(cell(c, r) for _, c in cols) + " |" for r in rows])
+    return markdown_table([h for h, _ in cols], [[cell(c, r) for _, c in cols] for r in rows]).split("\n")
 
 
 _SETTING = [("mode", lambda r: str(r["mode"])), ("dtype", lambda r: str(r["dtype"])), ("batch", lambda r: str(r["batch"]))]
@@ -143,12 +145,8 @@ def _md(res: dict) -> str:
 
 
 def _write(out: Path, res: dict, md=None) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(res, indent=1)), (".md", (md or _md)(res))):
-        path = out.with_suffix(suffix)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=1))
+    atomic_write_text(out.with_suffix(".md"), (md or _md)(res))
 
 
 def run(out: Path, device: str, model: str, counts: list[int], keep: int, settings: list, warmup: int, reps: int,
@@ -611,13 +609,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no setting after this many seconds (default 420; width mode: 210, and no "
                         "measurement that would end after it)")
+    p.add_argument("--render", action="store_true",
+                   help="rewrite <out>.md from <out>.json and measure nothing (after a change to the tables)")
     a = p.parse_args(argv)
 
+    out = a.out or Path("results/gpu/routing_speed_width" if a.width is not None else "results/gpu/routing_speed")
+    a.out = out = out.with_suffix("") if out.suffix in (".json", ".md") else out
+    if a.render:
+        return _render(out)
     if a.width is not None:
         return _main_width(a)
-    a.out = a.out or Path("results/gpu/routing_speed")
     a.budget_s = 420.0 if a.budget_s is None else a.budget_s
-    out = a.out.with_suffix("") if a.out.suffix in (".json", ".md") else a.out
     model, counts, keep = a.model, [int(v) for v in a.stage_blocks.split(",")], a.static_blocks
     model_kw = dict(input_size=32, in_channels=4, num_classes=1000)  # DiT-XL/2 at 256 px (32x32 latents)
     if a.smoke:
@@ -629,6 +631,14 @@ def main(argv: list[str] | None = None) -> dict:
     return res
 
 
+def _render(out: Path) -> dict:
+    """<out>.md again from <out>.json (block or width mode, as the record says)."""
+    res = json.loads(out.with_suffix(".json").read_text())
+    atomic_write_text(out.with_suffix(".md"), (_md_width if res["meta"].get("mode") == "width" else _md)(res))
+    print(f"[routing] wrote {out}.md from {out}.json")
+    return res
+
+
 def _main_width(a) -> dict:
     try:
         fracs = [float(v) for v in a.width.split(",") if v.strip()]
@@ -636,8 +646,7 @@ def _main_width(a) -> dict:
         raise SystemExit(f"--width {a.width!r}: give kept fractions, e.g. 0.75,0.5,0.5,0.25") from None
     if not fracs or not all(0 < f <= 1 for f in fracs):
         raise SystemExit(f"--width {a.width!r}: every fraction must be in (0, 1]")
-    out = a.out or Path("results/gpu/routing_speed_width")
-    out = out.with_suffix("") if out.suffix in (".json", ".md") else out
+    out = a.out
     budget_s = 210.0 if a.budget_s is None else a.budget_s
     model, model_kw = a.model, dict(input_size=32, in_channels=4, num_classes=1000)  # DiT-XL/2 at 256 px
     if a.smoke:
