@@ -28,7 +28,7 @@ class Denoiser:
     # ---- prediction ------------------------------------------------------------------------
     def __call__(self, x_t, t, y=None, **kw):
         """Raw prediction (eps [+ variance] for DDPM, velocity for flow) at the native timestep t."""
-        return (self.forward_fn or self.net)(x_t, t, y, **kw)
+        return (self.net if self.forward_fn is None else self.forward_fn)(x_t, t, y, **kw)
 
     @contextlib.contextmanager
     def compiled(self, enabled: bool = True):
