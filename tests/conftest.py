@@ -54,6 +54,17 @@ def run_cli(args: list[str], env_extra: dict | None = None, timeout: int = 600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def np_frechet(mu1, s1, mu2, s2) -> float:
+    """An independent float64 Frechet distance in numpy, to test bench.metrics.stats against:
+    Tr (S1 S2)^{1/2} from eigh of S1^{1/2} S2 S1^{1/2}."""
+    import numpy as np
+
+    w, v = np.linalg.eigh(s1)
+    r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    ev = np.clip(np.linalg.eigvalsh(r @ s2 @ r), 0, None)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).sum())
+
+
 def random_tfid_state(seed: int = 0) -> dict:
     """A torch-fidelity InceptionV3 with random, well-scaled weights (He-normal convs, so
     activations neither vanish nor explode), built without touching the network."""
