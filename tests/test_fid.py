@@ -23,15 +23,15 @@ from tests.conftest import RANDOM_INCEPTION_ASSET, np_frechet
 FID_HELPER_SHA = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module", autouse=True)
-def one_thread_private_cache(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def private_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BENCH_HASH_CACHE", str(tmp_path_factory.mktemp("hash") / "sha256.json"))
         mp.delenv("BENCH_ASSETS", raising=False)
         yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
