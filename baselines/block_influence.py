@@ -16,11 +16,11 @@ on properly noised inputs x_t = net.noisy(x0, u, noise) (``inputs="noised"``). T
 u' = u / 4 (the stratified u squeezed into [0, 0.25); flow: t in (0.75, 1]), so its per-bin scores are
 quarters of that range. ``protect_last=True`` gives the last block the top score (TinyFusion never
 removes it). Cosines are per token over channels (ShortGPT), in float64; Diff-ES instead uses a
-per-sample cosine of flattened tensors. ``meta["scores_per_bin"]`` holds the same statistic per
-calibration noise-level bin (rankings depend on the noise level; Diff-ES).
+per-sample cosine of flattened tensors (``flat_cosine``, its scorer in methods.blockscores).
+``meta["scores_per_bin"]`` holds the same statistic per calibration noise-level bin (rankings
+depend on the noise level; Diff-ES).
 """
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +29,20 @@ from bench.api import BenchError, Budget, Method, Plan
 from bench.surgery import blocks_to_keep, keep_top
 
 
-def eval_mode(net):
-    """Score in eval mode, then restore the given mode (Denoiser.eval_mode)."""
-    return net.eval_mode()
+def token_cosine(a, b):
+    """ShortGPT's BI per sample: 1 - cos(h_in, h_out) per token over channels, mean over tokens."""
+    return 1.0 - F.cosine_similarity(a, b, dim=-1).mean(dim=1)
+
+
+def flat_cosine(a, b):
+    """Diff-ES's layer-drop calibration (`calibrate_layerdrop_orders`, methods.md 6b): one cosine
+    of the flattened tensors per sample."""
+    return 1.0 - F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)
+
+
+def mse(a, b):
+    """Flux-Lite per sample: mean over tokens and channels of (h_out - h_in)^2."""
+    return (b - a).pow(2).mean(dim=(1, 2))
 
 
 def by_bin(values: torch.Tensor, calib) -> tuple[list[float], list[list[float]]]:
@@ -46,7 +57,7 @@ def by_bin(values: torch.Tensor, calib) -> tuple[list[float], list[list[float]]]
 def residual_stat(net, calib, stat, inputs: str, batch_size: int) -> torch.Tensor:
     """stat(h_in, h_out) -> (N,) per block, for every calibration sample: an (n, depth) tensor."""
     rows, dev = [], net.device
-    with eval_mode(net):
+    with net.eval_mode():
         for x0, y, noise, u in calib.batches(batch_size):
             x0, y, noise, u = x0.to(dev), y.to(dev), noise.to(dev), u.to(dev)
             if inputs == "noised":
@@ -87,9 +98,7 @@ class BlockInfluence(_ResidualScore):
                  batch_size: int = 16):         # TinyFusion's scoring batch; memory only, scores do not depend on it
         super().__init__(inputs, protect_last, batch_size)
 
-    @staticmethod
-    def stat(a, b):
-        return 1.0 - F.cosine_similarity(a, b, dim=-1).mean(dim=1)
+    stat = staticmethod(token_cosine)
 
 
 class FluxLite(_ResidualScore):
@@ -102,6 +111,4 @@ class FluxLite(_ResidualScore):
                  batch_size: int = 16):         # memory only
         super().__init__(inputs, protect_last, batch_size)
 
-    @staticmethod
-    def stat(a, b):
-        return (b - a).pow(2).mean(dim=(1, 2))
+    stat = staticmethod(mse)

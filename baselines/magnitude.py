@@ -17,6 +17,17 @@ from bench.api import BenchError, Budget, Method, Plan
 from bench.surgery import blocks_to_keep, keep_top
 
 
+@torch.no_grad()
+def block_magnitude(net, p: int = 1) -> list[float]:
+    """(mean over the block's parameters of |theta|^p)^(1/p), one per block."""
+    scores = []
+    for params in net.block_params():
+        total = sum(w.detach().double().abs().pow(p).sum() for w in params)
+        count = sum(w.numel() for w in params)
+        scores.append(float((total / count) ** (1.0 / p)))
+    return scores
+
+
 class BlockMagnitude(Method):
     granularity = "block"
 
@@ -25,13 +36,8 @@ class BlockMagnitude(Method):
             raise BenchError(f"magnitude p={p} must be positive (1 = L1, 2 = L2)")
         self.p = p  # norm order: 1 = Li et al.'s L1, 2 = L2 (Torch-Pruning's default magnitude)
 
-    @torch.no_grad()
     def plan(self, net, budget: Budget, calib) -> Plan:
-        scores = []
-        for params in net.block_params():
-            total = sum(p.detach().double().abs().pow(self.p).sum() for p in params)
-            count = sum(p.numel() for p in params)
-            scores.append(float((total / count) ** (1.0 / self.p)))
+        scores = block_magnitude(net, self.p)
         kept = keep_top(scores, blocks_to_keep(net, budget))
         return Plan(granularity="block", keep={"blocks": kept}, scores={"blocks": scores},
                     meta={"method": "magnitude", "p": self.p})

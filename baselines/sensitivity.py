@@ -15,9 +15,26 @@ from __future__ import annotations
 
 import torch
 
-from baselines.block_influence import by_bin, eval_mode
+from baselines.block_influence import by_bin
 from bench.api import Budget, Method, Plan
 from bench.surgery import blocks_to_keep, keep_top
+
+
+@torch.no_grad()
+def loss_increase(net, calib, batch_size: int) -> torch.Tensor:
+    """L(block i bypassed) - L(dense) for every calibration sample: an (n, depth) tensor."""
+    depth, dev, rows = net.units("block")["blocks"], net.device, []
+    with net.eval_mode():
+        for x0, y, noise, u in calib.batches(batch_size):
+            x0, y, noise, u = x0.to(dev), y.to(dev), noise.to(dev), u.to(dev)
+            loss = lambda: net.loss(x0, y, u=u, noise=noise, reduction="none").double().cpu()
+            dense = loss()
+            delta = []
+            for i in range(depth):
+                with net.ablate("blocks", [i]):
+                    delta.append(loss() - dense)
+            rows.append(torch.stack(delta, dim=1))
+    return torch.cat(rows)
 
 
 class Sensitivity(Method):
@@ -26,20 +43,8 @@ class Sensitivity(Method):
     def __init__(self, batch_size: int = 16):
         self.batch_size = int(batch_size)  # memory only; losses are per sample, so scores do not depend on it
 
-    @torch.no_grad()
     def plan(self, net, budget: Budget, calib) -> Plan:
-        depth, dev, rows = net.units("block")["blocks"], net.device, []
-        with eval_mode(net):
-            for x0, y, noise, u in calib.batches(self.batch_size):
-                x0, y, noise, u = x0.to(dev), y.to(dev), noise.to(dev), u.to(dev)
-                loss = lambda: net.loss(x0, y, u=u, noise=noise, reduction="none").double().cpu()
-                dense = loss()
-                delta = []
-                for i in range(depth):
-                    with net.ablate("blocks", [i]):
-                        delta.append(loss() - dense)
-                rows.append(torch.stack(delta, dim=1))
-        scores, per_bin = by_bin(torch.cat(rows), calib)
+        scores, per_bin = by_bin(loss_increase(net, calib, self.batch_size), calib)
         kept = keep_top(scores, blocks_to_keep(net, budget))
         return Plan(granularity="block", keep={"blocks": kept}, scores={"blocks": scores},
                     meta={"method": "sensitivity", "calib_n": len(calib), "scores_per_bin": per_bin})

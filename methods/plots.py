@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.api import BenchError, Plan  # noqa: E402
+from methods.entpruner.schedule import read_log  # noqa: E402
 
 
 def _ced_data(src) -> tuple[list[float], list[list[float]] | None, list[int] | None]:
@@ -32,6 +32,15 @@ def _ced_data(src) -> tuple[list[float], list[list[float]] | None, list[int] | N
     if isinstance(src, (list, tuple)):
         return [float(v) for v in src], None, None
     raise BenchError(f"plot_ced cannot read {type(src).__name__}; pass a Plan, plan.json, ced_scores() dict or list")
+
+
+def _save(fig, out_path) -> Path:
+    fig.tight_layout()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 def plot_ced(plan_or_scores, out_path, title: str = "EntPruner CED per block") -> Path:
@@ -56,27 +65,13 @@ def plot_ced(plan_or_scores, out_path, title: str = "EntPruner CED per block") -
         ax.set_xticks(range(depth))
         ax.set_title("CED per noise-level bin", fontsize=9)
         fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out_path)
 
 
 def plot_depth(decisions_path, out_path, title: str = "EntPruner depth during fine-tuning") -> Path:
     """Model depth over fine-tune steps from the decision log; forced decisions in red, the target
     depth dashed, the pruning deadline dotted."""
-    start, decisions = None, []
-    for line in Path(decisions_path).read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            if r["event"] == "start":
-                start = r
-            elif r["event"] == "decision":
-                decisions = [d for d in decisions if d["step"] < r["step"]] + [r]
-    if start is None:
-        raise BenchError(f"{decisions_path} is not an EntPruner decision log (no start record)")
+    start, decisions = read_log(decisions_path)
     total = start["total_steps"]
     xs, ys = [0], [len(start["start_kept"])]
     for d in decisions:
@@ -96,12 +91,7 @@ def plot_depth(decisions_path, out_path, title: str = "EntPruner depth during fi
     ax.set_xlim(0, total)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out_path)
 
 
 if __name__ == "__main__":

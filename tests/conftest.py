@@ -46,12 +46,83 @@ def tiny_cfg(tmp_path, artifacts):
     return make
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; with more, intra-op thread sync dominates (on a shared
+    2-core machine a batch-1 forward took 90 ms instead of 2 ms). A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``, set up before its other module fixtures."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def calib(request):
+    """The digits calibration probes of the method tests (fixed ids and seeds, 4 noise-level
+    bins): 32 of them, or the module's CALIB_N."""
+    from bench.data import calibration, digits
+
+    return calibration(digits("train"), n=getattr(request.module, "CALIB_N", 32), seed=0, bins=4)
+
+
+def make_net(family: str = "dit", size: str = "T", seed: int = 0, seed_at=("build", "weights")):
+    """Tiny DiT (DDPM) / SiT (flow) for 8x8 one-channel digits with O(1) random weights: adaLN-Zero
+    would make every block the identity (all scores tied), so every 2-D weight is redrawn with std
+    1/sqrt(fan_in). seed_at: where the global RNG gets `seed`: before "build" (the patch embedding
+    keeps build()'s init) and/or before the "weights" are redrawn. A module that always seeded at
+    one place only binds that (functools.partial), so its tests see the nets they always saw."""
+    import torch
+    from bench.models import build
+
+    kw = dict(input_size=8, in_channels=1, num_classes=10, learn_sigma=True)
+    if "build" in seed_at:
+        torch.manual_seed(seed)
+    net = build(f"DiT-{size}/2", **kw) if family == "dit" else build(f"SiT-{size}/2", **kw, process={"kind": "flow"})
+    if "weights" in seed_at:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in net.net.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+    net.net.eval()
+    return net
+
+
+def fit_to_calib(net, calib, steps: int = 30, lr: float = 3e-3):
+    """A few full-batch Adam steps on the calibration loss itself, so the dense model sits near a
+    minimum of L_calib and removing any real block raises it (known answers of the block scorers;
+    a random model can lose loss when a block goes)."""
+    import torch
+
+    opt = torch.optim.Adam(net.net.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = net.loss(calib.x0, calib.y, u=calib.u, noise=calib.noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net
+
+
 def run_cli(args: list[str], env_extra: dict | None = None, timeout: int = 600):
     import subprocess
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def np_frechet(mu1, s1, mu2, s2) -> float:
+    """An independent float64 Frechet distance in numpy, to test bench.metrics.stats against:
+    Tr (S1 S2)^{1/2} from eigh of S1^{1/2} S2 S1^{1/2}."""
+    import numpy as np
+
+    w, v = np.linalg.eigh(s1)
+    r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    ev = np.clip(np.linalg.eigvalsh(r @ s2 @ r), 0, None)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).sum())
 
 
 def random_tfid_state(seed: int = 0) -> dict:

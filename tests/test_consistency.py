@@ -9,12 +9,7 @@ from pytorch_msssim import ssim
 from bench.metrics.consistency import ssim_to_teacher, teacher_samples, to_unit, win_size_for
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n=16, c=3, side=32, seed=0):

@@ -13,12 +13,7 @@ from bench.models import build
 from bench.models.dit import DiT_models
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared; timings here are never asserted anyway
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny():

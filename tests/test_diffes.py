@@ -15,47 +15,21 @@ from omegaconf import OmegaConf
 
 from bench import routing, surgery
 from bench.api import BenchError, Budget, Plan
-from bench.data import calibration, digits
-from bench.models import build
+from bench.data import digits
 from methods.blockscores import SCORERS
 from methods.diffes import DiffES
 from methods.blockscores import subset
 from methods.diffes.backends import LayerDrop, SecondOrder
 from methods.obs_diff import reconstruction_error
 from methods.diffes.search import PATTERNS, LevelSpace, evolve, pattern_shape
-from tests.conftest import F64_TOL, as_float64
+from tests.conftest import F64_TOL, as_float64, make_net
 
 CONF = Path(__file__).resolve().parents[1] / "bench" / "conf" / "method"
 FAST = dict(probes=16, fitness_steps=4, generations=4, offspring=6, n_random=2, batch_size=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def calib():
-    return calibration(digits("train"), n=64, seed=0, bins=4)
-
-
-def make_net(family="dit", seed=0):
-    kw = dict(input_size=8, in_channels=1, num_classes=10, learn_sigma=True)
-    # build() initialises from the global RNG (bench.run seeds it first) and the patch embedding
-    # (a 4-D conv weight) keeps that init below: seed it too, else every teacher, and so every
-    # searched schedule, depends on whatever state the process's global RNG happens to be in
-    torch.manual_seed(seed)
-    net = build("DiT-T/2", **kw) if family == "dit" else build("SiT-T/2", **kw, process={"kind": "flow"})
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in net.net.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, p.shape[1] ** -0.5)
-    net.net.eval()
-    return net
+pytestmark = pytest.mark.usefixtures("one_thread")
+CALIB_N = 64  # calibration probes (conftest.calib)
 
 
 @pytest.fixture(scope="module")

@@ -6,51 +6,31 @@ from __future__ import annotations
 import copy
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from bench import surgery
 from bench.api import BenchError, Budget
-from bench.data import calibration, digits
+from bench.data import digits
 from bench.models import build
 from methods.entpruner import LOG_NAME, EntPruner, decision_steps, replay
 from methods.entpruner import entropy as E
 from methods.entpruner.schedule import min_removals, removal_order, vote
+from tests.conftest import make_net as _make_net
 
 LOG_2PI_E = math.log(2 * math.pi) + 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
+make_net = partial(_make_net, seed_at=("build",))  # as this module always built them: seeded before build only
+CALIB_N = 64  # calibration probes (conftest.calib)
 
 
 @pytest.fixture(scope="module")
 def data():
     return digits("train")
-
-
-@pytest.fixture(scope="module")
-def calib(data):
-    return calibration(data, n=64, seed=0, bins=4)
-
-
-def make_net(family: str = "dit", seed: int = 0):
-    """Tiny 4-block model, every 2-D weight redrawn with std 1/sqrt(fan_in) (adaLN-Zero would make
-    every block the identity), seeded before build so the whole model is deterministic."""
-    torch.manual_seed(seed)
-    kw = dict(input_size=8, in_channels=1, num_classes=10, learn_sigma=True)
-    net = build("DiT-T/2", **kw) if family == "dit" else build("SiT-T/2", **kw, process={"kind": "flow"})
-    with torch.no_grad():
-        for p in net.net.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, p.shape[1] ** -0.5)
-    net.net.eval()
-    return net
 
 
 def with_cov(n: int, sigma: torch.Tensor, seed: int = 0) -> torch.Tensor:

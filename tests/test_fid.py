@@ -16,22 +16,22 @@ from bench.data import digits
 from bench.metrics import stats
 from bench.metrics.export import export_npz, export_png_folder, read_adm_npz, to_uint8
 from bench.metrics.fid import AdmBackend, CleanFidBackend, config, evaluate, make_backend
-from bench.metrics.frechet import feature_stats, frechet_distance
+from bench.metrics.stats import feature_stats, frechet_distance
 from bench.metrics.refstats import Reference
-from tests.conftest import RANDOM_INCEPTION_ASSET
+from tests.conftest import RANDOM_INCEPTION_ASSET, np_frechet
 
 FID_HELPER_SHA = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module", autouse=True)
-def one_thread_private_cache(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def private_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BENCH_HASH_CACHE", str(tmp_path_factory.mktemp("hash") / "sha256.json"))
         mp.delenv("BENCH_ASSETS", raising=False)
         yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +44,6 @@ def _feats(seed, n, d, shift=0.0):
     return np.abs(g.normal(size=(n, d)) @ g.normal(size=(d, d)) / np.sqrt(d)) + shift
 
 
-def _np_frechet(mu1, s1, mu2, s2):
-    """Independent float64 reference: Tr (S1 S2)^{1/2} from eigh of S1^{1/2} S2 S1^{1/2}."""
-    w, v = np.linalg.eigh(s1)
-    r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    ev = np.clip(np.linalg.eigvalsh(r @ s2 @ r), 0, None)
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).sum())
-
-
 # ------------------------------------------------------------------ statistics
 
 @pytest.mark.parametrize("n,d", [(300, 24), (20, 40)])  # n > d, and n < d (singular sample covariance)
@@ -60,7 +52,7 @@ def test_fid_equals_float64_references(n, d):
     mu_r, s_r = feature_stats(r)
     got = stats.FrechetRef(mu_r, s_r).fid(x)
     assert got == pytest.approx(frechet_distance(*feature_stats(x), mu_r, s_r), rel=1e-6)
-    assert got == pytest.approx(_np_frechet(*feature_stats(x), mu_r, s_r), rel=1e-6)
+    assert got == pytest.approx(np_frechet(*feature_stats(x), mu_r, s_r), rel=1e-6)
 
 
 def test_fid_self_zero_and_grows_with_shift():

@@ -17,30 +17,17 @@ from omegaconf import OmegaConf
 
 from bench import surgery
 from bench.api import BenchError, Budget, Plan
-from bench.data import calibration, digits
+from bench.data import digits
 from bench.finetune import FinetuneConfig, finetune
 from bench.models import build
 from methods.grad_flow import GradFlow, collect_units, gradient_flow_scores, mask_trace, mask_value, schedule_steps
 from methods.grad_flow.criterion import MaskHooks, multipliers
 from methods.grad_flow.schedule import GradFlowSchedule, cumulative
+from tests.conftest import make_net
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "bench" / "conf"
-
-
-def make_net(family: str, size: str = "T", seed: int = 0):
-    """Tiny DiT (DDPM) / SiT (flow) with O(1) random weights everywhere (adaLN-Zero would make
-    every block the identity), as in tests/test_methods.py."""
-    kw = dict(input_size=8, in_channels=1, num_classes=10, learn_sigma=True)
-    torch.manual_seed(seed)  # the patch embedding keeps its init: seed it too
-    net = build(f"DiT-{size}/2", **kw) if family == "dit" else build(f"SiT-{size}/2", **kw, process={"kind": "flow"})
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in net.net.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, p.shape[1] ** -0.5)
-    net.net.eval()
-    return net
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_unet(seed: int = 0):
@@ -59,19 +46,6 @@ def load(name: str, **over):
     for k, v in over.items():
         cfg[k] = v
     return instantiate(cfg)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def calib():
-    return calibration(digits("train"), n=32, seed=0, bins=4)
 
 
 def grad_norm_sq(net, calib, n: int) -> float:
@@ -178,12 +152,8 @@ def _some_zero_masks(groups, per_group: int = 1):
     return masks, keep
 
 
-@pytest.mark.parametrize("family", ["dit", "sit"])
-@pytest.mark.parametrize("units", ["width", "blocks"])
-def test_mask_zero_equals_hard_removal(family, units):
-    net = make_net(family)
-    groups = collect_units(net, units)
-    masks, keep = _some_zero_masks(groups, 2)
+def _masked_forward(net, groups, masks):
+    """The model's output on random inputs with the soft masks hooked in (and removed after), and the inputs."""
     mult = multipliers(dict(net.net.named_parameters()), groups, masks)
     hooks = MaskHooks(net.net, sorted(mult), mult)
     x, t, y = net.example_inputs(3)
@@ -191,6 +161,16 @@ def test_mask_zero_equals_hard_removal(family, units):
     with torch.no_grad():
         masked = net(x, t, y)
     hooks.remove()
+    return masked, (x, t, y)
+
+
+@pytest.mark.parametrize("family", ["dit", "sit"])
+@pytest.mark.parametrize("units", ["width", "blocks"])
+def test_mask_zero_equals_hard_removal(family, units):
+    net = make_net(family)
+    groups = collect_units(net, units)
+    masks, keep = _some_zero_masks(groups, 2)
+    masked, (x, t, y) = _masked_forward(net, groups, masks)
     plan = Plan("block", keep) if units == "blocks" else Plan("width", keep)
     pruned = surgery.apply(copy.deepcopy(net), plan)
     with torch.no_grad():
@@ -391,13 +371,7 @@ def test_unet_mask_zero_equals_removal_and_the_schedule_runs(calib, tmp_path):
     groups = collect_units(net, "width")
     assert any(u.kind == "heads" for u in groups.values()) and any(u.kind == "channels" for u in groups.values())
     masks, keep = _some_zero_masks(groups, 1)
-    mult = multipliers(dict(net.net.named_parameters()), groups, masks)
-    hooks = MaskHooks(net.net, sorted(mult), mult)
-    x, t, y = net.example_inputs(3)
-    x = torch.randn_like(x)
-    with torch.no_grad():
-        masked = net(x, t, y)
-    hooks.remove()
+    masked, (x, t, y) = _masked_forward(net, groups, masks)
     pruned = surgery.apply(copy.deepcopy(net), Plan("width", keep))
     with torch.no_grad():  # GroupNorm statistics leave masked channels out (soft membership)
         torch.testing.assert_close(masked, pruned(x, t, y), rtol=1e-4, atol=1e-4)

@@ -7,6 +7,7 @@ measured budget -> forward and finite loss, on tiny DiT (DDPM) and SiT (flow) mo
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,8 @@ from omegaconf import OmegaConf
 
 from bench import surgery
 from bench.api import BenchError, Budget, Plan
-from bench.data import calibration, digits
 from bench.models import build
+from tests.conftest import fit_to_calib, make_net as _make_net
 
 CONF = Path(__file__).resolve().parents[1] / "bench" / "conf" / "method"
 # *_paper configs are a method at its paper's full scale (e.g. 1000 timesteps): the same class as the
@@ -25,21 +26,8 @@ CONF = Path(__file__).resolve().parents[1] / "bench" / "conf" / "method"
 METHODS = sorted(p.stem for p in CONF.glob("*.yaml") if not p.stem.endswith("_paper"))
 FAMILIES = ["dit", "sit"]
 CALIB_METHODS = ["shortgpt", "flux_lite", "sensitivity"]  # calibration-based: per-bin scores expected
-
-
-def make_net(family: str, size: str = "T", seed: int = 0):
-    """Tiny model with random small weights everywhere. adaLN-Zero initialises the modulation to
-    zero (every block the identity, all scores tied), so every 2-D weight is redrawn with
-    std 1/sqrt(fan_in): gates and block outputs are O(1) and scores clearly separate."""
-    kw = dict(input_size=8, in_channels=1, num_classes=10, learn_sigma=True)
-    net = build(f"DiT-{size}/2", **kw) if family == "dit" else build(f"SiT-{size}/2", **kw, process={"kind": "flow"})
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in net.net.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, p.shape[1] ** -0.5)
-    net.net.eval()
-    return net
+pytestmark = pytest.mark.usefixtures("one_thread")
+make_net = partial(_make_net, seed_at=("weights",))  # as this module always built them: seeded before the redraw only
 
 
 def load_method(name: str, seed: int = 0, **over):
@@ -53,21 +41,6 @@ def snapshot(net):
     return {k: v.detach().clone() for k, v in net.net.state_dict().items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with more, intra-op thread sync dominates (and on a
-    shared 2-core machine a batch-1 forward took 90 ms instead of 2 ms)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def calib():
-    return calibration(digits("train"), n=32, seed=0, bins=4)
-
-
 @pytest.fixture(scope="module")
 def nets():
     return {f: make_net(f) for f in FAMILIES}
@@ -75,20 +48,8 @@ def nets():
 
 @pytest.fixture(scope="module")
 def trained(calib):
-    """Tiny models fitted for a few full-batch steps to the calibration loss itself, so the dense
-    model sits near a minimum of L_calib and removing any real block raises it (needed for the
-    sensitivity known answer; a random model can lose loss when a block goes)."""
-    out = {}
-    for f in FAMILIES:
-        net = make_net(f)
-        opt = torch.optim.Adam(net.net.parameters(), lr=3e-3)
-        for _ in range(30):
-            loss = net.loss(calib.x0, calib.y, u=calib.u, noise=calib.noise)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        out[f] = net
-    return out
+    """Tiny models fitted to the calibration loss (the sensitivity known answer needs it)."""
+    return {f: fit_to_calib(make_net(f), calib) for f in FAMILIES}
 
 
 # --------------------------------------------------------------------------------------------

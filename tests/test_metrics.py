@@ -1,25 +1,33 @@
 """Metrics: the Frechet distance against an independent float64 reference, the digits
 classifier proxy (accuracy, cache, scorer) and the cost counters."""
 import time
+import warnings
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 from bench.data import digits
 from bench.metrics import classifier as C
 from bench.metrics.cost import count_macs, count_params, measure_latency
-from bench.metrics.frechet import feature_stats, frechet_distance
+from bench.metrics.stats import FrechetRef, feature_stats, frechet_distance
+from tests.conftest import np_frechet
 
 
 # ------------------------------------------------------------------ Frechet distance
 
-def _ref_frechet(mu1, s1, mu2, s2):
-    """Tr (S1 S2)^{1/2} = sum of sqrt(eigenvalues of S1^{1/2} S2 S1^{1/2}) (symmetric PSD, eigh)."""
-    w, v = np.linalg.eigh(s1)
-    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    ev = np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).sum())
+def _sqrtm_frechet(mu1, s1, mu2, s2):
+    """The form this suite computed fd_clf with before FrechetRef became its one implementation
+    (pytorch-fid's and ADM's): scipy.linalg.sqrtm of the non-symmetric product S1 S2, retried with
+    eps*I on both covariances when that is not finite."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # (near-)singular products
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():
+            off = 1e-6 * np.eye(len(mu1))
+            covmean = scipy.linalg.sqrtm((s1 + off) @ (s2 + off))
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
 
 
 def _feats(seed, n=500, d=16, shift=0.0):
@@ -38,8 +46,22 @@ def test_feature_stats_float64():
 def test_frechet_matches_reference():
     for seed in range(3):
         s1, s2 = feature_stats(_feats(seed)), feature_stats(_feats(seed + 10))
-        got, ref = frechet_distance(*s1, *s2), _ref_frechet(*s1, *s2)
+        got, ref = frechet_distance(*s1, *s2), np_frechet(*s1, *s2)
         assert got == pytest.approx(ref, rel=1e-6)
+
+
+@pytest.mark.parametrize("n,d,rel", [(500, 16, 1e-12), (256, 64, 1e-11), (64, 64, 1e-7), (20, 40, 1e-7)])
+def test_frechet_before_after_on_random_data(n, d, rel):
+    """The eigh form (from statistics and from feature rows) gives the sqrtm form's number: to
+    round-off where the covariance is regular (fd_clf's case: 256 samples of 64-d features), to
+    ~1e-8 where it is singular (n <= d: sqrt magnifies the round-off of the zero eigenvalues; a
+    40-digit evaluation puts both forms that far off)."""
+    for seed in range(5):
+        x, r = _feats(seed, n, d), _feats(seed + 100, 2 * d, d, shift=0.2)
+        a, b = feature_stats(x), feature_stats(r)
+        want = _sqrtm_frechet(*a, *b)
+        assert frechet_distance(*a, *b) == pytest.approx(want, rel=rel)
+        assert FrechetRef(*b).fid(x) == pytest.approx(want, rel=rel)
 
 
 def test_frechet_self_zero_symmetric_monotone():

@@ -16,11 +16,9 @@ from omegaconf import OmegaConf
 import methods.obs_diff as od
 from bench import surgery
 from bench.api import BenchError, Budget
-from bench.data import calibration, digits
 from methods.obs_diff import (HessianAccumulator, obs_prune_columns, obs_prune_unstructured, reconstruction_error,
                               split_packages, timestep_weights, trajectory_hessians)
-from tests.conftest import F64_TOL, as_float64, comparable
-from tests.test_grad_flow import make_net
+from tests.conftest import F64_TOL, as_float64, comparable, make_net
 
 CONF = Path(__file__).resolve().parent.parent / "bench" / "conf" / "method"
 
@@ -32,17 +30,7 @@ def load(name: str, **over):
     return instantiate(cfg)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def calib():
-    return calibration(digits("train"), n=32, seed=0, bins=4)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def layer_problem(out=12, n=24, samples=400, seed=0):

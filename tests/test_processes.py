@@ -37,13 +37,7 @@ K = 16       # samples are laid out (N/K, 2, K): i.i.d. along K, so per-sample l
 ALPHABAR = torch.from_numpy(np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))).float()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # (N, 2) tensors are too small for intra-op threads; on a busy 2-core box they make each op ~10 ms
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _per_channel(v, x):  # (C,) -> broadcastable over (n, C, ...)

@@ -11,12 +11,7 @@ from bench.api import BenchError
 from methods import proxies
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ntk_of_a_linear_model_is_the_input_gram_matrix():

@@ -5,33 +5,18 @@ per stage from a bank)."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
 
 from bench import routing, surgery
 from bench.api import BenchError, Budget, Plan
-from bench.models import build
-from tests.conftest import F64_TOL, as_float64
+from tests.conftest import F64_TOL, as_float64, make_net as _make_net
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def make_net(family: str = "dit", seed: int = 0):
-    kw = dict(input_size=8, in_channels=1, num_classes=10, learn_sigma=True)
-    net = build("DiT-T/2", **kw) if family == "dit" else build("SiT-T/2", **kw, process={"kind": "flow"})
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in net.net.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, p.shape[1] ** -0.5)
-    return net.__class__(net.net.eval(), net.process, net.name, net.num_classes)
+pytestmark = pytest.mark.usefixtures("one_thread")
+make_net = partial(_make_net, seed_at=("weights",))  # as this module always built them: seeded before the redraw only
 
 
 def stage_plan(sets, edges=None, weights=None):

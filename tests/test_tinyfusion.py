@@ -3,6 +3,7 @@ one its group drops), no trace on the model, priors from other scorers, masked K
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,55 +12,24 @@ import torch.nn as nn
 
 from bench import surgery
 from bench.api import BenchError, Budget, Plan
-from bench.data import calibration, digits
-from bench.models import build
+from bench.data import digits
 from methods.tinyfusion import MaskedKD, TinyFusion
 from methods.tinyfusion.kd import masked_mse
 from methods.tinyfusion.learn import candidates, make_groups
+from tests.conftest import fit_to_calib, make_net as _make_net
 
 FAST = dict(steps=60, batch=16, lora_rank=4, lora_alpha=8.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def calib():
-    return calibration(digits("train"), n=64, seed=0, bins=4)
-
-
-def make_net(family="dit", seed=0):
-    kw = dict(input_size=8, in_channels=1, num_classes=10, learn_sigma=True)
-    torch.manual_seed(seed)  # before build: the weights not redrawn below (patch embed) are seeded too
-    net = build("DiT-T/2", **kw) if family == "dit" else build("SiT-T/2", **kw, process={"kind": "flow"})
-    with torch.no_grad():
-        for p in net.net.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, p.shape[1] ** -0.5)
-    net.net.eval()
-    return net
+pytestmark = pytest.mark.usefixtures("one_thread")
+make_net = partial(_make_net, seed_at=("build",))  # as this module always built them: seeded before build only
+CALIB_N = 64  # calibration probes (conftest.calib)
 
 
 @pytest.fixture(scope="module")
 def trained(calib):
     """Tiny models fitted to the calibration loss (every block useful, as in test_methods)."""
-    out = {}
-    for f in ("dit", "sit"):
-        net = make_net(f)
-        opt = torch.optim.Adam(net.net.parameters(), lr=3e-3)
-        for _ in range(30):
-            loss = net.loss(calib.x0, calib.y, u=calib.u, noise=calib.noise)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        net.net.eval()
-        out[f] = net
-    return out
+    return {f: fit_to_calib(make_net(f), calib) for f in ("dit", "sit")}
 
 
 def make_identity(net, i):

@@ -9,22 +9,11 @@ import torch
 
 from bench import surgery
 from bench.api import BenchError, Budget, Plan
-from bench.data import calibration, digits
 from tests.test_methods import load_method, make_net
 from tests.conftest import F64_TOL, as_float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def calib():
-    return calibration(digits("train"), n=32, seed=0, bins=4)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_dit_width_groups_cover_heads_and_mlp_channels():

@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.api import BenchError
-from bench.metrics.frechet import feature_stats, frechet_distance
 from bench.io import atomic_torch_save, read_state
+from bench.metrics.stats import FrechetRef, feature_stats
 
 VERSION = 1  # bump when the architecture or training recipe changes: it enters the cache key
 HPARAMS = {"steps": 500, "batch": 64, "lr": 2e-3, "width": 16, "emb_dim": 64}
@@ -154,7 +154,7 @@ class ClassifierScorer:
 
     def __init__(self, clf: SmallClassifier, ref_x: torch.Tensor, batch: int = 512):
         self.clf, self.batch = clf.eval(), batch
-        self.ref_mu, self.ref_sigma = feature_stats(self._features(ref_x).cpu().numpy())
+        self.ref = FrechetRef(*feature_stats(self._features(ref_x).cpu().numpy()))  # its sqrt serves every score
         h = hashlib.sha256()
         for k, v in sorted(clf.state_dict().items()):
             h.update(k.encode())
@@ -180,7 +180,6 @@ class ClassifierScorer:
             raise BenchError(f"{samples.shape[0]} samples but {labels.shape[0]} labels")
         feats = self._features(samples)
         pred = self.clf.head(feats).argmax(1).cpu()
-        mu, sigma = feature_stats(feats.cpu().numpy())  # float64 inside
         return {"cond_acc": 100.0 * (pred == labels.cpu().long()).float().mean().item(),
-                "fd_clf": frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma),
+                "fd_clf": self.ref.fid(feats.cpu()),  # float64 inside
                 "n": int(samples.shape[0])}

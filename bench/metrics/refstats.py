@@ -30,7 +30,7 @@ import torch
 from bench.api import BenchError
 from bench.io import atomic_savez, file_lock, read_state, slug
 from bench.metrics.export import read_adm_npz, to_uint8
-from bench.metrics.frechet import feature_stats
+from bench.metrics.stats import FrechetRef, feature_stats
 
 MAX_REF_IMAGES = 10_000  # ADM's reference batches keep 10k images for precision/recall
 
@@ -51,9 +51,7 @@ class Reference:
     _frechet: dict = field(default_factory=dict, repr=False)
 
     def frechet(self, which: str = "pool", device="cpu"):
-        """stats.FrechetRef for pool (mu, sigma) or spatial (mu_s, sigma_s); its sqrt is computed once."""
-        from bench.metrics.stats import FrechetRef
-
+        """FrechetRef for pool (mu, sigma) or spatial (mu_s, sigma_s); its sqrt is computed once."""
         key = (which, str(device))
         if key not in self._frechet:
             mu, sigma = (self.mu, self.sigma) if which == "pool" else (self.mu_s, self.sigma_s)

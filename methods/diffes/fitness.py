@@ -69,8 +69,8 @@ class TrajectoryFitness:
             err = float((s - t).pow(2).sum())
             return 10.0 * torch.log10(torch.tensor(float(t.pow(2).sum()) / max(err, 1e-30))).item()
         if self.metric == "frechet":
-            from bench.metrics.frechet import feature_stats, frechet_distance
-            return -frechet_distance(*feature_stats(t.flatten(1).numpy()), *feature_stats(s.flatten(1).numpy()))
+            from bench.metrics.stats import FrechetRef, feature_stats
+            return -FrechetRef(*feature_stats(t.flatten(1).numpy())).fid(s.flatten(1))  # the teacher's sqrt is memoised
         from bench.metrics.consistency import ssim_to_teacher
         return float(ssim_to_teacher(student.clamp(-1, 1), self.teacher.clamp(-1, 1))["mean"])
 

@@ -23,11 +23,6 @@ CONDITIONS = ("class", "pooled")
 REDUCES = ("entropy", "per_group_abs")
 
 
-def eval_mode(net):
-    """Score in eval mode, then restore the given mode (Denoiser.eval_mode)."""
-    return net.eval_mode()
-
-
 @torch.no_grad()
 def model_outputs(net, calib, outputs: str = "prediction", batch_size: int = 64, amp_dtype=None,
                   sample_steps: int = 10, sample_seed: int = 0) -> torch.Tensor:
@@ -41,8 +36,8 @@ def model_outputs(net, calib, outputs: str = "prediction", batch_size: int = 64,
     dev, C = net.device, net.in_channels
     rows = []
     use_amp = amp_dtype is not None
-    with eval_mode(net), torch.autocast(device_type=torch.device(dev).type, dtype=amp_dtype or torch.float32,
-                                        enabled=use_amp):
+    with net.eval_mode(), torch.autocast(device_type=torch.device(dev).type, dtype=amp_dtype or torch.float32,
+                                         enabled=use_amp):
         if outputs == "prediction":
             for x0, y, noise, u in calib.batches(batch_size):
                 x0, y, noise, u = x0.to(dev), y.to(dev), noise.to(dev), u.to(dev)

@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 from bench.api import BenchError, Budget, Plan
-from bench.io import atomic_write_text
 from bench.surgery import blocks_to_keep, measure
 from methods import proxies
+from methods.decision_log import LoggedSchedule
 from methods.entpruner import units as U
-from methods.entpruner.ced import eval_mode
 
 LOG_NAME = "entpruner_decisions.jsonl"
 PROXIES = ("ntk", "zico")
@@ -74,23 +73,18 @@ def vote(candidates: list[dict], weights: dict, quorum: float, tolerance: float)
     return chosen
 
 
-class AdaptiveSchedule:
+class AdaptiveSchedule(LoggedSchedule):
     """The TrainCallback. State (for exact resume): target depth, decision steps, the start
     structure and every decision made so far."""
 
+    LOG_NAME = LOG_NAME
+
     def __init__(self, method, budget: Budget, calib):
         self.m, self.budget, self.calib = method, budget, calib
-        self.run_dir = None
         self.state = {"target": None, "total_steps": None, "steps": [], "start_kept": None, "history": [],
                       "kind": None, "dense": None}
 
     # ---- TrainCallback --------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return json.loads(json.dumps(self.state))
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = json.loads(json.dumps(state))
-
     def on_start(self, net, total_steps: int, run_dir) -> None:
         if total_steps < 1:
             raise BenchError("adaptive EntPruner prunes during fine-tuning and needs finetune.steps >= 1; "
@@ -113,13 +107,11 @@ class AdaptiveSchedule:
         elif U.labels(net) != self.kept_now():
             raise BenchError(f"resumed model has units {U.labels(net)}, the schedule's state says "
                              f"{self.kept_now()}; delete the run's fine-tune checkpoint and rerun")
-        self.run_dir = Path(run_dir) if run_dir else None
-        if self.run_dir is not None:  # (re)write the log from the state: a resumed run drops what it redoes
-            head = {"event": "start", "kind": st["kind"], "target": st["target"], "start_kept": st["start_kept"],
-                    "total_steps": st["total_steps"], "decision_steps": st["steps"],
-                    "budget": {"measure": self.budget.measure, "keep": self.budget.keep}, "settings": self.m.settings()}
-            lines = [head] + st["history"]
-            atomic_write_text(self.run_dir / LOG_NAME, "".join(json.dumps(r) + "\n" for r in lines))
+        self.start_log(run_dir, {"event": "start", "kind": st["kind"], "target": st["target"],
+                                 "start_kept": st["start_kept"], "total_steps": st["total_steps"],
+                                 "decision_steps": st["steps"],
+                                 "budget": {"measure": self.budget.measure, "keep": self.budget.keep},
+                                 "settings": self.m.settings()})
 
     def on_step(self, step: int, net, loss: float):
         st = self.state
@@ -131,10 +123,7 @@ class AdaptiveSchedule:
         if kind == U.OPERATORS and measure(net)[self.budget.measure] / st["dense"] <= self.budget.keep + 1e-9:
             return None
         rec = self.decide(step, net, loss)
-        st["history"].append(rec)
-        if self.run_dir is not None:
-            with open(self.run_dir / LOG_NAME, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        self.record(rec)
         if not rec["removed"]:
             return None
         return U.plan_for(kind, rec["kept_after"], st["start_kept"],
@@ -157,7 +146,7 @@ class AdaptiveSchedule:
         k_min = min(remaining, min_removals(m.pace, remaining, left_after, m.k_max))  # R12
         k_top = min(remaining, max(m.k_max, k_min))                # never past the target
         cands = []
-        with eval_mode(net):
+        with net.eval_mode():
             for k in range(k_top + 1):
                 drop = sorted(order[:k])
                 with U.ablate(net, drop):
@@ -188,12 +177,9 @@ class AdaptiveSchedule:
         return ntk, zico, layers
 
 
-def replay(decisions_path, verify: bool = True) -> Plan:
-    """The final plan recorded in a decision log: the start structure minus every decision's
-    removals, in order. A decision logged again after a resume supersedes the one it redoes.
-    verify: re-derive every decision from its logged values with the logged settings (removal
-    order from the CED, the vote from the candidates' proxy values, the pace's minimum) and
-    raise if the logged choice or removals differ."""
+def read_log(decisions_path) -> tuple[dict, list[dict]]:
+    """(start record, decisions in order) of an EntPruner decision log; a decision logged again
+    after a resume supersedes the ones at its step and later."""
     p = Path(decisions_path)
     if not p.is_file():
         raise BenchError(f"no EntPruner decision log at {p}")
@@ -208,6 +194,16 @@ def replay(decisions_path, verify: bool = True) -> Plan:
             decisions = [d for d in decisions if d["step"] < r["step"]] + [r]
     if start is None:
         raise BenchError(f"{p} has no start record; it is not an EntPruner decision log")
+    return start, decisions
+
+
+def replay(decisions_path, verify: bool = True) -> Plan:
+    """The final plan recorded in a decision log (read_log): the start structure minus every
+    decision's removals, in order. verify: re-derive every decision from its logged values with
+    the logged settings (removal order from the CED, the vote from the candidates' proxy values,
+    the pace's minimum) and raise if the logged choice or removals differ."""
+    p = Path(decisions_path)
+    start, decisions = read_log(p)
     kind = start.get("kind", U.BLOCKS)
     kept = list(start["start_kept"])
     for d in decisions:

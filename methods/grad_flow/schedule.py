@@ -17,15 +17,13 @@ Every decision is one JSON line in ``<run_dir>/grad_flow_decisions.jsonl``; the 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 
 from bench.api import BenchError, Budget, Plan
-from bench.io import atomic_write_text
+from methods.decision_log import LoggedSchedule
 from methods.grad_flow.criterion import MaskHooks, collect_units, gradient_flow_scores, importance, multipliers
 
 LOG_NAME = "grad_flow_decisions.jsonl"
@@ -73,13 +71,14 @@ def schedule_steps(total_steps: int, finish_frac: float, period: int) -> tuple[i
     return end, sorted({int(math.floor(i * end / k)) for i in range(k)})
 
 
-class GradFlowSchedule:
+class GradFlowSchedule(LoggedSchedule):
     """The TrainCallback (bench.api): soft masks during fine-tuning, hard removal at the end of
     the schedule. State (JSON) = targets, clock, rounds and every selection with its step."""
 
+    LOG_NAME = LOG_NAME
+
     def __init__(self, method, budget: Budget, calib):
         self.m, self.budget, self.calib = method, budget, calib
-        self.run_dir = None
         self.net = None
         self.groups = {}
         self.mult: dict[str, torch.Tensor] = {}
@@ -88,17 +87,11 @@ class GradFlowSchedule:
                       "selected": {}, "removed": False, "history": []}
 
     # ---- TrainCallback --------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return json.loads(json.dumps(self.state))
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = json.loads(json.dumps(state))
-
     def on_start(self, net, total_steps: int, run_dir) -> None:
         if total_steps < 1:
             raise BenchError("gradient-flow pruning prunes during fine-tuning and needs finetune.steps >= 1")
         st = self.state
-        self.net, self.run_dir = net, (Path(run_dir) if run_dir else None)
+        self.net = net
         fresh = st["targets"] is None
         if fresh:
             self.groups = collect_units(net, self.m.units)
@@ -115,7 +108,10 @@ class GradFlowSchedule:
                                  "delete the run's fine-tune checkpoint and rerun")
         else:
             self.groups = {}  # after the hard removal: nothing is masked any more
-        self._write_log_head()
+        self.start_log(run_dir, {"event": "start", "targets": st["targets"], "total_steps": st["total_steps"],
+                                 "end": st["end"], "rounds": st["rounds"],
+                                 "budget": {"measure": self.budget.measure, "keep": self.budget.keep},
+                                 "settings": self.m.settings()})
         if not st["removed"]:
             self.hooks = [MaskHooks(net.net, self._masked_names(), self.mult)]
             if fresh and 0 in st["rounds"]:
@@ -184,8 +180,7 @@ class GradFlowSchedule:
                "G": r["G"], "delta_G": {g: [float(x) for x in v] for g, v in r["delta_G"].items()},
                "dense_ids": {g: u.dense_ids for g, u in self.groups.items()}, "selected": chosen,
                "seconds": round(time.perf_counter() - t0, 3)}
-        st["history"].append(rec)
-        self._append_log(rec)
+        self.record(rec)
 
     def final_plan(self) -> Plan:
         """The hard-removal plan: every unit not selected, in dense ids."""
@@ -207,26 +202,9 @@ class GradFlowSchedule:
         st["removed"] = True
         plan = self.final_plan()
         rec = {"event": "hard_removal", "tau": tau, "keep_counts": {g: len(v) for g, v in plan.keep.items()}}
-        st["history"].append(rec)
-        self._append_log(rec)
+        self.record(rec)
         self.groups = {}
         return plan
-
-    # ---- log ------------------------------------------------------------------------------
-    def _write_log_head(self) -> None:
-        if self.run_dir is None:
-            return
-        st = self.state
-        head = {"event": "start", "targets": st["targets"], "total_steps": st["total_steps"], "end": st["end"],
-                "rounds": st["rounds"], "budget": {"measure": self.budget.measure, "keep": self.budget.keep},
-                "settings": self.m.settings()}
-        lines = [head] + st["history"]
-        atomic_write_text(self.run_dir / LOG_NAME, "".join(json.dumps(r) + "\n" for r in lines))
-
-    def _append_log(self, rec: dict) -> None:
-        if self.run_dir is not None:
-            with open(self.run_dir / LOG_NAME, "a") as f:
-                f.write(json.dumps(rec) + "\n")
 
 
 def mask_trace(total_steps: int, finish_frac: float, period: int, decay: str, selected_at: list[int]) -> list[list[float]]:
