@@ -285,20 +285,23 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
     wall["finetune"] = time.time() - t0
     net.net.eval()
 
-    # Sample: per-sample seeds, identical for every method
+    # Sample: per-sample seeds, identical for every method; shards on disk as they are produced, so
+    # a killed run resumes at the first missing shard (bench.shards)
     from bench.sample import generate
-    samples_path = art_dir / "samples.pt"
+    from bench.shards import SampleShards
+    shards = SampleShards(art_dir / "samples", ev["n"], ev["seed"])
     t0 = time.time()
-    stored = read_state(samples_path, lambda p: _read_samples(p, ev["n"]), "samples", on_moved=moved)
-    if stored is not None:
-        samples, labels = stored
-    else:
-        _log(f"sampling {ev['n']} ({sampler}, {ev['steps']} steps, cfg {ev['cfg_scale']})")
-        samples, labels = generate(net, ev["n"], ev["seed"], ev["batch"], sampler, ev["steps"], ev["cfg_scale"],
-                                   ev["cfg_convention"], ev["labels"], ev["skip"], ev["eta"], device, _progress(cfg),
-                                   precision=ev.get("precision"), compile=ev.get("compile", False))
-        check_samples(samples, cfg)  # NaN/Inf or collapsed samples are refused, not scored
-        atomic_torch_save({"samples": samples, "labels": labels}, samples_path)
+    todo = shards.missing(on_moved=moved)
+    if todo:
+        _log(f"sampling {sum(hi - lo for lo, hi in todo)} of {ev['n']} ({sampler}, {ev['steps']} steps, "
+             f"cfg {ev['cfg_scale']}) in {len(todo)} shard(s)")
+    for lo, hi in todo:
+        s, y = generate(net, hi - lo, ev["seed"] + lo, ev["batch"], sampler, ev["steps"], ev["cfg_scale"],
+                        ev["cfg_convention"], ev["labels"], ev["skip"], ev["eta"], device, _progress(cfg),
+                        precision=ev.get("precision"), compile=ev.get("compile", False))
+        check_samples(s, cfg)  # NaN/Inf or collapsed samples are refused, not scored
+        shards.write(lo, hi, s, y)
+    samples, labels = shards.load_all()
     wall["sample"] = time.time() - t0
     if cfg.get("stop_after") == "sample":  # run_all.sh phase 1: heavy stages in parallel workers;
         _log(f"stopped after sampling (stop_after=sample): {run_dir}")  # score + timing run later, alone

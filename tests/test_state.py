@@ -57,7 +57,7 @@ def test_report_names_and_skips_a_corrupt_row(tiny_cfg, tmp_path, capsys):
 
 
 def test_corrupt_plan_samples_and_final_weights_are_redone(tiny_cfg):
-    """Each stage's artifact cut short (plan.json, samples.pt, finetune/final.pt): the rerun moves it
+    """Each stage's artifact cut short (plan.json, a sample shard, finetune/final.pt): the rerun moves it
     aside, redoes the stage and gives the same row."""
     cfg = tiny_cfg("sensitivity")
     first = execute(cfg)
@@ -65,14 +65,15 @@ def test_corrupt_plan_samples_and_final_weights_are_redone(tiny_cfg):
     for f in (run_dir / "row.json", ):
         f.unlink()
     (run_dir / "plan.json").write_text('{"granularity": "block", "keep": {"blocks": [0, ')
-    (art / "samples.pt").write_bytes((art / "samples.pt").read_bytes()[:100])
+    shard = next((art / "samples").glob("shard-*.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
     final = art / "finetune" / "final.pt"
     final.write_bytes(final.read_bytes()[: len(final.read_bytes()) // 2])
     second = execute(cfg)
     _same(first, second)
     moved = {json.loads(line)["path"] for line in (run_dir / "log.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "state_moved_aside"}
-    assert moved == {str(run_dir / "plan.json"), str(art / "samples.pt"), str(final)}
+    assert moved == {str(run_dir / "plan.json"), str(shard), str(final)}
 
 
 @pytest.mark.slow
@@ -95,8 +96,8 @@ def test_corrupt_resume_checkpoint_restarts_the_fine_tune(tmp_path, artifacts):
     import shutil
     for f in artifacts.glob("runs/**/first_k/**/finetune"):
         shutil.rmtree(f)
-    for f in artifacts.glob("runs/**/first_k/**/samples.pt"):
-        f.unlink()
+    for f in artifacts.glob("runs/**/first_k/**/samples"):
+        shutil.rmtree(f)
     ref = run_cli(common + [f"paths.results={tmp_path / 'b'}"])
     assert ref.returncode == 0, ref.stderr
     _same(ra, json.loads(next((tmp_path / "b").rglob("row.json")).read_text()))

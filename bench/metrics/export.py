@@ -87,32 +87,36 @@ def read_adm_npz(path) -> dict:
 def main(argv=None) -> int:
     """python -m bench.metrics.export RUN [--npz FILE] [--png DIR]
 
-    RUN is a run directory under results/runs (its samples live at the same relative path under
-    the artifacts folder) or a samples.pt file written by bench.run."""
+    RUN is a run directory under results/runs (its sample shards live at the same relative path
+    under the artifacts folder) or a shard folder written by bench.run (bench.shards)."""
     import argparse
     import sys
 
     ap = argparse.ArgumentParser(prog="python -m bench.metrics.export", description=main.__doc__.splitlines()[0])
-    ap.add_argument("run", help="results/runs/... run directory, or a samples.pt file")
+    ap.add_argument("run", help="results/runs/... run directory, or a sample shard folder")
     ap.add_argument("--artifacts", default=os.environ.get("BENCH_ARTIFACTS", "artifacts"))
     ap.add_argument("--results", default="results/runs")
     ap.add_argument("--npz", help="write the ADM npz (arr_0 uint8 NHWC) here")
     ap.add_argument("--png", help="write a PNG folder here")
     a = ap.parse_args(argv)
+    from bench.shards import SampleShards
+
     src = Path(a.run)
-    if src.is_dir():
+    if not (src / "manifest.json").exists():
         try:
             rel = src.resolve().relative_to(Path(a.results).resolve())
         except ValueError:
-            print(f"error: {src} is not under {a.results}; pass --results or the samples.pt file", file=sys.stderr)
+            print(f"error: {src} is neither a shard folder nor under {a.results}; pass --results or the shard folder",
+                  file=sys.stderr)
             return 2
-        src = Path(a.artifacts) / "runs" / rel / "samples.pt"
-    if not src.is_file():
-        print(f"error: no samples at {src}; run the sample stage first (python -m bench.run ...)", file=sys.stderr)
+        src = Path(a.artifacts) / "runs" / rel / "samples"
+    try:
+        samples = SampleShards.open(src).load_all()[0]
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    samples = torch.load(src, weights_only=True)["samples"]
     if not (a.npz or a.png):
-        a.npz = str(src.with_suffix(".npz"))
+        a.npz = str(src / "samples.npz")
     if a.npz:
         print(export_npz(samples, a.npz))
     if a.png:
