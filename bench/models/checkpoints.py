@@ -1,6 +1,7 @@
-"""Load the official DiT / SiT checkpoints into bench.models.dit, strictly, with errors that name the fix.
+"""Load official checkpoints, strictly, with errors that name the fix: DiT / SiT into
+bench.models.dit, the DDPM U-Net (diffusers layout) into bench.models.unet.
 
-Provenance of the accepted formats:
+Provenance of the accepted DiT / SiT formats:
   * raw state dict saved with ``torch.save``: the released ``DiT-XL-2-256x256.pt`` (facebookresearch/DiT)
     and ``SiT-XL-2-256x256.pt`` (willisma/SiT);
   * training checkpoint ``{"model", "ema", "opt", "args"}`` written by both repos' train.py; like their
@@ -8,21 +9,29 @@ Provenance of the accepted formats:
   * ``.safetensors`` (e.g. re-exports on the Hugging Face Hub), read with the ``safetensors`` package.
 Keys saved from a DDP-wrapped model carry a leading ``module.``; it is stripped.
 
+The U-Net's: a diffusers ``UNet2DModel`` folder (``google/ddpm-cifar10-32``; ``load_unet_checkpoint``)
+or one state-dict file in any of the formats above.
+
 Files are read with ``weights_only=True`` (no arbitrary unpickling). ``argparse.Namespace`` is allowed
 because train.py stores its ``args`` as one; anything else non-tensor is refused with the fix spelled out.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import pickle
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from bench.api import BenchError
 from bench.models.dit import _SIZES, _TINY
+
+if TYPE_CHECKING:
+    from bench.models.unet import UNetBackbone
 
 
 def load_state_dict_file(path) -> dict[str, torch.Tensor]:
@@ -159,3 +168,115 @@ def _corrupt(p: Path, e: Exception) -> BenchError:
     msg = msg.splitlines()[0][:120] if msg else ""
     return BenchError(f"checkpoint {p} is corrupt or not a checkpoint ({type(e).__name__}{': ' + msg if msg else ''}); "
                       "re-download it (a partial download looks like this)")
+
+
+# --------------------------------------------------------------------------------------------
+# The U-Net (bench.models.unet): a diffusers model folder or a state-dict file, loaded strictly
+# --------------------------------------------------------------------------------------------
+
+# UNet2DModel config keys that change the weights or the function they compute
+_ARCH_KEYS = ("sample_size", "in_channels", "out_channels", "center_input_sample", "time_embedding_type",
+              "time_embedding_dim", "freq_shift", "flip_sin_to_cos", "down_block_types", "mid_block_type",
+              "up_block_types", "block_out_channels", "layers_per_block", "mid_block_scale_factor",
+              "downsample_padding", "downsample_type", "upsample_type", "act_fn", "attention_head_dim",
+              "norm_num_groups", "attn_norm_num_groups", "norm_eps", "resnet_time_scale_shift",
+              "add_attention", "class_embed_type", "num_class_embeds")
+# pre-0.15 diffusers attention names (google/ddpm-* on the Hub), renamed as diffusers' own loader does
+_LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def _model_dir(p: Path) -> Path:
+    if not (p / "config.json").exists() and (p / "unet").is_dir():
+        return p / "unet"                   # a pipeline folder: the U-Net lives in unet/
+    return p
+
+
+def checkpoint_files(path) -> tuple[Path, Path | None]:
+    """(weights file, config.json or None) of a U-Net checkpoint, or a BenchError naming the fix."""
+    p = Path(path)
+    if p.is_dir():
+        d = _model_dir(p)
+        files = [d / f for f in _WEIGHT_FILES if (d / f).is_file()]
+        if not files:
+            raise BenchError(f"no weights in {d}: expected {' or '.join(_WEIGHT_FILES)}; download the whole model "
+                             f"folder (e.g. `huggingface-cli download google/ddpm-cifar10-32 --local-dir {p}`)")
+        cfg = d / "config.json"
+        return files[0], (cfg if cfg.is_file() else None)
+    if p.is_file():
+        return p, None
+    raise BenchError(f"U-Net checkpoint not found: {p}; pass model.ckpt=<diffusers model folder or weights file> "
+                     "(DDPM CIFAR-10: `huggingface-cli download google/ddpm-cifar10-32 --local-dir <dir>`, then "
+                     "DDPM_CIFAR10_DIR=<dir>), or model.ckpt=null to train the teacher here")
+
+
+def load_unet_checkpoint(net: UNetBackbone, path) -> None:
+    """Load ``path`` into ``net.unet`` strictly: a diffusers model folder (``config.json`` +
+    ``diffusion_pytorch_model.safetensors`` or ``.bin``, optionally under ``unet/``), or one state-dict
+    file (``.safetensors``, ``.pt``/``.bin``, also our own checkpoints with ``unet.``-prefixed keys).
+    A folder's config.json must describe the same architecture; pre-0.15 diffusers attention names
+    (``query``/``key``/``value``/``proj_attn``, as in google/ddpm-*) are renamed as diffusers does."""
+    weights, cfg = checkpoint_files(path)
+    if cfg is not None:
+        _check_config(net, cfg)
+    sd = _normalise_keys(load_state_dict_file(weights))
+    own = net.unet.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint {weights} does not match the U-Net: {len(missing)} missing, {len(unexpected)} unexpected, "
+                 f"{len(shapes)} shape-mismatched keys"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                lines.append(f"  {label}: {', '.join(keys[:5])}{f', ... (+{len(keys) - 5} more)' if len(keys) > 5 else ''}")
+        for k, a, b in shapes[:5]:
+            lines.append(f"  shape: {k} checkpoint {a} vs model {b}")
+        lines.append("  build the model with the checkpoint's architecture (block_out_channels, layers_per_block, "
+                     "block types, num_classes) or pass the checkpoint made for this model")
+        raise BenchError("\n".join(lines))
+    net.unet.load_state_dict(sd, strict=True)
+
+
+def _normalise_keys(sd: dict) -> dict:
+    if sd and all(k.startswith("unet.") for k in sd):
+        sd = {k[len("unet."):]: v for k, v in sd.items()}      # our own UNetBackbone state dict
+    out = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if len(parts) >= 3 and parts[-2] in _LEGACY_ATTN and "attentions" in parts:
+            k = ".".join(parts[:-2] + [_LEGACY_ATTN[parts[-2]], parts[-1]])
+        out[k] = v
+    return out
+
+
+def _check_config(net: UNetBackbone, cfg_file: Path) -> None:
+    import inspect
+
+    from diffusers import UNet2DModel
+
+    try:
+        ck = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise BenchError(f"{cfg_file} is not a readable JSON config ({e}); re-download the model folder") from None
+    if ck.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise BenchError(f"{cfg_file} describes a {ck['_class_name']}, not a UNet2DModel; point model.ckpt at a "
+                         "UNet2DModel folder (a pipeline folder's unet/)")
+    defaults = {k: v.default for k, v in inspect.signature(UNet2DModel.__init__).parameters.items()}
+    own = net.unet.config
+
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    diffs = []
+    for k in _ARCH_KEYS:
+        want = norm(ck.get(k, defaults.get(k)))
+        have = norm(own.get(k, defaults.get(k)))
+        if k == "attention_head_dim" and want is None and have is None:
+            continue
+        if want != have:
+            diffs.append(f"{k}: checkpoint {want!r} vs model {have!r}")
+    if diffs:
+        raise BenchError(f"checkpoint config {cfg_file} does not match the model: " + "; ".join(diffs[:6])
+                         + (f"; ... (+{len(diffs) - 6} more)" if len(diffs) > 6 else "")
+                         + ". Set these in the model config (bench/conf/model/*.yaml) or pass the matching checkpoint")
