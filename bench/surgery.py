@@ -18,6 +18,7 @@ import torch.nn as nn
 from bench.api import BenchError, Budget, Plan
 from bench.metrics.cost import count_macs, count_params
 from bench.models.denoiser import Denoiser
+from bench.width import group_names
 
 TOL = 1e-9
 
@@ -91,8 +92,7 @@ def apply(net: Denoiser, plan: Plan) -> Denoiser:
                 raise BenchError(f"plan removes operators of group {group!r}; {net.name} has {sorted(have)}")
             net.remove_operators(group, [int(i) for i in keep])
     if width:
-        names = getattr(net.net, "width_group_names", None)   # the U-Net's: names without the members
-        groups = names() if names is not None else net.width_groups()
+        groups = group_names(net)
         unknown = sorted(set(width) - set(groups))
         if unknown:
             raise BenchError(f"plan names width groups the model does not have: {unknown[:4]}; "

@@ -1,4 +1,5 @@
-"""The U-Net backbone (bench.models.unet): forward and CFG dropout, the DDPM CIFAR-10 checkpoint layout,
+"""The U-Net backbone (bench.models.unet, its width surgery in bench.width, its checkpoints in
+bench.models.checkpoints): forward and CFG dropout, the DDPM CIFAR-10 checkpoint layout,
 width groups and their Torch-Pruning surgery, operator bypass and removal. CPU, tiny models.
 
 The hand-written coupling of ``conv_in``'s channels in the tiny U-Net below is read off the
@@ -18,7 +19,8 @@ from omegaconf import OmegaConf
 from bench.api import BenchError, Plan
 from bench.metrics.cost import count_macs, count_params
 from bench.models import build
-from bench.models.unet import SegmentGroupNorm, _DG_CACHE, drop_labels
+from bench.models.unet import SegmentGroupNorm, drop_labels
+from bench.width import _DG_CACHE
 
 CONF = Path(__file__).resolve().parent.parent / "bench" / "conf" / "model"
 

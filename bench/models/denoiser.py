@@ -117,18 +117,14 @@ class Denoiser:
     # ---- width units (bench.width) -------------------------------------------------------
     def width_groups(self):
         """name -> bench.width.WidthGroup for every prunable width group of the current model."""
-        if hasattr(self.net, "width_groups"):
-            return self.net.width_groups()
-        from bench.width import dit_width_groups
-        return dit_width_groups(self.net, self.kept_blocks)
+        from bench.width import width_groups
+        return width_groups(self)
 
     def prune_width(self, name: str, keep_dense: list[int]) -> None:
         """Shape surgery (Torch-Pruning) keeping the given dense unit ids of one group; only
         bench.surgery calls this."""
-        if hasattr(self.net, "prune_width"):
-            return self.net.prune_width(name, keep_dense)
-        from bench.width import dit_prune_width
-        dit_prune_width(self.net, self.kept_blocks, name, keep_dense)
+        from bench.width import prune_width
+        prune_width(self, name, keep_dense)
 
     def remove_operators(self, group: str, keep: list[int]) -> None:
         """Remove bypassed operators for good (LD-Pruner plans): DiT attention / MLP branches by

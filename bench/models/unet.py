@@ -1,6 +1,4 @@
-"""The DDPM U-Net (diffusers ``UNet2DModel``) as a Denoiser backbone, with width surgery through
-Torch-Pruning's DependencyGraph and operator bypass / removal; its checkpoints load through
-bench.models.checkpoints (``load_unet_checkpoint``).
+"""The DDPM U-Net (diffusers ``UNet2DModel``) as a Denoiser backbone, with operator bypass / removal.
 
 References:
   DDPM: Ho et al. 2020 (arXiv 2006.11239), Sec. 4 / Appendix B: the CIFAR-10 U-Net (PixelCNN++
@@ -10,68 +8,22 @@ References:
       The weights layout is diffusers' port ``google/ddpm-cifar10-32`` (``UNet2DModel``).
   Classifier-free guidance label dropout: Ho & Salimans 2022 (arXiv 2207.12598); the null label is
       index ``num_classes`` exactly as in DiT's LabelEmbedder (bench.models.dit).
-  Diff-Pruning: Fang, Ma & Wang, NeurIPS 2023 (arXiv 2305.10924), Sec. 3 / code ``ddpm_prune.py``:
-      width units are the output channels of every Conv/Linear with all layers coupled to them
-      (Torch-Pruning's DepGraph, Fang et al. CVPR 2023, arXiv 2301.12900), ``conv_out`` ignored.
   LD-Pruner: Castells et al., CVPRW 2024 (arXiv 2404.11936): operators of the U-Net (ResNet blocks,
       attentions) are bypassed one at a time and the least significant ones removed.
 
-Width groups (``width_groups()`` -> name -> bench.width.WidthGroup)
---------------------------------------------------------------------
-One group per DepGraph group (``DependencyGraph.get_all_groups`` with ``conv_out`` ignored): the
-output channels of a root Conv2d/Linear and every parameter slice coupled to them (the conv's
-rows and bias, ``time_emb_proj`` rows added to them, GroupNorm weight/bias, the consumers' input
-columns, at their offsets inside the ``torch.cat`` skip connections of the up path, the class
-embedding's columns for the time-embedding group...). Names and units:
-
-* ``<root path>.channels`` (kind "channels"). The root is the first module (in data-flow order:
-  stem, down path, middle, up path) whose output channels belong to the group, preferring modules outside bypassable
-  operators so that names survive an operator plan (e.g. ``conv_in.channels``,
-  ``down_blocks.0.resnets.1.conv1.channels``, ``time_embedding.linear_2.channels``).
-  **GroupNorm.** As Torch-Pruning's MetaPruner does for GroupNorm-coupled groups (its
-  ``channel_groups`` = the largest ``num_groups`` of the coupled norms), the root's C channels are
-  cut into K = that ``num_groups`` contiguous chunks of C/K channels and *one unit = one in-chunk
-  position across all K chunks* (channels {u, u + C/K, u + 2C/K, ...}). Removing a unit removes
-  one channel from every norm group, so the norms keep K equal groups and a per-unit score is
-  Torch-Pruning's chunk-averaged score (summed instead of averaged: the same ranking). Groups with
-  no GroupNorm (time embedding, attention inner channels) have K = 1: a unit is one channel.
-  Where a norm spans a ``torch.cat`` of two groups (the up path) the two groups may keep different
-  counts; the norm is then repaired to normalise every surviving channel with the surviving members
-  of its *original* norm group (``SegmentGroupNorm``; exact, where Torch-Pruning would silently
-  re-chunk the channels or fail on ``num_channels % num_groups``).
-* ``<attention path>.heads`` (kind "heads") for a multi-head attention: the coupled
-  ``to_q``/``to_k``/``to_v`` rows and ``to_out.0`` columns, one unit = one head; ``attn.heads``
-  is repaired. A single-head attention (the DDPM layout: ``attention_head_dim=None``) has no
-  head to remove, so its inner channels are an ordinary channels group rooted at ``to_q``
-  (head-dimension pruning, Diff-Pruning's behaviour).
-* Attention and DepGraph: Torch-Pruning 1.6 traces ``F.scaled_dot_product_attention`` as an
-  element-wise op that couples q, k, v and the attention output index by index, which is exactly
-  the coupling we need (Diff-Pruning issue #4, the AttnProcessor2_0 failure, was torch-pruning
-  1.3 on torch 2.x). The only thing the SDPA path gets wrong after pruning is the softmax
-  temperature (SDPA defaults to 1/sqrt(current head dim)); every attention therefore runs
-  ``DenseScaleAttnProcessor``, diffusers' AttnProcessor2_0 computation with ``scale=attn.scale``
-  (1/sqrt(dense head dim)), as diffusers' classic AttnProcessor and Diff-Pruning's torch-1.13
-  runs use.
-
-``dense_ids`` are the ids of the present units in the dense model (stored on the root module as
-``kept_units``), so a plan made on the dense model replays on a fresh dense model.
+Pruned layers: every attention runs ``DenseScaleAttnProcessor`` (the softmax temperature of the
+dense head dim, which width surgery must keep), and a GroupNorm whose channels width surgery
+prunes becomes a ``SegmentGroupNorm`` (the survivors keep their dense norm groups); the width
+groups and their Torch-Pruning surgery are bench.width's (``unet_width_groups``), the checkpoints
+bench.models.checkpoints' (``load_unet_checkpoint``).
 
 Operators (``operator_units()``): ``resnets`` = ResnetBlock2D whose input and output shapes are equal
 (in == out channels, no up/down sampling: bypassing keeps the shapes valid), ``attentions`` = the
 (residual) attention blocks; dense ids in data-flow order (down path, middle, up path). ``set_bypass`` swaps the
 operator's forward for the identity, ``remove_operators`` replaces it with a parameter-free
 ``Bypassed`` module (its weights are gone from ``parameters()``, params and MACs drop).
-
-Limits: the graph is traced once per structure at batch 1 (not under ``torch.inference_mode``);
-pooling down/up-samplers (``downsample_type="resnet"``/``"pool"``-style variants) are not
-repaired after width surgery (the layouts here use conv resamplers, as DDPM); the pruned GroupNorm
-channel groups and head counts are Python attributes, not state-dict entries, so a pruned
-checkpoint is rebuilt by replaying its plan on the dense model (the suite's rule).
 """
 from __future__ import annotations
-
-import math
-import weakref
 
 import torch
 import torch.nn as nn
@@ -205,9 +157,6 @@ def drop_labels(labels, num_classes: int, p: float, train: bool, force_drop_ids=
 # The backbone
 # --------------------------------------------------------------------------------------------
 
-_DG_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
 class UNetBackbone(nn.Module):
     """``forward(x, t, y)`` -> eps prediction (N, C, H, W) of a diffusers ``UNet2DModel`` (``self.unet``).
 
@@ -256,7 +205,7 @@ class UNetBackbone(nn.Module):
         from diffusers.models.resnet import ResnetBlock2D
 
         ops = {"resnets": [], "attentions": []}
-        for path, m in _flow_order(self.unet):
+        for path, m in flow_order(self.unet):
             if isinstance(m, ResnetBlock2D):
                 if m.in_channels == m.out_channels and not m.up and not m.down and m.conv_shortcut is None:
                     ops["resnets"].append(path)
@@ -311,226 +260,14 @@ class UNetBackbone(nn.Module):
                 parent[int(child)] = Bypassed(group, i)
             else:
                 setattr(parent, child, Bypassed(group, i))
-        _DG_CACHE.pop(self, None)
-
-    # ---- width groups (Diff-Pruning / Torch-Pruning) -------------------------------------
-    def _graph(self) -> tuple:
-        """(Torch-Pruning DependencyGraph of the current U-Net traced at batch 1, group index).
-        Cached until the module structure changes (operators bypassed or removed); width pruning
-        keeps a graph valid, as in Torch-Pruning's own pruners, so one graph serves a whole plan."""
-        import torch_pruning as tp
-
-        key = tuple(sorted(path for path, m in self.unet.named_modules() if "forward" in m.__dict__ or isinstance(m, Bypassed)))
-        hit = _DG_CACHE.get(self)
-        if hit is not None and hit[0] == key:
-            return hit[1], hit[2]
-        dev = next(self.unet.parameters()).device
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, self.in_channels, self.input_size, self.input_size, generator=g).to(dev)
-        t = torch.full((1,), 500, dtype=torch.long, device=dev)
-        y = torch.zeros(1, dtype=torch.long, device=dev) if self.num_classes > 0 else None
-        flags = [(p, p.requires_grad) for p in self.unet.parameters()]
-        was = self.unet.training
-        try:
-            for p, _ in flags:
-                p.requires_grad_(True)       # the graph is traced through autograd
-            self.unet.eval()
-            with torch.enable_grad():
-                # conv_out is ignored as a root (get_all_groups below), not in the graph: its input
-                # columns must follow the last group's channels
-                dg = tp.DependencyGraph().build_dependency(
-                    self.unet, example_inputs=(x, t, y), verbose=False,
-                    forward_fn=lambda m, inp: m(inp[0], inp[1], class_labels=inp[2]).sample)
-        finally:
-            for p, r in flags:
-                p.requires_grad_(r)
-            self.unet.train(was)
-        index = self._index(dg)
-        _DG_CACHE[self] = (key, dg, index)
-        return dg, index
-
-    def _index(self, dg) -> dict:
-        """name -> (root module, its out-channel pruning fn, kind, unit holder, attention or None),
-        one entry per DepGraph group, in data-flow order of the holder."""
-        from diffusers.models.attention_processor import Attention
-
-        order = {m: i for i, (_, m) in enumerate(_flow_order(self.unet))}
-        names = {m: p for p, m in self.unet.named_modules()}
-        in_op = set()
-        for group_paths in self._operator_paths.values():
-            for p in group_paths:
-                in_op.update(self.unet.get_submodule(p).modules())
-        q_of = {m.to_q: m for m in self.unet.modules() if isinstance(m, Attention)}
-        index = {}
-        for grp in dg.get_all_groups(ignored_layers=[self.unet.conv_out], root_module_types=[nn.Conv2d, nn.Linear]):
-            outs = [it.dep.target.module for it in grp if dg.is_out_channel_pruning_fn(it.dep.handler)
-                    and isinstance(it.dep.target.module, (nn.Conv2d, nn.Linear))]
-            if not outs:
-                continue
-            # the name-giving root: first in data-flow order, outside bypassable operators if possible
-            root = min(outs, key=lambda m: (m in in_op, order.get(m, 1 << 30)))
-            fn = dg.get_pruner_of_module(root).prune_out_channels
-            attn = q_of.get(root)
-            if attn is not None and getattr(attn, "dense_heads", attn.heads) > 1:
-                attn.dense_heads = getattr(attn, "dense_heads", attn.heads)
-                index[names[attn] + ".heads"] = (root, fn, "heads", attn, attn)
-            else:
-                if not hasattr(root, "unit_chunks"):
-                    root.unit_chunks = _chunks(_out_channels(root), grp)
-                index[names[root] + ".channels"] = (root, fn, "channels", root, None)
-        return dict(sorted(index.items(), key=lambda kv: order.get(kv[1][3], 0)))
-
-    def _layout(self, name: str, entry) -> list[list[int]]:
-        """Root channels of each present unit: a head = its contiguous channels; a channel unit =
-        one in-chunk position across the group's K GroupNorm-aligned chunks."""
-        root, _, kind, holder, attn = entry
-        c = _out_channels(root)
-        if kind == "heads":
-            n, w = attn.heads, c // attn.heads
-            chans = [[u * w + r for r in range(w)] for u in range(n)]
-        else:
-            k = root.unit_chunks
-            n = c // k
-            chans = [[j * n + u for j in range(k)] for u in range(n)]
-        if not hasattr(holder, "kept_units"):
-            holder.kept_units = list(range(n))
-        if len(holder.kept_units) != n:
-            raise BenchError(f"width group {name}: {n} units present but {len(holder.kept_units)} recorded; "
-                             "the model was changed outside bench.surgery")
-        return chans
-
-    def width_group_names(self) -> list[str]:
-        """The names of width_groups() without building their members (bench.surgery.apply checks
-        a plan's keys with these: one pruning group per name is not needed for that)."""
-        return list(self._graph()[1])
-
-    def width_groups(self) -> dict:
-        """name -> bench.width.WidthGroup for every prunable width group of the current U-Net."""
-        from bench.width import WidthGroup
-
-        dg, index = self._graph()
-        out = {}
-        for name, entry in index.items():
-            root, fn, kind, holder, _ = entry
-            chans = self._layout(name, entry)
-            full = dg.get_pruning_group(root, fn, list(range(_out_channels(root))))
-            out[name] = WidthGroup(name, kind, len(chans), list(holder.kept_units), _members(full, chans, name), None)
-        return out
-
-    def prune_width(self, name: str, keep_dense) -> None:
-        """Keep the units whose dense ids are ``keep_dense`` in group ``name``: one Torch-Pruning
-        group prune (``DependencyGraph.get_pruning_group(root, prune_out_channels, idxs).prune()``),
-        then the static attributes are repaired (``attn.heads``, GroupNorm channel groups,
-        diffusers' Downsample2D/Upsample2D/ResnetBlock2D channel counts)."""
-        dg, index = self._graph()
-        if name not in index:
-            raise BenchError(f"unknown width group {name!r}; the U-Net has e.g. {', '.join(list(index)[:4])}, ... "
-                             "(width_groups() lists them all)")
-        root, fn, kind, holder, attn = index[name]
-        chans = self._layout(name, index[name])
-        present = list(holder.kept_units)
-        keep = sorted({int(i) for i in keep_dense})
-        if not keep or not set(keep) <= set(present):
-            raise BenchError(f"invalid width plan for {name}: keep {keep[:8]} is not a non-empty subset of the "
-                             f"present units {present[:8]}{'...' if len(present) > 8 else ''}")
-        drop = [p for p, d in enumerate(present) if d not in set(keep)]
-        if not drop:
-            return
-        grp = dg.get_pruning_group(root, fn, sorted(c for p in drop for c in chans[p]))
-        norms = [(it.dep.target.module, list(it.idxs)) for it in grp if isinstance(it.dep.target.module, nn.GroupNorm)]
-        for gn, _ in norms:
-            if not isinstance(gn, SegmentGroupNorm):
-                size = gn.num_channels // gn.num_groups
-                gn.dense_num_groups = gn.num_groups
-                gn.__class__ = SegmentGroupNorm        # same object, same parameters (the graph stays valid)
-                gn.channel_group = [ch // size for ch in range(gn.num_channels)]
-        grp.prune()
-        for gn, gi in norms:
-            gone = set(gi)
-            gn.channel_group = [g for ch, g in enumerate(gn.channel_group) if ch not in gone]
-            gn.num_groups = len(set(gn.channel_group))
-            if gn.num_channels != len(gn.channel_group):
-                raise BenchError(f"internal: GroupNorm repair out of step in {name}")
-        if kind == "heads":
-            attn.heads -= len(drop)
-        holder.kept_units = [d for d in present if d in set(keep)]
-        self._repair_static()
-
-    def _repair_static(self) -> None:
-        """Static channel counts that diffusers' forward asserts on (Downsample2D / Upsample2D
-        ``channels``) or that describe the module, re-read from the pruned weights."""
-        from diffusers.models.attention_processor import Attention
-        from diffusers.models.downsampling import Downsample2D
-        from diffusers.models.resnet import ResnetBlock2D
-        from diffusers.models.upsampling import Upsample2D
-
-        for m in self.unet.modules():
-            if isinstance(m, (Downsample2D, Upsample2D)):
-                conv = getattr(m, "conv", None) or getattr(m, "Conv2d_0", None)
-                if isinstance(conv, nn.Conv2d):
-                    m.channels, m.out_channels = conv.in_channels, conv.out_channels
-            elif isinstance(m, ResnetBlock2D):
-                m.in_channels, m.out_channels = m.conv1.in_channels, m.conv2.out_channels
-            elif isinstance(m, Attention):
-                m.inner_dim = m.to_q.out_features
 
 
-def _flow_order(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+def flow_order(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     """named_modules in data-flow order: stem and embeddings, down path, middle, up path, head
     (UNet2DModel registers ``up_blocks`` before ``mid_block``)."""
     stage = {"down_blocks": 1, "mid_block": 2, "up_blocks": 3, "conv_norm_out": 4, "conv_act": 4, "conv_out": 4}
     items = list(unet.named_modules())
     return [it for _, it in sorted(enumerate(items), key=lambda e: (stage.get(e[1][0].split(".")[0], 0), e[0]))]
-
-
-def _out_channels(m: nn.Module) -> int:
-    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-
-
-def _chunks(c: int, group) -> int:
-    """Torch-Pruning's channel grouping for a group: the largest ``num_groups`` of its GroupNorms
-    (1 without any), reduced to a divisor of the root's channels."""
-    k = 1
-    for it in group:
-        m = it.dep.target.module
-        if isinstance(m, nn.GroupNorm):
-            k = max(k, getattr(m, "dense_num_groups", m.num_groups))
-    return math.gcd(c, k)
-
-
-def _members(group, chans: list[list[int]], name: str) -> list:
-    """(param, dim, idx[size, w]) for every parameter slice of the group, from Torch-Pruning's
-    index mapping (``root_idxs``: the root channel behind each target index; concat offsets included)."""
-    dg = group._DG
-    members, seen = [], set()
-    for it in group:
-        m = it.dep.target.module
-        if not isinstance(m, nn.Module) or not any(True for _ in m.parameters(recurse=False)):
-            continue
-        out = dg.is_out_channel_pruning_fn(it.dep.handler)
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            if isinstance(m, nn.Conv2d) and m.groups != 1:
-                raise BenchError(f"width group {name}: grouped convolution {m} is not supported")
-            slots = [(m.weight, 0), (m.bias, 0)] if out else [(m.weight, 1)]
-        elif isinstance(m, nn.GroupNorm):
-            slots = [(m.weight, 0), (m.bias, 0)]
-        elif isinstance(m, nn.Embedding):
-            slots = [(m.weight, 1)]
-        else:
-            raise BenchError(f"width group {name}: layer {type(m).__name__} has no width mapping; extend bench.models.unet")
-        pos = {}      # root channel -> its indices in this layer (two when a cat joins a group with itself)
-        for i, r in zip(it.idxs, it.root_idxs):
-            pos.setdefault(r, []).append(i)
-        if len({len(v) for v in pos.values()}) > 1 or set(pos) != {c for unit in chans for c in unit}:
-            raise BenchError(f"width group {name}: {type(m).__name__} is coupled unevenly to the root's channels")
-        idx = torch.tensor([[i for c in unit for i in pos[c]] for unit in chans], dtype=torch.long)
-        for p, dim in slots:
-            if p is None or (id(p), dim) in seen:
-                continue
-            seen.add((id(p), dim))
-            members.append((p, dim, idx))
-    return members
-
 
 
 # --------------------------------------------------------------------------------------------
