@@ -43,9 +43,10 @@ Choices (ours):
     subgroups that share the embedding; stages with the same route (blocks and width specs) run
     as one group, so a plan with one keep set everywhere is bit-identical to the static pruned
     model. Sampling batches share t and run as one group.
-  * A block whose stage keeps all its stored units with the stored weights runs the block's own
-    forward; otherwise a forward that mirrors DiTBlock / Attention / Mlp with the selected rows and
-    the thin projection (same operations, so equal weights give equal outputs).
+  * Every block runs its own forward (DiTBlock); where its stage keeps a subset of the stored
+    units or has its own weights, a thin attention / MLP stands in for the branch: the selected
+    rows, the block's own attention math (``Attention.attend``) and activation, the thin
+    projection (the same operations, so equal weights give equal outputs).
   * The routing decision reads the stage on the host (one device sync per forward).
     ``StageRouter.pin(s)`` fixes the stage instead (no decision, traceable by torch.compile): the
     compiled latency path and MAC counting use it.
@@ -60,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -354,9 +356,10 @@ class StageRouter:
         finally:
             self.pinned = old
 
-    def forward(self, m, x, t, y, return_hidden: bool = False, force_drop_ids=None, generator=None):
-        """DiT.forward with the blocks (and widths) of each sample's stage (called by DiT.forward)."""
-        h, c = m.embed(x, t, y, force_drop_ids, generator)
+    def run(self, m, h, c, t, hidden: list | None = None) -> torch.Tensor:
+        """The blocks (and widths) of each sample's stage on the tokens h with conditioning c: what
+        DiT.forward runs between its embedding and its final layer. Appends every block's output
+        to `hidden` when given."""
         if self.pinned is not None:
             groups = {self.routes[self.pinned]: None}
         else:
@@ -365,42 +368,27 @@ class StageRouter:
             for s in torch.unique(st).tolist():  # the one host sync of a routed forward
                 groups.setdefault(self.routes[s], []).append(s)
         if len(groups) == 1:
-            hidden = [h] if return_hidden else None
-            h = self._run(m, h, c, next(iter(groups)), hidden)
-        else:
-            if return_hidden:
-                raise BenchError("hidden states of a routed model need a batch from one stage (one t for all samples)")
-            sels, outs = [], []
-            for route, ss in groups.items():
-                sel = torch.nonzero(torch.isin(st, torch.tensor(ss, device=st.device))).flatten()
-                sels.append(sel)
-                outs.append(self._run(m, h.index_select(0, sel), c.index_select(0, sel), route))
-            order = torch.cat(sels)
-            h = torch.cat(outs)[torch.argsort(order)]
-        out = m.unpatchify(m.final_layer(h, c))
-        return (out, hidden) if return_hidden else out
+            return self._run(m, h, c, next(iter(groups)), hidden)
+        if hidden is not None:
+            raise BenchError("hidden states of a routed model need a batch from one stage (one t for all samples)")
+        sels, outs = [], []
+        for route, ss in groups.items():
+            sel = torch.nonzero(torch.isin(st, torch.tensor(ss, device=st.device))).flatten()
+            sels.append(sel)
+            outs.append(self._run(m, h.index_select(0, sel), c.index_select(0, sel), route))
+        return torch.cat(outs)[torch.argsort(torch.cat(sels))]
 
     # ---- one stage's blocks ------------------------------------------------------------------
     def _run(self, m, h, c, route, hidden=None):
         for p, a, f in route:
             block = m.blocks[p]
-            h = block(h, c) if a is None and f is None else self._thin_block(m, block, h, c, a, f)
+            # the block's own forward (DiTBlock: adaLN-Zero, gates, residuals) with the stage's thin
+            # attention / MLP standing in for a branch that keeps a subset of the stored units
+            h = block(h, c, attn=None if a is None else partial(self._thin_attn, m, block.attn, a=a),
+                      mlp=None if f is None else partial(self._thin_mlp, m, block.mlp, f=f))
             if hidden is not None:
                 hidden.append(h)
         return h
-
-    def _thin_block(self, m, block, x, c, a: Thin | None, f: Thin | None):
-        """DiTBlock.forward (adaLN-Zero) with the stage's heads / channels (bench.models.dit)."""
-        from bench.models.dit import modulate
-
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
-        if not block.skip_attn:
-            z = modulate(block.norm1(x), shift_msa, scale_msa)
-            x = x + gate_msa.unsqueeze(1) * (block.attn(z) if a is None else self._thin_attn(m, block.attn, z, a))
-        if not block.skip_mlp:
-            z = modulate(block.norm2(x), shift_mlp, scale_mlp)
-            x = x + gate_mlp.unsqueeze(1) * (block.mlp(z) if f is None else self._thin_mlp(m, block.mlp, z, f))
-        return x
 
     def _idx(self, kind: str, units: tuple, n: int, width: int, device) -> torch.Tensor:
         key = (kind, units, n, width, device)
@@ -420,13 +408,10 @@ class StageRouter:
 
     def _thin_attn(self, m, attn, x, a: Thin):
         """Attention.forward with the kept heads' q/k/v rows of the shared qkv and the thin proj."""
-        B, N, _ = x.shape
-        H, hd, k = attn.num_heads, attn.head_dim, len(a.units)
+        H, hd = attn.num_heads, attn.head_dim
         rows = self._idx("qkv", a.units, H, hd, x.device)
         b = attn.qkv.bias.index_select(0, rows) if attn.qkv.bias is not None else None
-        qkv = F.linear(x, attn.qkv.weight.index_select(0, rows), b).reshape(B, N, 3, k, hd).permute(2, 0, 3, 1, 4)
-        q, kk, v = qkv.unbind(0)
-        o = F.scaled_dot_product_attention(q, kk, v).transpose(1, 2).reshape(B, N, k * hd)
+        o = attn.attend(F.linear(x, attn.qkv.weight.index_select(0, rows), b), len(a.units))
         return F.linear(o, self._weight(m, attn.proj, a, H, hd), attn.proj.bias)
 
     def _thin_mlp(self, m, mlp, x, f: Thin):

@@ -115,12 +115,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(num_heads * self.head_dim, dim)
 
     def forward(self, x):
-        B, N, _ = x.shape
         # static attributes (num_heads, head_dim) are repaired by bench.surgery after head pruning
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.proj(self.attend(self.qkv(x), self.num_heads))
+
+    def attend(self, qkv, num_heads: int):
+        """Per-head softmax(q k^T / sqrt(head_dim)) v of a fused projection [B, N, 3 * num_heads *
+        head_dim] (q, k, v, each head by head: ``qkv``'s layout) -> [B, N, num_heads * head_dim].
+        A routed stage passes the q/k/v rows of its kept heads (bench.routing)."""
+        B, N, _ = qkv.shape
+        qkv = qkv.reshape(B, N, 3, num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
+        return x.transpose(1, 2).reshape(B, N, num_heads * self.head_dim)
 
 
 class Mlp(nn.Module):
@@ -150,12 +156,16 @@ class DiTBlock(nn.Module):
         self.skip_attn = False
         self.skip_mlp = False
 
-    def forward(self, x, c):
+    def forward(self, x, c, attn=None, mlp=None):
+        """attn, mlp: stand-ins for the block's own branches (a routed stage's thin attention / MLP,
+        bench.routing); None runs the block's own."""
+        attn = self.attn if attn is None else attn
+        mlp = self.mlp if mlp is None else mlp
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         if not self.skip_attn:
-            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            x = x + gate_msa.unsqueeze(1) * attn(modulate(self.norm1(x), shift_msa, scale_msa))
         if not self.skip_mlp:
-            x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+            x = x + gate_mlp.unsqueeze(1) * mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
@@ -252,14 +262,15 @@ class DiT(nn.Module):
         return x, c
 
     def forward(self, x, t, y, return_hidden: bool = False, force_drop_ids=None, generator=None):
-        if self.stage_router is not None:  # routed model (bench.routing): blocks chosen by the stage of t
-            return self.stage_router.forward(self, x, t, y, return_hidden, force_drop_ids, generator)
         h, c = self.embed(x, t, y, force_drop_ids, generator)
         hidden = [h]
-        for block in self.blocks:
-            h = block(h, c)
-            if return_hidden:
-                hidden.append(h)
+        if self.stage_router is not None:  # routed model (bench.routing): the blocks of each sample's stage
+            h = self.stage_router.run(self, h, c, t, hidden if return_hidden else None)
+        else:
+            for block in self.blocks:
+                h = block(h, c)
+                if return_hidden:
+                    hidden.append(h)
         out = self.unpatchify(self.final_layer(h, c))
         return (out, hidden) if return_hidden else out
 
