@@ -21,20 +21,15 @@ Width routing (Diff-ES `--prune-method secondorder`): in a stage that keeps a su
 block's stored heads, the q/k/v rows of K are ``index_select``-ed from the shared ``attn.qkv``
 (likewise the fc1 rows of kept channels from the shared ``mlp.fc1``), and the output projection
 is the stage's *own thin, OBS-compensated* ``attn.proj`` / ``mlp.fc2`` weight [out, |K| x width]
-from the bank; the biases stay shared (OBS changes weights only). The bank is a safetensors file
-named in ``plan.meta["bank"]`` ({"path", "sha256"}; Diff-ES's "OBS bank") with entries
-
-    stage<s>/<group>   the thin output projection of width group <group> in stage s
-    shared/<group>     the weights written into the *stored* projection (the union's columns)
+from the stage bank (bench.stage_bank: its entries, file and module); the biases stay shared (OBS
+changes weights only).
 
 ``pack_bank`` decides what is stored: the stored projection of a group holds the model's own
 columns or the weights of a stage that keeps exactly the union, whichever leaves the fewest bank
 parameters (so a plan with one keep set and one set of weights in every stage is exactly the
 static width-pruned, compensated model, with no stage entry), and a stage gets an entry only where
 its weights differ from the stored columns it would select (an uncompensated stage selects
-columns of the stored projection). Installed, the entries are
-parameters of ``net.net.stage_bank`` (fine-tuned with the rest, each by its own stage's samples);
-the official layout gains only those ``stage_bank.*`` keys.
+columns of the stored projection).
 
 Choices (ours):
   * t -> u: DDPM u = (t + 1/2) / T, the exact inverse of ``t_from_u`` (floor(u T)); flow u = 1 - t.
@@ -59,10 +54,7 @@ Choices (ours):
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
 from functools import partial
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -70,8 +62,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.api import BenchError
+from bench.stage_bank import StageBank, bank_key, load_bank
 
-EPS = 1e-9
 WIDTH_KINDS = ("attn.heads", "mlp.hidden")  # plan keys blocks.<b>.<kind>; consumers attn.proj / mlp.fc2
 
 
@@ -202,31 +194,8 @@ def consumer_columns(net, group: str, keep_dense: list[int]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# The bank of per-stage thin output projections
+# What a width-routed model stores
 # --------------------------------------------------------------------------------------------
-
-def bank_key(s: int | str, group: str) -> str:
-    """'stage<s>/<group>' (s an int) or 'shared/<group>'."""
-    return f"{'shared' if s == 'shared' else f'stage{int(s)}'}/{group}"
-
-
-def _param_name(key: str) -> str:  # nn.Module attribute names cannot hold '.' or '/'
-    return key.replace("/", "__").replace(".", "_")
-
-
-class StageBank(nn.Module):
-    """The stage entries of a bank as parameters of the routed backbone (``net.net.stage_bank``),
-    so they are counted, saved with the model and fine-tuned like the rest."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], trainable: bool = True):
-        super().__init__()
-        self.names = sorted(tensors)
-        for k in self.names:
-            self.register_parameter(_param_name(k), nn.Parameter(tensors[k], requires_grad=trainable))
-
-    def get(self, key: str) -> torch.Tensor:
-        return getattr(self, _param_name(key))
-
 
 @torch.no_grad()
 def pack_bank(net, stages: list[dict], thin: dict[tuple[int, str], torch.Tensor]) -> tuple[dict, dict]:
@@ -268,42 +237,6 @@ def pack_bank(net, stages: list[dict], thin: dict[tuple[int, str], torch.Tensor]
         for s in entries(stored):
             tensors[bank_key(s, g)] = want[s]
     return union, tensors
-
-
-def save_bank(tensors: dict[str, torch.Tensor], directory) -> dict:
-    """Write the bank as safetensors, named by its content (stage_bank-<sha256[:16]>.safetensors),
-    atomically; returns the plan's reference {"path", "sha256", "tensors" (entries in the file),
-    "stage_tensors", "params", "shared_tensors", "shared_params"}. "params" counts the stage entries
-    only: what the routed model stores beyond the union (``net.net.stage_bank``, measure's
-    ``stage_bank_params``); the shared entries are written into the stored projections, add no
-    parameter, and are counted apart ("shared_params")."""
-    from safetensors.torch import save_file
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".stage_bank-{os.getpid()}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}, str(tmp))
-    sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    path = d / f"stage_bank-{sha[:16]}.safetensors"
-    os.replace(tmp, path)
-    shared = {k for k in tensors if k.split("/", 1)[0] == "shared"}
-    count = lambda keys: int(sum(tensors[k].numel() for k in keys))
-    return {"path": str(path), "sha256": sha, "tensors": len(tensors), "stage_tensors": len(tensors) - len(shared),
-            "params": count(set(tensors) - shared), "shared_tensors": len(shared), "shared_params": count(shared)}
-
-
-def load_bank(ref: dict) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = Path(str(ref.get("path", "")))
-    if not path.is_file():
-        raise BenchError(f"the plan's stage bank {path} (per-stage thin projections) does not exist; it is written "
-                         "next to the run's artifacts when the plan is made: delete plan.json to plan again")
-    got = hashlib.sha256(path.read_bytes()).hexdigest()
-    if ref.get("sha256") and got != ref["sha256"]:
-        raise BenchError(f"stage bank {path} has sha256 {got[:12]}..., the plan recorded {ref['sha256'][:12]}...; "
-                         "delete plan.json to plan again")
-    return load_file(str(path))
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bench import routing, surgery
+from bench import routing, stage_bank, surgery
 from bench.api import BenchError, Budget, Plan
 from bench.data import digits
 from methods.blockscores import SCORERS
@@ -245,7 +245,7 @@ def test_secondorder_same_keep_set_and_weights_in_every_stage_is_the_static_comp
     union, tensors = routing.pack_bank(teacher, stages, {(s, g): w for s in range(4) for g, w in lv["thin"].items()})
     assert union == lv["keep"] and all(k.startswith("shared/") for k in tensors)
     plan = Plan("stage", {"blocks": [0, 1, 2, 3], **union}, stages=stages,
-                meta={"bank": routing.save_bank(tensors, tmp_path)})
+                meta={"bank": stage_bank.save_bank(tensors, tmp_path)})
     routed = surgery.apply(copy.deepcopy(teacher), Plan.from_json(plan.to_json()))
     ref = static_compensated(teacher, lv)
     g = torch.Generator().manual_seed(0)
@@ -343,7 +343,7 @@ def test_diffes_obs_plan_meets_its_macs_budget_and_replays_on_a_fresh_dense_mode
     assert keep["keep_macs"] == pytest.approx(plan.meta["trajectory_cost"], abs=1e-9) and keep["keep_macs"] <= 0.6
     # meta["bank"]["params"] = the stage entries (what is stored beyond the union); the shared entries
     # are written into the stored projections and counted apart
-    ref, entries = plan.meta["bank"], routing.load_bank(plan.meta["bank"])
+    ref, entries = plan.meta["bank"], stage_bank.load_bank(plan.meta["bank"])
     stage_params = sum(w.numel() for k, w in entries.items() if k.startswith("stage"))
     assert ref["shared_params"] == sum(w.numel() for k, w in entries.items() if k.startswith("shared/"))
     assert ref["tensors"] == ref["stage_tensors"] + ref["shared_tensors"] == len(entries)

@@ -10,7 +10,7 @@ from functools import partial
 import pytest
 import torch
 
-from bench import routing, surgery
+from bench import routing, stage_bank, surgery
 from bench.api import BenchError, Budget, Plan
 from tests.conftest import F64_TOL, as_float64, make_net as _make_net
 
@@ -270,7 +270,7 @@ def width_plan(net, keeps, thins, tmp_path, edges=None):
     stages = [{"u_range": [edges[k], edges[k + 1]], "keep": keep} for k, keep in enumerate(keeps)]
     thin = {(s, g): w for s, t in enumerate(thins) for g, w in t.items()}
     union, tensors = routing.pack_bank(net, stages, thin)
-    ref = routing.save_bank(tensors, tmp_path)
+    ref = stage_bank.save_bank(tensors, tmp_path)
     blocks = sorted(set().union(*(k["blocks"] for k in keeps)))
     return Plan(granularity="stage", keep={"blocks": blocks, **union}, stages=stages, meta={"bank": ref}), tensors
 
@@ -384,7 +384,7 @@ def test_bad_banks_are_refused(tmp_path):
     key = next(k for k in wrong if k.startswith("stage1/"))
     wrong[key] = wrong[key][:, :3]
     shaped = Plan.from_json(plan.to_json())
-    shaped.meta["bank"] = routing.save_bank(wrong, tmp_path)
+    shaped.meta["bank"] = stage_bank.save_bank(wrong, tmp_path)
     with pytest.raises(BenchError, match="shape"):
         surgery.apply(copy.deepcopy(net), shaped)
 

@@ -312,7 +312,7 @@ def build_width(model: str, fracs: list[float], bank_dir, scale: float = 0.05, *
     """Dense model, the width-routed model of a stage plan (4 equal-u stages, weight 1/S, bank of
     per-stage thin projections written to bank_dir and read back by bench.surgery), the keep sets
     and each stage's thin weights."""
-    from bench import routing, surgery
+    from bench import routing, stage_bank, surgery
     from bench.api import Plan
     from bench.gpu.speed import randomize_zero_init_
     from bench.models import build as build_model
@@ -325,7 +325,7 @@ def build_width(model: str, fracs: list[float], bank_dir, scale: float = 0.05, *
     S = len(fracs)
     stages = [{"u_range": [s / S, (s + 1) / S], "keep": k, "weight": 1.0 / S} for s, k in enumerate(keeps)]
     union, tensors = routing.pack_bank(dense, stages, thin)
-    ref = routing.save_bank(tensors, bank_dir)
+    ref = stage_bank.save_bank(tensors, bank_dir)
     del tensors
     plan = Plan("stage", {"blocks": list(dense.kept_blocks), **union}, stages=stages, meta={"bank": ref})
     routed = surgery.apply(copy.deepcopy(dense), plan)

@@ -37,7 +37,7 @@ the group-OBS routine and the Hessian accumulator are methods.obs_diff's):
     (tested against it), cached per (stage, level); damping `percdamp` x
     mean(diag H) always [A: Diff-ES damps only when the Cholesky fails];
   * kept q/k/v rows and fc1 rows are selected from the shared dense weights; only the thin
-    compensated projections are stored per stage (bench.routing's bank, written as a safetensors
+    compensated projections are stored per stage (bench.stage_bank, written as a safetensors
     file named by its sha256 and referenced by plan.meta["bank"]: bench.run writes it to the
     run's artifacts folder, a bare plan() to the temp folder); computed lazily and cached per
     (stage, level), so the search pays for the levels it visits [A: storage and caching ours];
@@ -60,7 +60,7 @@ import torch
 
 import abc
 
-from bench import routing, surgery
+from bench import routing, stage_bank, surgery
 from bench.api import BenchError, Plan
 from methods.blockscores import block_scores, subset
 
@@ -277,7 +277,7 @@ class SecondOrder(Backend):
         return {"blocks": list(self.present), **self.level(s, level)["keep"]}
 
     def _bank(self, levels) -> dict[str, torch.Tensor]:
-        return {routing.bank_key(s, g): w for s, L in enumerate(levels)
+        return {stage_bank.bank_key(s, g): w for s, L in enumerate(levels)
                 for g, w in self.level(s, int(L))["thin"].items()}
 
     def routed(self, net, levels, edges, weights):
@@ -334,7 +334,7 @@ class SecondOrder(Backend):
 
     def _finish(self, stages: list[dict], thin: dict, rel_errors: list[dict]) -> tuple[dict, list[dict], dict]:
         union, tensors = routing.pack_bank(self.net, stages, thin)
-        ref = routing.save_bank(tensors, self.bank_dir or Path(tempfile.gettempdir()) / "diffprune-stage-banks")
+        ref = stage_bank.save_bank(tensors, self.bank_dir or Path(tempfile.gettempdir()) / "diffprune-stage-banks")
         mean = lambda d, kind: (sum(v for g, v in d.items() if g.endswith(kind)) /
                                 max(1, sum(1 for g in d if g.endswith(kind))))
         meta = {"bank": ref, "stage_rel_error": [{"attn": mean(e, "attn.heads"), "mlp": mean(e, "mlp.hidden")}
