@@ -109,7 +109,7 @@ def cost(net, cfg: dict, device: str) -> dict:
     m = surgery.measure(net)
     net.net.eval()
     if m.get("stage_weights"):  # routed (stage-wise) model: one latency per stage, t inside the stage;
-        from bench.routing import stage_latency  # latency_ms = their mean weighted by the stages' NFE shares
+        from bench.metrics.cost import stage_latency  # latency_ms = their mean weighted by the stages' NFE shares
         r = stage_latency(net, lat["batch"], device, lat.get("mode", "eager"), lat["dtype"], warmup=lat["warmup"],
                           reps=lat["reps"], allow_few=few)
         recs = r["records"]

@@ -53,7 +53,7 @@ def save_bank(tensors: dict[str, torch.Tensor], directory) -> dict:
     """Write the bank as safetensors, named by its content (stage_bank-<sha256[:16]>.safetensors),
     atomically; returns the plan's reference {"path", "sha256", "tensors" (entries in the file),
     "stage_tensors", "params", "shared_tensors", "shared_params"}. "params" counts the stage entries
-    only: what the routed model stores beyond the union (``net.net.stage_bank``, measure's
+    only: what the routed model stores beyond the union (``net.net.stage_bank``, routed_cost's
     ``stage_bank_params``); the shared entries are written into the stored projections, add no
     parameter, and are counted apart ("shared_params")."""
     from safetensors.torch import save_file

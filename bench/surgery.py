@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from bench.api import BenchError, Budget, Plan
-from bench.metrics.cost import count_macs, count_params
+from bench.metrics.cost import count_macs, count_params, routed_cost
 from bench.models.denoiser import Denoiser
 from bench.width import group_names
 
@@ -25,10 +25,9 @@ TOL = 1e-9
 
 def measure(net: Denoiser) -> dict[str, float]:
     """Measured cost of one forward at batch 1: params, MACs, blocks. A routed (stage-wise) model
-    reports params stored and the stage-weighted mean MACs and blocks (bench.routing.measure)."""
+    reports params stored and the stage-weighted mean MACs and blocks (bench.metrics.cost.routed_cost)."""
     if getattr(net.net, "stage_router", None) is not None:
-        from bench import routing
-        return routing.measure(net)
+        return routed_cost(net)
     x, t, y = net.example_inputs(1)
     was_training = net.net.training
     net.net.eval()

@@ -12,6 +12,7 @@ import torch
 
 from bench import routing, stage_bank, surgery
 from bench.api import BenchError, Budget, Plan
+from bench.metrics import cost
 from tests.conftest import F64_TOL, as_float64, make_net as _make_net
 
 
@@ -196,7 +197,7 @@ def test_hidden_states_and_pinning():
 def test_stage_latency_reports_every_stage():
     net = make_net()
     routed = surgery.apply(copy.deepcopy(net), stage_plan([[0], [0, 1, 2, 3], [1], [2]], weights=[0.1, 0.2, 0.3, 0.4]))
-    r = routing.stage_latency(routed, 4, "cpu", warmup=1, reps=3, allow_few=True)
+    r = cost.stage_latency(routed, 4, "cpu", warmup=1, reps=3, allow_few=True)
     assert len(r["records"]) == 4 and all(rec["median_ms"] > 0 for rec in r["records"])
     assert r["median_ms"] == pytest.approx(sum(w * rec["median_ms"] for w, rec in zip(r["weights"], r["records"])))
 

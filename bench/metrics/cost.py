@@ -10,6 +10,13 @@ the median of at least 20 timed calls (CUDA events on a GPU), IQR and p10/p90, t
 measured batch, peak GPU memory, and the device / torch version that produced it. A speedup is a
 ratio of two such records and only exists between records of the same device, mode, dtype and
 batch (`speedup`).
+
+A routed model (bench.routing, stage-wise plans) is measured stage by stage with the stage pinned:
+params = what it stores (shared union + stage bank); MACs and blocks = the mean over stages
+weighted by each stage's share of the sampler's network evaluations (the plan's ``weight``;
+defaults to the width of the u range), which is what budgets are checked against; latency
+likewise per stage (`routed_cost`, `stage_latency`). Its width stages gather the selected rows
+per forward (Diff-ES does the same), which costs memory traffic but no MACs.
 """
 from __future__ import annotations
 
@@ -425,3 +432,59 @@ def speedup(base: dict, other: dict) -> float:
         raise ValueError("speedup needs records of the same " + ", ".join(COMPARABLE) + "; these differ in "
                          + ", ".join(f"{k} ({base.get(k)!r} vs {other.get(k)!r})" for k in diff))
     return base["median_ms"] / other["median_ms"]
+
+
+# --------------------------------------------------------------------------------------------
+# Routed (stage-wise) models: one measurement per stage, weighted by the stages' NFE shares
+# --------------------------------------------------------------------------------------------
+
+def routed_cost(net) -> dict:
+    """Params stored (shared union + stage bank), and per stage MACs (batch 1) and blocks; 'macs'
+    and 'blocks' are the stage-weighted means (what budgets check), 'params' is what the routed
+    model stores (bench.surgery.measure of a routed model)."""
+    from bench.routing import router, t_in_stage
+
+    r = router(net)
+    x, _, y = net.example_inputs(1)
+    was = net.net.training
+    net.net.eval()
+    macs = []
+    try:
+        for s in range(r.num_stages):
+            t = t_in_stage(net.process, r.edges, s, 1, x.device)
+            with r.pin(s):
+                macs.append(count_macs(net.net, x, t, y))
+    finally:
+        net.net.train(was)
+    blocks = [len(p) for p in r.positions]
+    w = r.weights
+    bank = getattr(net.net, "stage_bank", None)
+    return {"params": count_params(net.net), "macs": sum(a * b for a, b in zip(w, macs)),
+            "blocks": sum(a * b for a, b in zip(w, blocks)), "stage_macs": macs, "stage_blocks": blocks,
+            "stage_weights": list(w), "stored_blocks": len(net.net.blocks),
+            "stage_bank_params": count_params(bank) if bank is not None else 0}
+
+
+def stage_latency(net, batch: int, device, mode: str = "eager", dtype: str = "fp32", warmup: int = 5,
+                  reps: int = 20, allow_few: bool = False) -> dict:
+    """Forward latency of each stage (every sample's t in that stage), through the suite's
+    harness. Eager runs the routed forward as sampling does (routing decision included);
+    compile pins the stage so each stage is one static graph. Returns the per-stage records and
+    the trajectory-weighted mean median (weights = the stages' shares of the sampler's NFEs)."""
+    from bench.routing import router, t_in_stage
+
+    r = router(net)
+    recs = []
+    for s in range(r.num_stages):
+        x, _, y = random_inputs(net, batch, device)
+        t = t_in_stage(net.process, r.edges, s, batch, device)
+        with r.pin(s if mode == "compile" else None):
+            recs.append(benchmark_forward(net.net, (x, t, y), device, mode, dtype, warmup=warmup, reps=reps,
+                                          allow_few=allow_few))
+    w = r.weights
+    mean = sum(a * rec["median_ms"] for a, rec in zip(w, recs))
+    return {"records": recs, "weights": list(w), "median_ms": mean,
+            "iqr_ms": sum(a * rec["iqr_ms"] for a, rec in zip(w, recs)),
+            "throughput_img_s": batch / mean * 1e3,
+            "peak_mem_MB": max((rec["peak_mem_MB"] for rec in recs if rec["peak_mem_MB"] is not None), default=None),
+            "mode": mode}

@@ -41,8 +41,8 @@ the group-OBS routine and the Hessian accumulator are methods.obs_diff's):
     file named by its sha256 and referenced by plan.meta["bank"]: bench.run writes it to the
     run's artifacts folder, a bare plan() to the temp folder); computed lazily and cached per
     (stage, level), so the search pays for the levels it visits [A: storage and caching ours];
-  * cost(macs)[L] is the measured MACs of a model routed at level L (bench.routing.measure, the
-    FLOP counter), cost(params)[L] the measured params of the static width-pruned model;
+  * cost(macs)[L] is the measured MACs of a model routed at level L (bench.metrics.cost.routed_cost,
+    the FLOP counter), cost(params)[L] the measured params of the static width-pruned model;
     unit_share = one level of the heaviest stage (what a tight plan may leave unspent).
 A params budget counts what is stored (the union of the stages' units + every stage's thin
 projections): stage-wise width can only add to a static model, so a params budget gets one level
@@ -300,7 +300,7 @@ class SecondOrder(Backend):
                 stages = [{"u_range": [L / n, (L + 1) / n],
                            "keep": {"blocks": list(self.present), **self._first_units(L)}} for L in range(n)]
                 with routing.routed(net, stages):
-                    got = routing.measure(net)["stage_macs"]
+                    got = surgery.measure(net)["stage_macs"]
             else:  # what a static width-pruned model stores
                 got = []
                 for L in range(self.levels):
