@@ -80,9 +80,7 @@ def load_official(model: torch.nn.Module, path, strict: bool = True):
     """
     sd = load_state_dict_file(path)
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
+    missing, unexpected, shapes = _key_mismatch(sd, own)
     if shapes or (strict and (missing or unexpected)):
         raise BenchError(_mismatch_message(path, model, sd, own, missing, unexpected, shapes))
     return model.load_state_dict(sd, strict=strict)
@@ -117,11 +115,21 @@ def _model_name(cfg: dict, family: str) -> str | None:
     return None
 
 
-def _mismatch_message(path, model, sd, own, missing, unexpected, shapes) -> str:
+def _key_mismatch(sd: dict, own: dict) -> tuple[list[str], list[str], list[tuple]]:
+    """(model keys the checkpoint lacks, checkpoint keys the model lacks, (key, checkpoint shape,
+    model shape) of the keys both have with different shapes)."""
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
+    return missing, unexpected, shapes
+
+
+def _mismatch_lines(path, what: str, missing, unexpected, shapes) -> list[str]:
+    """The counts and the first keys of each kind, the start of every mismatch message."""
     def listed(keys):
         return ", ".join(keys[:5]) + (f", ... (+{len(keys) - 5} more)" if len(keys) > 5 else "")
 
-    lines = [f"checkpoint {path} does not match the model: {len(missing)} missing, "
+    lines = [f"checkpoint {path} does not match the {what}: {len(missing)} missing, "
              f"{len(unexpected)} unexpected, {len(shapes)} shape-mismatched keys"]
     if missing:
         lines.append(f"missing: {listed(missing)}")
@@ -131,6 +139,11 @@ def _mismatch_message(path, model, sd, own, missing, unexpected, shapes) -> str:
         lines.append(f"shape: {k} checkpoint {s_ckpt} vs model {s_model}")
     if len(shapes) > 5:
         lines.append(f"... (+{len(shapes) - 5} more shape mismatches)")
+    return lines
+
+
+def _mismatch_message(path, model, sd, own, missing, unexpected, shapes) -> str:
+    lines = _mismatch_lines(path, "model", missing, unexpected, shapes)
     ckpt_cfg, model_cfg = infer_config(sd), infer_config(own)
     if ckpt_cfg is None:
         lines.append("the checkpoint does not look like DiT/SiT (no pos_embed / x_embedder.proj.weight); "
@@ -220,21 +233,11 @@ def load_unet_checkpoint(net: UNetBackbone, path) -> None:
     if cfg is not None:
         _check_config(net, cfg)
     sd = _normalise_keys(load_state_dict_file(weights))
-    own = net.unet.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
+    missing, unexpected, shapes = _key_mismatch(sd, net.unet.state_dict())
     if missing or unexpected or shapes:
-        lines = [f"checkpoint {weights} does not match the U-Net: {len(missing)} missing, {len(unexpected)} unexpected, "
-                 f"{len(shapes)} shape-mismatched keys"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                lines.append(f"  {label}: {', '.join(keys[:5])}{f', ... (+{len(keys) - 5} more)' if len(keys) > 5 else ''}")
-        for k, a, b in shapes[:5]:
-            lines.append(f"  shape: {k} checkpoint {a} vs model {b}")
-        lines.append("  build the model with the checkpoint's architecture (block_out_channels, layers_per_block, "
-                     "block types, num_classes) or pass the checkpoint made for this model")
-        raise BenchError("\n".join(lines))
+        raise BenchError("; ".join(_mismatch_lines(weights, "U-Net", missing, unexpected, shapes) + [
+            "build the model with the checkpoint's architecture (block_out_channels, layers_per_block, block types, "
+            "num_classes) or pass the checkpoint made for this model"]))
     net.unet.load_state_dict(sd, strict=True)
 
 
