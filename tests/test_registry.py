@@ -92,6 +92,14 @@ def test_a_default_is_overridden_from_the_command_line_as_before():
     assert (d["method"]["steps"], d["method"]["compensate"], d["method"]["percdamp"]) == (25, False, 0.01)
 
 
+def test_tags_are_the_files_own():
+    """A variant is in no suite its base is in unless its own file says so."""
+    assert "obs_diff" in registry.tagged("default_suite_width")
+    assert "obs_diff_nocomp" not in registry.tagged("default_suite_width")
+    assert registry.tags("magnitude_l2") == ["default_suite"] and "magnitude_l1" in registry.tagged("default_suite")
+    assert registry.tags("magnitude_width") == ["default_suite_width", "default_suite_unet"]
+
+
 def test_unknown_method_lists_the_known_ones():
     from bench.api import BenchError
 
