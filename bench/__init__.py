@@ -18,8 +18,7 @@ def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     for name, fn in (("default", _default), ("tagged", _tagged)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+        OmegaConf.register_new_resolver(name, fn, replace=True)  # ours, whatever registered the name before
 
 
 _register_resolvers()
