@@ -37,7 +37,8 @@ def hydra_compose(overrides: list[str]) -> tuple[dict, dict]:
     with initialize_config_module(config_module="bench.conf", version_base="1.3"):
         cfg = compose("run", overrides=overrides, return_hydra_config=True)
     method = cfg.hydra.runtime.choices.method
-    sweep = OmegaConf.to_container(cfg.hydra.sweeper.params) if cfg.hydra.sweeper.get("params") else {}
+    # resolved: ${tagged:<tag>} lists the methods whose config has the tag (bench.registry)
+    sweep = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True) if cfg.hydra.sweeper.get("params") else {}
     with open_dict(cfg):
         del cfg["hydra"]
     d = OmegaConf.to_container(cfg, resolve=True)

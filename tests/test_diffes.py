@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from bench import routing, stage_bank, surgery
+from bench import registry, routing, stage_bank, surgery
 from bench.api import BenchError, Budget, Plan
 from bench.data import digits
 from methods.blockscores import SCORERS
@@ -24,7 +22,6 @@ from methods.obs_diff import reconstruction_error
 from methods.diffes.search import PATTERNS, LevelSpace, evolve, pattern_shape
 from tests.conftest import F64_TOL, as_float64, make_net
 
-CONF = Path(__file__).resolve().parents[1] / "bench" / "conf" / "method"
 FAST = dict(probes=16, fitness_steps=4, generations=4, offspring=6, n_random=2, batch_size=64)
 
 
@@ -51,10 +48,7 @@ def teacher():
 
 
 def load(**over) -> DiffES:
-    cfg = OmegaConf.create({"seed": 0, "method": OmegaConf.load(CONF / "diffes.yaml")})
-    for k, v in over.items():
-        cfg.method[k] = v
-    return instantiate(cfg.method)
+    return registry.build("diffes", over)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,10 +213,7 @@ def second_order(teacher, calib):
 
 
 def load_obs(tmp_path, **over) -> DiffES:
-    cfg = OmegaConf.create({"seed": 0, "method": OmegaConf.load(CONF / "diffes_obs.yaml")})
-    for k, v in {**FAST, **over}.items():
-        cfg.method[k] = v
-    m = instantiate(cfg.method)
+    m = registry.build("diffes_obs", {**FAST, **over})
     m.bank_dir = str(tmp_path)
     return m
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bench import surgery
+from bench import registry, surgery
 from bench.api import BenchError, Budget, Plan
 from bench.data import digits
 from bench.finetune import FinetuneConfig, finetune
@@ -42,10 +41,7 @@ def make_unet(seed: int = 0):
 
 
 def load(name: str, **over):
-    cfg = OmegaConf.load(CONF / "method" / f"{name}.yaml")
-    for k, v in over.items():
-        cfg[k] = v
-    return instantiate(cfg)
+    return registry.build(name, over)
 
 
 def grad_norm_sq(net, calib, n: int) -> float:
@@ -306,7 +302,7 @@ sys.path.insert(0, {root!r})
 torch.set_num_threads(1)
 from pathlib import Path
 from tests.test_grad_flow import make_net, load
-from bench import surgery
+from bench import registry, surgery
 from bench.api import Budget
 from bench.data import calibration, digits
 from bench.finetune import FinetuneConfig, finetune

@@ -7,15 +7,13 @@ measured budget -> forward and finite loss, on tiny DiT (DDPM) and SiT (flow) mo
 from __future__ import annotations
 
 import copy
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from bench import surgery
+from bench import registry, surgery
 from bench.api import BenchError, Budget, Plan
 from bench.models import build
 from tests.conftest import fit_to_calib, make_net as _make_net
@@ -30,11 +28,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 make_net = partial(_make_net, seed_at=("weights",))  # as this module always built them: seeded before the redraw only
 
 
+@cache
+def method_config(name: str, seed: int = 0) -> dict:
+    """The method's config as a run builds it: its defaults list followed, ${default:} resolved."""
+    return registry.load(name, seed)
+
+
 def load_method(name: str, seed: int = 0, **over):
-    cfg = OmegaConf.create({"seed": seed, "method": OmegaConf.load(CONF / f"{name}.yaml")})
-    for k, v in over.items():
-        cfg.method[k] = v
-    return instantiate(cfg.method)
+    from hydra.utils import instantiate
+    return instantiate({**copy.deepcopy(method_config(name, seed)), **over}, _convert_="all")
 
 
 def snapshot(net):

@@ -10,24 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 import methods.obs_diff as od
-from bench import surgery
+from bench import registry, surgery
 from bench.api import BenchError, Budget
 from methods.obs_diff import (HessianAccumulator, obs_prune_columns, obs_prune_unstructured, reconstruction_error,
                               split_packages, timestep_weights, trajectory_hessians)
 from tests.conftest import F64_TOL, as_float64, comparable, make_net
 
-CONF = Path(__file__).resolve().parent.parent / "bench" / "conf" / "method"
-
-
 def load(name: str, **over):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    for k, v in over.items():
-        cfg[k] = v
-    return instantiate(cfg)
+    return registry.build(name, over)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
@@ -154,13 +153,11 @@ def test_masked_kd_loss(family, trained):
 
 
 def test_kd_config_is_a_callback_that_asks_for_the_teacher(calib):
-    from omegaconf import OmegaConf
-    from hydra.utils import instantiate
-    conf = Path(__file__).resolve().parents[1] / "bench" / "conf" / "method"
-    m = instantiate(OmegaConf.create({"seed": 0, "method": OmegaConf.load(conf / "tinyfusion_kd.yaml")}).method)
+    from bench import registry
+    m = registry.build("tinyfusion_kd")
     cb = m.callback(Budget("blocks", 0.5), calib)
     assert isinstance(cb, MaskedKD) and cb.needs_teacher
-    plain = instantiate(OmegaConf.create({"seed": 0, "method": OmegaConf.load(conf / "tinyfusion.yaml")}).method)
+    plain = registry.build("tinyfusion")
     assert plain.callback(Budget("blocks", 0.5), calib) is None
 
 

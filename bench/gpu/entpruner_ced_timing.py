@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 GPU = dict(model="DiT-XL/2", input_size=32, in_channels=4, num_classes=1000, probes=256, batch=64, classes=8,
            bins=8, dtypes=("bf16", "tf32", "fp32"), reps=2, device="cuda")
 SMOKE = dict(model="DiT-T/2", input_size=8, in_channels=4, num_classes=10, probes=32, batch=16, classes=4,
@@ -67,13 +66,9 @@ def probes(cfg: dict, seed: int = 0):
 
 
 def method(dtype: str, batch: int):
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    from bench import registry
 
-    conf = OmegaConf.load(ROOT / "bench" / "conf" / "method" / "entpruner_oneshot.yaml")
-    conf.dtype = "fp32" if dtype == "tf32" else dtype
-    conf.batch_size = batch
-    return instantiate(conf, _convert_="all")
+    return registry.build("entpruner_oneshot", {"dtype": "fp32" if dtype == "tf32" else dtype, "batch_size": batch})
 
 
 def sync(device: str):
