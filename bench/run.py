@@ -76,11 +76,16 @@ def make_method(cfg: dict) -> Method:
 
     from bench.checks import check_method_kwargs
     kwargs = {k: v for k, v in cfg["method"].items() if not k.startswith("_")}
+    target = cfg["method"].get("_target_")
+    if not target:
+        raise BenchError(f"method={cfg['method_name']}: its config has no _target_ (the Method class to build); add "
+                         f"_target_: <module>.<Class> to bench/conf/method/{cfg['method_name']}.yaml")
     try:
-        cls = get_class(cfg["method"]["_target_"])
-    except Exception as e:  # a misspelt _target_ or a module that does not import
-        raise BenchError(f"method._target_={cfg['method'].get('_target_')!r} ({cfg['method_name']}) cannot be "
-                         f"imported: {e}; fix bench/conf/method/{cfg['method_name']}.yaml") from None
+        cls = get_class(target)
+    except Exception as e:  # a misspelt _target_ or a module that does not import: hydra's first line says which
+        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise BenchError(f"method._target_={target!r} ({cfg['method_name']}) cannot be imported: {why}; fix "
+                         f"bench/conf/method/{cfg['method_name']}.yaml") from None
     check_method_kwargs(cls, kwargs, cfg["method_name"])
     try:
         m = instantiate(OmegaConf.create(cfg["method"]), _convert_="all")
