@@ -15,14 +15,14 @@ host-device copies of the samples cancel out. Paths:
            bf16 + torch.compile
   finetune fp32, tf32, bf16 (autocast, fp32 master weights / AdamW / EMA), 14-block XL/2 (TinyDiT-D14), batch 64
 Output: paths_speed.json (every timing) and paths_speed.md, rewritten after each measurement.
+The timing helpers are bench.steptime's (shared with bench.cost); paths_speed.json is a timings file
+for `python -m bench.cost --timings` (records carry MACs per image and per step).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -36,62 +36,22 @@ FT_PATHS = [("fp32", False), ("tf32", False), ("bf16", False)]
 
 
 def _net(p: dict, depth: int | None, device: str):
-    from bench.gpu.speed import randomize_zero_init_
-    from bench.models import build
+    from bench.steptime import random_model
 
-    torch.manual_seed(0)
-    net = build(p["model"], input_size=p["input_size"], in_channels=p["in_channels"], num_classes=p["num_classes"],
-                **({"depth": depth} if depth else {}))
-    randomize_zero_init_(net.net)
-    net.net.to(device).eval()
-    return net
-
-
-def _timed(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return random_model({"name": p["model"], "input_size": p["input_size"], "in_channels": p["in_channels"],
+                         "num_classes": p["num_classes"], **({"depth": depth} if depth else {})}, device)
 
 
 def sample_step_s(net, p: dict, device: str, prec: str, compile: bool) -> dict:
-    from bench.sample import generate
+    from bench import steptime
 
-    def run(steps):
-        return generate(net, p["sample_n"], 0, p["sample_n"], "ddpm", steps, 1.5, "all", "balanced", "uniform", 0.0,
-                        device, precision=prec, compile=compile)
-
-    s1, s2 = p["sample_steps"]
-    warm = _timed(lambda: run(s1))  # compiles in compile mode
-    t1, t2 = _timed(lambda: run(s1)), _timed(lambda: run(s2))
-    return {"path": "sample", "precision": prec, "compile": compile, "per_step_s": (t2 - t1) / (s2 - s1),
-            "warmup_s": warm, "steps": [s1, s2], "n": p["sample_n"], "forward_batch": 2 * p["sample_n"]}
+    return steptime.sample_step_s(net, p["sample_n"], device, prec, compile, p["sample_steps"], "ddpm", 1.5)
 
 
 def finetune_step_s(p: dict, device: str, prec: str, compile: bool) -> dict:
-    from bench.data import TensorDataset
-    from bench.finetune import FinetuneConfig, finetune
+    from bench import steptime
 
-    g = torch.Generator().manual_seed(0)
-    n = 4 * p["ft_batch"]
-    data = TensorDataset(torch.randn(n, p["in_channels"], p["input_size"], p["input_size"], generator=g),
-                         torch.randint(p["num_classes"], (n,), generator=g), p["num_classes"], "random")
-
-    def run(steps):
-        net = _net(p, p["ft_depth"], device)
-        cfg = FinetuneConfig(steps=steps, batch=p["ft_batch"], lr=1e-4, ema_decay=0.9999, ckpt_every=10 ** 9,
-                             log_every=10 ** 9, precision=prec, compile=compile)
-        with tempfile.TemporaryDirectory() as d:
-            return _timed(lambda: finetune(net, data, cfg, Path(d), device=device))
-
-    s1, s2 = p["ft_steps"]
-    warm = run(s1)
-    t1, t2 = run(s1), run(s2)
-    return {"path": "finetune", "precision": prec, "compile": compile, "per_step_s": (t2 - t1) / (s2 - s1),
-            "warmup_s": warm, "steps": [s1, s2], "batch": p["ft_batch"], "depth": p["ft_depth"]}
+    return steptime.finetune_step_s(_net(p, p["ft_depth"], device), p["ft_batch"], device, prec, compile, p["ft_steps"])
 
 
 def render(meta: dict, recs: list[dict]) -> str:
@@ -106,7 +66,7 @@ def render(meta: dict, recs: list[dict]) -> str:
             continue
         base = next((r["per_step_s"] for r in rows if r["precision"] == "fp32" and not r["compile"]), None)
         tf = next((r["per_step_s"] for r in rows if r["precision"] == "tf32" and not r["compile"]), None)
-        what = (f"sampling {rows[0]['n']} samples, cfg 1.5 ({rows[0]['forward_batch']}-image forward), DDPM"
+        what = (f"sampling {rows[0]['batch']} samples, cfg 1.5 ({rows[0]['forward_batch']}-image forward), DDPM"
                 if path == "sample" else f"fine-tune step, {rows[0]['depth']} blocks, batch {rows[0]['batch']}")
         out += [f"## {what}", ""]
         body = [[r["precision"] + (" + compile" if r["compile"] else " eager"), f"{1e3 * r['per_step_s']:.1f}",
@@ -133,7 +93,7 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     sha, dirty = git_info()
-    meta = {"model": p["model"], "device": device_name(device), "torch": torch.__version__,
+    meta = {"model": p["model"], "device": device_name(device), "device_type": device, "torch": torch.__version__,
             "commit": sha + ("-dirty" if dirty else ""), "command": "python -m bench.gpu.paths_speed " + " ".join(argv or sys.argv[1:])}
     recs: list[dict] = []
 
