@@ -26,8 +26,9 @@ latency); this one projects what the runs of an experiment will cost, from per-s
    distinct (shape, batch, precision, compile, teacher) the cells need. --timings FILE: read from an
    earlier output of this command or bench.gpu.paths_speed; a key the file lacks is scaled from the
    nearest record of the same path, precision and compile by forward-equivalent MACs per step.
-   Batches above --micro-batch (64: a batch of 256 on DiT-XL/2 does not fit one GPU) are timed at the
-   micro-batch and scaled linearly.
+   Batches above --micro-batch (64: a batch of 256 on DiT-XL/2 does not fit one GPU), or that run out
+   of GPU memory, are timed smaller and scaled linearly. --budget-s: no timing starts after that many
+   seconds; the keys left are scaled from the timed ones as from a file.
 4. N GPUs (--gpus): ideal data-parallel scaling of fine-tune and sampling with the global batch fixed
    (issue 19 measures the real efficiency); the method phase (plan()) and scoring run on one rank,
    while the job's other GPUs wait. GPU-h = N x wall hours.
@@ -403,10 +404,12 @@ def cell_work(cell: Cell, precision: str, shapes: Shapes, device_type: str, micr
 # 3. Per-step times
 # --------------------------------------------------------------------------------------------
 
-def measure(needs: list[Need], device: str, on_record=None, log=print) -> list[dict]:
+def measure(needs: list[Need], device: str, on_record=None, log=print, budget_s: float | None = None) -> list[dict]:
     """Time every distinct key of `needs` on `device` with the suite's own code (bench.steptime),
-    dense architectures built once, each pruned shape made from it by bench.surgery."""
+    dense architectures built once, each pruned shape made from it by bench.surgery. No timing starts
+    after `budget_s` seconds (the projection scales the keys left out from the measured ones)."""
     import gc
+    import time
 
     import torch
 
@@ -418,17 +421,25 @@ def measure(needs: list[Need], device: str, on_record=None, log=print) -> list[d
     dev_name = device_name(device)
     log(f"[cost] timing {len(unique)} step kinds on {dev_name}")
     records = []
+    t0 = time.monotonic()
+    over = lambda: budget_s is not None and time.monotonic() - t0 > budget_s  # noqa: E731
     by_arch: dict[str, list[Need]] = {}
     for n in unique:
         by_arch.setdefault(json.dumps(n.shape.model_cfg, sort_keys=True), []).append(n)
     for group in by_arch.values():
+        if over():
+            break
         dense = steptime.random_model(group[0].shape.model_cfg, device)
         shape_ids = list(dict.fromkeys(n.shape.id for n in group))
         for sid in shape_ids:
             todo = sorted((n for n in group if n.shape.id == sid), key=lambda n: order[n.path])
             shape = todo[0].shape
+            if over():
+                break
             net = dense if shape.plan is None else surgery.apply(copy.deepcopy(dense), shape.plan)
             for need in todo:
+                if over():
+                    break
                 rec = _time_fitting(need, net, dense, device, log)
                 rec.update(key=need.key, arch=shape.arch, shape=shape.id, device=dev_name)
                 rec["source"] = f"measured on {dev_name}" + (f" at batch {rec['timed_batch']} (out of memory at "
@@ -443,6 +454,9 @@ def measure(needs: list[Need], device: str, on_record=None, log=print) -> list[d
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         del dense
+    for n in unique:
+        if n.key not in {r["key"] for r in records}:
+            log(f"[cost] --budget-s {budget_s} spent: not timed (scaled from the timed ones by MACs): {n.key}")
     return records
 
 
@@ -509,23 +523,22 @@ class Timings:
     """Per-step time of a Need: the record with its key, else (from a file) the nearest record of the
     same path kind, precision and compile, scaled by forward-equivalent MACs per step."""
 
-    def __init__(self, records: list[dict], source: str, exact_only: bool = False):
-        self.records, self.source, self.exact_only = records, source, exact_only
+    def __init__(self, records: list[dict], source: str,
+                 fix: str = "measure it: python -m bench.cost <overrides> --measure (on the GPU)"):
+        self.records, self.source, self.fix = records, source, fix
         self.by_key = {r["key"]: r for r in records if "key" in r}
 
     def __call__(self, need: Need) -> dict:
         if need.key in self.by_key:
             r = self.by_key[need.key]
             return {"per_step_s": r["per_step_s"], "source": r.get("source") or self.source}
-        if self.exact_only:
-            raise BenchError(f"no timing for {need.key}")  # a bug: --measure times every key
         kind = lambda p: "sample" if p == "sample" else "train"  # noqa: E731
         cands = [r for r in self.records if kind(r.get("path")) == kind(need.path) and r.get("precision") ==
                  need.precision and bool(r.get("compile")) == need.compile and r.get("work_macs")]
         if not cands:
             run = need.precision + (" + compile" if need.compile else "")
             raise BenchError(f"{self.source} has no {kind(need.path)} timing at {run} to project '{need.key}'; "
-                             "measure it: python -m bench.cost <overrides> --measure (on the GPU)")
+                             f"{self.fix}")
         r = min(cands, key=lambda r: (r["path"] != need.path, r.get("model") != need.shape.model_cfg.get("name"),
                                       bool(r.get("teacher")) != need.teacher,
                                       abs(math.log(need.work / r["work_macs"]))))
@@ -762,8 +775,10 @@ def run(args, argv: list[str]) -> int:
     if args.measure:
         needs = [n for sc in scenarios for w in sc["work"] for n in w.needs] + \
             [n for sc in scenarios for n in sc["shared"]]
-        records = measure(needs, device, on_record=save, log=lambda m: print(m, file=sys.stderr, flush=True))
-        timings = Timings(records, timings_words, exact_only=True)
+        records = measure(needs, device, on_record=save, log=lambda m: print(m, file=sys.stderr, flush=True),
+                          budget_s=args.budget_s)
+        # keys left out by --budget-s are scaled from the timed ones
+        timings = Timings(records, timings_words, f"raise --budget-s (was {args.budget_s})")
     else:
         records, timings = file_recs, Timings(file_recs, f"from {args.timings}")
     for sc in scenarios:
@@ -790,6 +805,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="results/cost", help="folder for cost_<experiment>.md/.json")
     ap.add_argument("--device", default=None, help="--measure on this device (default: cuda if visible, else cpu)")
     ap.add_argument("--micro-batch", type=int, default=MICRO_BATCH, help="largest batch timed at once")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="--measure starts no timing after this many seconds (the rest is scaled by MACs)")
     ap.add_argument("--inception-img-s", type=float, default=None,
                     help=f"Inception images/s (default: {INCEPTION_FILE.relative_to(ROOT)})")
     args = ap.parse_intermixed_args(argv)

@@ -233,6 +233,31 @@ def test_paths_speed_records_are_a_timings_file(tmp_path):
     assert ft["per_step_s"] == pytest.approx(want) and ft["s"] == pytest.approx(10 * want)
 
 
+def test_measure_budget_spent_before_any_timing_names_the_fix(tmp_path, capsys):
+    assert _cost([*TINY_SUITE, "--measure", "--budget-s", "0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("not timed" in ln for ln in err)
+    assert err[-1].startswith("error: measured on cpu") and "raise --budget-s" in err[-1]
+
+
+def test_out_of_memory_times_a_smaller_batch_and_scales_it(monkeypatch):
+    import types
+
+    import torch
+
+    from bench import cost
+
+    def fake(need, net, dense, device, batch):
+        if batch > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return {"per_step_s": 0.5 * batch, "warmup_s": 0.0, "work_macs": 10.0 * batch}
+
+    monkeypatch.setattr(cost, "_time", fake)
+    rec = cost._time_fitting(types.SimpleNamespace(batch=8, key="k"), None, None, "cpu", log=lambda m: None)
+    assert rec["timed_batch"] == 2 and rec["batch"] == 8 and rec["measured_per_step_s"] == 1.0
+    assert rec["per_step_s"] == 4.0 and rec["work_macs"] == 80.0
+
+
 def test_width_cell_without_torch_pruning_is_projected_block_equivalent(monkeypatch):
     import sys as _sys
 
