@@ -114,7 +114,7 @@ def expand(overrides: list[str]) -> tuple[str, list[Cell]]:
         with initialize_config_module(config_module="bench.conf", version_base="1.3"):
             head = compose("run", overrides=first, return_hydra_config=True)
             experiment = head.hydra.runtime.choices.get("experiment") or "run"
-            params = OmegaConf.to_container(head.hydra.sweeper.params) or {}
+            params = OmegaConf.to_container(head.hydra.sweeper.params, resolve=True) or {}
             args = [f"{k}={v}" for k, v in params.items()] + list(overrides)
             jobs = BasicSweeper.split_arguments(parser.parse_overrides(args), None)[0]
             cells = []
@@ -560,7 +560,32 @@ def load_timings(path: str) -> tuple[list[dict], dict]:
     if not isinstance(recs, list) or not all(isinstance(r, dict) and "per_step_s" in r and "path" in r for r in recs):
         raise BenchError(f"--timings {path} has no 'records' list of {{path, precision, per_step_s, ...}} (an output "
                          "of python -m bench.cost or bench.gpu.paths_speed)")
-    return recs, d.get("meta") or {}
+    meta = d.get("meta") or {}
+    return [r if r.get("work_macs") or r.get("key") else _legacy(r, meta, path) for r in recs], meta
+
+
+def _legacy(rec: dict, meta: dict, path: str) -> dict:
+    """A record of bench.gpu.paths_speed before it wrote MACs (results/gpu/paths_speed/paths_speed.json,
+    H100): its model is paths_speed's DiT-XL/2 shape, dense for sampling, `depth` blocks for the
+    fine-tune; its forward-equivalent MACs per step are measured here on the meta device."""
+    import torch
+
+    from bench import surgery
+    from bench.gpu.paths_speed import GPU
+    from bench.models import build
+    from bench.steptime import TRAIN_FACTOR
+
+    if meta.get("model") != GPU["model"]:
+        raise BenchError(f"--timings {path}: record {rec.get('path')} {rec.get('precision')} has no work_macs and "
+                         f"its model {meta.get('model')!r} is not bench.gpu.paths_speed's {GPU['model']}; rerun that "
+                         "measurement (python -m bench.cost --measure writes every field)")
+    kw = {k: GPU[k] for k in ("input_size", "in_channels", "num_classes")}
+    with torch.device("meta"):
+        net = build(GPU["model"], **kw, **({"depth": rec["depth"]} if rec.get("depth") else {}))
+    macs = int(surgery.measure(net)["macs"])
+    work = rec["forward_batch"] * macs if rec["path"] == "sample" else TRAIN_FACTOR * rec["batch"] * macs
+    return {**rec, "model": GPU["model"], "depth": len(net.net.blocks), "macs_per_image": macs, "work_macs": work,
+            "batch": rec.get("batch", rec.get("n"))}
 
 
 # --------------------------------------------------------------------------------------------

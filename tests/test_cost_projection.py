@@ -202,6 +202,24 @@ def test_timings_file_gives_hand_computed_hours(tmp_path):
         pytest.approx(200 * 250 * per / 3600)
 
 
+def test_paths_speed_file_before_macs_is_read(tmp_path):
+    """results/gpu/paths_speed/paths_speed.json (H100) predates the MACs fields: its records are
+    paths_speed's DiT-XL/2 shape (dense sampler, `depth`-block fine-tune), measured on the meta device."""
+    f = tmp_path / "old.json"
+    f.write_text(json.dumps({"meta": {"model": "DiT-XL/2", "device": "NVIDIA H100 80GB HBM3"}, "records": [
+        {"path": "sample", "precision": "fp32", "compile": False, "per_step_s": 2.775, "steps": [3, 9], "n": 256,
+         "forward_batch": 512},
+        {"path": "finetune", "precision": "fp32", "compile": False, "per_step_s": 0.5611, "steps": [4, 14],
+         "batch": 64, "depth": 14}]}))
+    assert _cost(["experiment=tinyfusion_table1", "+experiment/tinyfusion_table1_cells=shortgpt_d14", "model.vae=null",
+                  "--timings", str(f), "--precision", "fp32", "--gpus", "1", "--inception-img-s", "2500",
+                  "--out", str(tmp_path)]) == 0
+    r = _rows(_load(tmp_path, "tinyfusion_table1"), 1)["shortgpt_d14"]
+    assert r["finetune_gpu_h"] == pytest.approx(100_000 * 4 * 0.5611 / 3600)  # the same shape and batch: x1
+    per = 2.775 * (500 * _xl2_macs(14)) / (512 * _xl2_macs(28))
+    assert r["sample_gpu_h"] == pytest.approx(200 * 250 * per / 3600)
+
+
 def test_timings_file_without_a_precision_names_the_fix(tmp_path, capsys):
     f = tmp_path / "t.json"
     f.write_text(json.dumps({"meta": {"device": "NVIDIA H200"}, "records": [
