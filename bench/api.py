@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # only for annotations; keeps this module import-light
     from bench.data import Calib
     from bench.width import WidthGroup
 
-Granularity = Literal["block", "width", "operator", "stage"]  # blocks | heads+channels | operators | per-timestep stages
+Granularity = Literal["block", "width", "operator", "stage"]  # blocks | heads, channels | operators | stage-wise
 MEASURES = ("blocks", "params", "macs")
 
 

@@ -106,7 +106,7 @@ def test_methods_use_the_protocol_and_name_their_backbone_use():
     files = sorted((ROOT / "methods").rglob("*.py")) + sorted((ROOT / "baselines").rglob("*.py"))
     inside = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
               if re.search(r"\b(net|teacher)\.net\b", line)]
-    assert not inside, f"methods reach past the protocol (use net.<member>, or net.backbone in a backbone-specific method): {inside}"
+    assert not inside, f"use net.<member>, or net.backbone in a backbone-specific method: {inside}"
     for p in files:
         if re.search(r"\.backbone\b", p.read_text()):
             assert "Backbone-specific" in _card(p), f"{p.relative_to(ROOT)} uses net.backbone; say why in its card"
