@@ -119,7 +119,7 @@ def accumulate_gradients(net, calib, batch: int, u_grid: list[float], thr: float
     if check not in ("after", "before"):
         raise BenchError(f"check={check!r}: use after (root ddpm_prune.py) or before (ddpm_exp)")
     x0, y, noise = calib.x0[:batch], calib.y[:batch], calib.noise[:batch]
-    net.net.zero_grad(set_to_none=True)
+    net.zero_grad()
     l_max, losses, used = 0.0, [], 0
     for u in u_grid:
         loss = diffusion_loss_at(net, x0, y, noise, u)
@@ -150,5 +150,5 @@ class WidthTaylor(WidthMethod):
         out = {}
         for name, g in net.width_groups().items():  # multivariable: |sum theta g| over the unit
             out[name] = g.per_unit(lambda w, gr: (w * gr).sum(1)).abs().tolist()
-        net.net.zero_grad(set_to_none=True)
+        net.zero_grad()
         return out, {"steps_used": info["steps_used"], "t_stride": self.t_stride}

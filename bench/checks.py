@@ -414,7 +414,7 @@ def check_inputs(cfg: dict, budget: Budget, method):
     the data fit the model. Returns the data set."""
     from bench.data import from_config
 
-    if getattr(method, "mask_only", False) and (cfg["finetune"]["steps"] > 0 or budget.keep < 1.0):
+    if method.mask_only and (cfg["finetune"]["steps"] > 0 or budget.keep < 1.0):
         raise BenchError(f"{cfg['method_name']} prunes to masks (zeros, no shape change, no speedup without sparse "
                          "kernels): the shared fine-tune would refill the zeros and the measured cost stays dense; "
                          "run it with finetune=none budget.keep=1.0 (its sparsity is a method setting)")

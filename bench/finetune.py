@@ -98,8 +98,9 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
 
     if callback is not None and hasattr(callback, "on_start"):
         callback.on_start(net, cfg.steps, str(run_dir) if run_dir else None)
-    if callback is not None and hasattr(callback, "on_ema"):  # optional: the EMA copy gets the callback's
-        callback.on_ema(ema)                                  # forward hooks too (gradient-flow soft masks)
+    # on_ema and loss are optional callback members (bench.api.TrainCallback): looked up, not assumed
+    if callback is not None and hasattr(callback, "on_ema"):  # the EMA copy gets the callback's forward
+        callback.on_ema(ema)                                  # hooks too (gradient-flow soft masks)
     abort_at = int(os.environ.get("BENCH_TEST_ABORT_AT_STEP", "-1"))  # tests: simulate a kill
     prec = resolve_precision(cfg.precision, device)
     t0 = time.time()

@@ -231,15 +231,14 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
     plan_path = run_dir / "plan.json"
     t0 = time.time()
     calib = calibration(data, cfg["calib"]["n"], cfg["calib"]["seed"], cfg["calib"]["bins"]).to(device)
-    rewrites = bool(getattr(method, "rewrites_weights", False))  # plan() rewrites surviving weights (OBS)
+    rewrites = method.rewrites_weights  # plan() rewrites surviving weights (OBS)
     pruned_path = art_dir / "pruned.safetensors"
     # a stored plan that cannot be read (or whose rewritten weights are gone) is moved aside and redone
     plan = read_state(plan_path, lambda p: _read_plan(p, pruned_path if rewrites else None), "plan", on_moved=moved)
     planned_now = plan is None
     if planned_now:
         _log(f"planning {cfg['method_name']} at {budget.measure}={budget.keep}")
-        if hasattr(method, "bank_dir"):  # tensors the plan references (Diff-ES secondorder's stage bank) go here
-            method.bank_dir = str(art_dir)
+        method.bank_dir = str(art_dir)  # tensors the plan references (Diff-ES secondorder's stage bank) go here
         plan = method.plan(net, budget, calib)
         if not isinstance(plan, Plan):
             raise BenchError(f"{cfg['method_name']}.plan() returned {type(plan).__name__}, not a Plan")
@@ -251,6 +250,7 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
     # methods meet it by the end of fine-tuning, checked below)
     callback = method.callback(budget, calib)
     dense_teacher = None
+    # needs_teacher: an optional callback member (bench.api.TrainCallback), so looked up with a default
     wants_teacher = cfg["finetune"].get("distill", 0) > 0 or getattr(callback, "needs_teacher", False)
     if wants_teacher:
         import copy
@@ -267,8 +267,8 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
         else:  # _read_plan checked the file's sha256 against the plan
             from safetensors.torch import load_file
             net.net.load_state_dict(load_file(str(pruned_path)))
-    # how far below the budget a plan may land: one unit of its granularity (a block's share; width
-    # and operator methods state theirs in plan.meta["unit_share"], else 10%)
+    # how far below the budget a plan may land: one unit of its granularity (a block's share; width,
+    # operator and stage plans state theirs in plan.meta["unit_share"], else 10%: bench.api.Plan)
     if plan.granularity == "block" and per_block:
         unit = per_block[budget.measure] / dense_cost[budget.measure]
     else:

@@ -53,7 +53,7 @@ def _tinyfusion(net, calib, batch_size: int, group_size: int = 2, keep_fraction:
     from methods.tinyfusion import TinyFusion
     from methods.tinyfusion.learn import make_groups
 
-    depth = len(net.net.blocks)
+    depth = net.depth
     u = calib.u.double().cpu()
     lo, hi = float(u.min()), float(u.max())
     m = TinyFusion(group_size=group_size, u_range=(lo, hi) if hi > lo else (0.0, 1.0), **kw)
@@ -74,7 +74,7 @@ SCORERS = {
 
 
 def block_scores(net, calib: Calib, name: str = "cosine", batch_size: int = 64, **kw) -> list[float]:
-    """One score per current block (positions of net.net.blocks), higher = more important."""
+    """One score per present block (in model order), higher = more important."""
     if name not in SCORERS:
         raise BenchError(f"block scorer {name!r} is unknown; use one of {', '.join(SCORERS)}")
     if kw and name not in ("entpruner", "tinyfusion"):

@@ -73,7 +73,7 @@ class DiffPruning(WidthMethod):
             else:
                 s = g.per_unit(lambda w, gr: (w * gr).pow(2).sum(1))
             out[name] = s.tolist()
-        net.net.zero_grad(set_to_none=True)
+        net.zero_grad()
         T = int(getattr(net.process, "T", 1000))
         return out, {"thr": self.thr, "score": self.score, "check": self.check, "steps_used": info["steps_used"],
                      "t_stop": (info["steps_used"] - 1) * self.t_stride if info["steps_used"] else None,

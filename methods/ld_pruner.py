@@ -60,7 +60,7 @@ class LDPruner(Method):
         return float(d_mean + (s0 - s).norm())
 
     def candidates(self, net, budget: Budget) -> list[tuple[str, int]]:
-        if len(net.net.blocks):  # DiT / SiT
+        if net.depth:  # DiT / SiT
             fams = self.operators or (["blocks"] if budget.measure == "blocks" else ["blocks", "attn", "mlp"])
             bad = set(fams) - {"blocks", "attn", "mlp"}
         else:                    # the U-Net: its own operator groups
@@ -74,8 +74,7 @@ class LDPruner(Method):
         if budget.measure == "blocks" and set(fams) != {"blocks"}:
             raise BenchError("a budget in blocks can only be met by whole-block operators; use operators=[blocks] "
                              "or budget.measure=macs")
-        sizes = {"blocks": len(net.net.blocks), "attn": len(net.net.blocks), "mlp": len(net.net.blocks)} \
-            if len(net.net.blocks) else net.units("operator")
+        sizes = {"blocks": net.depth, "attn": net.depth, "mlp": net.depth} if net.depth else net.units("operator")
         return [(f, i) for f in fams for i in range(sizes[f])]
 
     @torch.no_grad()

@@ -23,6 +23,8 @@ Variation on Gradients", ICLR 2023, arXiv 2301.11300, the ZiCo equation of Sec. 
     ``accumulate=True`` reproduces the reference code's running sums.
 Neither proxy touches ``.grad`` of the model (torch.autograd.grad / torch.func), so calling them
 inside a training loop leaves the optimizer's state alone.
+Backbone-specific (``net.backbone``): both proxies are functions of the backbone's Linear / Conv
+layers (torch.func.functional_call over its named parameters and buffers).
 """
 from __future__ import annotations
 
@@ -142,7 +144,7 @@ def denoiser_ntk_condition(net, x0, y, noise, u, params: str = "weights", chunk_
     """TE-NAS condition number of the prediction (eps / velocity channels) at x_t = noisy(x0, u, noise)."""
     C = net.in_channels
     x_t, t = net.noisy(x0, u, noise)
-    return ntk_condition(net.net, (x_t, t, y), lambda o: o[:, :C], params, chunk_size)
+    return ntk_condition(net.backbone, (x_t, t, y), lambda o: o[:, :C], params, chunk_size)
 
 
 def denoiser_zico(net, x0, y, noise, u, splits: int = 2, params: str = "weights",
@@ -154,4 +156,4 @@ def denoiser_zico(net, x0, y, noise, u, splits: int = 2, params: str = "weights"
     cuts = [(i * n // splits, (i + 1) * n // splits) for i in range(splits)]
     batches = [tuple(a[s:e] for a in (x0, y, noise, u)) for s, e in cuts]
     loss = lambda b: net.loss(b[0], b[1], u=b[3], noise=b[2])
-    return zico(net.net, loss, batches, params, accumulate)
+    return zico(net.backbone, loss, batches, params, accumulate)

@@ -1,4 +1,4 @@
-"""Denoiser: the only model surface that pruning methods touch.
+"""Denoiser: the model as pruning methods see it (the members of the ``bench.api.Denoiser`` protocol).
 
 It pairs a backbone (DiT, SiT, later the U-Net) with its process (DDPM or flow) and speaks the
 suite's shared noise-level convention u in [0, 1] (0 clean, 1 pure noise), so a method written
@@ -44,8 +44,36 @@ class Denoiser:
             self.forward_fn = None
 
     @property
+    def backbone(self) -> nn.Module:
+        """The wrapped module (``net``), for backbone-specific methods only (bench.api.Denoiser)."""
+        return self.net
+
+    @property
     def in_channels(self) -> int:
         return self.net.in_channels
+
+    @property
+    def input_size(self) -> int:
+        return self.net.input_size
+
+    @property
+    def depth(self) -> int:
+        """Transformer blocks present now (0 for the U-Net, which has none)."""
+        return len(self.net.blocks)
+
+    @property
+    def label_dropout(self) -> float:
+        """Probability that training replaces a label by the null label (CFG); 0: never."""
+        emb = getattr(self.net, "y_embedder", None)  # DiT/SiT; the U-Net drops labels itself
+        if emb is not None:
+            return float(emb.dropout_prob)
+        return float(getattr(self.net, "class_dropout_prob", 0.0)) if self.net.num_classes > 0 else 0.0
+
+    def named_parameters(self):
+        return self.net.named_parameters()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.net.zero_grad(set_to_none=set_to_none)
 
     @property
     def device(self):
@@ -181,3 +209,9 @@ class Denoiser:
 
     def block_params(self) -> list[list[torch.nn.Parameter]]:
         return [list(b.parameters()) for b in self.net.blocks]
+
+    def operator_ids(self) -> dict[str, list[int]]:
+        """Operator group -> dense ids of the operators present, for a backbone whose operators are
+        units of their own (the U-Net: ResNet blocks, attentions; its groups stay listed once every
+        operator is gone). {} for DiT/SiT, whose attention and MLP branches belong to blocks."""
+        return self.net.operator_ids() if hasattr(self.net, "operator_ids") else {}

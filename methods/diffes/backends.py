@@ -224,7 +224,7 @@ class SecondOrder(Backend):
                 for t in self.targets}
         hooks = [t["layer"].register_forward_pre_hook(
             lambda mod, args, g=t["group"]: accs[g].add(args[0], 1.0, count=args[0].shape[0])) for t in self.targets]
-        cfg = self.cfg_calib and getattr(getattr(net.net, "y_embedder", None), "dropout_prob", 0.0) > 0
+        cfg = self.cfg_calib and net.label_dropout > 0
         dev = net.device
         try:
             with net.eval_mode():

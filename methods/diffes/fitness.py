@@ -38,7 +38,7 @@ class TrajectoryFitness:
         seeds = [int(probe_seed) + k for k in range(int(probes))]
         self.seeds = seeds
         self.y = torch.tensor([k % net.num_classes for k in range(len(seeds))])
-        shape = (net.in_channels, net.net.input_size, net.net.input_size)
+        shape = (net.in_channels, net.input_size, net.input_size)
         self.x_T = PerSampleNoise([10 * s for s in seeds])(torch.empty(len(seeds), *shape))
         self.teacher = self.sample(net)
 

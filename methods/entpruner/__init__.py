@@ -91,6 +91,8 @@ Outputs: plan.scores["blocks"] (U-Net: scores["resnets"], scores["attentions"]) 
 the adaptive schedule logs every decision (step, CED, candidates, proxy values, votes, choice) to
 <run_dir>/entpruner_decisions.jsonl; ``replay(path)`` rebuilds the final plan from it; plots in
 methods/plots.py.
+Backbone-specific only through its adaptive schedule's proxies (methods.proxies: NTK and ZiCo over
+``net.backbone``'s layers); CED and the removals use protocol members only.
 """
 from __future__ import annotations
 

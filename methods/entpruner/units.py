@@ -20,9 +20,9 @@ BLOCKS, OPERATORS = "blocks", "operators"
 
 
 def kind_of(net) -> str:
-    if len(getattr(net.net, "blocks", ())) > 0:
+    if net.depth > 0:
         return BLOCKS
-    if hasattr(net.net, "operator_ids") and any(getattr(net.net, "_operator_paths", {}).values()):
+    if net.operator_ids():
         return OPERATORS  # the U-Net (also once every operator is gone: labels() is then empty)
     raise BenchError(f"EntPruner needs units it can bypass one at a time: transformer blocks (DiT/SiT) or "
                      f"U-Net ResNet blocks / attentions; {net.name} has units {sorted(net.units('block'))}")
@@ -33,7 +33,7 @@ def labels(net) -> list:
     within each operator group)."""
     if kind_of(net) == BLOCKS:
         return list(net.kept_blocks)
-    return [f"{g}:{i}" for g, ids in sorted(net.net.operator_ids().items()) for i in ids]
+    return [f"{g}:{i}" for g, ids in sorted(net.operator_ids().items()) for i in ids]
 
 
 def _split(label: str) -> tuple[str, int]:

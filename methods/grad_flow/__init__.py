@@ -71,6 +71,8 @@ Outputs: plan.scores = importance on the dense model (higher = keep), plan.meta[
 first-order Delta G per unit, every decision in ``<run_dir>/grad_flow_decisions.jsonl``.
 Cost on the embedded default (DiT-D8/2, 64 probes, one CPU thread): one criterion evaluation is
 one backward and one double backward (about 1 s); plan() adds the width allocation (about 5 s).
+Backbone-specific (``net.backbone``): the soft masks are forward hooks on the backbone's modules
+(criterion.MaskHooks, the U-Net's GroupNorms included); the scores themselves use only protocol members.
 """
 from __future__ import annotations
 

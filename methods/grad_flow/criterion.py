@@ -46,7 +46,7 @@ class UnitGroup:
 def collect_units(net, units: str) -> dict[str, UnitGroup]:
     """name -> UnitGroup of the current model: ``units="width"`` (net.width_groups(): DiT/SiT heads
     and MLP channels, U-Net channels and heads) or ``"blocks"`` (DiT/SiT transformer blocks)."""
-    names = {id(p): n for n, p in net.net.named_parameters()}
+    names = {id(p): n for n, p in net.named_parameters()}
     if units == "width":
         out = {}
         for gname, g in net.width_groups().items():
@@ -56,11 +56,10 @@ def collect_units(net, units: str) -> dict[str, UnitGroup]:
             raise BenchError(f"{net.name} has no width groups to prune")
         return out
     if units == "blocks":
-        blocks = getattr(net.net, "blocks", None)
-        if blocks is None or len(blocks) == 0:
+        if net.depth == 0:
             raise BenchError(f"{net.name} has no transformer blocks; block-level gradient flow needs DiT/SiT "
                              "(use method=grad_flow for width units, which also covers the U-Net)")
-        per = [[names[id(p)] for p in b.parameters()] for b in blocks]
+        per = [[names[id(p)] for p in ps] for ps in net.block_params()]
         return {"blocks": UnitGroup("blocks", "blocks", list(net.kept_blocks), unit_params=per)}
     raise BenchError(f"grad_flow units={units!r} is unknown; use width or blocks")
 
@@ -188,7 +187,7 @@ class MaskHooks:
 def masked_weights(net, mult: dict[str, torch.Tensor], hooks: list[MaskHooks] = ()):
     """Write theta * m into the parameters in place (hooks paused), restore them bit-exactly after:
     the criterion differentiates with respect to the effective weights theta_eff."""
-    params = dict(net.net.named_parameters())
+    params = dict(net.named_parameters())
     saved = {n: params[n].detach().clone() for n in mult}
     for h in hooks:
         h.active = False
@@ -241,7 +240,7 @@ def calib_loss(net, x0, y, noise, u, loss: str = "simple"):
 def grad_and_hvp(net, calib, n_probes: int, batch_size: int, loss: str = "simple") -> tuple[dict, dict, float]:
     """(g, H g, G = ||g||^2) on the first n_probes calibration probes, by parameter name.
     The caller sets eval mode and the (effective) weights."""
-    params = {n: p for n, p in net.net.named_parameters() if p.requires_grad}
+    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
     names, plist = list(params), list(params.values())
     n = min(int(n_probes), len(calib))
     if n < 1:
@@ -298,7 +297,7 @@ def gradient_flow_scores(net, groups: dict[str, UnitGroup], calib, n_probes: int
     mult = mult or {}
     with net.eval_mode(), masked_weights(net, mult, hooks):
         _, hv, G = grad_and_hvp(net, calib, n_probes, batch_size, loss)
-        theta = {n: p.detach() for n, p in net.net.named_parameters() if n in hv}
+        theta = {n: p.detach() for n, p in net.named_parameters() if n in hv}
         s = unit_dot(groups, theta, hv)
     return {"delta_G": {k: -2.0 * v for k, v in s.items()}, "G": G}
 

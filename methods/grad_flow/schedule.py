@@ -113,7 +113,7 @@ class GradFlowSchedule(LoggedSchedule):
                                  "budget": {"measure": self.budget.measure, "keep": self.budget.keep},
                                  "settings": self.m.settings()})
         if not st["removed"]:
-            self.hooks = [MaskHooks(net.net, self._masked_names(), self.mult)]
+            self.hooks = [MaskHooks(net.backbone, self._masked_names(), self.mult)]
             if fresh and 0 in st["rounds"]:
                 self._decide(0, loss=None)
             self._set_masks(st["tau"])
@@ -155,7 +155,7 @@ class GradFlowSchedule(LoggedSchedule):
         return out
 
     def _set_masks(self, tau: int) -> None:
-        params = dict(self.net.net.named_parameters())
+        params = dict(self.net.named_parameters())
         new = multipliers(params, self.groups, self.masks(tau))
         self.mult.clear()
         self.mult.update(new)

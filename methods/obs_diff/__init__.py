@@ -62,6 +62,8 @@ plan() rewrites the consumer weights (``rewrites_weights``): bench.run stores th
 sets replay the *shapes* on a fresh dense model, not the compensated weights.
 ``obs_prune_columns`` (methods.obs_diff.obs) is the layer routine other methods call (Diff-ES's
 second-order width backend).
+Backbone-specific (``net.backbone``): the per-layer Hessians hook the nn.Linear layers of the
+DiT/SiT ``backbone.blocks[i].attn`` / ``.mlp`` and OBS rewrites their weights.
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ def width_layers(net) -> list[dict]:
     groups = net.width_groups()
     out = []
     for pos, b in enumerate(net.kept_blocks):
-        block = net.net.blocks[pos]
+        block = net.backbone.blocks[pos]
         for key, attr in (("attn.heads", "attn"), ("mlp.hidden", "mlp")):
             name = f"blocks.{b}.{key}"
             mod = getattr(block, attr, None)
@@ -239,7 +241,7 @@ class ObsDiff(Method):
                              "finetune=none")
         targets = []
         for pos, b in enumerate(net.kept_blocks):
-            block = net.net.blocks[pos]
+            block = net.backbone.blocks[pos]
             for path in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
                 try:
                     targets.append((f"blocks.{pos}.{path}", f"blocks.{b}.{path}", block.get_submodule(path)))

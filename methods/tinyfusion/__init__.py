@@ -47,6 +47,8 @@ at FID 5.73 / 3.73 with KD after 100K steps), MAR and SiT experiments, iterative
 Outputs: keep["blocks"] (dense indices), scores["blocks"] = each block's keep probability under
 the final EMA distribution, meta: groups with their keep counts, candidates, logits and EMA
 logits, the learning log (loss, tau, current choice every 25 steps), settings.
+Backbone-specific (``net.backbone``): the learnable depth gates a forward over the DiT/SiT
+``backbone.blocks``, LoRA hooks its nn.Linear layers, and masked KD reads its hidden states.
 """
 from __future__ import annotations
 
@@ -149,7 +151,7 @@ class TinyFusion(Method):
         return res, prior_scores
 
     def plan(self, net, budget: Budget, calib) -> Plan:
-        depth = len(net.net.blocks)
+        depth = net.depth
         n_keep = blocks_to_keep(net, budget)
         groups = make_groups(depth, self.group_size, n_keep)
         res, prior_scores = self.learn(net, calib, groups)

@@ -79,14 +79,14 @@ class MaskedKD:
         n, dev, C = x0.shape[0], x0.device, x0.shape[1]
         t = net.process.sample_t(n, generator, dev)
         noise = torch.randn(x0.shape, generator=generator).to(dev)
-        p = getattr(net.net.y_embedder, "dropout_prob", 0.0) if net.net.training else 0.0
+        p = net.label_dropout if net.backbone.training else 0.0
         drop = (torch.rand(n, generator=generator) < p).long().to(dev)  # the same dropped labels for both
         held = {}
 
         def model_fn(x_t, t_):
-            out, hs = net.net(x_t, t_, y, return_hidden=True, force_drop_ids=drop)
+            out, hs = net.backbone(x_t, t_, y, return_hidden=True, force_drop_ids=drop)
             with torch.no_grad():
-                tout, ths = teacher.net(x_t, t_, y, return_hidden=True, force_drop_ids=drop)
+                tout, ths = teacher.backbone(x_t, t_, y, return_hidden=True, force_drop_ids=drop)
             held.update(out=out, hs=hs, tout=tout, ths=ths)
             return out
 

@@ -124,7 +124,7 @@ def learn_masks(net, calib, groups: list[tuple[list[int], int]], *, steps: int =
                 scaling: float = 100.0, logit_init: float = 0.02, ema_decay: float = 0.99,
                 grad_clip: float = 1.0, u_range: tuple[float, float] = (0.0, 1.0),
                 prior: list[list[float]] | None = None, seed: int = 0, log_every: int = 25) -> dict:
-    """Learn the keep masks of `groups` (positions in net.net.blocks, keep counts). Returns the
+    """Learn the keep masks of `groups` (positions in net.backbone.blocks, keep counts). Returns the
     decision (argmax of the EMA logits per group), logits, candidates and a training log."""
     if update not in ("lora", "full", "frozen"):
         raise BenchError(f"tinyfusion update={update!r} is unknown; use lora | full | frozen")
@@ -143,13 +143,13 @@ def learn_masks(net, calib, groups: list[tuple[list[int], int]], *, steps: int =
     learn = [k for k, c in enumerate(cands) if c.shape[0] > 1]  # single-candidate groups are decided
     if not learn:
         return _decision(groups, cands, logits, ema, [], 0.0, scaling)
-    model = copy.deepcopy(net.net) if update == "full" else net.net
+    model = copy.deepcopy(net.backbone) if update == "full" else net.backbone
     was = model.training
     hooks = None
     weights: list[nn.Parameter] = []
     t0 = time.perf_counter()
     log = []
-    with frozen(net.net):
+    with frozen(net.backbone):
         if update == "lora":
             hooks = LoRAHooks(model, int(lora_rank), float(lora_alpha), lora_targets, gen)
             weights = hooks.params
