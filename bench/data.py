@@ -30,12 +30,20 @@ class Dataset:
     name: str = "dataset"
     num_classes: int
     shape: tuple[int, int, int]
+    workers: int = 0       # data.workers: DataLoader worker processes of the fine-tune loop (bench.loader)
+    hflip: bool = False    # data.hflip: mirror each sample left-right with probability 1/2, seeded (bench.loader)
 
     def __len__(self) -> int:
         raise NotImplementedError
 
     def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def get_flipped(self, idx: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """get(idx) with the samples where `flip` (bool, per sample) is true mirrored left-right (the
+        width axis; for latents see LatentCache.get_flipped)."""
+        x, y = self.get(idx)
+        return torch.where(flip.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x), y
 
     def all(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.get(torch.arange(len(self)))
@@ -233,7 +241,9 @@ class LatentCache(TensorDataset):
         super().__init__(x, y.long(), num_classes, name or p.stem)
 
 
-def build_dataset(kind: str = "digits", **kw) -> Dataset:
+def build_dataset(kind: str = "digits", workers: int = 0, hflip: bool = False, **kw) -> Dataset:
+    """The data set of `kind` from its keys; `workers` and `hflip` (every kind) say how the fine-tune
+    loop reads it (bench.loader) and are set on the returned data set."""
     import inspect
 
     builders = {"digits": digits, "image_folder": ImageFolder, "latents": LatentCache,
@@ -244,8 +254,15 @@ def build_dataset(kind: str = "digits", **kw) -> Dataset:
     unknown = sorted(set(kw) - set(known))
     if unknown:
         raise BenchError(f"data.{unknown[0]}={kw[unknown[0]]!r}: data.kind={kind} has no such key (it takes "
-                         f"{', '.join(known)}); remove +data.{unknown[0]} or fix its spelling")
-    return builders[kind](**kw)
+                         f"{', '.join(known + ['workers', 'hflip'])}); remove +data.{unknown[0]} or fix its spelling")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise BenchError(f"data.workers={workers!r}; use 0 (batches read in the main process) or a number of "
+                         "DataLoader worker processes")
+    if not isinstance(hflip, bool):
+        raise BenchError(f"data.hflip={hflip!r}; use true or false")
+    ds = builders[kind](**kw)
+    ds.workers, ds.hflip = workers, hflip
+    return ds
 
 
 def from_config(cfg: dict, split: str | None = None) -> Dataset:
