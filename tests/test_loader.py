@@ -1,14 +1,18 @@
-"""The fine-tune loop's batch source (bench.loader): today's
+"""The fine-tune loop's batch source (bench.loader) and the memory-mapped latent cache: today's
 batches for the same seed, per-step seeded flips and streams that resume exactly, rank slices that
 add up to the global batch (the loop itself: tests/test_run.py, killed and resumed with workers and
 flips)."""
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from bench.api import BenchError
-from bench.data import build_dataset, digits
+from bench.data import LatentCache, build_dataset, digits
 from bench.loader import FLIPS, batches, derived_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,5 +104,57 @@ def test_loader_keys_are_data_keys():
 
 def test_paper_data_configs_flip():
     from tests.conftest import compose
+    assert compose(["data=imagenet_latents"])["data"]["hflip"] is True
     assert compose(["data=cifar10"])["data"]["hflip"] is True
     assert "hflip" not in compose([])["data"] and "workers" not in compose([])["data"]  # default hashes kept
+
+
+# ------------------------------------------------------------------ the memory-mapped cache
+
+def _cache_folder(root: Path, n: int = 10, flips: bool = True) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    np.save(root / "latents.npy", rng.normal(size=(n, 4, 4, 4)).astype(np.float32))
+    np.save(root / "labels.npy", np.arange(n) % 3)
+    if flips:
+        np.save(root / "latents_flip.npy", rng.normal(size=(n, 4, 4, 4)).astype(np.float32))
+    return root
+
+
+def test_a_latent_folder_is_memory_mapped_and_reads_flipped_encodings(tmp_path):
+    root = _cache_folder(tmp_path / "z")
+    ds = LatentCache(str(root), num_classes=3)
+    assert isinstance(ds.x, np.memmap) and len(ds) == 10 and ds.shape == (4, 4, 4)
+    x, y = ds.get(torch.tensor([7, 2, 7]))
+    lat = np.load(root / "latents.npy")
+    assert x.dtype == torch.float32 and torch.equal(x, torch.from_numpy(lat[[7, 2, 7]])) and y.tolist() == [1, 2, 1]
+    xf, _ = ds.get_flipped(torch.tensor([7, 2]), torch.tensor([True, False]))
+    assert torch.equal(xf[0], torch.from_numpy(np.load(root / "latents_flip.npy")[7])) and torch.equal(xf[1], x[1])
+    assert len(pickle.dumps(ds)) < lat.nbytes  # spawned workers reopen the map, never copy the rows
+    again = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(again.get(torch.tensor([7]))[0], x[:1])
+    plain = LatentCache(str(_cache_folder(tmp_path / "p", flips=False)), num_classes=3)  # no mirrored encodings:
+    xp, _ = plain.get_flipped(torch.tensor([1]), torch.tensor([True]))                    # the latent is mirrored
+    assert torch.equal(xp, plain.get(torch.tensor([1]))[0].flip(-1))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("no_labels", "lacks key 'labels'"),
+    ("nan", "NaN or inf"),
+    ("unfinished", "unfinished build"),
+    ("flip_shape", "latents_flip"),
+])
+def test_bad_latent_folder(tmp_path, case, match):
+    root = _cache_folder(tmp_path / "z")
+    if case == "no_labels":
+        (root / "labels.npy").unlink()
+    elif case == "nan":
+        lat = np.load(root / "latents.npy")
+        lat[9, 0, 0, 0] = np.inf
+        np.save(root / "latents.npy", lat)
+    elif case == "unfinished":
+        (root / "chunks").mkdir()
+    else:
+        np.save(root / "latents_flip.npy", np.zeros((9, 4, 4, 4), np.float32))
+    with pytest.raises(BenchError, match=match):
+        LatentCache(str(root), num_classes=3)
