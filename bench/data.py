@@ -184,7 +184,7 @@ class ImageFolder(Dataset):
             raise BenchError(f"class folders without images under {root_p}: {', '.join(empty[:5])}"
                              f"{' ...' if len(empty) > 5 else ''}; add images or remove the folders")
         verify_images([f for f, _ in files], verify, root_p)
-        self.files, self.classes, self.image_size = files, classes, int(image_size)
+        self.root, self.files, self.classes, self.image_size = root_p, files, classes, int(image_size)
         self.num_classes = len(classes)
         self.shape = (3, self.image_size, self.image_size)
         self.name = name or root_p.name
