@@ -436,7 +436,9 @@ def torchvision_dataset(dataset: str, root: str, split: str = "train", image_siz
 @dataclass
 class Calib:
     """Fixed probes. u in [0, 1] is the shared noise level (0 clean, 1 noise), stratified in
-    `bins` equal bins so every noise range is represented; `ids` are dataset indices."""
+    `bins` equal bins so every noise range is represented; `ids` are indices into `source`, the
+    training set they were drawn from (None for hand-made probes): methods that learn over the
+    training data (TinyFusion's pruning phase) draw their batches from it through bench.loader."""
 
     x0: torch.Tensor
     y: torch.Tensor
@@ -444,6 +446,7 @@ class Calib:
     u: torch.Tensor
     ids: torch.Tensor
     bins: int
+    source: Dataset | None = None
 
     def __len__(self):
         return self.x0.shape[0]
@@ -454,7 +457,8 @@ class Calib:
             yield self.x0[s], self.y[s], self.noise[s], self.u[s]
 
     def to(self, device):
-        return Calib(self.x0.to(device), self.y.to(device), self.noise.to(device), self.u.to(device), self.ids, self.bins)
+        return Calib(self.x0.to(device), self.y.to(device), self.noise.to(device), self.u.to(device), self.ids, self.bins,
+                     self.source)
 
     def bin_of(self) -> torch.Tensor:
         return (self.u * self.bins).long().clamp(max=self.bins - 1)
@@ -474,4 +478,4 @@ def calibration(dataset: Dataset, n: int = 256, seed: int = 0, bins: int = 8) ->
     noise = torch.randn(x0.shape, generator=g)
     b = torch.arange(n) % bins  # stratified noise levels: bin k covers [k/bins, (k+1)/bins)
     u = (b.float() + torch.rand(n, generator=g)) / bins
-    return Calib(x0.float(), y, noise, u, ids, bins)
+    return Calib(x0.float(), y, noise, u, ids, bins, dataset)

@@ -1,7 +1,7 @@
 """The fine-tune loop's batch source (bench.loader) and the memory-mapped latent cache: today's
 batches for the same seed, per-step seeded flips and streams that resume exactly, rank slices that
 add up to the global batch (the loop itself: tests/test_run.py, killed and resumed with workers and
-flips)."""
+flips; TinyFusion's pruning phase: tests/test_tinyfusion.py)."""
 from __future__ import annotations
 
 import pickle
