@@ -7,8 +7,13 @@ loop draws batches from a seeded generator and resumes exactly after a kill.
   digits        the embedded default: scikit-learn's bundled 8x8 handwritten digits (1,797 images,
                 10 classes), no download. Fixed train/test split by seed.
   image_folder  ImageNet-style class sub-folders (train/n01440764/*.JPEG ...), ADM/DiT center crop.
-  latents       a latent cache (.npz or .safetensors with `latents` N,C,H,W and `labels` N), as made by
-                fast-DiT-style feature extraction; already scaled by the VAE factor.
+  latents       a latent cache, already scaled by the VAE factor: a folder written by
+                `python -m bench.latents build` (latents.npy, labels.npy, memory-mapped), or a small
+                .npz / .safetensors file with `latents` N,C,H,W and `labels` N (loaded into memory).
+
+Two keys of the `data` group say how the fine-tune loop reads a set, not what it is: `workers`
+(DataLoader worker processes, default 0) and `hflip` (random horizontal flips, default false).
+build_dataset accepts them for every kind and sets them on the data set; bench.loader reads them.
 """
 from __future__ import annotations
 
@@ -30,12 +35,20 @@ class Dataset:
     name: str = "dataset"
     num_classes: int
     shape: tuple[int, int, int]
+    workers: int = 0       # data.workers: DataLoader worker processes of the fine-tune loop (bench.loader)
+    hflip: bool = False    # data.hflip: mirror each sample left-right with probability 1/2, seeded (bench.loader)
 
     def __len__(self) -> int:
         raise NotImplementedError
 
     def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def get_flipped(self, idx: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """get(idx) with the samples where `flip` (bool, per sample) is true mirrored left-right (the
+        width axis; for latents see LatentCache.get_flipped)."""
+        x, y = self.get(idx)
+        return torch.where(flip.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x), y
 
     def all(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.get(torch.arange(len(self)))
@@ -171,7 +184,7 @@ class ImageFolder(Dataset):
             raise BenchError(f"class folders without images under {root_p}: {', '.join(empty[:5])}"
                              f"{' ...' if len(empty) > 5 else ''}; add images or remove the folders")
         verify_images([f for f, _ in files], verify, root_p)
-        self.files, self.classes, self.image_size = files, classes, int(image_size)
+        self.root, self.files, self.classes, self.image_size = root_p, files, classes, int(image_size)
         self.num_classes = len(classes)
         self.shape = (3, self.image_size, self.image_size)
         self.name = name or root_p.name
@@ -195,45 +208,126 @@ class ImageFolder(Dataset):
         return torch.stack([self._load(i) for i in idx]), torch.tensor([self.files[i][1] for i in idx])
 
 
-class LatentCache(TensorDataset):
-    """Pre-extracted VAE latents: an .npz or .safetensors file with `latents` and `labels`."""
+class LatentCache(Dataset):
+    """Pre-extracted VAE latents (already x the VAE factor) with their class labels.
+
+    A folder, as `python -m bench.latents build` writes it: latents.npy (N, C, H, W), labels.npy (N,),
+    optionally latents_flip.npy (the encodings of the mirrored images, TinyFusion's extraction) and
+    manifest.json (sha256s). The latents are memory-mapped (np.load(mmap_mode="r")): a batch reads its
+    rows from disk (the page cache), the cache is never loaded whole (ImageNet-256: ~21 GB in fp32).
+    Or a small .npz / .safetensors file with `latents` and `labels` (optional `latents_flip`), loaded
+    into memory. Labels are checked whole; latents are checked for NaN/inf in chunks, except in a
+    folder whose manifest records that the builder checked them."""
 
     def __init__(self, path: str, num_classes: int = 1000, name: str | None = None):
-        p = Path(os.path.expanduser(path))
-        if not p.is_file():
-            raise BenchError(f"latent cache not found: {p}; extract latents first or pass data.path=...")
+        p = Path(os.path.expanduser(str(path)))
+        if not (p.is_file() or p.is_dir()):
+            raise BenchError(f"latent cache not found: {p}; build it first (python -m bench.latents build "
+                             "--images ... --vae ... --out ...) or pass data.path=...")
+        self.path, self.num_classes, self.name = p, int(num_classes), name or p.stem
+        self.manifest = None
         try:
-            if p.suffix == ".safetensors":
-                from safetensors.torch import load_file
-                d = load_file(str(p))
-            else:
-                with np.load(p) as z:
-                    d = {k: torch.from_numpy(z[k]) for k in ("latents", "labels") if k in z.files}
+            d = self._open_folder(p) if p.is_dir() else self._load_file(p)
             missing = [k for k in ("latents", "labels") if k not in d]
             if missing:
                 raise KeyError(missing[0])
-            x, y = d["latents"], d["labels"]
         except KeyError as e:
             raise BenchError(f"latent cache {p} lacks key {e}; it needs 'latents' (N,C,H,W) and 'labels' (N,): "
                              "re-extract it with both") from None
+        except BenchError:
+            raise
         except Exception as e:  # zip/header errors from numpy or safetensors
             raise BenchError(f"latent cache {p} is unreadable ({type(e).__name__}: {e}); re-extract it") from None
+        x, y, xf = d["latents"], torch.as_tensor(np.asarray(d["labels"])), d.get("latents_flip")
         if x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
             raise BenchError(f"latent cache {p}: latents {tuple(x.shape)} / labels {tuple(y.shape)} do not match "
                              "(N,C,H,W) / (N,) with N > 0; re-extract it")
+        if xf is not None and tuple(xf.shape) != tuple(x.shape):
+            raise BenchError(f"latent cache {p}: latents_flip {tuple(xf.shape)} differs from latents "
+                             f"{tuple(x.shape)}; re-extract it")
         if y.is_floating_point() and not torch.equal(y, y.round()):
             raise BenchError(f"latent cache {p}: labels are not integers (dtype {y.dtype}); store class ids")
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= num_classes:
             raise BenchError(f"latent cache {p}: labels span [{lo}, {hi}] but data.num_classes={num_classes}; "
                              "set data.num_classes (and model.num_classes) to the number of classes")
-        x = x.float()
-        if not torch.isfinite(x).all():
+        checked = bool(self.manifest and self.manifest.get("finite"))  # the builder checked every chunk
+        if isinstance(x, torch.Tensor):
+            x, xf = x.float(), None if xf is None else torch.as_tensor(xf).float()
+        if not checked and not all(_finite(a) for a in (x, xf) if a is not None):
             raise BenchError(f"latent cache {p} holds NaN or inf latents; re-extract it")
-        super().__init__(x, y.long(), num_classes, name or p.stem)
+        self.x, self.x_flip, self.y = x, xf, y.long()
+        self.shape = tuple(int(v) for v in x.shape[1:])
+
+    @staticmethod
+    def _load_file(p: Path) -> dict:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(p))
+        with np.load(p) as z:
+            return {k: torch.from_numpy(z[k]) for k in ("latents", "labels", "latents_flip") if k in z.files}
+
+    def _open_folder(self, p: Path) -> dict:
+        import json
+
+        if (p / "manifest.json").is_file():
+            self.manifest = json.loads((p / "manifest.json").read_text())
+        elif (p / "chunks").is_dir():
+            raise BenchError(f"latent cache {p} is an unfinished build (chunks/, no manifest.json); rerun "
+                             "python -m bench.latents build with the same arguments to resume it")
+        return {k: np.load(p / f"{k}.npy", mmap_mode="r" if k != "labels" else None)
+                for k in ("latents", "labels", "latents_flip") if (p / f"{k}.npy").is_file()}
+
+    def __len__(self):
+        return len(self.y)
+
+    def _rows(self, a, idx: torch.Tensor) -> torch.Tensor:
+        if isinstance(a, torch.Tensor):
+            return a[idx]
+        return torch.from_numpy(np.ascontiguousarray(a[idx.numpy()], dtype=np.float32))  # reads only these rows
+
+    def get(self, idx):
+        return self._rows(self.x, idx), self.y[idx]
+
+    def get_flipped(self, idx, flip):
+        """With latents_flip a flipped sample is read from there: the official pipelines mirror the
+        image before the VAE encodes it, never the latent (facebookresearch/DiT train.py:
+        RandomHorizontalFlip, then encode, every step; chuanyangjin/fast-DiT extract_features.py: one
+        random flip per image baked into its cache; VainF/TinyFusion extract_features.py encodes
+        torch.cat([x, x.flip(3)]) and its prune_by_learning.py / train.py CustomDataset(flip=0.5)
+        picks one of the two). Without it, the latent's width axis is mirrored: an approximation,
+        since the SD-VAE's encoder is equivariant to mirroring only approximately."""
+        if self.x_flip is None:
+            return super().get_flipped(idx, flip)
+        x = self._rows(self.x, idx)
+        if flip.any():
+            x[flip] = self._rows(self.x_flip, idx[flip])
+        return x, self.y[idx]
+
+    def __getstate__(self):  # DataLoader workers started by spawn: reopen the maps, never pickle their rows
+        d = dict(self.__dict__)
+        if isinstance(self.x, np.memmap):
+            d["x"] = d["x_flip"] = None
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        if self.x is None:
+            self.x = np.load(self.path / "latents.npy", mmap_mode="r")
+            f = self.path / "latents_flip.npy"
+            self.x_flip = np.load(f, mmap_mode="r") if f.is_file() else None
 
 
-def build_dataset(kind: str = "digits", **kw) -> Dataset:
+def _finite(a, rows: int = 4096) -> bool:
+    """No NaN/inf, read in chunks of `rows` (a memory-mapped array is streamed, never held whole)."""
+    if isinstance(a, torch.Tensor):
+        return bool(torch.isfinite(a).all())
+    return all(bool(np.isfinite(a[i:i + rows]).all()) for i in range(0, len(a), rows))
+
+
+def build_dataset(kind: str = "digits", workers: int = 0, hflip: bool = False, **kw) -> Dataset:
+    """The data set of `kind` from its keys; `workers` and `hflip` (every kind) say how the fine-tune
+    loop reads it (bench.loader) and are set on the returned data set."""
     import inspect
 
     builders = {"digits": digits, "image_folder": ImageFolder, "latents": LatentCache,
@@ -244,8 +338,15 @@ def build_dataset(kind: str = "digits", **kw) -> Dataset:
     unknown = sorted(set(kw) - set(known))
     if unknown:
         raise BenchError(f"data.{unknown[0]}={kw[unknown[0]]!r}: data.kind={kind} has no such key (it takes "
-                         f"{', '.join(known)}); remove +data.{unknown[0]} or fix its spelling")
-    return builders[kind](**kw)
+                         f"{', '.join(known + ['workers', 'hflip'])}); remove +data.{unknown[0]} or fix its spelling")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise BenchError(f"data.workers={workers!r}; use 0 (batches read in the main process) or a number of "
+                         "DataLoader worker processes")
+    if not isinstance(hflip, bool):
+        raise BenchError(f"data.hflip={hflip!r}; use true or false")
+    ds = builders[kind](**kw)
+    ds.workers, ds.hflip = workers, hflip
+    return ds
 
 
 def from_config(cfg: dict, split: str | None = None) -> Dataset:
@@ -335,7 +436,9 @@ def torchvision_dataset(dataset: str, root: str, split: str = "train", image_siz
 @dataclass
 class Calib:
     """Fixed probes. u in [0, 1] is the shared noise level (0 clean, 1 noise), stratified in
-    `bins` equal bins so every noise range is represented; `ids` are dataset indices."""
+    `bins` equal bins so every noise range is represented; `ids` are indices into `source`, the
+    training set they were drawn from (None for hand-made probes): methods that learn over the
+    training data (TinyFusion's pruning phase) draw their batches from it through bench.loader."""
 
     x0: torch.Tensor
     y: torch.Tensor
@@ -343,6 +446,7 @@ class Calib:
     u: torch.Tensor
     ids: torch.Tensor
     bins: int
+    source: Dataset | None = None
 
     def __len__(self):
         return self.x0.shape[0]
@@ -353,7 +457,8 @@ class Calib:
             yield self.x0[s], self.y[s], self.noise[s], self.u[s]
 
     def to(self, device):
-        return Calib(self.x0.to(device), self.y.to(device), self.noise.to(device), self.u.to(device), self.ids, self.bins)
+        return Calib(self.x0.to(device), self.y.to(device), self.noise.to(device), self.u.to(device), self.ids, self.bins,
+                     self.source)
 
     def bin_of(self) -> torch.Tensor:
         return (self.u * self.bins).long().clamp(max=self.bins - 1)
@@ -373,4 +478,4 @@ def calibration(dataset: Dataset, n: int = 256, seed: int = 0, bins: int = 8) ->
     noise = torch.randn(x0.shape, generator=g)
     b = torch.arange(n) % bins  # stratified noise levels: bin k covers [k/bins, (k+1)/bins)
     u = (b.float() + torch.rand(n, generator=g)) / bins
-    return Calib(x0.float(), y, noise, u, ids, bins)
+    return Calib(x0.float(), y, noise, u, ids, bins, dataset)

@@ -22,6 +22,7 @@ import torch
 from bench import surgery
 from bench.api import BenchError, Plan
 from bench.io import atomic_torch_save, read_state
+from bench.loader import batches
 from bench.metrics.cost import resolve_precision, tf32
 from bench.results import append_log
 
@@ -104,12 +105,13 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
     abort_at = int(os.environ.get("BENCH_TEST_ABORT_AT_STEP", "-1"))  # tests: simulate a kill
     prec = resolve_precision(cfg.precision, device)
     t0 = time.time()
+    data_it = batches(data, cfg.batch, gen, seed, start=step, steps=cfg.steps, device=device)  # data.workers, .hflip
     it = range(step, cfg.steps)
     with tf32(prec == "tf32"):
         for step in (progress(it) if progress else it):
             if cfg.compile and net.forward_fn is None:  # first step, or the structure changed
                 net.forward_fn = torch.compile(net.net)
-            loss = _step(net, data, cfg, gen, device, prec, callback, teacher, step)
+            loss = _step(net, data_it, cfg, gen, device, prec, callback, teacher, step)
             _update(net, ema, opt, loss, cfg, step)
             if run_dir and (step % cfg.log_every == 0 or step == cfg.steps - 1):
                 append_log(run_dir, "finetune", step=step, loss=round(loss.item(), 6), s=round(time.time() - t0, 2))
@@ -141,10 +143,11 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
     return net
 
 
-def _step(net, data, cfg: FinetuneConfig, gen, device, prec: str, callback, teacher, step: int) -> torch.Tensor:
-    """One batch's loss (forward under the configured precision: bf16 autocast keeps fp32 weights)."""
-    idx = torch.randint(len(data), (cfg.batch,), generator=gen)
-    x0, y = data.get(idx)
+def _step(net, data_it, cfg: FinetuneConfig, gen, device, prec: str, callback, teacher, step: int) -> torch.Tensor:
+    """One batch's loss (forward under the configured precision: bf16 autocast keeps fp32 weights).
+    The batch comes from bench.loader: with data.workers = 0 its indices are drawn from `gen` now,
+    as torch.randint(len(data), (cfg.batch,), generator=gen), before the loss draws its noise."""
+    x0, y = next(data_it)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=prec == "bf16"):
         if callback is not None and hasattr(callback, "loss"):  # a method's own recovery loss (TinyFusion masked KD)
             loss = callback.loss(net, x0.to(device), y.to(device), gen, teacher)

@@ -36,7 +36,8 @@ def subset(calib: Calib, mask: torch.Tensor) -> Calib:
     """The probes where mask is true (same order)."""
     idx = torch.nonzero(mask.cpu()).flatten()
     return Calib(calib.x0[idx.to(calib.x0.device)], calib.y[idx.to(calib.y.device)],
-                 calib.noise[idx.to(calib.noise.device)], calib.u[idx.to(calib.u.device)], calib.ids[idx], calib.bins)
+                 calib.noise[idx.to(calib.noise.device)], calib.u[idx.to(calib.u.device)], calib.ids[idx], calib.bins,
+                 calib.source)
 
 
 def _residual(stat):
@@ -56,6 +57,7 @@ def _tinyfusion(net, calib, batch_size: int, group_size: int = 2, keep_fraction:
     depth = net.depth
     u = calib.u.double().cpu()
     lo, hi = float(u.min()), float(u.max())
+    kw.setdefault("learn_data", "calib")  # a score of these probes (a stage's), not of the training set
     m = TinyFusion(group_size=group_size, u_range=(lo, hi) if hi > lo else (0.0, 1.0), **kw)
     groups = make_groups(depth, group_size, max(1, int(round(keep_fraction * depth))))
     return m.learn(net, calib, groups)[0]["marginals"]

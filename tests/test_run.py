@@ -60,12 +60,14 @@ def test_run_dir_is_a_pure_function_of_the_config(tiny_cfg):
     assert run_relpath(a) == run_relpath(d)
 
 
-def test_killed_finetune_resumes_to_the_same_row(tmp_path, artifacts):
+@pytest.mark.parametrize("loader", [[], ["+data.workers=1", "+data.hflip=true"]], ids=["main_process", "workers_flips"])
+def test_killed_finetune_resumes_to_the_same_row(tmp_path, artifacts, loader):
     """Kill during fine-tuning (after the step-4 checkpoint, before step 6), restart, compare with
-    an uninterrupted run: identical quality numbers and measured costs."""
+    an uninterrupted run: identical quality numbers and measured costs. Also with a DataLoader
+    worker and flips (bench.loader's per-step stream)."""
     common = TINY + ["method=sensitivity", "budget.keep=0.5", "finetune.steps=8", "finetune.ckpt_every=2",
-                     f"paths.artifacts={artifacts}"]
-    ensure_teacher(artifacts)
+                     f"paths.artifacts={artifacts}", *loader]
+    ensure_teacher(artifacts, tuple(loader))
     killed = run_cli(common + [f"paths.results={tmp_path / 'a'}"], {"BENCH_TEST_ABORT_AT_STEP": "5"})
     assert killed.returncode == 137, killed.stderr
     assert not list((tmp_path / "a").rglob("row.json"))  # nothing looks finished
@@ -79,7 +81,7 @@ def test_killed_finetune_resumes_to_the_same_row(tmp_path, artifacts):
     shutil.copytree(artifacts / "teachers", ref_art / "teachers")
     shutil.copytree(artifacts / "classifiers", ref_art / "classifiers")
     ref = run_cli(TINY + ["method=sensitivity", "budget.keep=0.5", "finetune.steps=8", "finetune.ckpt_every=2",
-                          f"paths.artifacts={ref_art}", f"paths.results={tmp_path / 'b'}"])
+                          f"paths.artifacts={ref_art}", f"paths.results={tmp_path / 'b'}", *loader])
     assert ref.returncode == 0, ref.stderr
     ra = json.loads(next((tmp_path / "a").rglob("row.json")).read_text())
     rb = json.loads(next((tmp_path / "b").rglob("row.json")).read_text())

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from bench import surgery
 from bench.api import BenchError, Budget, Plan
-from bench.data import digits
+from bench.data import Calib, TensorDataset, digits
 from methods.tinyfusion import MaskedKD, TinyFusion
 from methods.tinyfusion.kd import masked_mse
 from methods.tinyfusion.learn import candidates, make_groups
@@ -161,8 +161,37 @@ def test_kd_config_is_a_callback_that_asks_for_the_teacher(calib):
     assert plain.callback(Budget("blocks", 0.5), calib) is None
 
 
+class CountingSet(TensorDataset):
+    """A training set that records the size of every batch read from it."""
+
+    def __init__(self, base):
+        super().__init__(base.x, base.y, base.num_classes, "counting")
+        self.reads = []
+
+    def get(self, idx):
+        self.reads.append(len(idx))
+        return super().get(idx)
+
+
+def test_pruning_phase_draws_from_the_training_set(calib):
+    """learn_data=train (default, the paper's recipe): every step's batch is read from the training
+    set the probes came from (calib.source), through bench.loader; learn_data=calib: the probes only."""
+    net = make_net("dit")
+    train = CountingSet(digits("train"))
+    probes = Calib(calib.x0, calib.y, calib.noise, calib.u, calib.ids, calib.bins, train)
+    plan = TinyFusion(steps=3, batch=8, lora_rank=2).plan(net, Budget("blocks", 0.5), probes)
+    assert train.reads == [8, 8, 8] and plan.meta["learn_n"] == len(train)
+    train.reads.clear()
+    plan = TinyFusion(steps=3, batch=8, lora_rank=2, learn_data="calib").plan(net, Budget("blocks", 0.5), probes)
+    assert train.reads == [] and "learn_n" not in plan.meta
+    hand_made = Calib(calib.x0, calib.y, calib.noise, calib.u, calib.ids, calib.bins)  # no source
+    with pytest.raises(BenchError, match="learn_data=calib"):
+        TinyFusion(steps=3).plan(net, Budget("blocks", 0.5), hand_made)
+    assert calib.source is not None and calib.to("cpu").source is calib.source  # bench.data.calibration sets it
+
+
 def test_bad_options():
     for kw in ({"update": "adapter"}, {"recovery": "distill"}, {"prior": "taylor"}, {"prior": "tinyfusion"}, {"rep_map": "any"},
-               {"u_range": [0.5, 0.2]}, {"group_size": 0}):
+               {"u_range": [0.5, 0.2]}, {"group_size": 0}, {"learn_data": "epoch"}):
         with pytest.raises(BenchError):
             TinyFusion(**kw)

@@ -18,9 +18,14 @@ What it does [V]:
   * recovery: fine-tuning, best with masked representation distillation (Table 5; methods/tinyfusion/kd.py).
 
 Reconstruction choices [A] (keyword arguments; defaults in brackets, paper values in the config):
-  T1 data       plan() sees only the shared calibration probes: the pruning phase draws its batches
-                from their clean images with fresh seeded noise and t (the paper: one epoch of the
-                ImageNet latents, ~10K iterations at batch 128).
+  T1 data       learn_data [train]: the pruning phase draws its batches from the training set (the
+                one the calibration probes come from, calib.source) through the fine-tune loop's
+                batch source (bench.loader), with its flips (data.hflip) and workers: the paper's
+                recipe, one epoch of ImageNet latents with flips (prune_by_learning.py's
+                CustomDataset(flip=0.5) over extract_features.py's encodings of each image and its
+                mirror), here i.i.d. batches drawn with replacement for `steps` steps (steps x batch
+                / N epochs); fresh seeded noise and t. learn_data=calib: the 256 shared calibration
+                probes' clean images instead (version 1's behaviour).
   T2 schedule   steps [100] at batch [32], lr [1e-3] for the update and gate_lr [1e-2] for the logits
                 (paper: 1e-4 and 10x for ~10K steps; scaled to a ~10 s pruning phase on one CPU
                 thread for the 8-block default), EMA decay [0.99] (paper 0.999 over 10K steps), grad
@@ -65,7 +70,7 @@ __all__ = ["TinyFusion", "MaskedKD", "learn_masks", "make_groups"]
 
 class TinyFusion(Method):
     granularity = "block"
-    version = 1
+    version = 2  # 2: the pruning phase learns over the training set (learn_data=train), not the probes
     needs_grad = True
 
     def __init__(
@@ -94,6 +99,7 @@ class TinyFusion(Method):
         rep_beta: float = 1e-2,         # T6: paper 1e-2 (SiT 2e-4), linearly to 0
         rep_sigma: float = 2.0,         # T6: paper 2 sigma (Table 5)
         rep_map: str = "group_end",     # T6: group_end (paper's i <-> 2i+1) | same_block
+        learn_data: str = "train",      # T1: train (the paper: the training set) | calib (the shared probes)
         seed: int = 0,                  # Gumbel noise, LoRA init, batches
     ):
         if update not in ("lora", "full", "frozen"):
@@ -105,6 +111,8 @@ class TinyFusion(Method):
         if prior is not None and (prior not in SCORERS or prior == "tinyfusion"):
             raise BenchError(f"tinyfusion prior={prior!r} is unknown; use null or one of "
                              f"{', '.join(s for s in SCORERS if s != 'tinyfusion')}")
+        if learn_data not in ("train", "calib"):
+            raise BenchError(f"tinyfusion learn_data={learn_data!r} is unknown; use train | calib")
         if rep_map not in REP_MAPS:
             raise BenchError(f"tinyfusion rep_map={rep_map!r} is unknown; use one of {', '.join(REP_MAPS)}")
         lo, hi = (float(v) for v in u_range)
@@ -119,12 +127,14 @@ class TinyFusion(Method):
         self.prior, self.prior_strength, self.prior_kwargs = prior, float(prior_strength), dict(prior_kwargs or {})
         self.recovery, self.kd_alpha, self.rep_beta = recovery, float(kd_alpha), float(rep_beta)
         self.rep_sigma, self.rep_map, self.seed = float(rep_sigma), rep_map, int(seed)
+        self.learn_data = learn_data
         self.needs_grad = True
 
     def settings(self) -> dict:
         keys = ("group_size", "steps", "batch", "update", "lora_rank", "lora_alpha", "lora_targets", "lr", "gate_lr",
                 "tau_start", "tau_end", "scaling", "logit_init", "ema_decay", "grad_clip", "u_range", "prior",
-                "prior_strength", "prior_kwargs", "recovery", "kd_alpha", "rep_beta", "rep_sigma", "rep_map", "seed")
+                "prior_strength", "prior_kwargs", "recovery", "kd_alpha", "rep_beta", "rep_sigma", "rep_map",
+                "learn_data", "seed")
         return {k: getattr(self, k) for k in keys}
 
     def prior_logits(self, net, calib, groups) -> tuple[list[list[float]] | None, list[float] | None]:
@@ -140,10 +150,20 @@ class TinyFusion(Method):
             out.append((self.prior_strength * (c @ zg) / max(1, n)).tolist())
         return out, s.tolist()
 
+    def train_data(self, calib):
+        """T1: the training set the pruning phase draws from (None: the calibration probes)."""
+        if self.learn_data == "calib":
+            return None
+        if getattr(calib, "source", None) is None:
+            raise BenchError("tinyfusion learn_data=train needs the training set the probes came from "
+                             "(calib.source, set by bench.data.calibration); pass learn_data=calib to learn "
+                             "over the probes")
+        return calib.source
+
     def learn(self, net, calib, groups, u_range=None) -> tuple[dict, list[float] | None]:
         """Learn the masks of `groups` (positions, keep counts); returns (result, prior scores)."""
         prior, prior_scores = self.prior_logits(net, calib, groups)
-        res = learn_masks(net, calib, groups, steps=self.steps, batch=self.batch, update=self.update,
+        res = learn_masks(net, calib, groups, data=self.train_data(calib), steps=self.steps, batch=self.batch, update=self.update,
                           lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_targets=self.lora_targets,
                           lr=self.lr, gate_lr=self.gate_lr, tau=(self.tau_start, self.tau_end), scaling=self.scaling,
                           logit_init=self.logit_init, ema_decay=self.ema_decay, grad_clip=self.grad_clip,
@@ -161,6 +181,8 @@ class TinyFusion(Method):
                 "groups": [{"blocks": [dense[p] for p in g], "keep": n} for g, n in groups],
                 "candidates": res["candidates"], "logits": res["logits"], "ema_logits": res["ema_logits"],
                 "log": res["log"], "seconds": res["seconds"], "calib_n": len(calib)}
+        if (data := self.train_data(calib)) is not None:
+            meta["learn_n"], meta["learn_hflip"] = len(data), bool(getattr(data, "hflip", False))
         if prior_scores is not None:
             meta["prior_scores"] = prior_scores
         return Plan(granularity="block", keep={"blocks": kept}, scores={"blocks": [float(v) for v in res["marginals"]]},

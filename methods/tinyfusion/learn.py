@@ -2,7 +2,10 @@
 each group's candidate masks sampled by hard Gumbel-softmax, a jointly trained low-rank update
 for recoverability, the decision from an EMA of the logits (arXiv 2412.01199 Sec. 3.2; methods.md 7b-7c).
 
-    learn_masks(net, calib, groups, ...) -> dict(kept, ema_logits, logits, candidates, log)
+    learn_masks(net, calib, groups, ..., data=None) -> dict(kept, ema_logits, logits, candidates, log)
+
+Batches come from the training set `data` through bench.loader (the shared fine-tune loop's batch
+source, with the set's flips and workers), or, with data=None, from the calibration probes' images.
 
 Nothing of `net` changes: the low-rank update lives in forward hooks on the nn.Linear layers and
 is discarded with them; the dense weights are frozen while the masks learn (update="lora").
@@ -19,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.api import BenchError
+from bench.loader import batches
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,9 +127,11 @@ def learn_masks(net, calib, groups: list[tuple[list[int], int]], *, steps: int =
                 lr: float = 1e-3, gate_lr: float = 1e-2, tau: tuple[float, float] = (4.0, 0.1),
                 scaling: float = 100.0, logit_init: float = 0.02, ema_decay: float = 0.99,
                 grad_clip: float = 1.0, u_range: tuple[float, float] = (0.0, 1.0),
-                prior: list[list[float]] | None = None, seed: int = 0, log_every: int = 25) -> dict:
+                prior: list[list[float]] | None = None, seed: int = 0, log_every: int = 25, data=None) -> dict:
     """Learn the keep masks of `groups` (positions in net.backbone.blocks, keep counts). Returns the
-    decision (argmax of the EMA logits per group), logits, candidates and a training log."""
+    decision (argmax of the EMA logits per group), logits, candidates and a training log.
+    `data`: the training set (bench.data.Dataset) the batches are drawn from, as the fine-tune loop
+    draws them (bench.loader, from this phase's generator); None: the calibration probes."""
     if update not in ("lora", "full", "frozen"):
         raise BenchError(f"tinyfusion update={update!r} is unknown; use lora | full | frozen")
     import copy
@@ -164,11 +170,15 @@ def learn_masks(net, calib, groups: list[tuple[list[int], int]], *, steps: int =
         depth = len(model.blocks)
         pos_of = [torch.tensor(g, device=dev) for g, _ in groups]
         lo, hi = float(u_range[0]), float(u_range[1])
+        train = None if data is None else batches(data, batch, gen, seed, steps=int(steps), device=dev)
         try:
             for step in range(int(steps)):
                 tau_t = tau[0] + (tau[1] - tau[0]) * step / max(1, steps - 1)  # linear 4 -> 0.1 (paper)
-                idx = torch.randint(len(calib), (batch,), generator=gen)
-                x0, y = calib.x0[idx.to(calib.x0.device)].to(dev), calib.y[idx.to(calib.y.device)].to(dev)
+                if train is not None:  # the training set (the paper: one epoch of ImageNet latents, flipped)
+                    x0, y = (v.to(dev) for v in next(train))
+                else:
+                    idx = torch.randint(len(calib), (batch,), generator=gen)
+                    x0, y = calib.x0[idx.to(calib.x0.device)].to(dev), calib.y[idx.to(calib.y.device)].to(dev)
                 if (lo, hi) == (0.0, 1.0):
                     t = net.process.sample_t(batch, gen, dev)
                 else:
