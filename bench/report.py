@@ -111,8 +111,10 @@ def check_single_protocol(df: pd.DataFrame) -> None:
 
 
 def variant_keys(g: pd.DataFrame) -> list[str]:
-    """The VARIANT_KEYS on which this group's rows differ: each value becomes a line of its own."""
-    return [k for k in VARIANT_KEYS if k in g.columns and g[k].nunique(dropna=False) > 1]
+    """The VARIANT_KEYS on which rows of one method and budget differ (each value becomes a line of
+    its own); a key that only differs between methods (one method's version 2) is no variant."""
+    return [k for k in VARIANT_KEYS
+            if k in g.columns and (g.groupby(LINE_KEYS, dropna=False)[k].nunique(dropna=False) > 1).any()]
 
 
 def set_apart(g: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
