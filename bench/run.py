@@ -306,22 +306,28 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
                         precision=ev.get("precision"), compile=ev.get("compile", False))
         check_samples(s, cfg)  # NaN/Inf or collapsed samples are refused, not scored
         shards.write(lo, hi, s, y)
-    samples, labels = shards.load_all()
     wall["sample"] = time.time() - t0
     if cfg.get("stop_after") == "sample":  # run_all.sh phase 1: heavy stages in parallel workers;
         _log(f"stopped after sampling (stop_after=sample): {run_dir}")  # score + timing run later, alone
         append_log(run_dir, "stop_after", stage="sample")
         return None
 
-    # Score: quality of the samples (decoded to images first for latent models: model.vae), then cost
+    # Score: quality of the samples (decoded to images first for latent models: model.vae), then cost.
+    # Inception metrics alone (the paper protocols) stream: each shard is decoded and featurised in
+    # turn, so 50K decoded images are never in memory; the proxies and SSIM-to-teacher take them all.
     t0 = time.time()
-    if cfg["model"].get("vae"):
-        from bench.vae import decode_samples
-        samples = decode_samples(cfg, samples, device)
+    from bench.vae import decoder
+    decode = decoder(cfg, device)
+    if ev["scorer"] in (None, "none") and ref_samples is None:
+        metrics, impl, ref = score(cfg, None, None)
+        fid_metrics, fid_fields = score_inception(cfg, (decode(s) for s, _ in shards.iter_shards()))
+    else:
+        samples, labels = shards.load_all()
+        samples = decode(samples)
         if ref_samples is not None:
-            ref_samples = (decode_samples(cfg, ref_samples[0], device), ref_samples[1])
-    metrics, impl, ref = score(cfg, samples, labels)
-    fid_metrics, fid_fields = score_inception(cfg, samples)
+            ref_samples = (decode(ref_samples[0]), ref_samples[1])
+        metrics, impl, ref = score(cfg, samples, labels)
+        fid_metrics, fid_fields = score_inception(cfg, samples)
     metrics.update(fid_metrics)
     notes = list(fid_fields.pop("warnings", []))  # e.g. Inception n < 10k: kept in the row and the log
     if notes:

@@ -55,10 +55,13 @@ def decode(vae, latents: torch.Tensor, scale: float = 0.18215, batch: int = 64, 
     return torch.cat(out)
 
 
-def decode_samples(cfg: dict, samples: torch.Tensor, device) -> torch.Tensor:
-    """The run's samples as images: decoded when the model has a VAE (model.vae), else as they are."""
+def decoder(cfg: dict, device):
+    """samples -> images for the run: the VAE decode when the model has one (model.vae; loaded once,
+    here), else the identity."""
     spec = cfg["model"].get("vae")
     if not spec:
-        return samples
+        return lambda samples: samples
     vae = load_vae(spec, device)
-    return decode(vae, samples, float(cfg["model"].get("latent_scale", 0.18215)), device=device)
+    scale = float(cfg["model"].get("latent_scale", 0.18215))
+    return lambda samples: decode(vae, samples, scale, device=device)
+

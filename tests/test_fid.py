@@ -260,6 +260,21 @@ def test_evaluate_end_to_end_fid_helper(x_digits, tmp_path):
         mb, _, refb, _ = evaluate(x_digits[100:108], no_images, cfg, tmp_path, "digits", "cpu")
     assert refb == ref and mb["fid"] > 1.0 and mb["sfid"] > 1.0
     assert mb["fid_ci_lo"] <= mb["fid"] <= mb["fid_ci_hi"] and mb["kid_ci_lo"] <= mb["kid_ci_hi"]
+
+    # (b') the same samples streamed in chunks (a run's shards, decoded one at a time): the same
+    # metrics, and eval.inception.n takes the first n across chunk boundaries
+    by4 = {"inception": {**cfg["inception"], "batch": 4}}  # the same Inception batches either way
+    n6 = {"inception": {**by4["inception"], "n": 6}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        mt, _, _, _ = evaluate(x_digits[100:108], no_images, by4, tmp_path, "digits", "cpu")
+        ms, _, _, xs = evaluate(iter(x_digits[100:108].split(4)), no_images, by4, tmp_path, "digits", "cpu")
+        m6t, _, _, _ = evaluate(x_digits[100:108], no_images, n6, tmp_path, "digits", "cpu")
+        m6, _, _, x6 = evaluate(iter(x_digits[100:108].split(4)), no_images, n6, tmp_path, "digits", "cpu")
+    assert ms == mt and xs["n"] == 8 and x6["n"] == 6 and m6 == m6t
+    with pytest.raises(BenchError, match="only 8 samples exist"):
+        evaluate(iter(x_digits[100:108].split(4)), no_images, {"inception": {**cfg["inception"], "n": 9}}, tmp_path,
+                 "digits", "cpu")
     assert {"kid", "kid_std", "precision", "recall"} <= set(mb)
 
     # (c) a user's ADM reference batch is used as is (its mu/sigma; features only of its arr_0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench.api import BenchError
-from bench.vae import decode_samples, load_vae
+from bench.vae import decoder, load_vae
 
 
 def tiny_vae_folder(tmp_path):
@@ -22,12 +22,12 @@ def test_latents_are_decoded_with_the_scale(tmp_path):
     folder, vae = tiny_vae_folder(tmp_path)
     z = torch.randn(3, 4, 4, 4)
     cfg = {"model": {"vae": str(folder), "latent_scale": 0.18215}}
-    img = decode_samples(cfg, z, "cpu")
+    img = decoder(cfg, "cpu")(z)
     assert img.shape == (3, 3, 8, 8) and img.min() >= -1 and img.max() <= 1
     with torch.no_grad():
         want = vae.eval().decode(z / 0.18215).sample.clamp(-1, 1)
     torch.testing.assert_close(img, want, rtol=1e-5, atol=1e-5)
-    assert decode_samples({"model": {"vae": None}}, z, "cpu") is z  # pixel models: as they are
+    assert decoder({"model": {"vae": None}}, "cpu")(z) is z  # pixel models: as they are
 
 
 def test_missing_or_broken_vae_stops_with_the_fix(tmp_path):

@@ -35,6 +35,7 @@ KID is always reported beside FID, and n < 10,000 raises a warning (FID is biase
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import tempfile
 import time
@@ -311,9 +312,11 @@ def reference(cfg: dict, backend, ref_images_fn, artifacts_dir, dataset_name: st
     return z
 
 
-def evaluate(samples: torch.Tensor, ref_images_fn: Callable[[], torch.Tensor] | None, eval_cfg: dict,
+def evaluate(samples, ref_images_fn: Callable[[], torch.Tensor] | None, eval_cfg: dict,
              artifacts_dir, dataset_name: str, device: str = "cpu") -> tuple[dict, str, str, dict]:
-    """Inception metrics of `samples` (float N,C,H,W in [-1, 1], C = 1 or 3; uint8 accepted).
+    """Inception metrics of `samples` (float N,C,H,W in [-1, 1], C = 1 or 3; uint8 accepted), given
+    as one tensor or as an iterable of such tensors (a run's sample shards, decoded one at a time):
+    the features are taken chunk by chunk, so only the features are ever held for all N images.
 
     ref_images_fn() returns real images in the same format; it is called only when neither the
     cache nor eval.inception.ref_npz has the reference. eval_cfg is the eval group (or its
@@ -327,22 +330,33 @@ def evaluate(samples: torch.Tensor, ref_images_fn: Callable[[], torch.Tensor] | 
     """
     cfg = config(eval_cfg)
     dev = cfg["device"] or device
-    if samples.ndim != 4 or samples.shape[1] not in (1, 3):
-        raise BenchError(f"samples must be N x C x H x W with C = 1 or 3, got {tuple(samples.shape)}")
-    n = int(cfg["n"] or samples.shape[0])
-    if n > samples.shape[0]:
-        raise BenchError(f"eval.inception.n={n} but only {samples.shape[0]} samples exist; raise eval.n or lower it")
-    x = to_uint8(samples[:n])
+    chunks = iter([samples] if isinstance(samples, torch.Tensor) else samples)
+    first = next(chunks, None)
+    if first is None or first.ndim != 4 or first.shape[1] not in (1, 3):
+        raise BenchError(f"samples must be N x C x H x W with C = 1 or 3, got "
+                         f"{None if first is None else tuple(first.shape)}")
+    want = int(cfg["n"]) if cfg["n"] else None
     wall: dict[str, float] = {}
     notes: list[str] = []
 
     t0 = time.perf_counter()
     backend = make_backend(cfg, dev)
-    ref = reference(cfg, backend, ref_images_fn, artifacts_dir, dataset_name, int(samples.shape[-1]))
+    ref = reference(cfg, backend, ref_images_fn, artifacts_dir, dataset_name, int(first.shape[-1]))
     wall["reference"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    gen = backend.features(x)
+    parts: list[dict] = []
+    n = 0
+    for chunk in itertools.chain([first], chunks):  # the first `want` samples (all of them when null)
+        take = chunk if want is None else chunk[: want - n]
+        if len(take):
+            parts.append(backend.features(to_uint8(take)))
+            n += len(take)
+        if want is not None and n >= want:
+            break
+    if want is not None and n < want:
+        raise BenchError(f"eval.inception.n={want} but only {n} samples exist; raise eval.n or lower it")
+    gen = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     wall["features"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
