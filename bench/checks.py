@@ -272,6 +272,22 @@ def check_device(cfg: dict) -> None:
                 raise refuse(key, "tf32", "is a CUDA mode", f"use {key}=fp32 (or bf16) on the CPU")
 
 
+def factory(group: str, kind: str, factories: dict, kw: dict, also: tuple[str, ...] = ()):
+    """`factories[kind]`, once `kw` is checked against its signature: an unknown kind or key stops
+    with one line naming `<group>.<key>` (a misspelt key would otherwise be dropped, or end in a
+    TypeError). `also`: keys the caller takes itself."""
+    import inspect
+
+    if kind not in factories:
+        raise refuse(f"{group}.kind", kind, "is unknown", f"use one of {', '.join(factories)}")
+    known = [n for n in inspect.signature(factories[kind]).parameters if n != "self"] + list(also)
+    unknown = sorted(set(kw) - set(known))
+    if unknown:
+        raise refuse(f"{group}.{unknown[0]}", kw[unknown[0]], f"{group}.kind={kind} has no such key (it takes "
+                     f"{', '.join(known)})", f"remove +{group}.{unknown[0]} or fix its spelling")
+    return factories[kind]
+
+
 def check_method_kwargs(cls, kwargs: dict, method_name: str) -> None:
     """A method's keyword arguments against its constructor: unknown names and values of the wrong
     type (int, float, bool, str annotations; Literal options) are refused before it is built."""

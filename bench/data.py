@@ -328,23 +328,16 @@ def _finite(a, rows: int = 4096) -> bool:
 def build_dataset(kind: str = "digits", workers: int = 0, hflip: bool = False, **kw) -> Dataset:
     """The data set of `kind` from its keys; `workers` and `hflip` (every kind) say how the fine-tune
     loop reads it (bench.loader) and are set on the returned data set."""
-    import inspect
+    from bench.checks import factory
 
-    builders = {"digits": digits, "image_folder": ImageFolder, "latents": LatentCache,
-                "torchvision": torchvision_dataset, "cifar": cifar_batches}
-    if kind not in builders:
-        raise BenchError(f"data.kind={kind!r} is unknown; use one of {', '.join(builders)}")
-    known = [n for n in inspect.signature(builders[kind]).parameters if n != "self"]
-    unknown = sorted(set(kw) - set(known))
-    if unknown:
-        raise BenchError(f"data.{unknown[0]}={kw[unknown[0]]!r}: data.kind={kind} has no such key (it takes "
-                         f"{', '.join(known + ['workers', 'hflip'])}); remove +data.{unknown[0]} or fix its spelling")
+    build = factory("data", kind, {"digits": digits, "image_folder": ImageFolder, "latents": LatentCache,
+                                   "torchvision": torchvision_dataset, "cifar": cifar_batches}, kw, ("workers", "hflip"))
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise BenchError(f"data.workers={workers!r}; use 0 (batches read in the main process) or a number of "
                          "DataLoader worker processes")
     if not isinstance(hflip, bool):
         raise BenchError(f"data.hflip={hflip!r}; use true or false")
-    ds = builders[kind](**kw)
+    ds = build(**kw)
     ds.workers, ds.hflip = workers, hflip
     return ds
 

@@ -62,14 +62,7 @@ def _refuse_unknown(name: str, extra: dict, factory) -> None:
 
 def check_process_kwargs(kind: str, kw: dict) -> None:
     """model.process keys against the process class's constructor (a typo is an error, not ignored)."""
-    import inspect
-
+    from bench.checks import factory
     from bench.processes import PROCESSES
 
-    if kind not in PROCESSES:
-        raise BenchError(f"model.process.kind={kind!r} is unknown; use one of {', '.join(PROCESSES)}")
-    known = [k for k in inspect.signature(PROCESSES[kind]).parameters if k != "self"]
-    unknown = sorted(set(kw) - set(known))
-    if unknown:
-        raise BenchError(f"model.process.{unknown[0]}={kw[unknown[0]]!r}: the {kind} process has no such setting "
-                         f"(known: {', '.join(known)}); remove it or fix its spelling")
+    factory("model.process", kind, PROCESSES, kw)
