@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench import checks, surgery
+from bench import checks, dist, surgery
 from bench.api import BenchError, Budget, Method, Plan
 from bench.io import atomic_torch_save, atomic_write, atomic_write_text, file_lock, os_error_message, read_state, \
     sha256_file
@@ -182,7 +182,8 @@ def execute(cfg: dict) -> Row | None:
     except Exception as e:  # not BaseException: a requeue (SystemExit) or a kill is no failure
         done = sum(v for k, v in wall.items() if k != "earlier_attempts")
         spent = {**wall, "unfinished": max(0.0, time.time() - t_start - done)}
-        write_failure(cfg, e, wall_s=spent, n_devices=devices_held(str(cfg.get("device", "cpu"))))
+        if dist.is_main():  # one record per run, not one per rank
+            write_failure(cfg, e, wall_s=spent, n_devices=devices_held(str(cfg.get("device", "cpu"))))
         raise
 
 
@@ -198,11 +199,23 @@ def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
     method = make_method(cfg)  # unknown or mistyped kwargs, a bad _target_: before the run dir exists
     data = checks.check_inputs(cfg, budget, method)  # data, checkpoint, assets, a budget no block plan meets
 
+    # Several ranks (torchrun, bench.dist): rank 0 runs every stage up to the fine-tuned model, the
+    # others wait, then rebuild it from the stored stages (every one is skipped) and all ranks draw
+    # their share of the sample shards; rank 0 scores and writes the row. (Data-parallel fine-tuning
+    # is issue 14's next step: today the fine-tune runs on rank 0.)
+    if not dist.is_main():
+        if not dist.broadcast(None):  # rank 0: is there work (no row yet)?
+            return None
+        dist.barrier()  # rank 0 has its fine-tuned model
+        return _stages(cfg, wall, budget, method, data, rel, run_dir, art_dir)
+
     # One writer per run: a second copy of this config waits here for the first (the lock dies with
     # its holder, so a killed run never blocks its own resume), then finds its row or resumes
     art_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(art_dir / "run.lock", on_wait=lambda who: _log(f"{run_dir} is being run by {who}; waiting")):
-        if (row := read_row(run_dir)) is not None:
+        row = read_row(run_dir)
+        dist.broadcast(row is None)
+        if row is not None:
             _log(f"done already (by the other copy): {run_dir}")
             return row
         return _stages(cfg, wall, budget, method, data, rel, run_dir, art_dir)
@@ -210,11 +223,12 @@ def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
 
 def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, data, rel: str, run_dir: Path,
             art_dir: Path) -> Row | None:
-    device = cfg["device"]
-    # Setup the run directory: the resolved config first (EDM's training_options.json)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", json.dumps(cfg, indent=1, sort_keys=True))
-    append_log(run_dir, "start", run=rel, job=scheduler_job_id())
+    device, main = cfg["device"], dist.is_main()
+    # Setup the run directory: the resolved config first (EDM's training_options.json); rank 0 writes
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", json.dumps(cfg, indent=1, sort_keys=True))
+        append_log(run_dir, "start", run=rel, job=scheduler_job_id(), world=dist.world())
     moved = lambda path, dest: append_log(run_dir, "state_moved_aside", path=str(path), to=str(dest))  # noqa: E731
 
     # Teacher (cached), on the data checked above:
@@ -224,7 +238,7 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
     per_block = surgery.block_costs(net)[1] if len(net.net.blocks) else None  # the U-Net has no blocks
     ev = cfg["eval"]
     sampler = ev["sampler"] or ("ddpm" if net.process.kind == "ddpm" else "heun")
-    ref_samples = teacher_reference_samples(net, cfg, sampler, device) if ev.get("ssim_teacher") else None
+    ref_samples = teacher_reference_samples(net, cfg, sampler, device) if ev.get("ssim_teacher") and main else None
 
     # Plan: the method decides on the dense teacher, with the shared calibration probes
     from bench.data import calibration
@@ -275,7 +289,8 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
         unit = float(plan.meta.get("unit_share", 0.10))
     keep = surgery.check_budget(dense_cost, surgery.measure(net), budget, unit_share=0 if callback else unit,
                                 final=callback is None)
-    append_log(run_dir, "surgery", kept_blocks=net.kept_blocks, **keep)
+    if main:
+        append_log(run_dir, "surgery", kept_blocks=net.kept_blocks, **keep)
 
     # Fine-tune: the same budget for every method (progressive methods hook in via callback)
     from bench.finetune import FinetuneConfig, finetune
@@ -289,6 +304,8 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
             keep = surgery.check_budget(dense_cost, surgery.measure(net), budget, unit_share=unit)
     wall["finetune"] = time.time() - t0
     net.net.eval()
+    if main:
+        dist.barrier()  # the other ranks rebuild this model from the stored stages, then sample with it
 
     # Sample: per-sample seeds, identical for every method; shards on disk as they are produced, so
     # a killed run resumes at the first missing shard (bench.shards)
@@ -296,7 +313,7 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
     from bench.shards import SampleShards
     shards = SampleShards(art_dir / "samples", ev["n"], ev["seed"])
     t0 = time.time()
-    todo = shards.missing(on_moved=moved)
+    todo = shards.missing(dist.rank(), dist.world(), on_moved=moved)  # shard k: rank k mod world
     if todo:
         _log(f"sampling {sum(hi - lo for lo, hi in todo)} of {ev['n']} ({sampler}, {ev['steps']} steps, "
              f"cfg {ev['cfg_scale']}) in {len(todo)} shard(s)")
@@ -306,7 +323,10 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
                         precision=ev.get("precision"), compile=ev.get("compile", False))
         check_samples(s, cfg)  # NaN/Inf or collapsed samples are refused, not scored
         shards.write(lo, hi, s, y)
+    dist.barrier()  # every rank's shards are written
     wall["sample"] = time.time() - t0
+    if not main:
+        return None
     if cfg.get("stop_after") == "sample":  # run_all.sh phase 1: heavy stages in parallel workers;
         _log(f"stopped after sampling (stop_after=sample): {run_dir}")  # score + timing run later, alone
         append_log(run_dir, "stop_after", stage="sample")
@@ -485,6 +505,7 @@ def cli(d: dict, multirun: bool = False) -> Row | None:
     or the machine's state (a full disk, an unwritable folder: OSError) ends in one line on stderr
     and exit status 2, never a traceback; in a sweep the error is raised on for hydra to record."""
     try:
+        dist.init(str(d.get("device", "cpu")))  # torchrun: join the process group (a no-op for one process)
         return execute(d)
     except (BenchError, OSError) as e:
         print(f"error: {e if isinstance(e, BenchError) else os_error_message(e)}", file=sys.stderr)

@@ -16,6 +16,7 @@ never holds all samples in memory; `load_all` concatenates for the ones that nee
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +24,9 @@ import torch
 
 from bench.io import atomic_torch_save, atomic_write_text, file_lock, read_state, sha256_file
 
-SHARD_SIZE = 1000  # samples per file (DiT-XL/2 latents: 16 MB; decoded 256x256 images are never stored)
+# samples per file (DiT-XL/2 latents: 16 MB; decoded 256x256 images are never stored); the shard
+# size never changes the samples, so it is not part of the run's config ($BENCH_SHARD_SIZE: tests)
+SHARD_SIZE = int(os.environ.get("BENCH_SHARD_SIZE", "1000"))
 
 
 class SampleShards:
