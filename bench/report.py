@@ -339,8 +339,10 @@ def plot(groups: list, base: Path) -> list[Path]:
         if not groups:
             axes[0].text(0.5, 0.5, "no successful runs", ha="center", transform=axes[0].transAxes)
         for ax, (key, lines, _, note) in zip(axes, groups):
-            q = next((c for c in QUALITY_PREF if c in lines and lines[c].notna().any()), None)
-            x = "keep_macs" if note else "speedup"
+            # a quality metric every line has (the CPU suite's FID exists for the dense row only), and
+            # speedup unless the group has no dense latency to divide by
+            q = next((c for c in QUALITY_PREF if c in lines and lines[c].notna().all()), None)
+            x = "keep_macs" if note and NO_DENSE_NOTE in note else "speedup"
             ax.set_title(f"{key['model']} {key['dataset']} {key['process']}, NFE {key['nfe']}\n"
                          f"{key['metric_impl']} n={key['metric_n']}, {key['device']} {key['latency_dtype']}",
                          fontsize=8)
