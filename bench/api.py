@@ -89,8 +89,14 @@ class Denoiser(Protocol):
     def noisy(self, x0, u, noise) -> tuple:
         """(x_t, native t) of clean x0 at noise level u with the given noise."""
 
-    def loss(self, x0, y, u=None, noise=None, generator=None, reduction: str = "mean", **kw) -> "torch.Tensor":
-        """The model's own training loss; u and noise pin the noise levels and the noise."""
+    def loss(self, x0, y, u=None, noise=None, generator=None, reduction: str = "mean", draws: "Draws | None" = None,
+             **kw) -> "torch.Tensor":
+        """The model's own training loss; u and noise pin the noise levels and the noise, or `draws`
+        pins all of one batch's random draws (timesteps, noise, dropped labels)."""
+
+    def draws(self, shape: tuple, generator: "torch.Generator", device=None) -> "Draws":
+        """The random draws of a training batch of x0 shape `shape`, from `generator` (a CPU one), in
+        the order loss() takes them: timesteps, noise, then dropped labels when training drops them."""
 
     def hidden_states(self, x_t, t, y) -> list:
         """Residual stream before block 0 and after every block: depth + 1 tensors (DiT/SiT only)."""
@@ -121,6 +127,21 @@ class Denoiser(Protocol):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the backbone's gradients (methods that accumulate .grad start and end with it)."""
+
+
+@dataclass
+class Draws:
+    """One training batch's random draws: the fine-tune loop draws them for the *global* batch from a
+    generator seeded by (seed, step) and hands each rank its rows (``part``), so a step's loss is
+    the same function of (seed, step) whatever the number of ranks (bench.finetune). A method's own
+    recovery loss (TrainCallback.loss) takes them instead of drawing its own."""
+
+    t: "torch.Tensor"              # (B,) native timesteps
+    noise: "torch.Tensor"          # (B, *x0.shape[1:])
+    drop: "torch.Tensor | None"    # (B,) int64, 1: the label is replaced by the null label; None: no label dropout
+
+    def part(self, lo: int, hi: int) -> "Draws":
+        return Draws(self.t[lo:hi], self.noise[lo:hi], None if self.drop is None else self.drop[lo:hi])
 
 
 @dataclass(frozen=True)
@@ -184,13 +205,20 @@ class TrainCallback(Protocol):
     speak dense block indices (``net.kept_blocks`` maps the current model's positions to them).
     The final model must meet the budget by the last step; the run checks it after fine-tuning.
 
+    Several ranks (torchrun, DDP: bench.finetune): every rank holds the same weights and runs the
+    callback; ``loss`` passed to on_step is the global batch's mean loss, the Plan applied is rank 0's
+    (broadcast), and only rank 0 gets a ``run_dir`` (logs are written once).
+
     Optional members, which the loop and the run look up on the callback (absent: the default);
     a callback is any object with the four methods below, e.g. a test's wrapper around another:
       on_ema(ema_backbone) -> None                  called once after on_start with the loop's EMA copy
                                                     of the backbone (gradient flow gives it the same
                                                     forward hooks: its soft masks)
-      loss(net, x0, y, generator, teacher) -> loss  replaces the loop's loss (a method's own recovery
-                                                    objective, e.g. TinyFusion's masked KD)
+      loss(net, x0, y, draws, teacher) -> loss      replaces the loop's loss (a method's own recovery
+                                                    objective, e.g. TinyFusion's masked KD); `draws`
+                                                    (bench.api.Draws) are this rank's rows of the batch's
+                                                    timesteps, noise and dropped labels: use them, draw
+                                                    nothing yourself (N ranks = 1 rank)
       needs_teacher: bool = False                   True: the run hands the loop a frozen copy of the
                                                     dense model, passed to ``loss`` as ``teacher``"""
 
@@ -224,7 +252,8 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def plan(self, net: Denoiser, budget: Budget, calib: "Calib") -> Plan:
         """Decide what to keep. ``net`` is the dense model in eval mode; ``calib`` holds fixed
-        (x0, y, noise, u) probes shared by every method. Must not change shapes."""
+        (x0, y, noise, u) probes shared by every method. Must not change shapes. Under torchrun
+        plan() runs on rank 0 alone and the run broadcasts the Plan (and rewritten weights)."""
 
     def callback(self, budget: Budget, calib: "Calib") -> TrainCallback | None:
         """Progressive methods return a callback for the shared fine-tune loop; one-shot: None.

@@ -154,6 +154,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "name": OneOf("local", "slurm", "submitit_local"), "partition": Str("gpu", nullable=True),
         "account": Str("my-account", nullable=True), "qos": Str("normal", nullable=True),
         "constraint": Str("h100", nullable=True), "timeout_min": Int(1, eg=60), "gpus_per_node": Int(0, eg=1, nullable=True),
+        "nodes": Int(1, eg=1), "tasks_per_node": Int(1, eg=8, nullable=True),
         "cpus_per_task": Int(1, eg=8), "mem_gb": Rule("num", 64, lo=0, lo_open=True, nullable=True), "array_parallelism": Int(1, eg=64),
         "max_requeues": Int(0, eg=3), "signal_delay_s": Int(0, eg=120), "on_sigterm": OneOf("stop", "ignore"),
         "additional_parameters": None, "setup": Str(":"),
@@ -272,6 +273,26 @@ def check_device(cfg: dict) -> None:
                 raise refuse(key, "tf32", "is a CUDA mode", f"use {key}=fp32 (or bf16) on the CPU")
 
 
+def check_ranks(cfg: dict) -> None:
+    """Data parallel (bench.dist): the global batches split evenly over the ranks, each rank takes its
+    own GPU, and a SLURM job asks for no more ranks per node than GPUs."""
+    from bench import dist
+
+    world, device = dist.world(), cfg.get("device", "cpu")
+    if world > 1 and device.startswith("cuda:"):
+        raise refuse("device", device, f"names one GPU, but {world} ranks each take cuda:<LOCAL_RANK>", "use device=cuda")
+    for key in ("finetune.batch", "teacher.batch"):
+        b = _get(cfg, key)
+        if isinstance(b, int) and b % world:
+            raise refuse(key, b, f"(the global batch) does not split evenly over {world} ranks",
+                         f"use a multiple of {world}")
+    cl = cfg.get("cluster") or {}
+    tasks, gpus = cl.get("tasks_per_node"), cl.get("gpus_per_node")
+    if device.startswith("cuda") and tasks and gpus and tasks > gpus:
+        raise refuse("cluster.tasks_per_node", tasks, f"is more ranks than the node's {gpus} GPUs",
+                     f"set cluster.tasks_per_node<={gpus} or null (one per GPU)")
+
+
 def factory(group: str, kind: str, factories: dict, kw: dict, also: tuple[str, ...] = ()):
     """`factories[kind]`, once `kw` is checked against its signature: an unknown kind or key stops
     with one line naming `<group>.<key>` (a misspelt key would otherwise be dropped, or end in a
@@ -383,6 +404,7 @@ def check(cfg: dict) -> Budget:
     checkpoint and the assets follow in `check_inputs`, once the method is built). Returns the Budget."""
     budget = check_config(cfg)
     check_device(cfg)
+    check_ranks(cfg)
     check_paths(cfg)
     return budget
 

@@ -1,9 +1,22 @@
 """The one shared fine-tune loop (the shape of DiT's train.py): every method gets the same steps,
 batch, optimizer and EMA. Also trains the default suite's teacher from scratch.
 
-Resumable: every `ckpt_every` steps the model, EMA, optimizer, the data/noise generator state,
-the current plan and the callback state are saved atomically; a killed run restarts from the
-last checkpoint and, on the same device, produces bit-identical weights.
+Randomness is a function of (seed, step): step k's batch indices (bench.loader) and its timesteps,
+noise and dropped labels (Denoiser.draws, from a generator seeded by (seed, k, NOISE)) are drawn
+for the global batch `batch`, whatever the number of processes.
+
+Data parallel (torchrun or a SLURM job of several tasks: bench.dist): every rank holds the model,
+its EMA and its optimizer; rank r takes rows [r B/N, (r+1) B/N) of each global batch and of its
+draws, DistributedDataParallel averages the gradients (the mean of equal-sized local means is the
+global batch's mean), so clipping, AdamW and the EMA see the same numbers on every rank and N = 1
+and N = 2 follow the same trajectory up to float summation order. Rank 0 alone writes checkpoints
+and logs; a checkpoint holds no per-rank state, so a killed or requeued job resumes on any N.
+Progressive callbacks run on every rank with the global mean loss; rank 0's Plan is applied
+everywhere (a rank that decided otherwise takes rank 0's callback state).
+
+Resumable: every `ckpt_every` steps the model, EMA, optimizer, the current plan and the callback
+state are saved atomically; a killed run restarts from the last checkpoint and, on the same
+device, produces bit-identical weights.
 Progressive methods return a Plan from their callback; the loop applies it to the model and its
 EMA through bench.surgery, then rebuilds the optimizer (the old one points at dead parameters).
 Checkpoints list the plans applied so far ("plans", JSON) and a resume replays them in order
@@ -19,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from bench import surgery
+from bench import dist, surgery
 from bench.api import BenchError, Plan
 from bench.io import atomic_torch_save, read_state
-from bench.loader import batches
+from bench.loader import NOISE, batches, derived_generator
 from bench.metrics.cost import resolve_precision, tf32
 from bench.results import append_log
 
@@ -58,29 +71,33 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
              run_dir: Path | None = None, device="cpu", progress=None, teacher=None):
     """Train `net` (a Denoiser, already pruned) for cfg.steps on `data`. Returns the EMA Denoiser.
     Checkpoints go to ckpt_dir/last.pt; the finished EMA weights to ckpt_dir/final.pt.
-    `teacher` (the frozen dense Denoiser) is needed when cfg.distill > 0."""
+    `teacher` (the frozen dense Denoiser) is needed when cfg.distill > 0. Under several ranks every
+    rank calls this (bench.dist); rank 0 writes."""
     ckpt_dir = Path(ckpt_dir)
+    main, world, rank = dist.is_main(), dist.world(), dist.rank()
+    run_dir, progress = (run_dir, progress) if main else (None, None)  # logs and progress bars once
     final = ckpt_dir / "final.pt"
     log = (lambda path, dest: append_log(run_dir, "state_moved_aside", path=str(path), to=str(dest))) if run_dir else None
     # stage done: rebuild the final structure and load the EMA weights (on a copy: a checkpoint that
     # does not fit is moved aside and the fine-tune redone, and `net` must still be the start model)
-    if (done := read_state(final, lambda p: _restore(net, p, ("ema",)), "fine-tune weights", log)) is not None:
+    if (done := _agreed(final, lambda p: _restore(net, p, ("ema",)), "fine-tune weights", log)) is not None:
         net.net, net.kept_blocks = done.net, done.kept_blocks
         net.net.load_state_dict(done.state["ema"])
         return net
     if cfg.distill > 0 and teacher is None:
         raise BenchError("finetune.distill > 0 needs the dense teacher; the run passes it (bench.run)")
+    if cfg.batch % world:
+        raise BenchError(f"finetune.batch={cfg.batch} (the global batch) does not split evenly over {world} ranks; "
+                         f"use a multiple of {world}")
 
     net.net.to(device).train()
     ema = copy.deepcopy(net.net).eval().requires_grad_(False)
     opt = _make_opt(net, cfg)
-    gen = torch.Generator().manual_seed(seed)
     step = 0
     applied: list[str] = []  # the callback's plans applied so far (JSON), replayed on resume
     last = ckpt_dir / "last.pt"
-    resumed = read_state(last, lambda p: _restore(net, p, ("model", "ema", "opt", "gen", "step")),
-                         "fine-tune checkpoint", log)
-    if resumed is not None:  # resume: structure first (progressive plans), then weights and RNG
+    resumed = _agreed(last, lambda p: _restore(net, p, ("model", "ema", "opt", "step")), "fine-tune checkpoint", log)
+    if resumed is not None:  # resume: structure first (progressive plans), then weights
         state = resumed.state
         applied = list(state.get("plans") or [])
         net.net, net.kept_blocks = resumed.net, resumed.kept_blocks
@@ -90,12 +107,11 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
         ema.load_state_dict(state["ema"])
         opt = _make_opt(net, cfg)
         opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
         step = state["step"]
         if callback is not None and state.get("callback") is not None:
             callback.load_state_dict(state["callback"])
         if run_dir:
-            append_log(run_dir, "finetune_resume", step=step)
+            append_log(run_dir, "finetune_resume", step=step, world=world)
 
     if callback is not None and hasattr(callback, "on_start"):
         callback.on_start(net, cfg.steps, str(run_dir) if run_dir else None)
@@ -104,30 +120,34 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
         callback.on_ema(ema)                                  # hooks too (gradient-flow soft masks)
     abort_at = int(os.environ.get("BENCH_TEST_ABORT_AT_STEP", "-1"))  # tests: simulate a kill
     prec = resolve_precision(cfg.precision, device)
+    rows = (rank * cfg.batch // world, (rank + 1) * cfg.batch // world)  # this rank's part of every batch
     t0 = time.time()
-    data_it = batches(data, cfg.batch, gen, seed, start=step, steps=cfg.steps, device=device)  # data.workers, .hflip
+    data_it = batches(data, cfg.batch, None, seed, start=step, steps=cfg.steps, device=device, rank=rank,
+                      world=world)  # data.workers, .hflip
     it = range(step, cfg.steps)
     with tf32(prec == "tf32"):
         for step in (progress(it) if progress else it):
-            if cfg.compile and net.forward_fn is None:  # first step, or the structure changed
-                net.forward_fn = torch.compile(net.net)
-            loss = _step(net, data_it, cfg, gen, device, prec, callback, teacher, step)
+            if net.forward_fn is None and (cfg.compile or dist.active()):  # first step, or the structure changed
+                net.forward_fn = _forward(net.net, cfg.compile, device)
+            loss = _step(net, data_it, cfg, seed, rows, device, prec, callback, teacher, step)
             _update(net, ema, opt, loss, cfg, step)
-            if run_dir and (step % cfg.log_every == 0 or step == cfg.steps - 1):
-                append_log(run_dir, "finetune", step=step, loss=round(loss.item(), 6), s=round(time.time() - t0, 2))
+            logging = step % cfg.log_every == 0 or step == cfg.steps - 1  # the same on every rank: mean() is collective
+            value = dist.mean(loss.detach()) if (logging or callback is not None) else None  # the global batch's
+            if logging and run_dir:
+                append_log(run_dir, "finetune", step=step, loss=round(value, 6), s=round(time.time() - t0, 2))
             if callback is not None:
-                new_plan = callback.on_step(step, net, loss.item())
+                new_plan = _agreed_plan(callback, callback.on_step(step, net, value), step, run_dir)
                 if new_plan is not None:
-                    net.forward_fn = None  # a compiled forward of the old structure
+                    net.forward_fn = None  # a compiled / DDP forward of the old structure
                     _apply_progressive(net, ema, new_plan)
                     applied.append(new_plan.to_json())
                     opt = _make_opt(net, cfg)  # old optimizer state points at removed parameters
                     if run_dir:
                         append_log(run_dir, "surgery", step=step, kept_blocks=net.kept_blocks)
             done = step + 1
-            if done % cfg.ckpt_every == 0 and done < cfg.steps:
+            if main and done % cfg.ckpt_every == 0 and done < cfg.steps:
                 atomic_torch_save({"step": done, "model": net.net.state_dict(), "ema": ema.state_dict(),
-                                   "opt": opt.state_dict(), "gen": gen.get_state(), "kept_blocks": net.kept_blocks,
+                                   "opt": opt.state_dict(), "kept_blocks": net.kept_blocks,
                                    "callback": callback.state_dict() if callback is not None else None,
                                    "plans": applied}, last)
             if done == abort_at:
@@ -136,23 +156,66 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
 
     net.net.load_state_dict(ema.state_dict())
     net.net.eval()
-    atomic_torch_save({"ema": ema.state_dict(), "kept_blocks": net.kept_blocks, "steps": cfg.steps, "plans": applied},
-                      final)
-    if last.exists():
-        last.unlink()  # the final weights supersede the resume point
+    if main:
+        atomic_torch_save({"ema": ema.state_dict(), "kept_blocks": net.kept_blocks, "steps": cfg.steps,
+                           "plans": applied}, final)
+        if last.exists():
+            last.unlink()  # the final weights supersede the resume point
+    dist.barrier()  # final.pt is there before any rank goes on (a later stage may read it)
     return net
 
 
-def _step(net, data_it, cfg: FinetuneConfig, gen, device, prec: str, callback, teacher, step: int) -> torch.Tensor:
-    """One batch's loss (forward under the configured precision: bf16 autocast keeps fp32 weights).
-    The batch comes from bench.loader: with data.workers = 0 its indices are drawn from `gen` now,
-    as torch.randint(len(data), (cfg.batch,), generator=gen), before the loss draws its noise."""
+def _forward(backbone, compile: bool, device):
+    """The training forward: DistributedDataParallel around the backbone when a process group is
+    active (gradients averaged over ranks during backward), then torch.compile of that when asked
+    (compile(DDP(model)): DDP's optimizer splits the graph at its gradient buckets)."""
+    fwd = backbone
+    if dist.active():
+        from torch.nn.parallel import DistributedDataParallel
+        dev = torch.device(device)
+        fwd = DistributedDataParallel(backbone, device_ids=[torch.cuda.current_device()] if dev.type == "cuda" else None)
+    return torch.compile(fwd) if compile else fwd
+
+
+def _agreed(path: Path, restore, what: str, log):
+    """A stored state every rank agrees on: rank 0 reads it (moving a bad file aside: bench.io.read_state)
+    and tells the others whether to load it; they never move files."""
+    if dist.is_main():
+        got = read_state(path, restore, what, log)
+        dist.broadcast(got is not None)
+        return got
+    return restore(path) if dist.broadcast(None) else None
+
+
+def _agreed_plan(callback, plan: Plan | None, step: int, run_dir) -> Plan | None:
+    """Rank 0's Plan, on every rank. Ranks hold the same weights and see the same loss, so they decide
+    alike; should one not (float order in a proxy), it takes rank 0's callback state too."""
+    if dist.world() == 1:
+        return plan
+    texts = dist.gather_all(None if plan is None else plan.to_json())
+    if any(t != texts[0] for t in texts):
+        state = dist.broadcast(callback.state_dict() if dist.is_main() else None)
+        if not dist.is_main():
+            callback.load_state_dict(state)
+        if run_dir:
+            append_log(run_dir, "ranks_disagreed", step=step, ranks=[i for i, t in enumerate(texts) if t != texts[0]])
+    return None if texts[0] is None else Plan.from_json(texts[0])
+
+
+def _step(net, data_it, cfg: FinetuneConfig, seed: int, rows: tuple[int, int], device, prec: str, callback,
+          teacher, step: int) -> torch.Tensor:
+    """This rank's loss of step `step`: its rows of the global batch (bench.loader) and of the batch's
+    draws (timesteps, noise, dropped labels: Denoiser.draws from a generator seeded by (seed, step),
+    drawn for the whole global batch, so they do not depend on the number of ranks). The forward runs
+    under the configured precision (bf16 autocast keeps fp32 weights)."""
     x0, y = next(data_it)
+    x0, y = x0.to(device), y.to(device)
+    draws = net.draws((cfg.batch, *x0.shape[1:]), derived_generator(seed, step, NOISE), device).part(*rows)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=prec == "bf16"):
         if callback is not None and hasattr(callback, "loss"):  # a method's own recovery loss (TinyFusion masked KD)
-            loss = callback.loss(net, x0.to(device), y.to(device), gen, teacher)
+            loss = callback.loss(net, x0, y, draws, teacher)
         else:
-            loss = net.loss(x0.to(device), y.to(device), generator=gen, teacher=teacher, distill=cfg.distill)
+            loss = net.loss(x0, y, draws=draws, teacher=teacher, distill=cfg.distill)
     if not torch.isfinite(loss):
         raise BenchError(f"loss is {loss.item()} at fine-tune step {step}; lower finetune.lr "
                          "or check the data (values must be finite, pixels in [-1, 1])")

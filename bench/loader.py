@@ -3,18 +3,16 @@ bench.data.Dataset that yields one whole batch per step, read with one ``data.ge
 
     batches(data, batch, gen, seed, start=0, steps=...) -> iterator of (x0, y), one per step
 
-Which indices, and resume. The loop draws its noise from the same generator `gen` it has always
-drawn its indices from, so two index streams exist:
+Which indices, and resume. Two index streams exist:
 
-  "loop"  workers = 0 (the default) and one process: step k's indices are
-          ``torch.randint(len(data), (batch,), generator=gen)``, drawn from the loop's generator at
-          the moment the loop asks for the batch (between step k-1's noise and step k's). These are
-          exactly the batches of the loop before it had a DataLoader, and a resume restores them
-          from the generator state the checkpoint keeps ("gen").
-  "step"  workers > 0, or world > 1: prefetching workers need step k+1's indices before step k has
-          drawn its noise, and drawing them early from `gen` would reorder its stream. Step k's
-          indices come from their own generator, seeded by (seed, k): any number of workers gives
-          the same batches, a resume needs only the step, and every rank draws the same global batch.
+  "step"  the shared fine-tune loop (it passes no generator), or workers > 0, or world > 1: step k's
+          indices come from their own generator, seeded by (seed, k): any number of workers or
+          ranks gives the same global batches, a resume needs only the step, and prefetching
+          workers can draw step k+1's indices early without touching anyone's stream. The loop's
+          noise is a function of (seed, k) too (bench.finetune: derived generator, purpose NOISE).
+  "loop"  a caller that passes its generator `gen` (TinyFusion's pruning phase), with workers = 0 and
+          one process: step k's indices are ``torch.randint(len(data), (batch,), generator=gen)``,
+          drawn from `gen` when the caller asks for the batch, between its other draws.
 
 Flips (``data.hflip``): sample j of step k is mirrored when position j of ``torch.rand(batch)`` from a
 generator seeded by (seed, k, flip) is < 0.5: a function of the seed, step and position only, in
@@ -22,9 +20,9 @@ both streams, so a resumed run mirrors the same samples and `gen` is not touched
 mirrored is the data set's business (Dataset.get_flipped: pixels left-right; latents from their
 stored mirrored encodings, else the latent's width axis).
 
-Distribution (issue 14's hook): `batch` is the global batch; with world > 1 (stream "step") rank r
-reads positions [r B/world, (r+1) B/world) of every global batch, so the union over ranks is the
-batch of stream "step" at world = 1, whatever the world size. Each rank's noise is the caller's.
+Distribution: `batch` is the global batch; with world > 1 (stream "step") rank r reads positions
+[r B/world, (r+1) B/world) of every global batch, so the union over ranks is the batch of stream
+"step" at world = 1, whatever the world size.
 """
 from __future__ import annotations
 
@@ -36,7 +34,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from bench.api import BenchError
 
-INDICES, FLIPS, CHUNKS = 0, 1, 2  # purposes of derived generators: stream "step", flips, bench.latents chunks
+INDICES, FLIPS, CHUNKS, NOISE = 0, 1, 2, 3  # purposes of derived generators: stream "step", flips,
+#                                            bench.latents chunks, the fine-tune's draws (bench.finetune)
 
 
 def derived_generator(seed: int, index: int, purpose: int) -> torch.Generator:
@@ -93,14 +92,15 @@ class WholeBatches(torch.utils.data.Dataset):
         return self.data.get(idx) if flip is None or not flip.any() else self.data.get_flipped(idx, flip)
 
 
-def batches(data, batch: int, gen: torch.Generator, seed: int, start: int = 0, steps: int = 1,
+def batches(data, batch: int, gen: torch.Generator | None, seed: int, start: int = 0, steps: int = 1,
             device="cpu", workers: int | None = None, hflip: bool | None = None, rank: int = 0,
             world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x0, y) for steps start..steps-1 of a loop seeded with `seed` whose generator is `gen`.
+    """(x0, y) for steps start..steps-1 of a loop seeded with `seed`: stream "loop" from `gen` when
+    one is given (and workers = 0, world = 1), else stream "step" (the shared fine-tune loop's).
     workers / hflip default to the data set's (data.workers, data.hflip); pinned memory on CUDA."""
     workers = int(getattr(data, "workers", 0) if workers is None else workers)
     hflip = bool(getattr(data, "hflip", False) if hflip is None else hflip)
-    loop = workers == 0 and world == 1
+    loop = gen is not None and workers == 0 and world == 1
     sampler = StepSampler(len(data), batch, seed, start, steps, gen if loop else None, hflip, rank, world)
     loader = DataLoader(WholeBatches(data), sampler=sampler, batch_size=None, num_workers=workers,
                         pin_memory=torch.device(device).type == "cuda",

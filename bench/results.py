@@ -218,22 +218,27 @@ def scheduler_job_id() -> str:
 
 
 def devices_held(device: str) -> int:
-    """Devices a run holds, for device_hours: 1 on the CPU; on CUDA the run uses one device
-    (cfg.device: "cuda" or "cuda:<i>"), but inside a SLURM job it holds what the job was allocated
-    on its node (SLURM_GPUS_ON_NODE, else the ids in SLURM_JOB_GPUS / SLURM_STEP_GPUS), so that is
-    what it costs; 1 when SLURM says nothing."""
+    """Devices a run holds, for device_hours: 1 on the CPU; on CUDA one per rank (bench.dist: torchrun
+    or a SLURM job of several tasks), and inside a SLURM job at least what the job was allocated
+    (SLURM_GPUS_ON_NODE, else the ids in SLURM_JOB_GPUS / SLURM_STEP_GPUS, times its nodes), so that
+    is what it costs."""
     if not str(device).startswith("cuda"):
         return 1
-    env = os.environ
+    from bench import dist
+    env, held = os.environ, 0
     if env.get("SLURM_JOB_ID"):
         n = env.get("SLURM_GPUS_ON_NODE", "").strip()
         if n.isdigit() and int(n) > 0:
-            return int(n)
-        for key in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
-            ids = [x for x in env.get(key, "").split(",") if x.strip()]
-            if ids:
-                return len(ids)
-    return 1
+            held = int(n)
+        else:
+            for key in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+                ids = [x for x in env.get(key, "").split(",") if x.strip()]
+                if ids:
+                    held = len(ids)
+                    break
+        nodes = env.get("SLURM_JOB_NUM_NODES", "1").strip()
+        held *= int(nodes) if nodes.isdigit() else 1
+    return max(1, dist.world(), held)
 
 
 def earlier_attempts_wall_s(run_dir: Path) -> float:

@@ -9,7 +9,9 @@ resolved config (bench.results.run_relpath).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -29,7 +31,7 @@ from bench.results import Row, append_log, config_hash, git_info, read_row, \
 
 
 def _log(msg: str):
-    print(f"[bench] {msg}", flush=True)
+    print(f"[bench{f' rank {dist.rank()}/{dist.world()}' if dist.world() > 1 else ''}] {msg}", flush=True)
 
 
 def _progress(cfg):
@@ -59,8 +61,9 @@ def teacher(cfg: dict, data, device: str):
     key = {k: cfg[k] for k in ("model", "data", "teacher")}
     tdir = Path(cfg["paths"]["artifacts"]) / "teachers" / config_hash(key)[:16]
     t0 = time.time()
-    with file_lock(tdir.parent / f"{tdir.name}.lock"):  # concurrent jobs of a sweep train it once
-        if not (tdir / "final.pt").exists():
+    # concurrent jobs of a sweep train it once; the ranks of one job train it together (rank 0 locks)
+    with file_lock(tdir.parent / f"{tdir.name}.lock") if dist.is_main() else contextlib.nullcontext():
+        if dist.is_main() and not (tdir / "final.pt").exists():
             _log(f"training the teacher ({cfg['teacher']['steps']} steps) -> {tdir}")
             atomic_write_text(tdir / "teacher.json", json.dumps(key, indent=1, sort_keys=True))
         tc = {k: v for k, v in cfg["teacher"].items() if k != "seed"}
@@ -199,14 +202,12 @@ def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
     method = make_method(cfg)  # unknown or mistyped kwargs, a bad _target_: before the run dir exists
     data = checks.check_inputs(cfg, budget, method)  # data, checkpoint, assets, a budget no block plan meets
 
-    # Several ranks (torchrun, bench.dist): rank 0 runs every stage up to the fine-tuned model, the
-    # others wait, then rebuild it from the stored stages (every one is skipped) and all ranks draw
-    # their share of the sample shards; rank 0 scores and writes the row. (Data-parallel fine-tuning
-    # is issue 14's next step: today the fine-tune runs on rank 0.)
+    # Several ranks (torchrun, a SLURM job of several tasks: bench.dist): all go through the stages
+    # together. Rank 0 alone locks, plans (broadcasting the Plan), writes and scores; the teacher and
+    # the fine-tune are data parallel (bench.finetune); every rank draws its share of the sample shards.
     if not dist.is_main():
         if not dist.broadcast(None):  # rank 0: is there work (no row yet)?
             return None
-        dist.barrier()  # rank 0 has its fine-tuned model
         return _stages(cfg, wall, budget, method, data, rel, run_dir, art_dir)
 
     # One writer per run: a second copy of this config waits here for the first (the lock dies with
@@ -247,9 +248,11 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
     calib = calibration(data, cfg["calib"]["n"], cfg["calib"]["seed"], cfg["calib"]["bins"]).to(device)
     rewrites = method.rewrites_weights  # plan() rewrites surviving weights (OBS)
     pruned_path = art_dir / "pruned.safetensors"
-    # a stored plan that cannot be read (or whose rewritten weights are gone) is moved aside and redone
-    plan = read_state(plan_path, lambda p: _read_plan(p, pruned_path if rewrites else None), "plan", on_moved=moved)
-    planned_now = plan is None
+    # a stored plan that cannot be read (or whose rewritten weights are gone) is moved aside and redone;
+    # rank 0 alone plans, the other ranks wait for its Plan (broadcast below)
+    plan = read_state(plan_path, lambda p: _read_plan(p, pruned_path if rewrites else None), "plan",
+                      on_moved=moved) if main else None
+    planned_now = plan is None and main
     if planned_now:
         _log(f"planning {cfg['method_name']} at {budget.measure}={budget.keep}")
         method.bank_dir = str(art_dir)  # tensors the plan references (Diff-ES secondorder's stage bank) go here
@@ -272,15 +275,20 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
         # so that one gets the cached teacher again
         dense_teacher = teacher(cfg, data, device)[0] if rewrites else copy.deepcopy(net)
         dense_teacher.net.to(device).eval().requires_grad_(False)
-    surgery.apply(net, plan)
-    if rewrites:  # the Plan cannot rebuild rewritten weights: store them once, reload them on resume
-        if planned_now:
-            plan.meta["weights_sha256"] = _store_weights(net, pruned_path)
-            atomic_write_text(plan_path, plan.to_json())
-            append_log(run_dir, "pruned_weights", path=str(pruned_path), sha256=plan.meta["weights_sha256"])
-        else:  # _read_plan checked the file's sha256 against the plan
-            from safetensors.torch import load_file
-            net.net.load_state_dict(load_file(str(pruned_path)))
+    if main:
+        surgery.apply(net, plan)
+    if rewrites and planned_now:  # the Plan cannot rebuild rewritten weights: store them once, reload on resume
+        plan.meta["weights_sha256"] = _store_weights(net, pruned_path)
+        atomic_write_text(plan_path, plan.to_json())
+        append_log(run_dir, "pruned_weights", path=str(pruned_path), sha256=plan.meta["weights_sha256"])
+    if dist.world() > 1:  # the other ranks take rank 0's Plan (and its stored weights)
+        text = dist.broadcast(plan.to_json() if main else None)
+        if not main:
+            plan = Plan.from_json(text)
+            surgery.apply(net, plan)
+    if rewrites and not planned_now:  # _read_plan (rank 0) checked the file's sha256 against the plan
+        from safetensors.torch import load_file
+        net.net.load_state_dict(load_file(str(pruned_path)))
     # how far below the budget a plan may land: one unit of its granularity (a block's share; width,
     # operator and stage plans state theirs in plan.meta["unit_share"], else 10%: bench.api.Plan)
     if plan.granularity == "block" and per_block:
@@ -304,8 +312,6 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
             keep = surgery.check_budget(dense_cost, surgery.measure(net), budget, unit_share=unit)
     wall["finetune"] = time.time() - t0
     net.net.eval()
-    if main:
-        dist.barrier()  # the other ranks rebuild this model from the stored stages, then sample with it
 
     # Sample: per-sample seeds, identical for every method; shards on disk as they are produced, so
     # a killed run resumes at the first missing shard (bench.shards)
@@ -317,12 +323,15 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
     if todo:
         _log(f"sampling {sum(hi - lo for lo, hi in todo)} of {ev['n']} ({sampler}, {ev['steps']} steps, "
              f"cfg {ev['cfg_scale']}) in {len(todo)} shard(s)")
-    for lo, hi in todo:
+    abort_after = int(os.environ.get("BENCH_TEST_ABORT_AFTER_SHARDS", "0"))  # tests: a kill mid-sampling
+    for k, (lo, hi) in enumerate(todo):
         s, y = generate(net, hi - lo, ev["seed"] + lo, ev["batch"], sampler, ev["steps"], ev["cfg_scale"],
                         ev["cfg_convention"], ev["labels"], ev["skip"], ev["eta"], device, _progress(cfg),
                         precision=ev.get("precision"), compile=ev.get("compile", False))
         check_samples(s, cfg)  # NaN/Inf or collapsed samples are refused, not scored
         shards.write(lo, hi, s, y)
+        if k + 1 == abort_after:
+            os._exit(137)  # like SIGKILL: no cleanup
     dist.barrier()  # every rank's shards are written
     wall["sample"] = time.time() - t0
     if not main:

@@ -25,7 +25,7 @@ import pytest
 
 from bench.io import atomic_write_text
 from bench.results import ERROR_FILE, Row, append_log, earlier_attempts_wall_s, load_rows, run_relpath, write_row
-from tests.conftest import ROOT, TINY, compose, run_cli
+from tests.conftest import ROOT, TINY, comparable, compose, run_cli
 
 STAGES = {"teacher", "plan", "finetune", "sample", "score", "cost"}
 
@@ -606,3 +606,26 @@ def test_preempted_and_cancelled_jobs_resume_to_unique_rows(area):
     rq = df[~df["path"].isin({str(p) for p in before})]  # this sweep's runs (the first sweep's differ in steps)
     build_report(rq, area / "report_rq", "rq")  # the cancelled-then-resumed run counts once, as finished
     assert "from 2 finished runs and 2 failed runs @" in (area / "report_rq/tables/rq.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_two_task_slurm_job_is_one_data_parallel_run(area):
+    """cluster.tasks_per_node=2: one SLURM job of two tasks, wired into one torch.distributed group
+    (gloo) from submitit's environment; rank 0 writes the run's one row, which is the row of a local
+    one-process run of the same config (no fine-tune here, so the model is the same bit for bit and
+    so are the samples; the data-parallel fine-tune is tests/test_dist.py's)."""
+    from bench.run import execute
+
+    over = ["method=first_k", "budget.keep=0.5", "seed=7", "finetune.steps=0"]
+    local = execute(compose(TINY + over + [f"paths.results={area / 'local7'}", f"paths.artifacts={area / 'art'}"]))
+    r = run_cli(_sweep_args(area, "ddp2", *over, "cluster.tasks_per_node=2"), timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:] + _job_logs(area / "ddp2")
+    run_dir = _run_dir(area, "first_k", 7)
+    assert run_dir is not None, _job_logs(area / "ddp2")
+    row = json.loads((run_dir / "row.json").read_text())
+    starts = [e for e in _events(run_dir) if e["event"] == "start"]
+    assert len(starts) == 1 and starts[0]["world"] == 2 and starts[0]["job"]  # one writer, two ranks, in a job
+    drop = lambda d: {k: v for k, v in comparable(d).items() if k != "job_id"}  # noqa: E731
+    assert drop(row) == drop(local)
+    logs = _job_logs(area / "ddp2")
+    assert "rank 0/2" in logs and "rank 1/2" in logs  # both tasks sampled their shards

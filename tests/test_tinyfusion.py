@@ -137,17 +137,19 @@ def test_masked_kd_loss(family, trained):
     student.net.train()
     x0, y = digits("train").get(torch.arange(16))
     # alpha = 0, beta = 0: exactly the student's own training loss on the same draws
-    plain = MaskedKD(2, alpha=0.0, beta=0.0).loss(student, x0, y, torch.Generator().manual_seed(0), teacher)
-    own = student.loss(x0, y, generator=torch.Generator().manual_seed(0))
+    draws = lambda: student.draws(x0.shape, torch.Generator().manual_seed(0))  # noqa: E731
+    plain = MaskedKD(2, alpha=0.0, beta=0.0).loss(student, x0, y, draws(), teacher)
+    own = student.loss(x0, y, generator=torch.Generator().manual_seed(0))  # draws in the same order
     assert plain.item() == pytest.approx(own.item(), rel=1e-5)
+    assert student.loss(x0, y, draws=draws()).item() == own.item()
     kd = MaskedKD(2)
     kd.on_start(student, 10, None)
-    loss = kd.loss(student, x0, y, torch.Generator().manual_seed(0), teacher)
+    loss = kd.loss(student, x0, y, draws(), teacher)
     loss.backward()
     assert torch.isfinite(loss) and student.net.blocks[0].attn.qkv.weight.grad is not None
     assert all(p.grad is None for p in teacher.net.parameters())
     with pytest.raises(BenchError, match="teacher"):
-        kd.loss(student, x0, y, torch.Generator().manual_seed(0), None)
+        kd.loss(student, x0, y, draws(), None)
     kd.on_step(9, student, 0.0)
     assert kd.state_dict() == {"step": 10}
 

@@ -92,21 +92,41 @@ class Denoiser:
         t = self.process.t_from_u(u)
         return self.process.q_sample(x0, t, noise), t
 
+    def draws(self, shape: tuple, generator: torch.Generator, device=None):
+        """One training batch's random draws (bench.api.Draws) from a CPU generator, in the order the
+        loss has always taken them: timesteps, noise, then one uniform per label when training drops
+        labels (DiT's LabelEmbedder.token_drop, the U-Net's drop_labels). Moved to `device`."""
+        from bench.api import Draws
+
+        n, device = shape[0], device or self.device
+        t = self.process.sample_t(n, generator, device)
+        noise = torch.randn(shape, generator=generator).to(device)
+        p = self.label_dropout if self.net.training and self.num_classes > 0 else 0.0
+        drop = (torch.rand(n, generator=generator) < p).long().to(device) if p > 0 else None
+        return Draws(t, noise, drop)
+
     def loss(self, x0, y, u=None, noise=None, generator=None, reduction: str = "mean", force_drop_ids=None,
-             teacher: "Denoiser | None" = None, distill: float = 0.0):
-        """The model's own training loss. u pins noise levels (else sampled); noise pins eps.
+             teacher: "Denoiser | None" = None, distill: float = 0.0, draws=None):
+        """The model's own training loss. u pins noise levels (else sampled); noise pins eps;
+        `draws` (bench.api.Draws) pins the timesteps, the noise and the dropped labels at once.
 
         With a teacher and 0 < distill <= 1: (1 - distill) * own loss + distill * MSE between the
         teacher's and the student's predictions on the same x_t, t and labels (Diff-Pruning's
         optional KD, ddpm_exp/functions/losses.py: 0.7 teacher-output MSE + 0.3 noise MSE; the
         student's own loss keeps the learned-sigma term when there is one)."""
         n = x0.shape[0]
-        t = self.process.sample_t(n, generator, x0.device) if u is None else self.process.t_from_u(u)
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator).to(x0.device) if generator is not None else torch.randn_like(x0)
+        if draws is None:
+            t = self.process.sample_t(n, generator, x0.device) if u is None else self.process.t_from_u(u)
+            if noise is None:
+                noise = torch.randn(x0.shape, generator=generator).to(x0.device) if generator is not None else torch.randn_like(x0)
+        else:
+            t, noise = draws.t, draws.noise
+            force_drop_ids = draws.drop  # None: this batch drops no labels (no dropout, or eval mode)
         if teacher is None or distill <= 0:
             model_fn = lambda x_t, t_: self(x_t, t_, y, force_drop_ids=force_drop_ids, generator=generator)
             return self.process.training_loss(model_fn, x0, t, noise, reduction=reduction)
+        if force_drop_ids is None and draws is not None:
+            force_drop_ids = torch.zeros(n, dtype=torch.long, device=x0.device)
         if force_drop_ids is None:  # the same label dropout for student and teacher
             p = getattr(getattr(self.net, "y_embedder", None), "dropout_prob", 0.0) if self.net.training else 0.0
             r = torch.rand(n, generator=generator) if generator is not None else torch.rand(n)

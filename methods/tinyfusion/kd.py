@@ -73,18 +73,18 @@ class MaskedKD:
             out.append(min((d // M + 1) * M, depth) - 1 if last_in_group else d)
         return out
 
-    def loss(self, net, x0, y, generator, teacher):
+    def loss(self, net, x0, y, draws, teacher):
+        """`draws` (bench.api.Draws): this rank's timesteps, noise and dropped labels of the batch.
+        The student runs through ``net(...)`` (the loop's DDP / compiled forward when it has one)."""
         if teacher is None:
             raise BenchError("tinyfusion masked KD needs the dense teacher (bench.run passes it to the fine-tune)")
         n, dev, C = x0.shape[0], x0.device, x0.shape[1]
-        t = net.process.sample_t(n, generator, dev)
-        noise = torch.randn(x0.shape, generator=generator).to(dev)
-        p = net.label_dropout if net.backbone.training else 0.0
-        drop = (torch.rand(n, generator=generator) < p).long().to(dev)  # the same dropped labels for both
+        t, noise = draws.t, draws.noise
+        drop = draws.drop if draws.drop is not None else torch.zeros(n, dtype=torch.long, device=dev)  # both models
         held = {}
 
         def model_fn(x_t, t_):
-            out, hs = net.backbone(x_t, t_, y, return_hidden=True, force_drop_ids=drop)
+            out, hs = net(x_t, t_, y, return_hidden=True, force_drop_ids=drop)
             with torch.no_grad():
                 tout, ths = teacher.backbone(x_t, t_, y, return_hidden=True, force_drop_ids=drop)
             held.update(out=out, hs=hs, tout=tout, ths=ths)
