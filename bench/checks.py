@@ -3,11 +3,12 @@
 `check(cfg)` runs in one early step of `bench.run`, before the run directory exists:
 
   1. values: every key of the spine's groups (seed, device, budget, calib, finetune, teacher, eval,
-     eval.latency, eval.inception, model, stop_after) has a type, a range or a set of options;
+     eval.latency, eval.inception, model, model.process, stop_after) has a type, a range or a set of options;
      unknown keys are refused (a typo would silently change nothing); the cluster group too (a
      job also checks what its launcher was given);
   2. combinations a later stage needs: a sampler of the model's process, no more sampler steps
-     than the process has, guidance only for a class-conditional model, TF32 only on CUDA,
+     than the process has (and a count DDIM's integer stride can give), SDE settings that give no
+     NaN, guidance only for a class-conditional model, TF32 only on CUDA,
      a scorer or Inception metrics to give the row a quality number;
   3. files: the folders results and artifacts go to are writable; the checkpoint (model.ckpt)
      loads into the architecture with matching keys and shapes; the VAE, the Inception weights and
@@ -118,9 +119,9 @@ RULES: dict[str, dict[str, Rule]] = {
     "finetune": _TRAIN,
     "teacher": {**_TRAIN, "steps": Int(1, eg=1500), "seed": Int(0, eg=0)},
     "eval": {
-        "n": Int(1, eg=256), "batch": Int(1, eg=256), "sampler": OneOf(None, "ddpm", "ddim", "euler", "heun", "sde",
-                                                                       eg="ddpm"),
-        "steps": Int(1, eg=25), "skip": OneOf("uniform", "quad"), "eta": Num(0.0, lo=0),
+        "n": Int(1, eg=256), "batch": Int(1, eg=256),
+        "sampler": OneOf(None, "ddpm", "ddim", "euler", "heun", "dopri5", "sde", "sde_heun", eg="ddpm"),
+        "steps": Int(1, eg=25), "skip": OneOf("uniform", "uniform_real", "quad", "respace"), "eta": Num(0.0, lo=0),
         "cfg_scale": Num(1.5, lo=0), "cfg_convention": OneOf("all", "dit3"), "labels": OneOf("balanced", "random"),
         "seed": Int(0, eg=0), "scorer": OneOf("classifier", "none", None, eg="classifier"), "ssim_teacher": Bool(True),
         "precision": OneOf(None, "fp32", "tf32", "bf16", eg="bf16"), "compile": Bool(),
@@ -150,6 +151,16 @@ RULES: dict[str, dict[str, Rule]] = {
         "vae": Str("sd-vae-ft-ema", nullable=True), "latent_scale": Num(0.18215, lo=0, lo_open=True),
         "process": None,
     },
+    # the flow process's sampler settings (bench.processes.flow.LinearFlow; SiT sample.py's defaults);
+    # the DDPM process's keys and unknown keys are checked against the process's constructor
+    "model.process": {
+        "t_eps": Num(0.0, lo=0, hi=0.5, hi_open=True),
+        "diffusion_form": OneOf("sigma", "linear", "constant", "decreasing", "increasing-decreasing", "SBDM",
+                                eg="sigma"),
+        "diffusion_norm": Num(1.0, lo=0), "last_step": OneOf("Mean", "Tweedie", "Euler", None, eg="Mean"),
+        "last_step_size": Num(0.04, lo=0, hi=1, lo_open=True, hi_open=True),
+        "atol": Num(1e-6, lo=0, lo_open=True), "rtol": Num(1e-3, lo=0, lo_open=True),
+    },
     "cluster": {
         "name": OneOf("local", "slurm", "submitit_local"), "partition": Str("gpu", nullable=True),
         "account": Str("my-account", nullable=True), "qos": Str("normal", nullable=True),
@@ -161,7 +172,7 @@ RULES: dict[str, dict[str, Rule]] = {
     },
 }
 # keys a group may carry beyond its rules (the U-Net's own architecture arguments are checked by its factory)
-_OPEN = {"model"}
+_OPEN = {"model", "model.process"}
 _CI_METRICS = ("fid", "kid", "sfid", "is")
 
 
@@ -220,7 +231,7 @@ def check_combinations(cfg: dict) -> None:
     ev, model = cfg["eval"], cfg["model"]
     kind = (model.get("process") or {}).get("kind") or ("flow" if str(model.get("name", "")).startswith("SiT")
                                                         else "ddpm")
-    samplers = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun", "sde")}
+    samplers = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun", "dopri5", "sde", "sde_heun")}
     if kind not in samplers:
         raise refuse("model.process.kind", kind, "is not a process", "use ddpm or flow")
     if ev.get("sampler") is not None and ev["sampler"] not in samplers[kind]:
@@ -233,6 +244,16 @@ def check_combinations(cfg: dict) -> None:
         if ev["steps"] > T:
             raise refuse("eval.steps", ev["steps"], f"is more than the process's {T} timesteps",
                          f"use eval.steps<={T} (DiT samples with 250)")
+        if ev.get("sampler") == "ddim" and ev.get("skip", "uniform") == "uniform":
+            from bench.processes.ddpm import ddim_uniform_counts
+            valid = ddim_uniform_counts(T)
+            if ev["steps"] not in valid:
+                near = sorted(sorted(valid, key=lambda c: (abs(c - ev["steps"]), c))[:2])
+                raise refuse("eval.steps", ev["steps"], f"DDIM's integer stride (eval.skip=uniform, improved-diffusion "
+                             f"'ddim{ev['steps']}') gives no sequence of {ev['steps']} of {T} steps",
+                             f"use eval.steps={near[0]} or {near[-1]}, or eval.skip=uniform_real (any count)")
+    if kind == "flow":
+        _check_flow_sampler(ev, model.get("process") or {})
     if ev["cfg_scale"] != 1.0 and not model.get("num_classes"):
         raise refuse("eval.cfg_scale", ev["cfg_scale"], f"guides an unconditional model ({model['name']}, "
                      "num_classes=0)", "set eval.cfg_scale=1.0")
@@ -255,6 +276,26 @@ def check_combinations(cfg: dict) -> None:
     if cfg["calib"]["bins"] > cfg["calib"]["n"]:
         raise refuse("calib.bins", cfg["calib"]["bins"], f"leaves noise bins without a probe (calib.n="
                      f"{cfg['calib']['n']})", f"set calib.bins<={cfg['calib']['n']}")
+
+
+def _check_flow_sampler(ev: dict, proc: dict) -> None:
+    """SiT's SDE settings that would give NaN or no step (bench.processes.flow)."""
+    import inspect
+
+    from bench.processes.flow import LinearFlow
+
+    d = {k: p.default for k, p in inspect.signature(LinearFlow).parameters.items()}
+    form, last = proc.get("diffusion_form", d["diffusion_form"]), proc.get("last_step", d["last_step"])
+    if form == "SBDM":
+        raise refuse("model.process.diffusion_form", form, "is infinite at t = 0, where the linear path's SDE starts "
+                     "(sample_eps = 0): NaN samples (SiT's library default; its sample.py passes sigma)",
+                     "set model.process.diffusion_form=sigma")
+    if ev.get("sampler") == "sde_heun" and last is None:
+        raise refuse("model.process.last_step", last, "with eval.sampler=sde_heun evaluates the score at t = 1 (NaN, "
+                     "as in SiT's code)", "set model.process.last_step=Mean")
+    if ev.get("sampler") in ("sde", "sde_heun") and last is not None and ev["steps"] < 2:
+        raise refuse("eval.steps", ev["steps"], f"the SDE sampler with last step {last} needs one Euler-Maruyama step "
+                     "and the last step", "e.g. eval.steps=250 (SiT's SDE: --num-sampling-steps 250)")
 
 
 def check_device(cfg: dict) -> None:

@@ -321,6 +321,10 @@ def _sample_need(stage: str, cfg: dict, shape: Shape, precision: str, process_ki
     ev = cfg["eval"]
     sampler = ev["sampler"] or ("ddpm" if process_kind == "ddpm" else "heun")
     n, b = int(ev["n"]), min(int(ev["batch"]), int(ev["n"]))
+    if nfe(sampler, ev["steps"], ev.get("skip", "uniform")) is None:  # an adaptive solver picks its own steps
+        raise BenchError(f"eval.sampler={sampler}: its network evaluations are measured while sampling, not known in "
+                         "advance; project the cost with a fixed-step sampler of about the same count "
+                         "(e.g. eval.sampler=heun eval.steps=<NFE/2>)")
     return Need(stage, "sample", shape, b, precision, bool(ev.get("compile", False)), n / b * ev["steps"],
                 f"{n:,} samples / batch {b} x {ev['steps']} {sampler} steps", cfg, sampler=sampler,
                 cfg_scale=float(ev["cfg_scale"]), nfe_per_step=nfe(sampler, ev["steps"], ev.get("skip", "uniform"))

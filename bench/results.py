@@ -55,7 +55,7 @@ def library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "numpy", "scipy", "hydra-core", "torch-pruning", "diffusers", "scikit-learn"):
+    for pkg in ("torch", "numpy", "scipy", "hydra-core", "torch-pruning", "diffusers", "scikit-learn", "torchdiffeq"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -93,7 +93,7 @@ class Row:
     latency_iqr_ms: float
     peak_mem_MB: float | None  # GPU only (None on the CPU)
     throughput_img_s: float
-    nfe: int
+    nfe: int | float           # network evaluations per sample (x2 with CFG), measured; an adaptive solver's is a mean
     sampler: str
     cfg_scale: float
     cfg_convention: str

@@ -124,6 +124,9 @@ def t_in_stage(process, edges: list[float], s: int, n: int = 1, device=None) -> 
 def nfe_weights(process, edges: list[float], sampler: str, steps: int, skip: str = "uniform") -> list[float]:
     """Share of a sampler's network evaluations that fall in each stage, found by running the
     sampler once with a recording stand-in model (exact for any sampler and step selection)."""
+    if process.nfe(sampler, steps, skip) is None:
+        raise BenchError(f"stage weights need a sampler with a fixed time grid; {sampler!r} is adaptive (its steps "
+                         "depend on the model): use euler, heun, sde or sde_heun")
     ts = []
 
     def record(x, t):

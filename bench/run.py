@@ -393,7 +393,7 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
         latency_reps=int(ev["latency"]["reps"]), latency_flags=c["flags"], latency_others_cores=c["others_cores"],
         warnings=notes,
         peak_mem_MB=c["peak_mem_MB"], throughput_img_s=c["throughput_img_s"],
-        nfe=net.process.nfe(sampler, ev["steps"], ev["skip"]) * (2 if ev["cfg_scale"] != 1.0 else 1),
+        nfe=shards.nfe() or net.process.nfe(sampler, ev["steps"], ev["skip"]) * (2 if ev["cfg_scale"] != 1.0 else 1),
         sampler=sampler, cfg_scale=ev["cfg_scale"], cfg_convention=ev["cfg_convention"],
         finetune_steps=ft.steps, finetune_precision=resolve_precision(ft.precision, device),
         finetune_compile=bool(ft.compile), eval_precision=resolve_precision(ev.get("precision"), device),

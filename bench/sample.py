@@ -60,7 +60,13 @@ def generate(net, n: int, seed0: int = 0, batch: int = 250, sampler: str = "ddpm
              compile: bool = False):
     """Generate n samples with seeds seed0..seed0+n-1. Returns (samples float32 on CPU, labels).
     `precision` (fp32 | tf32 | bf16; null: tf32 on CUDA, fp32 elsewhere) and `compile`
-    (torch.compile of the backbone) change how the network runs, never the noise or the labels."""
+    (torch.compile of the backbone) change how the network runs, never the noise or the labels.
+
+    The network evaluations are counted, not assumed: the returned samples carry `samples.nfe`, a
+    float64 tensor [n] with each sample's count (the calls its batch made, x2 under guidance, whose
+    forward evaluates the conditional and the null row of every sample). For a fixed-step sampler
+    it equals `process.nfe(...)`; an adaptive one (flow 'dopri5') picks its own steps per batch.
+    `bench.shards.SampleShards.write` stores it with the samples, and the row's `nfe` is its mean."""
     from bench.metrics.cost import precision as run_in, resolve_precision
 
     device = device or net.device
@@ -69,7 +75,8 @@ def generate(net, n: int, seed0: int = 0, batch: int = 250, sampler: str = "ddpm
     was_training = net.net.training
     net.net.eval()
     shape = (net.in_channels, net.net.input_size, net.net.input_size)
-    out = []
+    out, nfe = [], []
+    rows_per_call = 2 if cfg_scale != 1.0 else 1  # guided(): [cond; null] in one forward
     with run_in(resolve_precision(precision, device), device), net.compiled(compile):
         for i in range(0, n, batch):
             s = seeds[i: i + batch]
@@ -77,9 +84,25 @@ def generate(net, n: int, seed0: int = 0, batch: int = 250, sampler: str = "ddpm
             step_noise = PerSampleNoise([10 * k + 1 for k in s], chunk=32)  # per-step noise stream
             x_T = noise(torch.empty(len(s), *shape, device=device))
             y = ys[i: i + batch].to(device)
-            fn = guided(lambda x, t, yy: net(x, t, yy), y, cfg_scale, net.null_label, cfg_convention, net.in_channels)
+            calls = [0]
+
+            def counted(x, t, yy):
+                calls[0] += 1
+                return net(x, t, yy)
+
+            fn = guided(counted, y, cfg_scale, net.null_label, cfg_convention, net.in_channels)
             x0 = net.process.sample(fn, x_T, step_noise, sampler=sampler, steps=steps, skip=skip, eta=eta,
                                     progress=progress)
             out.append(x0.float().cpu())
+            nfe += [calls[0] * rows_per_call] * len(s)
     net.net.train(was_training)
-    return torch.cat(out), ys
+    samples = torch.cat(out)
+    samples.nfe = torch.tensor(nfe, dtype=torch.float64)
+    return samples, ys
+
+
+def mean_nfe(per_sample) -> int | float:
+    """The row's `nfe`: mean network evaluations per sample; an int when every sample took the same
+    whole number (every fixed-step sampler), else rounded to 2 decimals."""
+    m = round(float(torch.as_tensor(per_sample, dtype=torch.float64).mean()), 6)
+    return int(m) if m.is_integer() else round(m, 2)

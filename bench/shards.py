@@ -1,15 +1,21 @@
 """Samples on disk in shards, written as they are produced, with a manifest.
 
     <artifacts>/runs/<run>/samples/manifest.json
-    <artifacts>/runs/<run>/samples/shard-0000000-0001000.pt    {"samples": [k, C, H, W] float32, "labels": [k]}
+    <artifacts>/runs/<run>/samples/shard-0000000-0001000.pt    {"samples": [k, C, H, W] float32, "labels": [k],
+                                                                "nfe": measured evaluations per sample (mean)}
 
 A shard holds the samples of a contiguous range of sample seeds [lo, hi) (SHARD_SIZE per file, the
 last one shorter). Sample i is the same whatever the batch or the shard it is drawn in
-(bench.sample: per-sample generators), so shards can be drawn in any order, by any process, and a
-killed run resumes at the first missing shard without redoing the finished ones. A shard file is
+(bench.sample: per-sample generators; the adaptive flow solver 'dopri5' is the exception: one step
+size sequence per batch, so its samples depend on eval.batch and on where shards cut the batches,
+as official SiT's on its per-GPU batch), so shards can be drawn in any order, by any process, and
+a killed run resumes at the first missing shard without redoing the finished ones. A shard file is
 written atomically; the stage is done when every shard reads (an unreadable one is moved aside and
-drawn again). The manifest lists each written shard with its sha256 (updated under a lock, so
-several writers can share a folder); readers rely on the shard files, not on the manifest.
+drawn again). The manifest lists each written shard with its sha256 and its measured network
+evaluations per sample (updated under a lock, so several writers can share a folder); readers of
+samples rely on the shard files, not on the manifest; the row's `nfe` comes from the manifest
+(`nfe()`), so every rank's shards count and a resumed run that draws nothing still reports what
+was measured.
 Scoring reads the shards in order (`iter_shards`), so a consumer that streams (features per shard)
 never holds all samples in memory; `load_all` concatenates for the ones that need everything.
 """
@@ -67,18 +73,40 @@ class SampleShards:
         return [(lo, hi) for k, (lo, hi) in enumerate(self.ranges())
                 if k % world == rank and self._read(lo, hi, on_moved) is None]
 
-    def write(self, lo: int, hi: int, samples: torch.Tensor, labels: torch.Tensor) -> Path:
-        """Store one shard atomically and record it in the manifest."""
+    def write(self, lo: int, hi: int, samples: torch.Tensor, labels: torch.Tensor, nfe=None) -> Path:
+        """Store one shard atomically and record it in the manifest. `nfe`: the samples' measured
+        network evaluations ([k]; default: `samples.nfe`, set by bench.sample.generate), kept as the
+        shard's mean in the file and the manifest (`SampleShards.nfe`)."""
         if len(samples) != hi - lo:
             raise ValueError(f"shard [{lo}, {hi}) got {len(samples)} samples")
-        path = atomic_torch_save({"samples": samples.float().cpu().contiguous(), "labels": labels.cpu(),
-                                  "seed0": self.seed0 + lo}, self.path(lo, hi))
+        nfe = getattr(samples, "nfe", None) if nfe is None else nfe
+        nfe = None if nfe is None else float(torch.as_tensor(nfe, dtype=torch.float64).mean())
+        path = atomic_torch_save({"samples": samples.detach().float().cpu().contiguous(), "labels": labels.cpu(),
+                                  "seed0": self.seed0 + lo, **({"nfe": nfe} if nfe is not None else {})},
+                                 self.path(lo, hi))
         with file_lock(self.folder / "manifest.lock"):
             m = read_state(self.folder / "manifest.json", lambda p: json.loads(p.read_text()), "shard manifest") or {}
             m.update({"n": self.n, "seed0": self.seed0, "shard_size": self.size})
-            m.setdefault("shards", {})[path.name] = {"lo": lo, "hi": hi, "sha256": sha256_file(path)}
+            entry = {"lo": lo, "hi": hi, "sha256": sha256_file(path), **({"nfe": nfe} if nfe is not None else {})}
+            m.setdefault("shards", {})[path.name] = entry
             atomic_write_text(self.folder / "manifest.json", json.dumps(m, indent=1, sort_keys=True))
         return path
+
+    def nfe(self, default=None):
+        """Measured network evaluations per sample over all shards (their mean, weighted by size; an
+        int when whole), as the manifest records them; `default` when a shard has no count (drawn
+        before counts were kept) or the manifest does not read."""
+        from bench.sample import mean_nfe
+
+        m = read_state(self.folder / "manifest.json", lambda p: json.loads(p.read_text()), "shard manifest")
+        entries = (m or {}).get("shards", {})
+        total = 0.0
+        for lo, hi in self.ranges():
+            e = entries.get(self.path(lo, hi).name)
+            if not e or e.get("nfe") is None or (e["lo"], e["hi"]) != (lo, hi):
+                return default
+            total += e["nfe"] * (hi - lo)
+        return mean_nfe([total / self.n]) if self.n else default
 
     def complete(self) -> bool:
         return all(self.path(lo, hi).exists() for lo, hi in self.ranges())

@@ -109,6 +109,8 @@ def sample_step_s(net, batch: int, device, precision: str, compile: bool, steps:
                                        eta, device, precision=precision, compile=compile))
 
     guided = cfg_scale != 1.0
+    if net.process.nfe(sampler, steps[1], skip) is None:
+        raise ValueError(f"sampler {sampler!r} is adaptive: one step has no fixed cost; time a fixed-step sampler")
     nfe = net.process.nfe(sampler, steps[1], skip) / steps[1]
     macs = macs_per_image(net)
     fwd = batch * (2 if guided else 1)

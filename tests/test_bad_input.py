@@ -31,6 +31,8 @@ def _wrong_shape_ckpt(tmp_path) -> str:
     return str(p)
 
 
+SIT = ["model=sit_digits", "model.name=SiT-T/2"]  # the tiny flow model (SiT)
+
 # (id, overrides, method, the key the message must name). `{tmp}` is the test's folder; callables
 # of tmp_path give an override value that needs a file.
 CASES = [
@@ -109,6 +111,19 @@ CASES = [
     ("method-own-range", ["method.thr=1.5"], "diff_pruning", "method.thr"),
     ("method-mask-with-finetune", ["budget.keep=1.0"], "obs_diff_nm", "finetune=none"),
     ("sit-steps-zero", ["model=sit_digits", "model.name=SiT-T/2", "eval.steps=0"], "dense", "eval.steps"),
+    # samplers: DDIM's integer stride, SiT's SDE and ODE settings (model.process)
+    ("ddim-count-no-integer-stride", ["eval.sampler=ddim", "eval.steps=37"], "dense", "eval.steps"),
+    ("sit-sde-form-sbdm", [*SIT, "eval.sampler=sde", "model.process.diffusion_form=SBDM"], "dense",
+     "model.process.diffusion_form"),
+    ("sit-sde-form-unknown", [*SIT, "model.process.diffusion_form=cosine"], "dense", "model.process.diffusion_form"),
+    ("sit-last-step-unknown", [*SIT, "model.process.last_step=mean"], "dense", "model.process.last_step"),
+    ("sit-last-step-size-zero", [*SIT, "model.process.last_step_size=0"], "dense", "model.process.last_step_size"),
+    ("sit-diffusion-norm-negative", [*SIT, "model.process.diffusion_norm=-1"], "dense", "model.process.diffusion_norm"),
+    ("sit-atol-zero", [*SIT, "eval.sampler=dopri5", "model.process.atol=0"], "dense", "model.process.atol"),
+    ("sit-rtol-text", [*SIT, "eval.sampler=dopri5", "model.process.rtol=loose"], "dense", "model.process.rtol"),
+    ("sit-sde-heun-without-last-step", [*SIT, "eval.sampler=sde_heun", "model.process.last_step=null"], "dense",
+     "model.process.last_step"),
+    ("sit-sde-one-step", [*SIT, "eval.sampler=sde", "eval.steps=1"], "dense", "eval.steps"),
     # cluster (checked in the job as well: the launcher has used it by then)
     ("cluster-timeout-zero", ["cluster=slurm", "cluster.timeout_min=0"], "dense", "cluster.timeout_min"),
     ("cluster-sigterm-unknown", ["cluster=slurm", "cluster.on_sigterm=never"], "dense", "cluster.on_sigterm"),

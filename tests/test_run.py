@@ -194,3 +194,22 @@ def test_mask_only_methods_refuse_a_fine_tune_or_a_budget(tiny_cfg):
         with pytest.raises(BenchError, match="finetune=none budget.keep=1.0"):
             execute(cfg)
         assert not (Path(cfg["paths"]["results"]) / run_relpath(cfg)).exists()
+
+
+def test_adaptive_sampler_row_records_the_measured_nfe(tiny_cfg, capsys):
+    """SiT's default ODE (dopri5) picks its own steps: the row's nfe is the count measured while
+    sampling, kept with the shards (so a run resumed after sampling, which draws nothing, reports it)."""
+    from bench.sample import mean_nfe
+    from bench.shards import SampleShards
+
+    cfg = tiny_cfg("dense", ["model=sit_digits", "model.name=SiT-T/2", "eval.sampler=dopri5", "budget.keep=1.0",
+                             "finetune.steps=0", "eval.ssim_teacher=false"])
+    row = execute(cfg)
+    shards = SampleShards.open(Path(cfg["paths"]["artifacts"]) / "runs" / run_relpath(cfg) / "samples")
+    per_shard = [(torch.load(shards.path(lo, hi), weights_only=True)["nfe"], hi - lo) for lo, hi in shards.ranges()]
+    assert row.sampler == "dopri5" and row.nfe > 12  # > 6 evaluations, x2 for CFG's null rows
+    assert row.nfe == shards.nfe() == mean_nfe([sum(m * k for m, k in per_shard) / shards.n])
+    assert "sampling 20 of 20" in capsys.readouterr().out
+    (Path(cfg["paths"]["results"]) / run_relpath(cfg) / "row.json").unlink()  # score and time again, samples kept
+    again = execute(cfg)
+    assert "sampling" not in capsys.readouterr().out and again.nfe == row.nfe

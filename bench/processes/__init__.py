@@ -1,9 +1,11 @@
 """Process families behind one factory shape (cf. DiT's create_diffusion, SiT's create_transport).
 
 Both families expose: kind, t_from_u(u), sample_t(n), q_sample(x0, t, noise),
-training_loss(model_fn, x0, t, noise), sample(model_fn, noise, randn, sampler=..., steps=...), nfe().
-u in [0, 1] is the suite's one noise-level convention (0 clean, 1 pure noise); each family maps
-it to its native timestep (DDPM integer index, flow continuous t with data at t=1).
+training_loss(model_fn, x0, t, noise), sample(model_fn, noise, randn, sampler=..., steps=...), and
+nfe(sampler, steps, skip): network evaluations per sample, None for an adaptive solver (flow 'dopri5'),
+whose count bench.sample.generate measures. u in [0, 1] is the suite's one noise-level convention
+(0 clean, 1 pure noise); each family maps it to its native timestep (DDPM integer index, flow
+continuous t with data at t=1).
 """
 from __future__ import annotations
 

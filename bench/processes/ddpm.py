@@ -8,6 +8,9 @@ References (formulas written from the papers; equation numbers are the papers'):
         (Sec. 4: K evenly spaced steps, betas recomputed from alpha_bar), fixed variances.
   DDIM: Song et al. 2021 (arXiv 2010.02502): update Eq. 12, sigma_t(eta) Eq. 16, "linear" and
         "quadratic" sub-sequence selection (Appendix D.2).
+  Step selection as the official code does it (openai/improved-diffusion and guided-diffusion
+        respace.py `space_timesteps`, copied by DiT's diffusion/respace.py): the respacing's rounded
+        running sum, and "ddimN"'s integer stride (`space_timesteps` and `ddim_timesteps` below).
   DiT (arXiv 2212.09748) trains with learn_sigma=True and the hybrid loss, samples with 250
   respaced ancestral steps; that is this module's default.
 
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bench.api import BenchError
+
 
 def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
     # DDPM Sec. 4 / Appendix B; scaled so other T keep the same total noise (Improved DDPM code convention)
@@ -30,27 +35,60 @@ def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: 
 
 
 def space_timesteps(num_timesteps: int, count: int) -> list[int]:
-    """Improved DDPM Sec. 4: `count` evenly spaced steps from 0 to T-1 (rounded), ascending."""
+    """Improved DDPM Sec. 4 respacing, as its code does it for one section (openai/improved-diffusion
+    and guided-diffusion respace.py `space_timesteps`, DiT diffusion/respace.py): a real stride
+    (T - 1) / (count - 1) *accumulated* from 0 and rounded at each step (Python's round, half to
+    even), so the summed float error decides the ties: T=1000, count 21 (stride 49.95) sums to
+    499.49999999999994 at step 10 and takes 499 where 10 * 49.95 would round to 500 (also 23, 31,
+    ...); a count of 1 keeps [0] (stride 1 from 0), not T - 1. Ascending."""
     if not 1 <= count <= num_timesteps:
         raise ValueError(f"cannot respace {num_timesteps} steps to {count}")
-    if count == 1:
-        return [num_timesteps - 1]
-    stride = (num_timesteps - 1) / (count - 1)
-    return sorted({int(round(i * stride)) for i in range(count)})
+    stride = 1 if count <= 1 else (num_timesteps - 1) / (count - 1)
+    taken, cur = [], 0.0
+    for _ in range(count):
+        taken.append(round(cur))
+        cur += stride
+    return sorted(set(taken))
+
+
+def ddim_uniform_counts(num_timesteps: int) -> list[int]:
+    """Step counts the integer-stride DDIM selection can give: len(range(0, T, k)) for k in 1..T-1."""
+    return sorted({len(range(0, num_timesteps, k)) for k in range(1, num_timesteps)})
+
+
+DDIM_SKIPS = ("uniform", "uniform_real", "quad", "respace")
 
 
 def ddim_timesteps(num_timesteps: int, count: int, skip: str = "uniform") -> list[int]:
-    """DDIM Appendix D.2 sub-sequences: 'uniform' tau_i = floor(c*i), 'quad' tau_i = floor(c*i^2)
-    reaching 0.8*T (the CIFAR-10 choice also used by Diff-Pruning's --skip_type quad)."""
+    """DDIM sub-sequences (ascending):
+    'uniform'      improved-diffusion/guided-diffusion `space_timesteps(T, "ddim<count>")`: the first
+                   integer stride k = 1, 2, ... with len(range(0, T, k)) == count, i.e. range(0, T, k);
+                   other counts are refused, as there (T=1000: 30 -> stride 34, 0..986);
+    'uniform_real' tau_i = floor(c i) with a real c = T / count (DDIM App. D.2's "close to T" for any
+                   count; the suite's earlier 'uniform': 30 -> 0..966);
+    'quad'         tau_i = floor(c i^2) reaching 0.8 T (DDIM App. D.2, ermongroup/ddim `skip_type quad`,
+                   Diff-Pruning's CIFAR-10 protocol);
+    'respace'      the ancestral sampler's respacing (`space_timesteps(T, count)`: 0 .. T-1): DDIM on
+                   DiT's `create_diffusion(str(count))`, i.e. `ddim_sample_loop` of a SpacedDiffusion."""
     if skip == "uniform":
-        # real-valued c = T / count so tau_{-1} = T - c is "close to T" (App. D.2) for any count; an
-        # integer c = T // count truncated to `count` steps would start at 798 for count=400
+        for k in range(1, num_timesteps):
+            if len(range(0, num_timesteps, k)) == count:
+                return list(range(0, num_timesteps, k))
+        valid = ddim_uniform_counts(num_timesteps)
+        near = sorted(valid, key=lambda c: (abs(c - count), c))[:2]
+        raise BenchError(f"DDIM skip 'uniform' takes an integer stride (improved-diffusion 'ddim{count}'): no "
+                         f"stride gives {count} of {num_timesteps} steps; nearest valid counts "
+                         f"{' and '.join(map(str, sorted(near)))} (skip 'uniform_real' takes any count)")
+    if skip == "uniform_real":
+        # real-valued c = T / count so tau_{-1} = T - c is "close to T" (App. D.2) for any count
         c = num_timesteps / count
         steps = [int(c * i) for i in range(count)]
     elif skip == "quad":
         steps = (np.linspace(0, np.sqrt(num_timesteps * 0.8), count) ** 2).astype(int).tolist()
+    elif skip == "respace":
+        steps = space_timesteps(num_timesteps, count)
     else:
-        raise ValueError(f"unknown DDIM skip {skip!r}; use 'uniform' or 'quad'")
+        raise ValueError(f"unknown DDIM skip {skip!r}; use one of {', '.join(DDIM_SKIPS)}")
     return sorted(set(steps))
 
 
@@ -196,7 +234,8 @@ class GaussianDiffusion:
     def sample(self, model_fn, noise, randn, sampler: str = "ddpm", steps: int = 250,
                skip: str = "uniform", eta: float = 0.0, progress=None):
         """Generate from x_T = ``noise``. ``randn(x)`` draws per-step noise shaped like x (per-sample
-        seeded by bench.sample). sampler: 'ddpm' (ancestral, respaced to `steps`) or 'ddim'."""
+        seeded by bench.sample). sampler: 'ddpm' (ancestral, respaced to `steps`: space_timesteps) or
+        'ddim' (the `steps` that `skip` selects: ddim_timesteps)."""
         if sampler == "ddpm":
             return self._ancestral(model_fn, noise, randn, self.respaced(steps), progress)
         if sampler == "ddim":
