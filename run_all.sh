@@ -108,12 +108,18 @@ if [ "$JOBS" -ge 2 ]; then
 fi
 for keep in 0.75 0.5; do sweep "$keep" "$@"; done
 
-# 3. tables and plots from every row, and EntPruner's own plots (CED per block and noise bin, depth over steps)
-"$PY" -m bench.report --runs "$RESULTS" --out reports --name "$NAME"
+# 3. EntPruner's own plots (CED per block and noise bin, depth over steps), then tables, figures and
+#    the HTML page from every row (the page inlines every reports/figures/$NAME_*.png, these too).
+#    EntPruner removes blocks during fine-tuning, so its plan.json keeps them all: the bar chart's
+#    kept/removed colours come from the final model (bench.results final-plan: row, log surgery events).
+plans=$(mktemp -d)
+trap 'rm -rf "$plans"' EXIT
 for d in "$RESULTS"/*/entpruner/*/; do
   [ -f "$d/row.json" ] || continue
   tag="${NAME}_entpruner_$(basename "$d" | cut -d- -f1)"
-  "$PY" -m methods.plots ced "$d/plan.json" "reports/figures/${tag}_ced.png"
+  "$PY" -m bench.results final-plan "$d" "$plans/$tag.json"
+  "$PY" -m methods.plots ced "$plans/$tag.json" "reports/figures/${tag}_ced.png"
   "$PY" -m methods.plots depth "$d/entpruner_decisions.jsonl" "reports/figures/${tag}_depth.png"
 done
-echo "[run_all] done in $(( $(date +%s) - start )) s: reports/tables/$NAME.md, reports/figures/${NAME}_quality_vs_speedup.png"
+"$PY" -m bench.report --runs "$RESULTS" --out reports --name "$NAME"
+echo "[run_all] done in $(( $(date +%s) - start )) s: reports/$NAME.html, reports/tables/$NAME.md, reports/figures/${NAME}_quality_vs_speedup.png"

@@ -1,4 +1,4 @@
-"""Results tables and the quality-vs-speedup figure, built from results/runs/**/row.json.
+"""Results tables, the quality-vs-speedup figure and one HTML page, built from results/runs/**/row.json.
 
     python -m bench.report [--runs results/runs] [--out reports] [--name default]
 
@@ -6,6 +6,10 @@ A table never holds numbers of two protocols: rows are grouped by everything tha
 quality number means (model, data, process, sampler, NFE, cfg, metric impl / n / reference) or what
 a latency means (device, dtype, batch), and each group gets its own table. The output is a pure
 function of the rows (no clock, no git call), so rebuilding from the same runs gives the same bytes.
+
+Speedups carry a 95 % interval and follow bench/speedup.py's rules: "≈1" marks one whose interval
+contains 1, and a GPU group whose dense forward is launch-bound gets none. Figures: bench/figures.py;
+the HTML page (sortable tables, figures inlined, links to each run's files): bench/report_html.py.
 """
 from __future__ import annotations
 
@@ -17,8 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench import figures, speedup as sp
 from bench.io import atomic_write_text
+from bench.report_html import render_html
 from bench.results import Row, load_rows
+from bench.tables import markdown_table
 
 GROUP_KEYS = ["model", "dataset", "process", "device", "latency_mode", "latency_dtype", "latency_batch", "sampler", "nfe",
               "cfg_scale", "eval_precision", "metric_impl", "metric_n", "metric_ref"]
@@ -34,13 +41,22 @@ METRICS = {"fid": ("FID", "↓"), "sfid": ("sFID", "↓"), "is": ("IS", "↑"), 
            "recall": ("recall", "↑"), "kid": ("KID", "↓"), "fd_clf": ("FD (clf)", "↓"),
            "cond_acc": ("cond. acc (%)", "↑"), "ssim_teacher": ("SSIM (teacher)", "↑")}
 COSTS = {"params_M": "params (M)", "macs_G": "MACs (G)", "keep_macs": "keep MACs", "latency_ms": "latency (ms) ↓"}
-QUALITY_PREF = ["m_fid", "m_fd_clf"]  # y axis of the figure: real FID when there is one
+QUALITY_PREF = figures.QUALITY_PREF  # y axis of the figure: real FID when every line has it
 PROXY_NOTE = "classifier-feature Frechet distance, not Inception FID"
 FLAGGED_DENSE_NOTE = ("speedup is blank: the dense row's latency is flagged (spread or busy machine, see its "
                       "warnings); rerun its timing on an idle machine")
 FLAGGED_NOTE = "speedup is blank where the latency is flagged (spread or busy machine, see the rows' warnings): "
 NO_DENSE_NOTE = ("speedup is blank: this group has no dense row with a latency on the same device, mode, dtype and batch "
                  "to divide by (the figure uses keep MACs instead)")
+LAUNCH_NOTE = ("speedup is blank: the dense forward takes {ms:.3g} ms on {device}, under {limit:g} ms, so the GPU mostly "
+               "waits on kernel launches and a ratio measures launch overhead, not the work pruning removed "
+               "(bench/speedup.py); time at a larger eval.latency.batch or compiled, and read keep MACs meanwhile")
+INDIST_NOTE = "≈1: the speedup's 95% interval contains 1; the timings cannot tell it from the dense model"
+INTRO = ("Cells are mean ± std over seeds (sample std; omitted for one seed), or with one seed a metric's own 95% "
+         "bootstrap interval [lo, hi] where it has one. ↑/↓ = better direction.")
+SPEEDUP_TEXT = ("speedup = dense latency / latency within one group (same device, mode, dtype, batch), with its 95% "
+                "interval from the rows' repeated timings; ≈1 marks an interval that contains 1; a GPU group whose dense "
+                f"forward takes under {sp.LAUNCH_BOUND_MS:g} ms is launch-bound and gets no speedup (bench/speedup.py).")
 
 
 # ---------------------------------------------------------------- numbers
@@ -157,12 +173,44 @@ def summarize(g: pd.DataFrame) -> tuple[pd.DataFrame, list[str], str | None]:
     elif _flagged(dense).any():
         dense_ms = float("nan")
         notes.append(FLAGGED_DENSE_NOTE)
+    device = str(g["device"].iloc[0])
+    why = None
+    if pd.isna(dense_ms):
+        why = "no speedup: " + ("no dense row" if NO_DENSE_NOTE in notes else "the dense row's latency is flagged")
+    elif sp.launch_bound(dense_ms, device):
+        notes.append(LAUNCH_NOTE.format(ms=dense_ms, device=device, limit=sp.LAUNCH_BOUND_MS))
+        why = f"no speedup: launch-bound\n(dense forward {dense_ms:.3g} ms < {sp.LAUNCH_BOUND_MS:g} ms on a GPU)"
+        dense_ms = float("nan")
     lines["speedup"] = (dense_ms / lines["latency_ms"]).where(~lines["_flagged"].astype(bool))
+    lines = add_speedup_intervals(lines, g, keys)
     if pd.notna(dense_ms) and lines["_flagged"].any():
         notes.append(FLAGGED_NOTE + ", ".join(sorted({f"{m} {k:g}" for m, k in
                                                       zip(lines.loc[lines["_flagged"], "method"],
                                                           lines.loc[lines["_flagged"], "budget_keep"])})) + ".")
-    return lines.drop(columns=["_order", "_flagged"]).reset_index(drop=True), vcols, " ".join(notes) or None
+    if (lines["speedup_note"] == sp.INDISTINGUISHABLE).any():
+        notes.append(INDIST_NOTE + ".")
+    lines = lines.drop(columns=["_order", "_flagged"]).reset_index(drop=True)
+    lines.attrs["speedup_why"] = why
+    return lines, vcols, " ".join(notes) or None
+
+
+def add_speedup_intervals(lines: pd.DataFrame, g: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """speedup_lo / speedup_hi (95 %) and speedup_note ("≈1" when the interval contains 1) from each
+    line's latency noise (bench.speedup.line_rel_se: the rows' own timings, or the spread over seeds)
+    and the dense line's. The dense line is the reference: no interval."""
+    reps = g["latency_reps"] if "latency_reps" in g.columns else pd.Series(0, index=g.index)
+    rse = {k: sp.line_rel_se(d["latency_ms"], d["latency_iqr_ms"], reps.loc[d.index])
+           for k, d in g.groupby(keys, sort=True, dropna=False)}
+    rse = [rse.get(tuple(r[k] for k in keys), float("nan")) for _, r in lines.iterrows()]
+    is_dense = (lines["method"] == DENSE).to_numpy()
+    dense_rse = next((v for v, d in zip(rse, is_dense) if d), float("nan"))
+    lo, hi, note = [], [], []
+    for s, r, d in zip(lines["speedup"], rse, is_dense):
+        a, b = (float("nan"), float("nan")) if d or pd.isna(s) else sp.ratio_interval(s, dense_rse, r)
+        lo.append(a)
+        hi.append(b)
+        note.append(sp.INDISTINGUISHABLE if sp.contains_one(a, b) else "")
+    return lines.assign(speedup_lo=lo, speedup_hi=hi, speedup_note=note)
 
 
 def title(key: dict) -> str:
@@ -209,12 +257,27 @@ def fmt_cell(r, c: str) -> str:
     return fmt_pm(r[c], r[f"{c}_std"])
 
 
+def fmt_speedup(r) -> str:
+    """'1.97 [1.93, 2.01]', '1.02 [0.97, 1.07] ≈1' (interval contains 1), '1.00' (dense), '' (none)."""
+    s = r["speedup"]
+    if pd.isna(s):
+        return ""
+    lo, hi = r.get("speedup_lo"), r.get("speedup_hi")
+    if lo is None or pd.isna(lo) or pd.isna(hi):
+        return fmt_num(s)
+    note = r.get("speedup_note") or ""
+    return f"{fmt_num(s)} [{fmt_num(lo)}, {fmt_num(hi)}]" + (f" {note}" if note else "")
+
+
+def line_name(r, variants: list[str]) -> str:
+    return r["method"] + "".join(f" ({k} {r[k]})" for k in variants)
+
+
 def cells(lines: pd.DataFrame, vcols: list[str]) -> tuple[list[str], list[list[str]]]:
     head = ["method", "budget", "n_seeds"] + [label(c) for c in vcols] + [label("speedup")]
     variants = [k for k in VARIANT_KEYS if k in lines.columns]
-    name = lambda r: r["method"] + "".join(f" ({k} {r[k]})" for k in variants)  # noqa: E731
-    body = [[name(r), f"{r['budget_measure']} {r['budget_keep']:g}", str(int(r["n_seeds"]))]
-            + [fmt_cell(r, c) for c in vcols] + [fmt_num(r["speedup"])]
+    body = [[line_name(r, variants), f"{r['budget_measure']} {r['budget_keep']:g}", str(int(r["n_seeds"]))]
+            + [fmt_cell(r, c) for c in vcols] + [fmt_speedup(r)]
             for _, r in lines.iterrows()]
     return head, body
 
@@ -242,17 +305,13 @@ def _failed_cells(failed: pd.DataFrame) -> list[list[str]]:
 
 # ---------------------------------------------------------------- renderers
 def _md_table(head: list[str], body: list[list[str]], left: int) -> list[str]:
-    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    out = ["| " + " | ".join(map(esc, head)) + " |",
-           "|" + "|".join(":---" if i < left else "---:" for i in range(len(head))) + "|"]
-    return out + ["| " + " | ".join(map(esc, r)) + " |" for r in body]
+    return markdown_table(head, body, left=left).split("\n")
 
 
 def render_md(prov: str, name: str, groups: list, failed: pd.DataFrame, apart: pd.DataFrame | None = None,
               skipped: list[str] = ()) -> str:
     out = [f"<!-- {prov} -->", f"# Results: {name}", "",
-           "Cells are mean ± std over seeds (sample std; omitted for one seed). ↑/↓ = better direction. "
-           "speedup = dense latency / latency within one group (same device, dtype, batch).", ""]
+           INTRO + " " + SPEEDUP_TEXT, ""]
     for key, lines, vcols, note in groups:
         out += [f"## {title(key)}", ""]
         out += [f"*{n}*\n" for n in (proxy_note(key, vcols), note) if n]
@@ -274,6 +333,7 @@ def render_md(prov: str, name: str, groups: list, failed: pd.DataFrame, apart: p
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "↑": r"$\uparrow$",
+        "≈": r"$\approx$", "→": r"$\rightarrow$",
         "↓": r"$\downarrow$", "·": r"$\cdot$", "—": "---"}
 
 
@@ -303,7 +363,8 @@ def render_csv(prov: str, groups: list) -> str:
     parts = [lines.assign(**key)[GROUP_KEYS + list(lines.columns)] for key, lines, _, _ in groups]
     df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=GROUP_KEYS + LINE_KEYS)
     vcols = order_metrics(c for _, _, vc, _ in groups for c in vc if c.startswith("m_")) + list(COSTS)
-    cols = GROUP_KEYS + LINE_KEYS + ["n_seeds"] + [c for v in vcols for c in (v, f"{v}_std")] + ["speedup"]
+    cols = GROUP_KEYS + LINE_KEYS + ["n_seeds"] + [c for v in vcols for c in (v, f"{v}_std")] + \
+        ["speedup", "speedup_lo", "speedup_hi", "speedup_note"]
     return f"# {prov}\n" + df.reindex(columns=cols).to_csv(index=False, float_format="%.6g", lineterminator="\n")
 
 
@@ -318,56 +379,8 @@ def runs_csv(prov: str, df: pd.DataFrame) -> str:
 
 # ---------------------------------------------------------------- figure
 def plot(groups: list, base: Path) -> list[Path]:
-    """One panel per protocol group (axes never mix protocols); one colour/marker per method,
-    budgets annotated by their keep fraction, error bars = std over seeds."""
-    import matplotlib as mpl
-    import matplotlib.style  # noqa: F401  (submodule, not loaded by "import matplotlib")
-    from matplotlib.figure import Figure  # no pyplot: no global backend state; png renders with Agg
-    from matplotlib.lines import Line2D
-
-    methods = sorted({m for _, lines, _, _ in groups for m in lines["method"] if m != DENSE})
-    colors, markers = mpl.colormaps["tab10"], "osD^v<>ph"
-    style = {m: (colors(i % 10), markers[i % len(markers)]) for i, m in enumerate(methods)}
-    style[DENSE] = ("black", "*")
-    with mpl.style.context("default"):  # ignore the user's matplotlibrc: same bytes everywhere
-        n = max(len(groups), 1)
-        ncols = min(n, 3)
-        fig = Figure(figsize=(5 * ncols, 4 * math.ceil(n / ncols)), layout="constrained")
-        axes = fig.subplots(math.ceil(n / ncols), ncols, squeeze=False).ravel()
-        for ax in axes[len(groups):]:
-            ax.set_axis_off()
-        if not groups:
-            axes[0].text(0.5, 0.5, "no successful runs", ha="center", transform=axes[0].transAxes)
-        for ax, (key, lines, _, note) in zip(axes, groups):
-            # a quality metric every line has (the CPU suite's FID exists for the dense row only), and
-            # speedup unless the group has no dense latency to divide by
-            q = next((c for c in QUALITY_PREF if c in lines and lines[c].notna().all()), None)
-            x = "keep_macs" if note and NO_DENSE_NOTE in note else "speedup"
-            ax.set_title(f"{key['model']} {key['dataset']} {key['process']}, NFE {key['nfe']}\n"
-                         f"{key['metric_impl']} n={key['metric_n']}, {key['device']} {key['latency_dtype']}",
-                         fontsize=8)
-            if q is None:
-                ax.text(0.5, 0.5, "no FID or FD (clf) in this group", ha="center", transform=ax.transAxes)
-                continue
-            for m, d in lines.dropna(subset=[x, q]).groupby("method", sort=True):
-                d = d.sort_values(x)
-                c, mk = style[m]
-                ax.errorbar(d[x], d[q], yerr=d[f"{q}_std"].fillna(0), color=c, marker=mk, capsize=3,
-                            ms=10 if m == DENSE else 6, linestyle="none" if m == DENSE else "-")
-                for _, r in d.iterrows():
-                    ax.annotate(f"{r['budget_keep']:g}", (r[x], r[q]), textcoords="offset points",
-                                xytext=(4, 4), fontsize=7, color=c)
-            ax.set_xlabel("speedup (dense latency / latency) ↑" if x == "speedup" else "keep MACs (no dense row)")
-            ax.set_ylabel(label(q))
-            ax.grid(alpha=0.3)
-        handles = [Line2D([], [], color=style[m][0], marker=style[m][1], linestyle="none", label=m)
-                   for m in [DENSE] + methods]
-        fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="method (labels: keep)")
-        base.parent.mkdir(parents=True, exist_ok=True)
-        png, pdf = base.with_suffix(".png"), base.with_suffix(".pdf")
-        fig.savefig(png, dpi=150, metadata={"Software": None})  # no version/time stamps in the files
-        fig.savefig(pdf, metadata={"Creator": None, "Producer": None, "CreationDate": None})
-    return [png, pdf]
+    """Quality vs speedup and vs keep MACs, one row of panels per protocol group (bench/figures.py)."""
+    return figures.save(figures.quality_figure(groups, label=label), base)
 
 
 # ---------------------------------------------------------------- entry points
@@ -382,16 +395,12 @@ def where(df: pd.DataFrame, conditions: list[str]) -> pd.DataFrame:
     return df
 
 
-def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list[str] | None = None) -> list[Path]:
-    """Write tables, figure and runs.csv for the rows in df (as from load_rows); return the paths.
-    `skipped`: files load_rows could not read, listed in the tables' text."""
-    if df.empty:
-        raise ValueError("no rows to report; point --runs at a folder with row.json files")
-    out = Path(out_dir)
-    prov = provenance(df)
+def report_groups(df: pd.DataFrame) -> tuple[list, list[pd.DataFrame], pd.DataFrame, pd.DataFrame]:
+    """(groups, their rows, rows set apart, failed rows) of a results set: one (key, lines, value
+    columns, note) per protocol group, as every renderer and the figure take them."""
     bad = df["status"].ne("ok")  # failed (or unfinished) rows are listed, never averaged
     ok, failed = df[~bad], df[bad].sort_values(["run"], kind="mergesort")
-    groups, apart = [], []
+    groups, group_rows, apart = [], [], []
     for key, g in ok.groupby(GROUP_KEYS, dropna=False, sort=True):
         g, a = set_apart(g)
         apart.append(a)
@@ -400,20 +409,39 @@ def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list
         lines, vcols, note = summarize(g)
         note = " ".join(n for n in (inception_note(g), note) if n)
         groups.append((dict(zip(GROUP_KEYS, key)), lines, vcols, note))
+        group_rows.append(g)
     apart = pd.concat(apart).sort_values(["run"], kind="mergesort") if apart else ok.iloc[:0]
+    return groups, group_rows, apart, failed
+
+
+def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list[str] | None = None) -> list[Path]:
+    """Write tables, figure and runs.csv for the rows in df (as from load_rows); return the paths.
+    `skipped`: files load_rows could not read, listed in the tables' text."""
+    if df.empty:
+        raise ValueError("no rows to report; point --runs at a folder with row.json files")
+    out = Path(out_dir)
+    prov = provenance(df)
+    groups, group_rows, apart, failed = report_groups(df)
     texts = {out / "tables" / f"{name}.md": render_md(prov, name, groups, failed, apart, skipped or []),
              out / "tables" / f"{name}.tex": render_tex(prov, groups, failed),
              out / "tables" / f"{name}.csv": render_csv(prov, groups),
              out / f"{name}_runs.csv": runs_csv(prov, df)}
     for path, text in texts.items():
         atomic_write_text(path, text)
-    return list(texts) + plot(groups, out / "figures" / f"{name}_quality_vs_speedup")
+    figs = plot(groups, out / "figures" / f"{name}_quality_vs_speedup")
+    # the page inlines this figure and every other <name>_*.png in <out>/figures (EntPruner's plots)
+    pngs = [figs[0]] + sorted(p for p in (out / "figures").glob(f"{name}_*.png") if p != figs[0])
+    page = out / f"{name}.html"
+    atomic_write_text(page, render_html(prov, name, df, groups, group_rows, failed, page, pngs, INTRO + " " + SPEEDUP_TEXT,
+                                        apart, skipped or []))
+    return list(texts) + figs + [page]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="results/runs", help="folder searched for **/row.json")
-    ap.add_argument("--out", default="reports", help="writes <out>/tables, <out>/figures, <out>/runs.csv")
+    ap.add_argument("--out", default="reports",
+                    help="writes <out>/tables, <out>/figures, <out>/<name>_runs.csv and <out>/<name>.html")
     ap.add_argument("--name", default="default", help="file stem of the tables and figure")
     ap.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                     help="only rows whose field KEY equals VALUE (repeatable), e.g. --where finetune_steps=80")

@@ -134,6 +134,9 @@ class Row:
     stage_weights: list[float] = field(default_factory=list)
     stage_blocks: list[int] = field(default_factory=list)
     stage_macs_G: list[float] = field(default_factory=list)
+    # dense index of every block the final model has (a progressive method's are known only after its
+    # fine-tune, not from plan.json); empty in rows written before this field (final_kept_blocks reads the log)
+    kept_blocks: list[int] = field(default_factory=list)
     status: str = "ok"
     error: str | None = None
     schema: int = SCHEMA
@@ -270,6 +273,53 @@ def append_log(run_dir: Path, event: str, **data: Any) -> None:
         f.write(json.dumps(rec, default=str) + "\n")
 
 
+def final_kept_blocks(run_dir: str | Path) -> list[int] | None:
+    """Dense indices of the blocks the run's final model keeps, or None when unknown. A progressive
+    method (EntPruner, gradient flow) removes blocks during fine-tuning, so its plan.json keeps more
+    than the final model: the row's `kept_blocks` says it; for rows written before that field, the
+    log's last `surgery` event made during fine-tuning (one with a step; a resumed attempt logs the
+    plan's surgery again after them), else its last `surgery` event, else plan.json. A list whose
+    length differs from the row's depth is not trusted (None)."""
+    run_dir = Path(run_dir)
+    row = json.loads((run_dir / "row.json").read_text()) if (run_dir / "row.json").exists() else {}
+    if row.get("kept_blocks"):
+        return [int(i) for i in row["kept_blocks"]]
+    kept = None
+    if (log := run_dir / "log.jsonl").exists():
+        events = []
+        for line in log.read_text().splitlines():
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if isinstance(e, dict) and e.get("event") == "surgery" and isinstance(e.get("kept_blocks"), list):
+                events.append(e)
+        stepped = [e for e in events if "step" in e]
+        if stepped or events:
+            kept = (stepped or events)[-1]["kept_blocks"]
+    if kept is None and (plan := run_dir / "plan.json").exists():
+        kept = json.loads(plan.read_text()).get("keep", {}).get("blocks")
+    if kept is None or ("depth" in row and len(kept) != int(row["depth"])):
+        return None
+    return [int(i) for i in kept]
+
+
+def final_plan(run_dir: str | Path) -> dict:
+    """The run's plan.json as a dict, its block keep-set replaced by the final model's
+    (final_kept_blocks), so a plot of kept and removed blocks shows what the model ended with;
+    meta["kept_blocks_source"] says so. Raises ValueError when the final blocks are unknown."""
+    run_dir = Path(run_dir)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    kept = final_kept_blocks(run_dir)
+    if kept is None:
+        raise ValueError(f"{run_dir}: the final model's blocks are unknown (no row kept_blocks, no surgery event "
+                         "matching the row's depth)")
+    if plan.get("keep", {}).get("blocks") != kept:
+        plan.setdefault("meta", {})["kept_blocks_source"] = "final model (row / log.jsonl surgery events)"
+    plan.setdefault("keep", {})["blocks"] = kept
+    return plan
+
+
 def load_rows(root: str | Path = "results/runs", skipped: list[str] | None = None):
     """All row.json files under root -> a pandas DataFrame, metrics flattened to `m_<name>` columns,
     plus the error.json of runs that failed (status "failed"). A file that does not parse (cut
@@ -302,3 +352,16 @@ def load_rows(root: str | Path = "results/runs", skipped: list[str] | None = Non
         d["path"] = str(p.parent)
         recs.append(d)
     return pd.DataFrame.from_records(recs)
+
+
+if __name__ == "__main__":
+    # python -m bench.results final-plan RUN_DIR OUT.json: plan.json with the final model's blocks
+    # (what run_all.sh hands methods.plots for a progressive method's kept/removed bar chart)
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "final-plan":
+        sys.exit("usage: python -m bench.results final-plan RUN_DIR OUT.json")
+    try:
+        atomic_write_text(Path(sys.argv[3]), json.dumps(final_plan(sys.argv[2]), indent=1))
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")

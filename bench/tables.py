@@ -11,8 +11,12 @@ from __future__ import annotations
 from tabulate import tabulate
 
 
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    """A GitHub-flavoured markdown table (no trailing newline); '|' inside a cell is escaped."""
+def markdown_table(headers: list[str], rows: list[list[str]], left: int | None = None) -> str:
+    """A GitHub-flavoured markdown table (no trailing newline); '|' inside a cell is escaped.
+    left: align the first `left` columns left and the others right (":---" / "---:" markers);
+    None: tabulate's "github" format, no markers."""
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    return tabulate([[esc(c) for c in r] for r in rows], headers=[esc(h) for h in headers], tablefmt="github",
-                    disable_numparse=True)
+    align = None if left is None else ["left" if i < left else "right" for i in range(len(headers))]
+    return tabulate([[esc(c) for c in r] for r in rows], headers=[esc(h) for h in headers],
+                    tablefmt="github" if align is None else "pipe",  # pipe: the same table with alignment markers
+                    disable_numparse=True, colalign=align)

@@ -431,4 +431,4 @@ def test_gpu_timing_script_smoke(tmp_path):
     assert len(res["runs"]) == 1 and res["runs"][0]["seconds"] > 0 and len(res["runs"][0]["ced"]) == 4
     assert min(res["runs"][0]["ced"]) > 0  # randomised gates: no block is an identity
     assert json.loads((tmp_path / "entpruner_ced_timing.json").read_text())["blocks"] == 4
-    assert "| fp32 |" in (tmp_path / "entpruner_ced_timing.md").read_text()
+    assert any(line.startswith("| fp32 ") for line in (tmp_path / "entpruner_ced_timing.md").read_text().splitlines())

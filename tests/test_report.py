@@ -1,6 +1,9 @@
 """bench.report: tables, protocol grouping, failed runs, figure, determinism."""
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -44,7 +47,11 @@ ROWS = [
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     for r in ROWS:
-        write_row(r, root / r.run)
+        d = root / r.run
+        d.mkdir(parents=True)
+        for f in ("config.yaml", "plan.json", "log.jsonl"):  # what a run directory holds beside its row
+            (d / f).write_text("{}\n")
+        write_row(r, d)
     return root
 
 
@@ -78,15 +85,20 @@ def test_markdown_table(report):
     cpu = secs["dit-xs · toy · flow — euler, NFE 10, cfg 1, sampled in fp32 — smallcnn-v1, n=256, ref train — cpu, eager, fp32, batch 8"]
     table = [line for line in cpu.splitlines() if line.startswith("|")]
     assert table == [
-        "| method | budget | n_seeds | FD (clf) ↓ | cond. acc (%) ↑ | params (M) | MACs (G) | keep MACs "
-        "| latency (ms) ↓ | speedup ↑ |",
-        "|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        "| dense | blocks 1 | 1 | 20.0 | 90.0 | 5.00 | 0.0123 | 1.00 | 10.0 | 1.00 |",
-        "| magnitude | blocks 0.75 | 1 | 25.0 | 85.0 | 3.75 | 0.00923 | 0.750 | 8.00 | 1.25 |",
-        "| taylor | blocks 0.75 | 1 | 24.0 | 86.0 | 3.75 | 0.00923 | 0.750 | 7.50 | 1.33 |",
-        "| magnitude | blocks 0.5 | 3 | 32.0 ± 2.0 | 82.0 ± 2.0 | 2.50 ± 0.00 | 0.00615 ± 0.00000 "
-        "| 0.500 ± 0.000 | 5.00 ± 0.00 | 2.00 |",
-        "| taylor | blocks 0.5 | 1 | 28.0 | 81.0 | 2.50 | 0.00615 | 0.500 | 4.00 | 2.50 |",
+        "| method    | budget      |   n_seeds |   FD (clf) ↓ |   cond. acc (%) ↑ |   params (M) |          MACs (G) "
+        "|     keep MACs |   latency (ms) ↓ |         speedup ↑ |",
+        "|:----------|:------------|----------:|-------------:|------------------:|-------------:|------------------:"
+        "|--------------:|-----------------:|------------------:|",
+        "| dense     | blocks 1    |         1 |         20.0 |              90.0 |         5.00 |            0.0123 "
+        "|          1.00 |             10.0 |              1.00 |",
+        "| magnitude | blocks 0.75 |         1 |         25.0 |              85.0 |         3.75 |           0.00923 "
+        "|         0.750 |             8.00 | 1.25 [1.24, 1.26] |",
+        "| taylor    | blocks 0.75 |         1 |         24.0 |              86.0 |         3.75 |           0.00923 "
+        "|         0.750 |             7.50 | 1.33 [1.32, 1.34] |",
+        "| magnitude | blocks 0.5  |         3 |   32.0 ± 2.0 |        82.0 ± 2.0 |  2.50 ± 0.00 | 0.00615 ± 0.00000 "
+        "| 0.500 ± 0.000 |      5.00 ± 0.00 | 2.00 [1.99, 2.01] |",
+        "| taylor    | blocks 0.5  |         1 |         28.0 |              81.0 |         2.50 |           0.00615 "
+        "|         0.500 |             4.00 | 2.50 [2.47, 2.53] |",
     ]
     assert "classifier-feature Frechet distance, not Inception FID" in cpu
     assert "FD (clf), cond. acc (%)" in cpu
@@ -94,7 +106,8 @@ def test_markdown_table(report):
     # the cuda group has no dense row: blank speedup and a note saying why
     cuda = next(v for k, v in secs.items() if k.endswith("cuda, eager, fp32, batch 8"))
     assert "speedup is blank" in cuda
-    assert "| taylor | blocks 0.5 | 1 | 28.0 | 81.0 | 2.50 | 0.00615 | 0.500 | 2.00 |  |" in cuda
+    assert [c.strip() for c in next(line for line in cuda.splitlines() if line.startswith("| taylor")).split("|")] \
+        == ["", "taylor", "blocks 0.5", "1", "28.0", "81.0", "2.50", "0.00615", "0.500", "2.00", "", ""]
 
 
 def test_speedup_is_dense_over_latency(report):
@@ -110,7 +123,7 @@ def test_failed_rows_listed_not_averaged(report):
     out, _, _ = report
     md = (out / "tables" / "t.md").read_text()
     failed = md_sections(md)["Failed runs"]
-    assert "| taylor-0.25-s0-cpu | taylor | blocks 0.25 | 0 | failed | CUDA out of memory at step 3 |" in failed
+    assert "| taylor-0.25-s0-cpu | taylor   | blocks 0.25 | 0      | failed   | CUDA out of memory at step 3 |" in failed
     before = md.split("## Failed runs")[0]
     assert "0.25" not in before  # the failed budget appears in no table
     csv = pd.read_csv(out / "tables" / "t.csv", comment="#")
@@ -126,11 +139,11 @@ def test_provenance_and_files(report):
     assert (out / "tables" / "t.csv").read_text().splitlines()[0] == f"# {prov}"
     assert (out / "t_runs.csv").read_text().splitlines()[0] == f"# {prov}"
     assert len(pd.read_csv(out / "t_runs.csv", comment="#")) == 9
-    for p in ("figures/t_quality_vs_speedup.png", "figures/t_quality_vs_speedup.pdf"):
-        assert (out / p).stat().st_size > 1000
+    assert (out / "figures/t_quality_vs_speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "figures/t_quality_vs_speedup.pdf").read_bytes()[:5] == b"%PDF-"
     assert sorted(p.relative_to(out).as_posix() for p in paths) == sorted(
         ["tables/t.md", "tables/t.tex", "tables/t.csv", "t_runs.csv",
-         "figures/t_quality_vs_speedup.png", "figures/t_quality_vs_speedup.pdf"])
+         "figures/t_quality_vs_speedup.png", "figures/t_quality_vs_speedup.pdf", "t.html"])
 
 
 def test_provenance_counts_finished_and_failed_runs(report):
@@ -147,12 +160,14 @@ def test_provenance_counts_finished_and_failed_runs(report):
     assert provenance(two_failed).startswith("generated by bench/report.py from 0 finished runs and 2 failed runs @ ")
 
 
-def test_byte_identical_rebuild(report, tmp_path):
+def test_byte_identical_rebuild(report, tmp_path_factory):
     out, paths, df = report
     first = {p.relative_to(out): p.read_bytes() for p in paths}
-    # rows in another order must not change a byte either
-    paths2 = build_report(df.iloc[::-1].reset_index(drop=True), tmp_path / "again", "t")
-    second = {p.relative_to(tmp_path / "again"): p.read_bytes() for p in paths2}
+    # rows in another order must not change a byte either (a folder beside the first: the page's
+    # links to the runs are relative, so they are the same only from the same depth)
+    again = tmp_path_factory.mktemp("again")
+    paths2 = build_report(df.iloc[::-1].reset_index(drop=True), again, "t")
+    second = {p.relative_to(again): p.read_bytes() for p in paths2}
     assert first.keys() == second.keys()
     for k in first:
         assert first[k] == second[k], k
@@ -184,9 +199,10 @@ def test_tables_csv_columns(report):
     assert list(csv.columns)[len(GROUP_KEYS):] == [
         "method", "budget_measure", "budget_keep", "n_seeds", "m_fd_clf", "m_fd_clf_std", "m_cond_acc",
         "m_cond_acc_std", "params_M", "params_M_std", "macs_G", "macs_G_std", "keep_macs", "keep_macs_std",
-        "latency_ms", "latency_ms_std", "speedup"]
+        "latency_ms", "latency_ms_std", "speedup", "speedup_lo", "speedup_hi", "speedup_note"]
     mag = csv[(csv.method == "magnitude") & (csv.budget_keep == 0.5)].iloc[0]
     assert (mag.n_seeds, mag.m_fd_clf, mag.m_fd_clf_std, mag.speedup) == (3, 32.0, 2.0, 2.0)
+    assert mag.speedup_lo < 2.0 < mag.speedup_hi and pd.isna(mag.speedup_note)
 
 
 def test_inception_note_names_the_rows_and_refuses_mixed_protocols():
@@ -200,3 +216,188 @@ def test_inception_note_names_the_rows_and_refuses_mixed_protocols():
     mixed = g.assign(fid_impl=["adm-pt/x", "adm-pt/x"], fid_n=[100, 500], fid_ref=["digits-test"] * 2)
     with pytest.raises(ValueError, match="mix Inception protocols"):
         inception_note(mixed)
+
+
+# ------------------------------------------------------------------------------------------------
+# The figure: asserted on the plotted data, not on the file
+# ------------------------------------------------------------------------------------------------
+
+def _collections(ax) -> dict:
+    return {c.get_gid().split(":", 1)[1]: c.get_offsets().data.tolist()
+            for c in ax.collections if (c.get_gid() or "").startswith("points:")}
+
+
+def _pareto(ax) -> list:
+    line, = [ln for ln in ax.lines if ln.get_gid() == "pareto"]
+    return [list(p) for p in zip(line.get_xdata(), line.get_ydata())]
+
+
+def test_figure_plots_one_point_per_line_with_the_pareto_front(report):
+    from bench import figures
+    from bench.report import label, report_groups
+
+    _, _, df = report
+    groups, _, _, _ = report_groups(df)
+    fig = figures.quality_figure(groups, label=label)
+    axes = fig.axes[:4]  # two groups x (speedup, keep MACs); the legend is the figure's
+    cpu_s, cpu_m, cuda_s, cuda_m = axes
+    assert cpu_s.get_xlabel().startswith("speedup") and cpu_m.get_xlabel().startswith("MACs kept")
+    assert cpu_s.get_ylabel() == cpu_m.get_ylabel() == "FD (clf) ↓"  # the metric every line has
+    pts = _collections(cpu_s)
+    assert set(pts) == {"dense", "magnitude", "taylor"}
+    assert pts["dense"] == [[1.0, 20.0]]
+    assert sorted(map(tuple, pts["magnitude"])) == [(1.25, 25.0), (2.0, 32.0)]
+    assert sorted(map(tuple, pts["taylor"])) == [(pytest.approx(10 / 7.5), 24.0), (2.5, 28.0)]
+    # faster and better: dense, taylor 0.75, taylor 0.5 (magnitude is dominated by taylor at both budgets)
+    assert _pareto(cpu_s) == [[1.0, 20.0], [pytest.approx(10 / 7.5), 24.0], [2.5, 28.0]]
+    assert sorted(map(tuple, _collections(cpu_m)["magnitude"])) == [(0.5, 32.0), (0.75, 25.0)]
+    assert _pareto(cpu_m) == [[0.5, 28.0], [0.75, 24.0], [1.0, 20.0]]
+    assert cpu_m.xaxis_inverted()  # cheaper to the right, as faster is in the speedup panel
+    # error bars: magnitude 0.5 has 3 seeds (fd 32 ± 2); its speedup interval brackets 2.0
+    err, = [c for c in cpu_s.containers if c.get_label() == "_err:magnitude"]
+    xsegs, ysegs = (lc.get_segments() for lc in err.lines[2])
+    y_bar = next(s for s in ysegs if s[0][0] == 2.0)
+    assert sorted(p[1] for p in y_bar) == [30.0, 34.0]
+    x_bar = next(s for s in xsegs if s[0][1] == 32.0)
+    assert x_bar[0][0] < 2.0 < x_bar[1][0]
+    # the cuda group has no dense row: no speedup panel points, a reason instead; its MACs panel has the point
+    assert _collections(cuda_s) == {} and any(t.get_gid() == "why" for t in cuda_s.texts)
+    assert _collections(cuda_m) == {"taylor": [[0.5, 28.0]]}
+
+
+def _gpu_rows(dense_ms, lat=None, iqr=0.05):
+    lat = lat or {0.5: dense_ms / 1.9}
+    rows = [row("dense", 1.0, 0, 20.0, 90.0, dense_ms, 1.0, device="NVIDIA H100", latency_iqr_ms=iqr)]
+    rows += [row("taylor", k, 0, 25.0, 85.0, v, k, device="NVIDIA H100", latency_iqr_ms=iqr) for k, v in lat.items()]
+    return pd.DataFrame([{**{k: v for k, v in r.__dict__.items() if k != "metrics"},
+                          **{f"m_{k}": v for k, v in r.metrics.items()}} for r in rows])
+
+
+def test_launch_bound_gpu_speedups_are_left_out():
+    """A GPU group whose dense forward is under 20 ms (bench.speedup.LAUNCH_BOUND_MS) gets no speedup
+    in the table, a note that says why, and a speedup panel with that reason instead of points."""
+    from bench import figures
+    from bench.report import cells, label
+
+    fast = _gpu_rows(5.71)  # the default suite's tiny DiT on an H200
+    lines, vcols, note = summarize(fast)
+    assert lines["speedup"].isna().all() and "launch" in note and "5.71 ms" in note and "20 ms" in note
+    assert [r[-1] for r in cells(lines, vcols)[1]] == ["", ""]
+    fig = figures.quality_figure([({"model": "m", "dataset": "d", "process": "p", "nfe": 1, "metric_impl": "i",
+                                    "metric_n": 1, "device": "NVIDIA H100", "latency_mode": "eager",
+                                    "latency_dtype": "bf16", "latency_batch": 64}, lines, vcols, note)], label=label)
+    ax_s, ax_m = fig.axes[:2]
+    assert _collections(ax_s) == {} and "launch-bound" in next(t.get_text() for t in ax_s.texts if t.get_gid() == "why")
+    assert len(_collections(ax_m)) == 2
+    slow = _gpu_rows(66.3)  # DiT-XL/2, batch 64, bf16 eager
+    lines, _, note = summarize(slow)
+    assert lines.loc[lines.method == "taylor", "speedup"].item() == pytest.approx(1.9)
+    assert note is None or "launch" not in note
+    # the same timings on a CPU are never launch-bound
+    lines, _, _ = summarize(_gpu_rows(5.71).assign(device="cpu-x86_64-2t"))
+    assert lines["speedup"].notna().all()
+
+
+def test_speedup_whose_interval_contains_one_is_marked():
+    from bench import figures
+    from bench.report import cells, label
+
+    df = _gpu_rows(100.0, {0.75: 98.0, 0.5: 60.0}, iqr=8.0)  # 1.02x with an IQR of 8 % of the median
+    lines, vcols, note = summarize(df)
+    t = lines.set_index("budget_keep")
+    assert t.loc[0.75, "speedup_lo"] < 1 < t.loc[0.75, "speedup_hi"] and t.loc[0.75, "speedup_note"] == "≈1"
+    assert t.loc[0.5, "speedup_lo"] > 1 and t.loc[0.5, "speedup_note"] == ""
+    assert "contains 1" in note
+    speed = {r[1]: r[-1] for r in cells(lines, vcols)[1]}
+    assert speed["blocks 0.75"].endswith(" ≈1") and speed["blocks 0.5"].startswith("1.67 [")
+    fig = figures.quality_figure([({"model": "m", "dataset": "d", "process": "p", "nfe": 1, "metric_impl": "i",
+                                    "metric_n": 1, "device": "NVIDIA H100", "latency_mode": "eager",
+                                    "latency_dtype": "bf16", "latency_batch": 64}, lines, vcols, note)], label=label)
+    pts, = [c for c in fig.axes[0].collections if c.get_gid() == "points:taylor"]
+    xy = pts.get_offsets().data.tolist()
+    hollow = [x for (x, _), fc in zip(xy, pts.get_facecolors()) if fc[3] == 0]  # facecolor "none": alpha 0
+    assert hollow == [pytest.approx(100 / 98)]
+
+
+def test_speedup_interval_from_the_rows_timings():
+    """One seed: the rows' own timing noise (IQR over the timed calls); several seeds: their spread."""
+    from bench.speedup import line_rel_se, median_rel_se, ratio_interval
+
+    se = median_rel_se(10.0, 0.1, 20)
+    assert se == pytest.approx(1.2533 * (0.1 / 1.349) / 20 ** 0.5 / 10.0, rel=1e-3)
+    lo, hi = ratio_interval(2.0, se, se)
+    assert lo == pytest.approx(2.0 * math.exp(-1.96 * se * 2 ** 0.5), rel=1e-3) and hi > 2.0
+    # identical seeds: the pooled timing noise over sqrt(n); spread seeds: their std / mean / sqrt(n)
+    assert line_rel_se([10.0] * 4, [0.1] * 4, [20] * 4) == pytest.approx(se / 2)
+    assert line_rel_se([9.0, 11.0], [0.1, 0.1], [20, 20]) == pytest.approx(2 ** 0.5 / 10 / 2 ** 0.5)
+    assert line_rel_se([10.0], [0.1], [0]) == pytest.approx(se)  # rows before latency_reps: 20 calls
+
+
+# ------------------------------------------------------------------------------------------------
+# The HTML page (its behaviour in a browser: tests/test_report_browser.py)
+# ------------------------------------------------------------------------------------------------
+
+def test_html_page_is_self_contained_with_provenance_and_run_links(report):
+    import re
+    from urllib.parse import unquote
+
+    out, _, df = report
+    page = out / "t.html"
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    assert "generated by bench/report.py from 8 finished runs and 1 failed run @ abc123def456, fff000fff000-dirty" in text
+    assert "abc123def456 (8 rows)" in text and "fff000fff000-dirty (1 row)" in text  # commit
+    assert "cpu (8 rows)" in text and "cuda (1 row)" in text  # device
+    assert "smallcnn-v1, n=256, ref train — cpu, eager, fp32, batch 8" in text  # protocol
+    # nothing is fetched: the only src= are data URIs, no stylesheet or script comes from elsewhere
+    assert re.findall(r'src="([^"]+)"', text) and all(s.startswith("data:image/png;base64,")
+                                                       for s in re.findall(r'src="([^"]+)"', text))
+    assert not re.search(r'<(link|script)[^>]+(href|src)="(?!data:)', text)
+    assert text.count('<table class="sortable">') == 3  # two groups and the failed runs
+    # every run's files are linked relative to the page, and the links resolve
+    hrefs = [unquote(h) for h in re.findall(r'href="([^"#][^"]*)"', text) if not h.startswith("data:")]
+    assert hrefs and all(not h.startswith("/") for h in hrefs)
+    assert all((page.parent / h).resolve().is_file() for h in hrefs)
+    ok_runs = df[df.status == "ok"]["path"]
+    for d in ok_runs:
+        for f in ("config.yaml", "row.json"):
+            target = (Path(d) / f).resolve()
+            assert any((page.parent / h).resolve() == target for h in hrefs), target
+    assert "s0:" in text and "s2:" in text  # magnitude 0.5 links its three seeds
+
+
+def test_final_kept_blocks_of_a_progressive_run(tmp_path):
+    """A progressive run's plan.json keeps every block; its final model has fewer. The blocks come
+    from the row (kept_blocks) or, for older rows, from the log's surgery events during fine-tuning,
+    never from plan.json; `python -m bench.results final-plan` writes the plan with them."""
+    import json
+    import subprocess
+    import sys
+
+    from bench.results import final_kept_blocks, final_plan
+
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "plan.json").write_text(json.dumps({"granularity": "block", "keep": {"blocks": list(range(8))},
+                                             "scores": {"blocks": [1.0] * 8}, "meta": {}}))
+    events = [{"event": "start"}, {"event": "surgery", "kept_blocks": list(range(8)), "keep_blocks": 1.0},
+              {"event": "surgery", "step": 14, "kept_blocks": [0, 3, 4, 5, 6, 7]},
+              {"event": "surgery", "step": 44, "kept_blocks": [0, 5, 6, 7]},
+              {"event": "start"},  # a resumed attempt replays the plan's surgery after the fine-tune's
+              {"event": "surgery", "kept_blocks": list(range(8)), "keep_blocks": 1.0}]
+    (d / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"event": "surg')  # a cut line
+    r = row("entpruner", 0.5, 0, 1.0, 1.0, 1.0, 0.5, depth=4)
+    write_row(r, d)
+    assert final_kept_blocks(d) == [0, 5, 6, 7]
+    plan = final_plan(d)
+    assert plan["keep"]["blocks"] == [0, 5, 6, 7] and plan["scores"]["blocks"] == [1.0] * 8
+    assert "final model" in plan["meta"]["kept_blocks_source"]
+    out = tmp_path / "final.json"
+    subprocess.run([sys.executable, "-m", "bench.results", "final-plan", str(d), str(out)], check=True)
+    assert json.loads(out.read_text())["keep"]["blocks"] == [0, 5, 6, 7]
+    write_row(row("entpruner", 0.5, 0, 1.0, 1.0, 1.0, 0.5, depth=4, kept_blocks=[1, 2, 6, 7]), d)
+    assert final_kept_blocks(d) == [1, 2, 6, 7]  # the row's own field wins
+    write_row(row("entpruner", 0.5, 0, 1.0, 1.0, 1.0, 0.5, depth=3), d)
+    assert final_kept_blocks(d) is None  # nothing matches the row's depth: unknown, not a guess
+    with pytest.raises(ValueError, match="unknown"):
+        final_plan(d)

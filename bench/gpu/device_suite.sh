@@ -27,7 +27,7 @@ export BENCH_PYTHON=python3 BENCH_RESULTS=${BENCH_RESULTS:-results/gpu/runs} BEN
 export BENCH_ARTIFACTS=${BENCH_ARTIFACTS:-/tmp/bench-artifacts}
 pack() {  # whatever finished comes back, also after a failure or a time-out
   [ -n "${OUT:-}" ] || return 0
-  tar czf "$OUT/gpu_suite.tgz" "$BENCH_RESULTS" reports/tables/"$BENCH_REPORT".* reports/figures/"${BENCH_REPORT}"_* 2>/dev/null || true
+  tar czf "$OUT/gpu_suite.tgz" "$BENCH_RESULTS" reports/tables/"$BENCH_REPORT".* reports/figures/"${BENCH_REPORT}"_* reports/"$BENCH_REPORT".html 2>/dev/null || true
 }
 trap pack EXIT
 ./run_all.sh device=cuda "$@"

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from bench.tables import markdown_table
+
 GPU = dict(model="DiT-XL/2", input_size=32, in_channels=4, num_classes=1000, probes=256, batch=64, classes=8,
            bins=8, dtypes=("bf16", "tf32", "fp32"), reps=2, device="cuda")
 SMOKE = dict(model="DiT-T/2", input_size=8, in_channels=4, num_classes=10, probes=32, batch=16, classes=4,
@@ -86,11 +88,11 @@ def write(out: Path, result: dict):
              f"{c['probes'] // c['classes']}, {c['bins']} noise bins), batch {c['batch']}; one scoring = "
              f"{result['forwards']} forwards + entropies (Gaussian, Ledoit-Wolf, PCA, float64); "
              f"median of {c['reps']} after 1 warm-up.", "",
-             f"| dtype | seconds (all {result['blocks']} blocks) | ms / forward (incl. entropies) | peak GPU mem GiB |",
-             "|---|---|---|---|"]
-    for r in result["runs"]:
-        lines.append(f"| {r['dtype']} | {r['seconds']:.2f} | {1e3 * r['seconds'] / result['forwards']:.1f} | "
-                     f"{r['peak_mem_gib'] if r['peak_mem_gib'] is not None else '-'} |")
+             markdown_table(["dtype", f"seconds (all {result['blocks']} blocks)", "ms / forward (incl. entropies)",
+                             "peak GPU mem GiB"],
+                            [[r["dtype"], f"{r['seconds']:.2f}", f"{1e3 * r['seconds'] / result['forwards']:.1f}",
+                              str(r["peak_mem_gib"]) if r["peak_mem_gib"] is not None else "-"]
+                             for r in result["runs"]], left=1)]
     (out / "entpruner_ced_timing.md").write_text("\n".join(lines) + "\n")
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from bench.metrics.cost import benchmark_forward, count_macs, count_params, device_name, random_inputs, speedup
+from bench.tables import markdown_table
 
 GPU_PLAN = [("eager", "fp32", (1, 16, 64)), ("eager", "tf32", (1, 16, 64, 256)), ("eager", "bf16", (1, 16, 64, 256)),
             ("compile", "bf16", (256,)), ("compile", "tf32", (256,)), ("compile", "bf16", (16, 1))]
@@ -60,31 +61,43 @@ def randomize_zero_init_(net: torch.nn.Module, std: float = 0.02, seed: int = 0)
     return net
 
 
-def build_pair(model: str, keep_blocks: int, width: float | None = None, **model_kw):
-    """(dense, pruned) Denoisers on the CPU. Depth: pruned keeps `keep_blocks` evenly spaced blocks.
-    Width (`width` = kept fraction): every block keeps that fraction of its attention heads and MLP
-    hidden channels (Torch-Pruning surgery through bench.surgery; which units does not change the
-    cost), the residual stream, adaLN and embedders stay dense."""
-    from bench import surgery
-    from bench.api import Plan
+def build_dense(model: str, **model_kw):
+    """The dense Denoiser on the CPU, seeded, with random weights where adaLN-Zero puts zeros."""
     from bench.models import build
 
     torch.manual_seed(0)
     dense = build(model, **model_kw)
     randomize_zero_init_(dense.net)
-    depth = len(dense.net.blocks)
+    return dense
+
+
+def prune_copy(dense, keep_blocks: int | None = None, width: float | None = None):
+    """A pruned copy of `dense` (unchanged). Depth: keep `keep_blocks` evenly spaced blocks.
+    Width (`width` = kept fraction): every block keeps that fraction of its attention heads and MLP
+    hidden channels (Torch-Pruning surgery through bench.surgery; which units does not change the
+    cost), the residual stream, adaLN and embedders stay dense."""
+    from bench import surgery
+    from bench.api import Plan
+
     pruned = copy.deepcopy(dense)
     if width is not None:
         if not 0 < width <= 1:
             raise SystemExit("--width must be in (0, 1]")
         keep = {n: list(range(max(1, round(width * g.size)))) for n, g in dense.width_groups().items()}
         surgery.apply(pruned, Plan(granularity="width", keep=keep))
-        return dense, pruned
-    if not 1 <= keep_blocks <= depth:
+        return pruned
+    depth = len(dense.net.blocks)
+    if keep_blocks is None or not 1 <= keep_blocks <= depth:
         raise SystemExit(f"--keep-blocks must be in [1, {depth}]")
     keep = sorted({round(i * depth / keep_blocks) for i in range(keep_blocks)})
     surgery.apply(pruned, Plan(granularity="block", keep={"blocks": keep}))
-    return dense, pruned
+    return pruned
+
+
+def build_pair(model: str, keep_blocks: int, width: float | None = None, **model_kw):
+    """(dense, pruned) Denoisers on the CPU (build_dense, prune_copy)."""
+    dense = build_dense(model, **model_kw)
+    return dense, prune_copy(dense, None if width is not None else keep_blocks, width)
 
 
 def _md(res: dict) -> str:
@@ -98,22 +111,22 @@ def _md(res: dict) -> str:
              "random weights and inputs · inference_mode", "",
              f"params: dense {m['dense_params_M']:.2f} M, pruned {m['pruned_params_M']:.2f} M · MACs per image-forward: "
              f"dense {m['dense_macs_G']:.4g} G, pruned {m['pruned_macs_G']:.4g} G (ratio {m['mac_ratio']:.3f})", "",
-             "| model | mode | dtype | batch | median ms | IQR ms | p10-p90 ms | img/s | TFLOP/s | peak MiB | act. MiB | first call s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res["records"]:
-        mem = "|" if r["peak_mem_MB"] is None else f"{r['peak_mem_MB']:.0f} | {r['act_mem_MB']:.0f}"
-        lines.append(f"| {r['model']} | {r['mode']} | {r['dtype']} | {r['batch']} | {r['median_ms']:.3f} | "
-                     f"{r['iqr_ms']:.3f} | {r['p10_ms']:.3f}-{r['p90_ms']:.3f} | {r['throughput_img_s']:.1f} | "
-                     f"{r['tflop_s']:.3g} | {mem} | {r['first_call_s']:.1f} |")
+             markdown_table(
+                 ["model", "mode", "dtype", "batch", "median ms", "IQR ms", "p10-p90 ms", "img/s", "TFLOP/s", "peak MiB",
+                  "act. MiB", "first call s"],
+                 [[r["model"], r["mode"], r["dtype"], str(r["batch"]), f"{r['median_ms']:.3f}", f"{r['iqr_ms']:.3f}",
+                   f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}", f"{r['throughput_img_s']:.1f}", f"{r['tflop_s']:.3g}",
+                   "" if r["peak_mem_MB"] is None else f"{r['peak_mem_MB']:.0f}",
+                   "" if r["peak_mem_MB"] is None else f"{r['act_mem_MB']:.0f}", f"{r['first_call_s']:.1f}"]
+                  for r in res["records"]], left=3)]
     lines += ["", "peak MiB: torch.cuda.max_memory_allocated during the timed calls (weights, inputs and "
               "activations; one model on the GPU at a time); act. MiB: peak minus what was allocated before them.",
               "", "Speedup = dense median / pruned median, same device, mode, dtype and batch; MAC speedup = "
               "dense MACs / pruned MACs (the ideal); efficiency = speedup / MAC speedup.", "",
-              "| mode | dtype | batch | dense ms | pruned ms | speedup | MAC speedup | efficiency |",
-              "|---|---|---|---|---|---|---|---|"]
-    for s in res["speedups"]:
-        lines.append(f"| {s['mode']} | {s['dtype']} | {s['batch']} | {s['dense_ms']:.3f} | {s['pruned_ms']:.3f} | "
-                     f"{s['speedup']:.3f} | {s['mac_speedup']:.3f} | {s['efficiency']:.3f} |")
+              markdown_table(["mode", "dtype", "batch", "dense ms", "pruned ms", "speedup", "MAC speedup", "efficiency"],
+                             [[s["mode"], s["dtype"], str(s["batch"]), f"{s['dense_ms']:.3f}", f"{s['pruned_ms']:.3f}",
+                               f"{s['speedup']:.3f}", f"{s['mac_speedup']:.3f}", f"{s['efficiency']:.3f}"]
+                              for s in res["speedups"]], left=2)]
     if res["skipped"]:
         lines += ["", "Not measured:", ""] + [f"- {s}" for s in res["skipped"]]
     return "\n".join(lines) + "\n"

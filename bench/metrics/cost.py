@@ -91,6 +91,19 @@ def _time_calls(fn: Callable[[], Any], warmup: int, reps: int, device: torch.dev
     return times
 
 
+def interleave(fns: dict[str, Callable[[], Any]], device: str | torch.device, reps: int,
+               shift: int = 0) -> dict[str, list[float]]:
+    """One round of interleaved timings: `reps` timed calls of each fn in turn, through the same
+    timer as benchmark_forward, the order rotated by `shift` (pass the round number) so that no fn
+    always runs right after the same other one. Comparing fns within a round, round after round,
+    cancels the drift (clock boost, heat, another job) that separate measurements put into a ratio
+    (bench.speedup.paired_ratio). Returns {name: times in ms}; warm-up is the caller's."""
+    names = list(fns)
+    k = shift % len(names)
+    device = torch.device(device)
+    return {n: _time_calls(fns[n], 0, reps, device) for n in names[k:] + names[:k]}
+
+
 @torch.no_grad()
 def measure_latency(fn, warmup: int = 5, reps: int = 20, device: str | torch.device = "cpu") -> dict:
     """Median (and IQR) wall time of fn() in ms: warm-up first, then `reps` timed calls.

@@ -7,7 +7,7 @@ Skipped unless asked for, so the default test run stays fast:
     pytest tests/perf --benchmark-only --benchmark-compare --benchmark-compare-fail=median:10%
 
 Regression checks are pytest-benchmark's compare/fail options on saved runs, never asserts on
-timings here. pytest-benchmark times with perf_counter, so every GPU call ends with a
+timings here; speedups (ratios, any GPU) are gated by `python -m bench.gate` (bench/gate). pytest-benchmark times with perf_counter, so every GPU call ends with a
 synchronize; `extra_info` carries the suite's own CUDA-event record (bench.metrics.cost) and the
 measured MACs, so a saved run states what it measured.
 """

@@ -1,0 +1,184 @@
+"""The report's figure: quality against measured speedup and against MACs kept.
+
+One row of two panels per protocol group (axes never mix protocols): quality vs speedup (dense
+latency / latency) and quality vs keep MACs (measured, fraction of the dense model; axis reversed,
+so cheaper is to the right in both panels). One point per table line (method x budget x variant),
+coloured by method; the dense model is the black star. Error bars: quality = std over seeds, or with
+one seed the metric's own bootstrap interval where the row has one (Inception FID/KID); speedup = its
+95 % interval (bench.speedup). A speedup whose interval contains 1 is drawn hollow; launch-bound or
+flagged speedups are left out of the speedup panel (which says why), never out of the MACs panel.
+The dashed staircase is the Pareto front (no other point is both faster/cheaper and better).
+
+The quality axis is one metric that every line of the group has (FID where every line has it, else
+the classifier-feature FD of the CPU suite, whose FID exists for the dense row only); it is
+logarithmic when the values span a factor of LOG_SPAN or more.
+
+`quality_figure(groups)` returns the matplotlib Figure (tests read the plotted data from it: each
+method's points are the PathCollection with gid "points:<method>", its error bars the container
+labelled "_err:<method>", the front the Line2D with gid "pareto"); `save(fig, base)` writes PNG and
+PDF without version or time stamps.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.speedup import INDISTINGUISHABLE
+
+QUALITY_PREF = ["m_fid", "m_fd_clf"]  # y axis: real FID when every line has it
+DENSE = "dense"
+VARIANT_KEYS = ["finetune_steps", "method_version"]
+MARKERS = "osD^v<>ph"
+LOG_SPAN = 5.0  # quality values spanning this factor or more get a log axis
+
+
+def quality_column(lines: pd.DataFrame) -> str | None:
+    return next((c for c in QUALITY_PREF if c in lines and lines[c].notna().all()), None)
+
+
+def figure_points(lines: pd.DataFrame, q: str) -> pd.DataFrame:
+    """One point per line: method, label, x values (speedup with its interval and note, keep_macs)
+    and y with its error-bar ends (y_lo <= y <= y_hi)."""
+    variants = [k for k in VARIANT_KEYS if k in lines.columns and lines[k].nunique(dropna=False) > 1]
+    pts = pd.DataFrame({
+        "method": lines["method"].astype(str),
+        "label": [f"{r['method']} {r['budget_keep']:g}" + "".join(f" ({k} {r[k]})" for k in variants)
+                  for _, r in lines.iterrows()],
+        "budget_keep": lines["budget_keep"].astype(float),
+        "keep_macs": lines["keep_macs"].astype(float),
+        "speedup": lines.get("speedup", pd.Series(np.nan, index=lines.index)).astype(float),
+        "speedup_lo": lines.get("speedup_lo", pd.Series(np.nan, index=lines.index)).astype(float),
+        "speedup_hi": lines.get("speedup_hi", pd.Series(np.nan, index=lines.index)).astype(float),
+        "speedup_note": lines.get("speedup_note", pd.Series("", index=lines.index)).fillna("").astype(str),
+        "y": lines[q].astype(float),
+    }, index=lines.index)
+    std = lines.get(f"{q}_std", pd.Series(np.nan, index=lines.index)).astype(float)
+    lo = lines.get(f"{q}_ci_lo", pd.Series(np.nan, index=lines.index)).astype(float)
+    hi = lines.get(f"{q}_ci_hi", pd.Series(np.nan, index=lines.index)).astype(float)
+    one = lines["n_seeds"].astype(int) == 1
+    use_ci = one & lo.notna() & hi.notna()
+    use_std = ~one & std.notna()
+    pts["y_lo"] = np.where(use_ci, lo, np.where(use_std, pts["y"] - std, pts["y"]))
+    pts["y_hi"] = np.where(use_ci, hi, np.where(use_std, pts["y"] + std, pts["y"]))
+    return pts.reset_index(drop=True)
+
+
+def pareto_front(x, y, x_higher_better: bool, y_lower_better: bool) -> list[int]:
+    """Indices of the points no other point dominates (at least as good in both, better in one),
+    sorted by x ascending. NaN points take no part."""
+    x = np.asarray(x, dtype=float) * (1 if x_higher_better else -1)
+    y = np.asarray(y, dtype=float) * (-1 if y_lower_better else 1)  # both now: higher is better
+    ok = [i for i in range(len(x)) if math.isfinite(x[i]) and math.isfinite(y[i])]
+    front = [i for i in ok if not any((x[j] >= x[i] and y[j] >= y[i]) and (x[j] > x[i] or y[j] > y[i]) for j in ok)]
+    sign = 1 if x_higher_better else -1
+    return sorted(front, key=lambda i: (sign * x[i], i))
+
+
+def _styles(groups: list) -> dict:
+    import matplotlib as mpl
+
+    methods = sorted({m for _, lines, _, _ in groups for m in lines["method"] if m != DENSE})
+    colors = mpl.colormaps["tab20"] if len(methods) > 10 else mpl.colormaps["tab10"]
+    style = {m: (colors(i % colors.N), MARKERS[i % len(MARKERS)]) for i, m in enumerate(methods)}
+    style[DENSE] = ("black", "*")
+    return style
+
+
+def _panel(ax, pts: pd.DataFrame, x: str, style: dict, y_lower_better: bool, why: str | None) -> None:
+    """Scatter + error bars per method, the Pareto front, labels of the front's points."""
+    d = pts[pts[x].notna() & pts["y"].notna()]
+    if d.empty:
+        ax.text(0.5, 0.5, why or "nothing to plot", ha="center", va="center", wrap=True, fontsize=8,
+                transform=ax.transAxes, gid="why")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    for m, g in d.groupby("method", sort=True):
+        c, mk = style[m]
+        xerr = None
+        if x == "speedup" and g["speedup_lo"].notna().any():
+            lo = (g["speedup"] - g["speedup_lo"]).clip(lower=0).fillna(0)
+            hi = (g["speedup_hi"] - g["speedup"]).clip(lower=0).fillna(0)
+            xerr = np.vstack([lo.to_numpy(), hi.to_numpy()])
+        yerr = np.vstack([(g["y"] - g["y_lo"]).to_numpy(), (g["y_hi"] - g["y"]).to_numpy()])
+        ax.errorbar(g[x], g["y"], xerr=xerr, yerr=yerr, fmt="none", ecolor=c, elinewidth=0.8, capsize=2,
+                    alpha=0.8, label=f"_err:{m}")
+        hollow = (g["speedup_note"] == INDISTINGUISHABLE) if x == "speedup" else pd.Series(False, index=g.index)
+        ax.scatter(g[x], g["y"], marker=mk, s=120 if m == DENSE else 36, zorder=3, linewidths=1.2,
+                   facecolors=["none" if h else c for h in hollow], edgecolors=[c] * len(g), gid=f"points:{m}")
+    front = pareto_front(d[x], d["y"], x_higher_better=(x == "speedup"), y_lower_better=y_lower_better)
+    f = d.iloc[front]
+    ax.plot(f[x], f["y"], linestyle="--", color="0.4", linewidth=1, drawstyle="steps-pre" if x == "speedup"
+            else "steps-post", zorder=2, gid="pareto")
+    for _, r in f.iterrows():
+        ax.annotate(r["label"], (r[x], r["y"]), textcoords="offset points", xytext=(4, 4), fontsize=6.5, color="0.2")
+
+
+def quality_figure(groups: list, label=lambda c: c):
+    """groups: (key, lines, vcols, note) per protocol group, as bench.report.summarize gives them;
+    label(column) -> axis text. Returns a matplotlib Figure (no pyplot: no global state)."""
+    import matplotlib as mpl
+    import matplotlib.style  # noqa: F401  (submodule, not loaded by "import matplotlib")
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
+    style = _styles(groups)
+    with mpl.style.context("default"):  # ignore the user's matplotlibrc: same bytes everywhere
+        n = max(len(groups), 1)
+        fig = Figure(figsize=(12, 4.4 * n), layout="constrained")
+        axes = fig.subplots(n, 2, squeeze=False)
+        if not groups:
+            axes[0][0].text(0.5, 0.5, "no successful runs", ha="center", transform=axes[0][0].transAxes)
+            for ax in axes[0]:
+                ax.set_axis_off()
+        for (ax_s, ax_m), (key, lines, _, note) in zip(axes, groups):
+            head = (f"{key['model']} {key['dataset']} {key['process']}, NFE {key['nfe']}, {key['metric_impl']} "
+                    f"n={key['metric_n']}\n{key['device']}, {key['latency_mode']} {key['latency_dtype']}, "
+                    f"batch {key['latency_batch']}")
+            ax_s.set_title(head, fontsize=8)
+            ax_m.set_title(head, fontsize=8)
+            q = quality_column(lines)
+            if q is None:
+                for ax in (ax_s, ax_m):
+                    ax.text(0.5, 0.5, "no quality metric every line has (FID, FD (clf))", ha="center",
+                            transform=ax.transAxes)
+                continue
+            pts = figure_points(lines, q)
+            lower = "↓" in label(q)
+            why = lines.attrs.get("speedup_why") or "no speedup in this group (see the table's note)"
+            _panel(ax_s, pts, "speedup", style, lower, why)
+            _panel(ax_m, pts, "keep_macs", style, lower, None)
+            ax_s.set_xlabel("speedup = dense latency / latency (95% interval) ↑")
+            ax_m.set_xlabel("MACs kept, fraction of dense (reversed: cheaper →)")
+            if pts["keep_macs"].notna().any():
+                ax_m.invert_xaxis()
+            y = pts["y"].dropna()
+            for ax in (ax_s, ax_m):
+                ax.set_ylabel(label(q))
+                ax.grid(alpha=0.3, which="both")
+                if len(y) and y.min() > 0 and y.max() / y.min() >= LOG_SPAN and ax.has_data():
+                    ax.set_yscale("log")  # a few collapsed models would squeeze every other point flat
+                    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        present = [m for m in [DENSE] + sorted(k for k in style if k != DENSE)
+                   if any(m in set(lines["method"]) for _, lines, _, _ in groups)]
+        handles = [Line2D([], [], color=style[m][0], marker=style[m][1], linestyle="none", label=m) for m in present]
+        handles += [Line2D([], [], color="0.3", marker="o", markerfacecolor="none", linestyle="none",
+                           label="hollow: speedup ≈1\n(interval contains 1)"),
+                    Line2D([], [], color="0.4", linestyle="--", label="Pareto front")]
+        fig.legend(handles=handles, loc="outside right upper", fontsize=7, title="method (front: method keep)",
+                   title_fontsize=7)
+    return fig
+
+
+def save(fig, base: Path) -> list[Path]:
+    """base.png (150 dpi) and base.pdf, without version or time stamps (same bytes on a rebuild)."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    png, pdf = base.with_suffix(".png"), base.with_suffix(".pdf")
+    fig.savefig(png, dpi=150, metadata={"Software": None})
+    fig.savefig(pdf, metadata={"Creator": None, "Producer": None, "CreationDate": None})
+    return [png, pdf]
