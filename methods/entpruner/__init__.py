@@ -106,10 +106,18 @@ one-shot). The ranking is the same for outputs=samples, estimator=diagonal, cond
 reduce=per_group_abs (identical plans at both budgets); only estimator=knn changes it (keep 0.75: FD 55.9
 vs 78.8, keep 0.5: 244 vs 174). An entropy-only criterion does not see a removal that shifts the output
 distribution without changing its spread; that is a property of CED as defined, not of these switches.
+Version 3 on the default suite (2026-12-06, the two entpruner rows in results/runs, teacher retrained on
+that session's machine): the proposals vote fired in 1 of 5 decisions (keep 0.5, step 29: K_kappa 0,
+K_ZiCo 2 -> 1, the pace's share too); NTK proposed 0 at every decision, as it never approved under
+version 2, and ZiCo per layer proposed 0-2. At keep 0.75 the plan is version 2's ([0, 3, 4, 5, 6, 7]) and
+yet FD (clf) is 101.6 against 78.8 (keep 0.5: [0, 5, 6, 7], 260 against 174 for [0, 3, 6, 7]): a teacher
+that differs in its last bits and one seed's fine-tune move a row that much, so rank only over seeds
+(bench.ranking; the GPU tier runs 3).
 
 Outputs: plan.scores["blocks"] (U-Net: scores["resnets"], scores["attentions"]) = CED on the dense model, meta["scores_per_bin"] per noise bin;
-the adaptive schedule logs every decision (step, CED, candidates, proxy values, votes, choice) to
-<run_dir>/entpruner_decisions.jsonl; ``replay(path)`` rebuilds the final plan from it; plots in
+the adaptive schedule logs every decision (step, CED, candidates, proxy values, proposals, votes, choice,
+cause) to <run_dir>/entpruner_decisions.jsonl; ``replay(path)`` rebuilds the final plan from it,
+``summarize(path)`` / ``python -m methods.entpruner <run dir> ...`` counts the adaptive decisions; plots in
 methods/plots.py.
 Backbone-specific only through its adaptive schedule's proxies (methods.proxies: NTK and ZiCo over
 ``net.backbone``'s layers); CED and the removals use protocol members only.
