@@ -243,7 +243,7 @@ def plan_text(p: dict) -> str:
     return "\n".join(lines)
 
 
-def measure(out: Path, budget_s: float = 150.0) -> dict:
+def measure(out: Path, budget_s: float = 150.0, device: str = "cuda", compile_too: bool = True) -> dict:
     """Per-step times of the tier model on this GPU (bench.steptime, the suite's own loops): a
     training step at the teacher's batch in bf16 eager and compiled, and one sampler step of the
     tier's eval at 28, 21 and 14 blocks; written to out/tier_measure.json with the projection."""
@@ -257,17 +257,18 @@ def measure(out: Path, budget_s: float = 150.0) -> dict:
 
     t0 = time.time()
     cfg = cells([TEACHER_ROWS[0]])[0].cfg
-    dev = "cuda"
+    dev = device
     recs = []
-    for depth in (28, 21, 14):
+    full = len(steptime.random_model(cfg["model"], "cpu").net.blocks)
+    for depth in (full, full * 3 // 4, full // 2):  # 28, 21, 14: dense and the two block budgets
         net = steptime.random_model(cfg["model"], dev)
-        if depth < 28:
+        if depth < full:
             apply(net, Plan("block", {"blocks": list(range(depth))}))
         r = steptime.sample_step_s(net, cfg["eval"]["batch"], dev, "bf16", False, steps=(2, 6), sampler="ddim",
                                    cfg_scale=1.0)
         recs.append({**r, "per_sample_forward_s": r["per_step_s"] / r["forward_batch"]})
         print(json.dumps(recs[-1]), flush=True)
-    for compile_ in (False, True):
+    for compile_ in (False, True) if compile_too else (False,):
         if time.time() - t0 > budget_s:
             break
         net = steptime.random_model(cfg["model"], dev)
@@ -282,7 +283,7 @@ def measure(out: Path, budget_s: float = 150.0) -> dict:
         t["compile_gain"] = eager["per_step_s"] / comp["per_step_s"]
         t["compile_s"] = comp["warmup_s"] + 30.0
     p = project(t)
-    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "records": recs, "timings": p["timings"],
+    res = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else dev, "torch": torch.__version__, "records": recs, "timings": p["timings"],
            "teacher": p["teacher"], "tier": p["tier"], "depth_ratio": [r["per_sample_forward_s"] / fwd for r in recs[:3]]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "tier_measure.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -301,6 +302,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("measure")
     p.add_argument("--out", required=True)
     p.add_argument("--budget-s", type=float, default=150.0)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled teacher step")
     p = sub.add_parser("export-teacher")
     p.add_argument("--out", required=True)
     p.add_argument("--if-new", action="store_true", help="nothing when teacher.json already records this teacher")
@@ -321,7 +324,7 @@ def main(argv=None) -> int:
             t = json.loads(Path(a.timings).read_text())["timings"] if a.timings else None
             print(plan_text(project(t, a.cfg_scale)))
         elif a.cmd == "measure":
-            measure(Path(a.out), a.budget_s)
+            measure(Path(a.out), a.budget_s, a.device, not a.no_compile)
         elif a.cmd == "export-teacher":
             rec = export_teacher(Path(a.out), a.if_new)
             print("teacher: recorded in results/gpu/tier/teacher.json already" if rec is None else
