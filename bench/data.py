@@ -10,6 +10,9 @@ loop draws batches from a seeded generator and resumes exactly after a kill.
   latents       a latent cache, already scaled by the VAE factor: a folder written by
                 `python -m bench.latents build` (latents.npy, labels.npy, memory-mapped), or a small
                 .npz / .safetensors file with `latents` N,C,H,W and `labels` N (loaded into memory).
+  fashion_mnist Zalando's Fashion-MNIST (60,000 train / 10,000 test, 10 classes, 28x28 grey) read from
+                its official IDX files (the Debian package dataset-fashion-mnist), sizes and sha256
+                checked, padded to 32x32: the GPU tier's real data.
 
 Two keys of the `data` group say how the fine-tune loop reads a set, not what it is: `workers`
 (DataLoader worker processes, default 0) and `hflip` (random horizontal flips, default false).
@@ -17,7 +20,12 @@ build_dataset accepts them for every kind and sets them on the data set; bench.l
 """
 from __future__ import annotations
 
+import functools
+import gzip
+import hashlib
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,7 +339,8 @@ def build_dataset(kind: str = "digits", workers: int = 0, hflip: bool = False, *
     from bench.checks import factory
 
     build = factory("data", kind, {"digits": digits, "image_folder": ImageFolder, "latents": LatentCache,
-                                   "torchvision": torchvision_dataset, "cifar": cifar_batches}, kw, ("workers", "hflip"))
+                                   "torchvision": torchvision_dataset, "cifar": cifar_batches,
+                                   "fashion_mnist": fashion_mnist}, kw, ("workers", "hflip"))
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise BenchError(f"data.workers={workers!r}; use 0 (batches read in the main process) or a number of "
                          "DataLoader worker processes")
@@ -342,10 +351,14 @@ def build_dataset(kind: str = "digits", workers: int = 0, hflip: bool = False, *
     return ds
 
 
+SPLIT_KINDS = ("digits", "fashion_mnist")  # kinds whose split a scorer may change (train | test | all)
+
+
 def from_config(cfg: dict, split: str | None = None) -> Dataset:
-    """The run's data set from its config (`data` group); `split` overrides the digits split."""
+    """The run's data set from its config (`data` group); `split` overrides the split of the kinds
+    that have train / test / all (digits, fashion_mnist): the scorers' reference images."""
     d = {k: v for k, v in cfg["data"].items() if k != "name"}
-    if split is not None and d.get("kind") == "digits":
+    if split is not None and d.get("kind") in SPLIT_KINDS:
         d["split"] = split
     return build_dataset(**d)
 
@@ -392,6 +405,119 @@ def cifar_batches(root: str, split: str = "train", image_size: int = 32, dataset
                                             align_corners=False)
     y = torch.tensor(ys)
     return TensorDataset(x, y, 10 if dataset == "CIFAR10" else 100, f"{dataset.lower()}-{split}")
+
+
+# --------------------------------------------------------------------------------------------
+# IDX files (LeCun's MNIST format) and Fashion-MNIST
+# --------------------------------------------------------------------------------------------
+
+# IDX type byte -> numpy dtype (big-endian), http://yann.lecun.com/exdb/mnist/ "THE IDX FILE FORMAT"
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path, want_dims: tuple[int, ...] | None = None, sha256: str | None = None) -> np.ndarray:
+    """An IDX file (gzip-compressed when its name ends in .gz) as a numpy array.
+
+    Layout: magic = two zero bytes, a type byte (0x08 unsigned byte, ...), the number of dimensions;
+    then one big-endian uint32 per dimension; then the data, row-major. Every way a file can be bad
+    (not gzip, cut short, wrong magic, a size that disagrees with its header, other dimensions than
+    `want_dims`, a `sha256` of the decompressed bytes that differs) stops with one line naming the file."""
+    p = Path(path)
+    try:
+        raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+    except (EOFError, OSError, zlib.error) as e:  # a cut download: "Compressed file ended before ..."
+        raise BenchError(f"{p} cannot be read ({type(e).__name__}: {e}); the file is truncated or not gzip: "
+                         "reinstall it (apt-get install --reinstall dataset-fashion-mnist)") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES or raw[3] == 0:
+        raise BenchError(f"{p} is not an IDX file (magic {raw[:4].hex() or 'empty'}; IDX starts with 0000 followed "
+                         "by a type byte such as 08 and the number of dimensions); use the official files")
+    ndim = raw[3]
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise BenchError(f"{p} ends inside its IDX header ({len(raw)} bytes); the file is truncated: reinstall it")
+    dims = struct.unpack(f">{ndim}I", raw[4:head])
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    size = head + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != size:
+        raise BenchError(f"{p} holds {len(raw)} bytes but its IDX header (dims {list(dims)}) needs {size}; the file "
+                         f"is {'truncated' if len(raw) < size else 'longer than its header says'}: reinstall it")
+    if want_dims is not None and tuple(dims) != tuple(want_dims):
+        raise BenchError(f"{p} has dims {list(dims)}, expected {list(want_dims)}; it is not the official file: "
+                         "reinstall it (apt-get install --reinstall dataset-fashion-mnist)")
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        raise BenchError(f"{p}: the sha256 of its content differs from the official file's ({sha256[:12]}...); "
+                         "reinstall it (apt-get install --reinstall dataset-fashion-mnist)")
+    return np.frombuffer(raw, dtype, offset=head).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"  # where dataset-fashion-mnist installs them
+# name -> (dims, sha256 of the decompressed IDX bytes): the Debian package re-gzips the files, so the
+# .gz files' md5s differ from the upstream README's while their contents are the same
+FASHION_MNIST_FILES = {
+    "train-images-idx3-ubyte": ((60000, 28, 28), "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+    "train-labels-idx1-ubyte": ((60000,), "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+    "t10k-images-idx3-ubyte": ((10000, 28, 28), "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+    "t10k-labels-idx1-ubyte": ((10000,), "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+}
+
+
+def _fmnist_file(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise BenchError(f"Fashion-MNIST file {stem}.gz not found in {root}; install the Debian package "
+                     f"dataset-fashion-mnist (apt-get install -y dataset-fashion-mnist: {FASHION_MNIST_DEBIAN}) and "
+                     f"copy its four .gz files there (bash bench/gpu/tier.sh prep), or set data.root / FASHION_MNIST_DIR")
+
+
+@functools.lru_cache(maxsize=4)  # a sweep's runs share one process: read and check the files once
+def _fmnist_arrays(root: str, split: str, verify: bool) -> tuple[np.ndarray, np.ndarray]:
+    base = Path(os.path.expanduser(root))
+    xs, ys = [], []
+    for part in {"train": ("train",), "test": ("t10k",), "all": ("train", "t10k")}[split]:
+        arrays = []
+        for kind in ("images", "labels"):
+            stem = f"{part}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
+            dims, sha = FASHION_MNIST_FILES[stem]
+            path = _fmnist_file(base, stem)
+            a = read_idx(path, dims if verify else None, sha if verify else None)
+            if a.shape[1:] != dims[1:]:
+                raise BenchError(f"{path} has dims {list(a.shape)}, expected [N, {', '.join(map(str, dims[1:]))}]")
+            arrays.append(a)
+        if len(arrays[0]) != len(arrays[1]):
+            raise BenchError(f"{base}: {part} has {len(arrays[0])} images but {len(arrays[1])} labels; reinstall "
+                             "the files (dataset-fashion-mnist)")
+        xs.append(arrays[0])
+        ys.append(arrays[1])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def fashion_mnist(root: str, split: str = "train", image_size: int = 32, fit: str = "pad",
+                  verify: bool = True) -> TensorDataset:
+    """Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, arXiv 1708.07747) from its four official IDX files
+    (.gz or decompressed) in `root`: split train (60,000), test (10,000) or all; pixels in [-1, 1].
+
+    fit: pad (default) puts the 28x28 image in the middle of a 32x32 one with 2 pixels of the
+    background value (-1, black) on every side, as LeNet-5 did for MNIST: no pixel is interpolated,
+    every value stays one of the 256 grey levels, and the objects keep their size, so the samples and
+    the reference images that Inception FID compares are exactly the data; resize: bilinear
+    (antialiased) to image_size. verify: the official dims and the sha256 of every file's content (off:
+    any number of 28x28 images with one label each, e.g. a test's small files)."""
+    if split not in ("train", "test", "all"):
+        raise BenchError(f"data.split={split!r}; Fashion-MNIST has train, test and all")
+    if fit not in ("pad", "resize"):
+        raise BenchError(f"data.fit={fit!r}; use pad (28x28 in the middle of a black 32x32) or resize")
+    if fit == "pad" and int(image_size) < 28:
+        raise BenchError(f"data.image_size={image_size} with data.fit=pad; padding needs >= 28 (use fit=resize)")
+    xa, ya = _fmnist_arrays(str(root), split, bool(verify))
+    x = torch.from_numpy(xa.copy()).float().div_(127.5).sub_(1.0).unsqueeze(1)
+    if fit == "pad":
+        lo = (int(image_size) - 28) // 2
+        x = torch.nn.functional.pad(x, (lo, int(image_size) - 28 - lo) * 2, value=-1.0)
+    elif int(image_size) != 28:
+        x = torch.nn.functional.interpolate(x, size=(int(image_size),) * 2, mode="bilinear", antialias=True,
+                                            align_corners=False)
+    return TensorDataset(x, torch.from_numpy(ya.astype(np.int64)), 10, f"fashion-mnist-{split}")
 
 
 def torchvision_dataset(dataset: str, root: str, split: str = "train", image_size: int = 32) -> TensorDataset:

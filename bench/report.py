@@ -426,6 +426,10 @@ def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list
              out / "tables" / f"{name}.tex": render_tex(prov, groups, failed),
              out / "tables" / f"{name}.csv": render_csv(prov, groups),
              out / f"{name}_runs.csv": runs_csv(prov, df)}
+    # ---- hook: ranking with confidence over seeds (bench.ranking, the GPU tier's module): <name>_ranking.md,
+    # written only when two or more methods share a budget with >= 2 seeds each
+    from bench.ranking import ranking_files
+    texts.update(ranking_files(ok, out / "tables" / f"{name}_ranking.md"))
     for path, text in texts.items():
         atomic_write_text(path, text)
     figs = plot(groups, out / "figures" / f"{name}_quality_vs_speedup")

@@ -227,3 +227,102 @@ def test_cli_bad_image_folder_exits_nonzero_without_a_row(tmp_path, bad):
     assert ("not found" if bad == "missing" else "unreadable image") in r.stderr
     assert len(r.stderr.strip().splitlines()) <= 3 and "Traceback" not in r.stderr
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------ IDX files and Fashion-MNIST
+
+def write_idx(path: Path, a: np.ndarray, gz: bool = True, magic: bytes | None = None) -> Path:
+    """`a` (uint8) in LeCun's IDX layout: 00 00 08 <ndim>, big-endian uint32 dims, the bytes."""
+    import gzip
+    import struct
+
+    raw = (magic or bytes([0, 0, 0x08, a.ndim])) + struct.pack(f">{a.ndim}I", *a.shape) + a.astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return path
+
+
+def write_fmnist(root: Path, n_train: int = 40, n_test: int = 20, seed: int = 0) -> Path:
+    """A small Fashion-MNIST-shaped folder (random 28x28 images, labels cycling 0..9) in the official names."""
+    g = np.random.default_rng(seed)
+    for part, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{part}-images-idx3-ubyte.gz", g.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(root / f"{part}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
+    return root
+
+
+def test_idx_reader_reads_header_dims_and_values(tmp_path):
+    from bench.data import read_idx
+
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    raw = write_idx(tmp_path / "a-idx3-ubyte", a, gz=False)
+    assert raw.read_bytes()[:4] == bytes([0, 0, 8, 3]) and raw.stat().st_size == 4 + 3 * 4 + 24
+    for p in (raw, write_idx(tmp_path / "a-idx3-ubyte.gz", a)):
+        b = read_idx(p, (2, 3, 4))
+        assert b.dtype == np.uint8 and b.shape == (2, 3, 4) and b[1, 2, 3] == 23 and (b == a).all()
+    with pytest.raises(BenchError, match=r"has dims \[2, 3, 4\], expected \[2, 12\]"):
+        read_idx(raw, (2, 12))
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("cut_gz", "truncated or not gzip.*dataset-fashion-mnist"),
+    ("cut_raw", r"holds 30 bytes but its IDX header \(dims \[2, 3, 4\]\) needs 40.*truncated"),
+    ("magic", "is not an IDX file .*magic 00000103"),
+    ("empty", "is not an IDX file .*magic empty"),
+    ("not_gzip", "truncated or not gzip"),
+])
+def test_bad_idx_file_is_one_line_naming_the_fix(tmp_path, damage, match):
+    from bench.data import read_idx
+
+    a = np.zeros((2, 3, 4), dtype=np.uint8)
+    gz = damage in ("cut_gz", "not_gzip")
+    p = write_idx(tmp_path / ("x.gz" if gz else "x"), a, gz=gz, magic=bytes([0, 0, 1, 3]) if damage == "magic" else None)
+    data = p.read_bytes()
+    p.write_bytes({"cut_gz": data[: len(data) // 2], "cut_raw": data[:30], "empty": b"",
+                   "not_gzip": b"plain text, no gzip"}.get(damage, data))
+    with pytest.raises(BenchError, match=match) as e:
+        read_idx(p)
+    _short(e)
+
+
+def test_fashion_mnist_pads_to_32_and_keeps_the_grey_levels(tmp_path):
+    from bench.data import build_dataset, fashion_mnist
+
+    root = write_fmnist(tmp_path / "fm")
+    ds = fashion_mnist(str(root), "train", verify=False)
+    assert len(ds) == 40 and ds.shape == (1, 32, 32) and ds.num_classes == 10 and ds.name == "fashion-mnist-train"
+    x, y = ds.all()
+    assert (x[:, :, :2] == -1).all() and (x[:, :, -2:] == -1).all() and (x[..., :2] == -1).all()  # 2-px black border
+    raw = np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8)  # write_fmnist's first draw
+    assert torch.equal(x[:, 0, 2:30, 2:30], torch.from_numpy(raw).float() / 127.5 - 1)  # no interpolation
+    assert y.tolist() == [i % 10 for i in range(40)]
+    assert len(build_dataset("fashion_mnist", root=str(root), split="all", verify=False)) == 60
+    assert fashion_mnist(str(root), "test", image_size=16, fit="resize", verify=False).shape == (1, 16, 16)
+
+
+def test_fashion_mnist_missing_or_not_official(tmp_path):
+    from bench.data import fashion_mnist
+
+    with pytest.raises(BenchError) as e:
+        fashion_mnist(str(tmp_path / "none"), "train")
+    msg = _short(e)
+    assert "train-images-idx3-ubyte.gz not found" in msg and "apt-get install -y dataset-fashion-mnist" in msg
+    root = write_fmnist(tmp_path / "fm")
+    with pytest.raises(BenchError, match=r"dims \[40, 28, 28\], expected \[60000, 28, 28\].*dataset-fashion-mnist"):
+        fashion_mnist(str(root), "train", verify=True)  # verify: the official dims ...
+    from bench.data import FASHION_MNIST_FILES, read_idx
+    dims, sha = FASHION_MNIST_FILES["t10k-labels-idx1-ubyte"]
+    fake = write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(dims, dtype=np.uint8))
+    with pytest.raises(BenchError, match="sha256 of its content differs from the official.*dataset-fashion-mnist"):
+        read_idx(fake, dims, sha)  # ... and the content's sha256
+    with pytest.raises(BenchError, match="data.split='val'"):
+        fashion_mnist(str(root), "val", verify=False)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="the Debian package dataset-fashion-mnist is not installed")
+def test_the_installed_fashion_mnist_test_split_is_the_official_one():
+    from bench.data import fashion_mnist
+
+    ds = fashion_mnist("/usr/share/datasets/fashion-mnist", "test")  # sizes and content sha256 checked
+    assert len(ds) == 10_000 and torch.bincount(ds.y).tolist() == [1000] * 10 and ds.y[0].item() == 9

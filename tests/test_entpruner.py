@@ -17,7 +17,7 @@ from bench.data import digits
 from bench.models import build
 from methods.entpruner import LOG_NAME, EntPruner, decision_steps, replay
 from methods.entpruner import entropy as E
-from methods.entpruner.schedule import min_removals, removal_order, vote
+from methods.entpruner.schedule import combine, min_removals, proposals, removal_order, summarize, vote
 from tests.conftest import make_net as _make_net
 
 LOG_2PI_E = math.log(2 * math.pi) + 1
@@ -113,7 +113,7 @@ def make_identity(net, i: int):
 
 @pytest.mark.parametrize("family", ["dit", "sit"])
 @pytest.mark.parametrize("over", [{}, {"estimator": "diagonal"}, {"estimator": "knn"}, {"condition": "pooled"},
-                                  {"reduce": "per_group_abs", "pca": "off"}])
+                                  {"reduce": "per_group_abs", "pca": "off"}, {"outputs": "x0"}, {"condition": "bin"}])
 def test_identity_block_has_zero_ced_and_goes_first(family, over, calib):
     net = make_net(family)
     make_identity(net, 1)
@@ -122,6 +122,21 @@ def test_identity_block_has_zero_ced_and_goes_first(family, over, calib):
     assert ced[1] == 0.0 and min(ced[i] for i in (0, 2, 3)) > 1e-3, ced
     assert removal_order(ced)[0] == 1 and plan.keep["blocks"] == [0, 2, 3]
     assert all(row[1] == 0.0 for row in plan.meta["scores_per_bin"])
+
+
+@pytest.mark.parametrize("family", ["dit", "sit"])
+def test_x0_outputs_invert_the_process(family):
+    """outputs=x0: a perfect prediction (DDPM: the true noise; flow: the velocity x0 - noise) gives
+    back the clean probe exactly, at every noise level."""
+    from methods.entpruner.ced import x0_from_prediction
+
+    net = make_net(family)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1, torch.randn(6, 1, 8, 8, generator=g)
+    u = torch.tensor([0.0, 0.1, 0.4, 0.7, 0.9, 0.99])
+    x_t, _ = net.noisy(x0, u, noise)
+    pred = noise if family == "dit" else x0 - noise
+    assert torch.allclose(x0_from_prediction(net, x_t, u, pred), x0, atol=1e-4)
 
 
 def test_identity_block_on_final_samples(calib):
@@ -164,7 +179,8 @@ def test_needs_bypassable_units_and_valid_options(calib):
     with pytest.raises(BenchError, match="do not vary"):
         EntPruner().ced(fresh, calib)
     for bad in ({"estimator": "vonneumann"}, {"schedule": "gradual"}, {"pca": -1}, {"k_max": 0},
-                {"vote_weights": {"ntk": 0, "zico": 0}}, {"vote_weights": {"snip": 1.0}}, {"pace": "sometimes"}):
+                {"vote_weights": {"ntk": 0, "zico": 0}}, {"vote_weights": {"snip": 1.0}}, {"pace": "sometimes"},
+                {"vote_rule": "majority"}, {"combine": "median"}, {"outputs": "eps"}, {"condition": "time"}):
         with pytest.raises(BenchError):
             EntPruner(**bad)
 
@@ -179,6 +195,15 @@ def test_decision_steps_and_vote():
     assert decision_steps(6, 25, 2 / 3, 5, 1) == [0, 1, 2, 3]         # too short: every step, last one forced
     assert decision_steps(150, 25, 2 / 3, 0, 2) == []
     cands = [{"k": k, "goodness": {"ntk": ntk, "zico": z}} for k, ntk, z in [(0, -5.0, 1.0), (1, -4.0, 0.5), (2, -6.0, 2.0)]]
+    # proposals (the default): NTK rates k=1 best, ZiCo k=2; mean 1.5 rounds half down to 1
+    assert proposals(cands) == {"ntk": 1, "zico": 2}
+    assert [combine({"ntk": 1, "zico": 2}, {"ntk": 1, "zico": 1}, how) for how in ("mean", "min", "max")] == [1, 1, 2]
+    assert combine({"ntk": 0, "zico": 1}, {"ntk": 1, "zico": 1}) == 0     # half the weight is no majority
+    assert combine({"ntk": 0, "zico": 2}, {"ntk": 1, "zico": 1}) == 1     # NTK worse at every k, ZiCo better: 1
+    assert combine({"ntk": 0, "zico": 2}, {"ntk": 1, "zico": 3}) == 1     # (0 * 1 + 2 * 3) / 4 = 1.5 -> 1
+    assert combine({"ntk": 0, "zico": 2}, {"ntk": 1, "zico": 4}) == 2     # (0 + 8) / 5 = 1.6 -> 2
+    assert combine({"ntk": 0, "zico": 2}, {"ntk": 0, "zico": 1}) == 2     # a zero weight abstains
+    assert proposals(cands, tolerance=0.25)["ntk"] == 1 and proposals(cands, tolerance=0.6)["ntk"] == 2
     assert vote(copy.deepcopy(cands), {"ntk": 1, "zico": 1}, 1.0, 0.0) == 0    # nobody approves k=1 and k=2 both
     assert vote(copy.deepcopy(cands), {"ntk": 1, "zico": 1}, 0.5, 0.0) == 2    # one approval is enough
     assert vote(copy.deepcopy(cands), {"ntk": 3, "zico": 1}, 0.5, 0.0) == 1    # NTK outweighs ZiCo
@@ -261,20 +286,21 @@ def test_replay_rederives_every_decision(adaptive, tmp_path):
         c["goodness"] = {p: v + 1e6 for p, v in c["goodness"].items()}
     if rec["candidates"][-1]["k"] != rec["voted_k"]:
         bad.write_text("".join(json.dumps(r) + "\n" for r in voted))
-        with pytest.raises(BenchError, match="does not follow"):
+        with pytest.raises(BenchError, match="(does|do) not follow"):  # the proposals or the choice
             replay(bad)
 
 
 def test_even_pace_prunes_progressively_when_the_vote_never_passes(data, calib, tmp_path):
-    """quorum > 1: no vote passes. pace=even still removes an equal share at every decision (4 blocks
+    """Approval rule (version 2) with quorum > 1: no vote passes. pace=even still removes an equal share at every decision (4 blocks
     to 2 over decisions at steps 1, 3, 5, 7: one at each of the first two), pace=latest waits and
     removes at the last decisions only."""
-    net, seen = run_adaptive(data, calib, tmp_path / "even", Budget("blocks", 0.5), quorum=1.5, k_max=1)
+    net, seen = run_adaptive(data, calib, tmp_path / "even", Budget("blocks", 0.5), quorum=1.5, k_max=1,
+                             vote_rule="approval")
     log = [json.loads(line) for line in (tmp_path / "even" / LOG_NAME).read_text().splitlines()][1:]
     assert [len(d["removed"]) for d in log] == [1, 1] and [d["step"] for d in log] == [1, 3]
-    assert seen[-1] == 2 and all(d["voted_k"] == 0 and d["forced"] for d in log)
+    assert seen[-1] == 2 and all(d["voted_k"] == 0 and d["forced"] and d["cause"] == "pace" for d in log)
     net, seen = run_adaptive(data, calib, tmp_path / "late", Budget("blocks", 0.5), quorum=1.5, k_max=1,
-                             pace="latest")
+                             pace="latest", vote_rule="approval")
     log = [json.loads(line) for line in (tmp_path / "late" / LOG_NAME).read_text().splitlines()][1:]
     assert [(d["step"], len(d["removed"])) for d in log] == [(1, 0), (3, 0), (5, 1), (7, 1)]
     assert seen[-1] == 2
@@ -285,7 +311,7 @@ def test_adaptive_reaches_a_macs_budget_with_forced_removals(data, calib, tmp_pa
     budget = Budget("macs", 0.6)
     target = surgery.blocks_to_keep(make_net("dit"), budget)
     # quorum above 1: no vote ever passes, so every removal is forced by the deadline rule
-    net, seen, = run_adaptive(data, calib, tmp_path, budget, steps=6, quorum=1.5, pace="latest")
+    net, seen, = run_adaptive(data, calib, tmp_path, budget, steps=6, quorum=1.5, pace="latest", vote_rule="approval")
     assert seen[-1] == target and min(seen) == target
     log = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()][1:]
     assert all(d["voted_k"] == 0 for d in log) and any(d["forced"] for d in log)
@@ -313,6 +339,81 @@ def test_adaptive_needs_fine_tune_steps(calib):
     with pytest.raises(BenchError, match="entpruner_oneshot"):
         cb.on_start(make_net("dit"), 0, None)
     assert EntPruner(schedule="oneshot").callback(Budget("blocks", 0.5), calib) is None
+
+
+class ScriptedProxies:
+    """Stands in for AdaptiveSchedule.proxies: hands out (NTK kappa, ZiCo, ZiCo's layers) from a
+    script, one per candidate, in the order the schedule evaluates them (k = 0, 1, ... per decision)."""
+
+    def __init__(self, script):
+        self.values = [v for decision in script for v in decision]
+
+    def __call__(self, net):
+        return self.values.pop(0)
+
+
+# each decision's (kappa, ZiCo, layers) for k = 0 and k = 1 (4 blocks, 2 go; goodness: -log kappa, ZiCo/layer)
+NO = [(100.0, 40.0, 4), (130.0, 27.0, 3)]     # both proxies rate dropping a block worse: K = 0, 0
+YES = [(100.0, 40.0, 4), (90.0, 33.0, 3)]     # both rate it better (kappa 90 < 100, ZiCo 11 > 10): K = 1, 1
+SPLIT = [(100.0, 40.0, 4), (130.0, 33.0, 3)]  # NTK: worse (K_kappa 0), ZiCo: better (K_ZiCo 1): mean 0.5 -> 0
+
+
+def scripted_run(calib, run_dir, script, **over):
+    """The adaptive schedule's decisions on a tiny DiT (4 blocks -> 2 at decision steps 1, 3, 5, 7)
+    with the proxies' values from `script`; the real CED chooses which blocks."""
+    net = make_net("dit")
+    method = EntPruner(**{"period": 2, "k_max": 1, "pace": "latest", **over})
+    sched = method.callback(Budget("blocks", 0.5), calib)
+    sched.proxies = ScriptedProxies(script)
+    sched.on_start(net, 12, run_dir)
+    for step in sched.state["steps"]:
+        plan = sched.on_step(step, net, 0.1)
+        if plan is not None:
+            surgery.apply(net, plan)
+    assert sched.proxies.values == []  # every scripted value was used
+    return net, [json.loads(line) for line in (run_dir / LOG_NAME).read_text().splitlines()][1:]
+
+
+def test_the_vote_fires_when_both_proxies_propose_a_removal_and_only_then(calib, tmp_path, capsys):
+    """A scripted proxy sequence through the real schedule (pace=latest, so the pace forces only
+    the last removal): NO -> nothing removed, YES -> the vote removes one block (an adaptive
+    decision), SPLIT -> one proxy is no majority, last decision -> the pace forces the second block.
+    The approval rule (version 2) decides the same on this script; summarize and its CLI count it."""
+    from methods.entpruner.schedule import main
+
+    net, log = scripted_run(calib, tmp_path / "p", [NO, YES, SPLIT, NO])
+    assert [d["proposals"] for d in log] == [{"ntk": 0, "zico": 0}, {"ntk": 1, "zico": 1}, {"ntk": 0, "zico": 1},
+                                             {"ntk": 0, "zico": 0}]
+    assert [(d["voted_k"], d["chosen_k"], d["cause"]) for d in log] == [(0, 0, "none"), (1, 1, "vote"),
+                                                                         (0, 0, "none"), (0, 1, "pace")]
+    assert [d["by_vote"] for d in log] == [0, 1, 0, 0] and [d["by_pace"] for d in log] == [0, 0, 0, 1]
+    assert len(net.kept_blocks) == 2 and replay(tmp_path / "p" / LOG_NAME).keep["blocks"] == net.kept_blocks
+    s = summarize(tmp_path / "p" / LOG_NAME)
+    assert (s["adaptive"], s["decisions"], s["paced"], s["idle"], s["removed_by_vote"], s["removed"]) == (1, 4, 1, 2, 1, 2)
+    assert main([str(tmp_path / "p")]) == 0
+    assert "adaptive decisions: 1 of 4 (paced 1, idle 2); blocks removed by the vote 1 of 2" in capsys.readouterr().out
+    # combine=max: one proxy is enough, so SPLIT removes the second block by vote and nothing is forced
+    _, log = scripted_run(calib, tmp_path / "max", [NO, YES, SPLIT], combine="max")
+    assert [d["cause"] for d in log] == ["none", "vote", "vote"]
+    # approval rule: SPLIT is no approval by both (quorum 1.0) -> the same as the default here
+    _, log = scripted_run(calib, tmp_path / "a", [NO, YES, SPLIT, NO], vote_rule="approval")
+    assert [d["cause"] for d in log] == ["none", "vote", "none", "pace"] and all(d["proposals"] is None for d in log)
+    # the digits logs' pattern (version 2): NTK worse at every candidate, ZiCo per layer better: the
+    # approval rule never fires, the proposals' mean (0 and k_max = 2 -> 1) does
+    worse_ntk = [(100.0, 40.0, 4), (110.0, 33.0, 3), (125.0, 26.0, 2)]
+    _, log = scripted_run(calib, tmp_path / "k2", [worse_ntk, NO, NO, NO], k_max=2)
+    assert log[0]["proposals"] == {"ntk": 0, "zico": 2} and log[0]["voted_k"] == 1 and log[0]["approval_k"] == 0
+
+
+def test_replay_refuses_a_log_whose_proposals_do_not_follow(calib, tmp_path):
+    scripted_run(calib, tmp_path, [NO, YES, SPLIT, NO])
+    lines = (tmp_path / LOG_NAME).read_text().splitlines()
+    rec = json.loads(lines[2])
+    rec["proposals"] = {"ntk": 1, "zico": 0}
+    lines[2] = json.dumps(rec)
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(BenchError, match="proposals .* do not follow"):
+        replay(tmp_path / "bad.jsonl")
 
 
 # --------------------------------------------------------------------------------------------

@@ -101,8 +101,9 @@ def test_tags_are_the_files_own():
     """A variant is in no suite its base is in unless its own file says so."""
     assert "obs_diff" in registry.tagged("default_suite_width")
     assert "obs_diff_nocomp" not in registry.tagged("default_suite_width")
-    assert registry.tags("magnitude_l2") == ["default_suite"] and "magnitude_l1" in registry.tagged("default_suite")
-    assert registry.tags("magnitude_width") == ["default_suite_width", "default_suite_unet"]
+    assert registry.tags("magnitude_l2") == ["default_suite", "gpu_tier"] and "magnitude_l1" in registry.tagged("default_suite")
+    assert registry.tags("magnitude_width") == ["default_suite_width", "default_suite_unet", "gpu_tier_width"]
+    assert "obs_diff_nocomp" not in registry.tagged("gpu_tier_width")
 
 
 def test_unknown_method_lists_the_known_ones():

@@ -1,7 +1,7 @@
 """Paper names -> factories (DiT's `DiT_models` dict), and `build()` -> Denoiser.
 
 DiT-{S,B,L,XL}/{2,4,8} and SiT-{S,B,L,XL}/{2,4,8} are the papers' sizes (DiT Table 1); the
-`T` (tests) and `D8` (embedded default) sizes are ours. Names starting with ``UNet`` or ``DDPM``
+`T` (tests), `D8` (embedded default) and `D28` (GPU tier) sizes are ours. Names starting with ``UNet`` or ``DDPM``
 build the diffusers U-Net backbone (bench.models.unet.build_unet; its own keyword arguments).
 """
 from __future__ import annotations

@@ -318,7 +318,8 @@ _SIZES = {"S": dict(depth=12, hidden_size=384, num_heads=6),
           "L": dict(depth=24, hidden_size=1024, num_heads=16),
           "XL": dict(depth=28, hidden_size=1152, num_heads=16)}
 _TINY = {"T": dict(depth=4, hidden_size=32, num_heads=2),      # unit tests
-         "D8": dict(depth=8, hidden_size=64, num_heads=4)}     # embedded default (digits)
+         "D8": dict(depth=8, hidden_size=64, num_heads=4),     # embedded default (digits)
+         "D28": dict(depth=28, hidden_size=96, num_heads=4)}   # GPU tier (Fashion-MNIST): XL's depth, small width
 
 
 def _factory(cls, size: dict, patch: int):

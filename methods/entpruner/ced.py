@@ -2,10 +2,11 @@
 attentions, methods.entpruner.units): CED_i = |H - H_-i| (EntPruner, arXiv 2511.21122).
 
 H is the entropy of the model's output distribution on the fixed calibration probes, conditional on
-the class label: H = sum_y p(y) H(out | y) over the probe classes (or pooled over all probes);
+the class label: H = sum_y p(y) H(out | y) over the probe classes (condition=class), or on the
+noise-level bin, H = sum_b p(b) H(out | b) (condition=bin), or pooled over all probes (condition=pooled);
 H_-i the same with block i bypassed (``Denoiser.ablate``: the residual stream passes through).
 Every block sees exactly the same (x0, y, noise, u) probes, so differences come from the block.
-Per-noise-level-bin scores use the probes of each bin, pooled over classes (a bin holds about
+Per-noise-level-bin scores (meta, plots) use the probes of each bin, pooled over classes (a bin holds about
 n/bins probes, too few to split further by class).
 """
 from __future__ import annotations
@@ -18,8 +19,8 @@ from bench.api import BenchError
 from methods.entpruner import units as U
 from methods.entpruner.entropy import entropy, pca_basis
 
-OUTPUTS = ("prediction", "samples")
-CONDITIONS = ("class", "pooled")
+OUTPUTS = ("prediction", "x0", "samples")
+CONDITIONS = ("class", "pooled", "bin")
 REDUCES = ("entropy", "per_group_abs")
 
 
@@ -30,6 +31,10 @@ def model_outputs(net, calib, outputs: str = "prediction", batch_size: int = 64,
 
     prediction: the network's prediction (eps or velocity; learned-variance channels dropped) at
                 x_t = noisy(x0, u, noise), flattened per probe;
+    x0:         the clean image that prediction implies (x_t = a x0 + b noise, a and b read off
+                net.noisy: DDPM eps -> (x_t - b eps) / a; flow velocity v = x0 - noise ->
+                (x_t + b v) / (a + b)), clipped to [-1, 1] for pixel models (process.clip_denoised),
+                so every noise level speaks in image units instead of eps units;
     samples:    final samples of a short deterministic sampler (DDIM eta=0 / Euler) from per-probe
                 seeded noise (seed k = sample_seed + probe index, drawn like bench.sample.generate:
                 x_T from seed 10k, step noise from 10k+1), conditioned on the probe's label."""
@@ -38,11 +43,14 @@ def model_outputs(net, calib, outputs: str = "prediction", batch_size: int = 64,
     use_amp = amp_dtype is not None
     with net.eval_mode(), torch.autocast(device_type=torch.device(dev).type, dtype=amp_dtype or torch.float32,
                                          enabled=use_amp):
-        if outputs == "prediction":
+        if outputs in ("prediction", "x0"):
             for x0, y, noise, u in calib.batches(batch_size):
                 x0, y, noise, u = x0.to(dev), y.to(dev), noise.to(dev), u.to(dev)
                 x_t, t = net.noisy(x0, u, noise)
-                rows.append(net(x_t, t, y)[:, :C].float().flatten(1))
+                pred = net(x_t, t, y)[:, :C].float()
+                if outputs == "x0":
+                    pred = x0_from_prediction(net, x_t.float(), u, pred)
+                rows.append(pred.flatten(1))
         elif outputs == "samples":
             from bench.sample import PerSampleNoise
             sampler = "ddim" if net.process.kind == "ddpm" else "euler"
@@ -60,6 +68,19 @@ def model_outputs(net, calib, outputs: str = "prediction", batch_size: int = 64,
     if not torch.isfinite(out).all():
         raise BenchError("model outputs are not finite on the calibration probes; check the checkpoint")
     return out
+
+
+def x0_from_prediction(net, x_t: torch.Tensor, u: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """The clean sample a prediction implies at noise level u (outputs=x0). The interpolation
+    coefficients come from the process itself: a = noisy(1, u, 0), b = noisy(0, u, 1)."""
+    one, zero = torch.ones_like(x_t), torch.zeros_like(x_t)
+    a = net.noisy(one, u, zero)[0].float()
+    b = net.noisy(zero, u, one)[0].float()
+    if net.process.kind == "flow":  # v = x0 - noise (data at t = 1): x_t = (a + b) x0 - b v
+        x0 = (x_t + b * pred) / (a + b)
+    else:                           # eps prediction: x_t = a x0 + b eps
+        x0 = (x_t - b * pred) / a
+    return x0.clamp(-1.0, 1.0) if getattr(net.process, "clip_denoised", False) else x0
 
 
 class _Group:
@@ -126,7 +147,7 @@ def ced_scores(net, calib, *, outputs: str = "prediction", condition: str = "cla
     """CED of every bypassable unit of the current model (transformer blocks, or the U-Net's
     ResNet blocks and attentions: methods.entpruner.units), in the order of ``units.labels(net)``.
     Returns a JSON-able dict: ced (units,), units (their labels), ced_per_bin (bins x units,
-    prediction outputs only), H (full model), H_ablated (units,), groups (count), seconds."""
+    per-probe outputs only: prediction, x0), H (full model), H_ablated (units,), groups (count), seconds."""
     if condition not in CONDITIONS:
         raise BenchError(f"condition={condition!r} is unknown; use one of {CONDITIONS}")
     if reduce not in REDUCES:
@@ -140,12 +161,14 @@ def ced_scores(net, calib, *, outputs: str = "prediction", condition: str = "cla
               sample_seed=sample_seed)
     ref = model_outputs(net, calib, **kw)
     y = calib.y.to(ref.device)
-    keys = y if condition == "class" else torch.zeros_like(y)
+    # condition: class = H(out | y); bin = H(out | noise-level bin), each bin its own distribution
+    # instead of one pooled over all noise levels; pooled = one distribution over every probe
+    keys = {"class": y, "bin": calib.bin_of().to(ref.device), "pooled": torch.zeros_like(y)}[condition]
     groups = _groups(keys, ref, est, pca, eps_floor, min_n)
     if not groups:
         raise BenchError(f"no conditioning group has {min_n}+ probes; raise calib.n or use condition=pooled")
     bins = []
-    if per_bin and outputs == "prediction":
+    if per_bin and outputs != "samples":
         b = calib.bin_of().to(ref.device)  # one pooled group per noise-level bin
         bins = [[_Group(idx, ref, est, pca, eps_floor)] if len(idx := torch.nonzero(b == k).flatten()) >= min_n
                 else [] for k in range(calib.bins)]

@@ -3,15 +3,20 @@
 Every decision step: CED of the current model's units (transformer blocks, or the U-Net's
 bypassable operators: methods.entpruner.units) -> candidates that drop the k lowest-CED units
 (k = 0..k_max) -> NTK condition number and ZiCo of each candidate on a fixed proxy batch ->
-weighted approval vote -> remove the accepted units, at least the pace's share of what is left
-(never past the target). Each decision is one JSON line in ``<run_dir>/entpruner_decisions.jsonl``;
-``replay(path)`` re-derives every decision from the logged CED and proxy values and rebuilds the
-final plan from it.
+the vote (vote_rule=proposals: each proxy proposes a count K_p, the proposals are combined;
+vote_rule=approval: the largest k every proxy approves) -> remove the voted units, at least the
+pace's share of what is left (never past the target). Each decision is one JSON line in
+``<run_dir>/entpruner_decisions.jsonl`` saying what the vote asked for, what the pace forced and which
+of the two removed the blocks (``cause``: vote | pace | none); ``replay(path)`` re-derives every
+decision from the logged CED and proxy values and rebuilds the final plan from it, and
+``summarize(path)`` (``python -m methods.entpruner.schedule <log or run dir> ...``) counts them:
+"adaptive decisions: k of n".
 """
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +29,8 @@ from methods.entpruner import units as U
 LOG_NAME = "entpruner_decisions.jsonl"
 PROXIES = ("ntk", "zico")
 PACES = ("even", "latest")
+VOTE_RULES = ("proposals", "approval")
+COMBINES = ("mean", "min", "max")
 
 
 def min_removals(pace: str, remaining: int, left_after: int, k_max: int) -> int:
@@ -71,6 +78,50 @@ def vote(candidates: list[dict], weights: dict, quorum: float, tolerance: float)
         if c["k"] > 0 and c["support"] >= quorum - 1e-12:
             chosen = max(chosen, c["k"])
     return chosen
+
+
+def proposals(candidates: list[dict], tolerance: float = 0.0) -> dict[str, int]:
+    """Each proxy's proposal K_p (R11, vote_rule=proposals): the number of blocks whose removal it
+    rates best among the candidates k = 0..k_top (NTK: the best-conditioned candidate, lowest
+    kappa; ZiCo: the highest), the largest k within a relative `tolerance` of that best."""
+    out = {}
+    for p in PROXIES:
+        best = max(float(c["goodness"][p]) for c in candidates)
+        out[p] = max(c["k"] for c in candidates if float(c["goodness"][p]) >= best - tolerance * abs(best))
+    return out
+
+
+def combine(props: dict[str, int], weights: dict, how: str = "mean") -> int:
+    """One count from the proxies' proposals: mean = their weighted mean rounded half down (a removal
+    needs more than half of the weight behind it: proposals 0 and 1 give 0, 0 and 2 give 1), min =
+    the count every proxy agrees to, max = the count any proxy asks for. Zero-weight proxies abstain."""
+    active = {p: float(weights.get(p, 0.0)) for p in PROXIES if float(weights.get(p, 0.0)) > 0}
+    if not active:
+        raise BenchError("vote_weights must give a positive weight to at least one proxy (ntk, zico)")
+    if how == "min":
+        return min(props[p] for p in active)
+    if how == "max":
+        return max(props[p] for p in active)
+    if how == "mean":
+        mean = sum(w * props[p] for p, w in active.items()) / sum(active.values())
+        return max(0, math.ceil(mean - 0.5 - 1e-9))
+    raise BenchError(f"entpruner combine={how!r} is unknown; use one of {', '.join(COMBINES)}")
+
+
+def cast_vote(candidates: list[dict], settings: dict) -> tuple[int, dict | None, int]:
+    """(voted k, the proxies' proposals or None, the approval rule's k) under the logged or live
+    settings; the approval rule always runs, to fill in each candidate's approvals for the log."""
+    approval_k = vote(candidates, settings["vote_weights"], settings["quorum"], settings["tolerance"])
+    if settings.get("vote_rule", "approval") == "approval":  # version-2 logs have no vote_rule: approval
+        return approval_k, None, approval_k
+    props = proposals(candidates, settings["tolerance"])
+    return combine(props, settings["vote_weights"], settings.get("combine", "mean")), props, approval_k
+
+
+def cause_of(voted: int, chosen: int) -> str:
+    """Why a decision removed what it removed: 'vote' when the vote alone asked for at least that
+    many (an adaptive decision), 'pace' when the pace's minimum forced more, 'none' when nothing went."""
+    return "none" if chosen == 0 else ("vote" if voted >= chosen else "pace")
 
 
 class AdaptiveSchedule(LoggedSchedule):
@@ -155,14 +206,16 @@ class AdaptiveSchedule(LoggedSchedule):
                               "zico_layers": layers,
                               "goodness": {"ntk": -math.log(ntk),
                                            "zico": zico / max(layers, 1) if m.zico_per_layer else zico}})
-        voted = vote(cands, m.vote_weights, m.quorum, m.tolerance)
+        voted, props, approval_k = cast_vote(cands, m.settings())
         chosen = max(voted, k_min)
         removed = [kept[i] for i in sorted(order[:chosen])]
         return {"event": "decision", "step": step, "loss": round(float(loss), 6), "kept_before": kept,
                 "ced": ced["ced"], "ced_per_bin": ced["ced_per_bin"], "order": [kept[i] for i in order],
                 "remaining": remaining, "left_after": left_after, "k_min": k_min, "candidates": cands,
-                "voted_k": voted, "chosen_k": chosen,
-                "forced": chosen > voted, "removed": removed, "kept_after": [b for b in kept if b not in removed],
+                "vote_rule": m.vote_rule, "proposals": props, "approval_k": approval_k,
+                "voted_k": voted, "chosen_k": chosen, "forced": chosen > voted, "cause": cause_of(voted, chosen),
+                "by_vote": min(voted, chosen), "by_pace": chosen - min(voted, chosen),
+                "removed": removed, "kept_after": [b for b in kept if b not in removed],
                 "seconds": round(time.perf_counter() - t0, 3)}
 
     def proxies(self, net) -> tuple[float, float, int]:
@@ -222,7 +275,10 @@ def _verify(p: Path, d: dict, settings: dict) -> None:
     if [d["kept_before"][i] for i in order] != d["order"]:
         raise BenchError(f"{p}: step {d['step']}: the logged removal order does not follow the logged CED")
     cands = [{"k": c["k"], "goodness": c["goodness"]} for c in d["candidates"]]
-    voted = vote(cands, settings["vote_weights"], settings["quorum"], settings["tolerance"])
+    voted, props, _ = cast_vote(cands, settings)
+    if props is not None and props != d.get("proposals"):
+        raise BenchError(f"{p}: step {d['step']}: the logged proposals {d.get('proposals')} do not follow from the "
+                         f"logged proxy values ({props})")
     k_min = d["remaining"]
     if "left_after" in d:  # logs of version 1 did not record it
         k_min = min(d["remaining"], min_removals(settings.get("pace", "latest"), d["remaining"], d["left_after"],
@@ -235,3 +291,62 @@ def _verify(p: Path, d: dict, settings: dict) -> None:
         raise BenchError(f"{p}: step {d['step']}: the logged choice (voted {d['voted_k']}, chose {d['chosen_k']}, "
                          f"removed {d['removed']}) does not follow from the logged values (voted {voted}, "
                          f"chose {chosen}, removed {removed})")
+
+
+# --------------------------------------------------------------------------------------------
+# Summary of a run's decisions: how often the vote, not the pace, decided
+# --------------------------------------------------------------------------------------------
+
+def summarize(decisions_path) -> dict:
+    """Counts of a decision log (read_log): decisions, adaptive ones (the vote alone removed what was
+    removed), paced ones (the pace forced more than the vote asked), idle ones (nothing removed), and
+    the blocks removed by the vote and by the pace. Logs of version 2 (no `cause`) are classified
+    from their voted and chosen counts the same way."""
+    start, decisions = read_log(decisions_path)
+    causes = [d.get("cause") or cause_of(d["voted_k"], d["chosen_k"]) for d in decisions]
+    by_vote = sum(min(d["voted_k"], d["chosen_k"]) for d in decisions)
+    removed = sum(d["chosen_k"] for d in decisions)
+    settings = start.get("settings", {})
+    return {"path": str(decisions_path), "decisions": len(decisions), "adaptive": causes.count("vote"),
+            "paced": causes.count("pace"), "idle": causes.count("none"), "removed": removed,
+            "removed_by_vote": by_vote, "removed_by_pace": removed - by_vote,
+            "vote_rule": settings.get("vote_rule", "approval"), "pace": settings.get("pace", "latest"),
+            "steps": [d["step"] for d in decisions], "causes": causes}
+
+
+def summary_line(s: dict) -> str:
+    return (f"adaptive decisions: {s['adaptive']} of {s['decisions']} (paced {s['paced']}, idle {s['idle']}); "
+            f"blocks removed by the vote {s['removed_by_vote']} of {s['removed']} "
+            f"[vote_rule={s['vote_rule']}, pace={s['pace']}] {s['path']}")
+
+
+def main(argv=None) -> int:
+    """python -m methods.entpruner.schedule <decision log or folder> ...: one summary line per log
+    (folders are searched for entpruner_decisions.jsonl), then the total over all of them."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m methods.entpruner.schedule", description=main.__doc__.splitlines()[0])
+    ap.add_argument("paths", nargs="+", help="entpruner_decisions.jsonl files or folders holding them")
+    args = ap.parse_args(argv)
+    logs = [q for p in map(Path, args.paths) for q in ([p] if p.is_file() else sorted(p.rglob(LOG_NAME)))]
+    if not logs:
+        print(f"error: no {LOG_NAME} under {' '.join(args.paths)}", file=sys.stderr)
+        return 2
+    try:
+        sums = [summarize(q) for q in logs]
+    except (BenchError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for s in sums:
+        print(summary_line(s))
+    if len(sums) > 1:
+        tot = {k: sum(s[k] for s in sums) for k in ("adaptive", "decisions", "paced", "idle", "removed_by_vote",
+                                                     "removed")}
+        print(f"total over {len(sums)} runs: adaptive decisions: {tot['adaptive']} of {tot['decisions']} (paced "
+              f"{tot['paced']}, idle {tot['idle']}); blocks removed by the vote {tot['removed_by_vote']} of "
+              f"{tot['removed']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""The GPU tier's bookkeeping around bench.run (driven by bench/gpu/tier.sh): its rows, its teacher's
+transport between machines, its cost.
+
+    python -m bench.gpu.tier status                     rows done / to do, in run order; the teacher
+    python -m bench.gpu.tier plan [--timings FILE]      projected GPU minutes of the teacher and the tier
+    python -m bench.gpu.tier measure --out DIR          time the tier model's steps on this GPU (~2 min)
+    python -m bench.gpu.tier teacher-dir                the teacher's cache folder (under $BENCH_ARTIFACTS)
+    python -m bench.gpu.tier export-teacher --out DIR   sha256 + teacher.json, final.pt split into < 16 MiB parts
+    python -m bench.gpu.tier import-teacher DIR         join the parts, check the sha256, put final.pt in place
+
+Rows: three commands of bench.run, in this order (a chunk that runs out of time leaves every finished
+row behind and the next chunk skips it): the teacher rows (dense, fine-tuned 0 steps: the teacher's
+FID at the tier protocol, and at cfg 1.5), then per seed 0, 1, 2: dense, experiment=gpu_tier (depth
+methods, block budgets) and experiment=gpu_tier_width (width and operator methods, MAC budgets).
+
+The teacher (model=dit_fmnist, 18.2 MiB of fp32 EMA weights) is trained once; a fresh GPU machine
+gets it back from the parts that a former call returned (results/gpu/tier/teacher.json records
+their sha256, checked before it is used).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+RESULTS = os.environ.get("TIER_RESULTS", "results/gpu/tier")  # bench/gpu/tier.sh passes its own on
+TEACHER_JSON = (ROOT / RESULTS if not Path(RESULTS).is_absolute() else Path(RESULTS)) / "teacher.json"
+PART_BYTES = 15 * 2 ** 20  # files come back from the GPU machine at <= 16 MiB each
+# every run's common overrides: the device, the rows' folder, and TIER_OVERRIDES (tier.sh's; a smoke test's shrink)
+BASE = [f"device={os.environ.get('TIER_DEVICE', 'cuda')}", f"paths.results={RESULTS}",
+        *os.environ.get("TIER_OVERRIDES", "").split()]
+TEACHER_ROWS = [["experiment=gpu_tier", "method=dense", "budget.keep=1.0", "finetune.steps=0", "seed=0"],
+                ["experiment=gpu_tier", "method=dense", "budget.keep=1.0", "finetune.steps=0", "seed=0",
+                 "eval.cfg_scale=1.5"]]
+
+
+def sweeps() -> list[list[str]]:
+    """bench.run -m commands of the tier (overrides), in run order: seed-major, so that a tier cut
+    short has whole seeds of every method."""
+    out = []
+    for s in (0, 1, 2):
+        out += [["experiment=gpu_tier", "method=dense", "budget.keep=1.0", f"seed={s}"],
+                ["experiment=gpu_tier", f"seed={s}"], ["experiment=gpu_tier_width", f"seed={s}"]]
+    return out
+
+
+def cells(commands: list[list[str]]) -> list:
+    """Every run (bench.cost's cells: the sweep expanded as bench.run -m would) of the commands."""
+    from bench.cost import expand
+
+    return [c for cmd in commands for c in expand([*cmd, *BASE])[1]]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def teacher_dir(artifacts: str | None = None) -> Path:
+    """Where bench.run caches the tier's teacher: <artifacts>/teachers/<config hash of model, data, teacher>."""
+    from bench.results import config_hash
+
+    cfg = cells([TEACHER_ROWS[0]])[0].cfg
+    art = artifacts or os.environ.get("BENCH_ARTIFACTS") or cfg["paths"]["artifacts"]
+    return Path(art) / "teachers" / config_hash({k: cfg[k] for k in ("model", "data", "teacher")})[:16]
+
+
+def export_teacher(out: Path, if_new: bool = False) -> dict | None:
+    """teacher.json (sha256, size, hash folder, config) into results/gpu/tier and the out folder, and
+    final.pt in parts of PART_BYTES (teacher.part-00, ...) into the out folder. if_new: nothing when
+    results/gpu/tier/teacher.json already records this final.pt (it came back and was committed)."""
+    from bench.api import BenchError
+
+    tdir = teacher_dir()
+    final = tdir / "final.pt"
+    if not final.is_file():
+        raise BenchError(f"no trained teacher at {final}; run bash bench/gpu/tier.sh teacher first")
+    data = final.read_bytes()
+    if if_new and TEACHER_JSON.is_file() and json.loads(TEACHER_JSON.read_text())["sha256"] == \
+            hashlib.sha256(data).hexdigest():
+        return None
+    cfg = cells([TEACHER_ROWS[0]])[0].cfg
+    parts = []
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(0, len(data), PART_BYTES):
+        name = f"teacher.part-{i // PART_BYTES:02d}"
+        (out / name).write_bytes(data[i:i + PART_BYTES])
+        parts.append({"name": name, "bytes": len(data[i:i + PART_BYTES]),
+                      "sha256": hashlib.sha256(data[i:i + PART_BYTES]).hexdigest()})
+    rec = {"file": "final.pt", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+           "folder": f"teachers/{tdir.name}", "parts": parts,
+           "config": {k: cfg[k] for k in ("model", "data", "teacher")}}
+    log = tdir / "log.jsonl"  # the teacher's training log (loss, seconds per logged step)
+    if log.is_file():
+        rec["log_tail"] = log.read_text().splitlines()[-3:]
+    text = json.dumps(rec, indent=1, sort_keys=True) + "\n"
+    TEACHER_JSON.parent.mkdir(parents=True, exist_ok=True)
+    TEACHER_JSON.write_text(text)  # comes back with the rows; commit it
+    (out / "teacher.json").write_text(text)
+    return rec
+
+
+def import_teacher(src: Path) -> Path | None:
+    """Join teacher.part-* from `src` into the teacher folder, once their sha256 equals teacher.json's.
+    Returns the path, or None when it is there already or no parts were carried."""
+    from bench.api import BenchError
+    from bench.io import atomic_write
+
+    dest = teacher_dir() / "final.pt"
+    if dest.is_file():
+        return None
+    parts = sorted(src.glob("teacher.part-*")) if src.is_dir() else []
+    if not parts:
+        return None
+    if not TEACHER_JSON.is_file():
+        raise BenchError(f"teacher parts in {src} but no {TEACHER_JSON} to check them against; "
+                         "commit the teacher.json that came back with them")
+    rec = json.loads(TEACHER_JSON.read_text())
+    if f"teachers/{dest.parent.name}" != rec["folder"]:
+        raise BenchError(f"{TEACHER_JSON} is for {rec['folder']}, the tier's teacher folder is "
+                         f"teachers/{dest.parent.name}: the model, data or teacher config changed since it was trained")
+    data = b"".join(p.read_bytes() for p in parts)
+    if hashlib.sha256(data).hexdigest() != rec["sha256"]:
+        raise BenchError(f"the teacher parts in {src} ({len(parts)} files, {len(data)} bytes) do not give the sha256 "
+                         f"{rec['sha256'][:12]}... of teacher.json; carry all of {[p['name'] for p in rec['parts']]}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
+    (dest.parent / "teacher.json").write_text(json.dumps(rec["config"], indent=1, sort_keys=True))
+    return dest
+
+
+def status() -> dict:
+    """Rows done (row.json in results/gpu/tier) and to do, per command, and the teacher."""
+    from bench.results import run_relpath
+
+    out = {"commands": [], "done": 0, "total": 0}
+    for cmd in [*TEACHER_ROWS, *sweeps()]:
+        cs = cells([cmd])
+        done = sum((ROOT / RESULTS / run_relpath(c.cfg) / "row.json").is_file() for c in cs)  # absolute RESULTS: itself
+        out["commands"].append({"overrides": cmd, "done": done, "total": len(cs)})
+        out["done"] += done
+        out["total"] += len(cs)
+    tdir = teacher_dir()
+    out["teacher"] = {"folder": str(tdir), "trained_here": (tdir / "final.pt").is_file(),
+                      "recorded": json.loads(TEACHER_JSON.read_text())["sha256"] if TEACHER_JSON.is_file() else None}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Cost: the arithmetic of bench/conf/experiment/gpu_tier.yaml, from estimated or measured step times
+# --------------------------------------------------------------------------------------------
+
+# Estimates for an H100 in bf16 eager (no measurement of this model exists yet; `measure` replaces them).
+# The model is memory-bound (hidden 96): time ~ bytes moved, ~160 B per token, block and hidden unit in
+# eager bf16 (fp32 residual stream and LayerNorms) -> 110 MB per forward of one 256-token sample, 39 us at
+# 2.8 TB/s, + ~10 us of small-head attention; x1.2, the ratio of measured to this model's estimate on
+# results/gpu/paths_speed (DiT-XL/2: 1.11 for sampling, 1.40 for a fine-tune step).
+EST = {
+    "fwd_s": 60e-6,         # one sample's forward through the 28-block model (large batch)
+    "train_factor": 3.25,   # a training step per sample, in forwards (backward ~2x, AdamW + EMA on 4.8M params)
+    "compile_gain": 1.0,    # teacher steps compiled vs eager (pessimistic: no gain; measure says)
+    "compile_s": 120.0,     # torch.compile of the teacher's training graph (cold) + a warm second chunk
+    "fid_s": 9.0,           # Inception features of 10k 32x32 images (4.4 s at 2,300 img/s) + FID/sFID/KID/P/R + 100 bootstraps
+    "ref_s": 6.0,           # the 10k test images' reference statistics, once
+    "row_s": 6.0,           # per row: compose + checks, data load and sha256, teacher load, calibration, latency, MACs
+    "chunk_s": 40.0,        # per GPU call: staging, 2-3 bench.run starts (python, torch, CUDA, data), report, packing
+    "chunk_len_s": 540.0,   # one call's work (bench/gpu/tier.sh: 9 minutes)
+}
+# a method's own work beyond the shared stages (plan(), or its fine-tune callback), seconds per row
+PLAN_S = {"entpruner": 35.0, "diffes": 10.0, "tinyfusion": 6.0, "ld_pruner": 6.0, "obs_diff": 5.0, "grad_flow": 10.0,
+          "sensitivity": 2.0, "entpruner_oneshot": 3.0, "taylor_width": 2.0, "diff_pruning": 2.0}
+PLAN_DEFAULT_S = 1.0
+
+
+def depth_factor(keep_blocks: float) -> float:
+    """Forward time of a block-pruned model / the dense one (patch embedding and final layer stay)."""
+    return 0.04 + 0.96 * keep_blocks
+
+
+def width_factor(keep_macs: float) -> float:
+    """Forward time of a width-pruned model / the dense one in eager mode: the residual stream, its
+    LayerNorms and adaLN modulations keep their full width (~35 % of the bytes moved)."""
+    return 0.35 + 0.65 * keep_macs
+
+
+def project(t: dict | None = None, cfg_scale: float | None = None) -> dict:
+    """GPU seconds of the teacher and of every tier row from per-step times `t` (EST's keys; measured
+    values override), by the configs' own numbers (steps, batch, samples, sampler steps)."""
+    t = {**EST, **(t or {})}
+    teach = cells([TEACHER_ROWS[0]])[0].cfg
+    tc, ev = teach["teacher"], teach["eval"]
+    cfg = ev["cfg_scale"] if cfg_scale is None else cfg_scale
+    nfe = ev["steps"] * (2 if cfg != 1.0 else 1)
+    fwd = t["fwd_s"]
+    teacher_step = fwd * t["train_factor"] * tc["batch"] / t["compile_gain"]
+    teacher = {"steps_s": tc["steps"] * teacher_step, "compile_s": t["compile_s"], "chunks_s": 2 * t["chunk_s"],
+               "eval_s": sum(ev["n"] * ev["steps"] * (2 if c != 1.0 else 1) * fwd + t["fid_s"] for c in (1.0, 1.5))
+               + t["ref_s"], "step_s": teacher_step}
+    teacher["total_s"] = sum(v for k, v in teacher.items() if k != "step_s")
+    rows = []
+    for c in cells(sweeps()):
+        d = c.cfg
+        keep, measure = float(d["budget"]["keep"]), d["budget"]["measure"]
+        f = depth_factor(keep) if measure == "blocks" else width_factor(keep)
+        ft = d["finetune"]
+        e = d["eval"]
+        r_nfe = e["steps"] * (2 if (cfg if cfg_scale is not None else e["cfg_scale"]) != 1.0 else 1)
+        rec = {"method": d["method_name"], "keep": keep, "measure": measure, "seed": d["seed"],
+               "finetune_s": ft["steps"] * ft["batch"] * fwd * t["train_factor"] * f,
+               "sample_s": e["n"] * r_nfe * fwd * f, "score_s": t["fid_s"], "row_s": t["row_s"],
+               "method_s": PLAN_S.get(d["method_name"], PLAN_DEFAULT_S)}
+        rec["total_s"] = sum(v for k, v in rec.items() if k.endswith("_s"))
+        rows.append(rec)
+    work = sum(r["total_s"] for r in rows) + t["ref_s"]
+    chunks = max(1, round(work / (t["chunk_len_s"] - t["chunk_s"]) + 0.5))
+    tier = {"rows": len(rows), "work_s": work, "chunks": chunks, "total_s": work + chunks * t["chunk_s"],
+            "finetune_s": sum(r["finetune_s"] for r in rows), "sample_s": sum(r["sample_s"] for r in rows),
+            "score_s": sum(r["score_s"] for r in rows), "overhead_s": sum(r["row_s"] for r in rows),
+            "method_s": sum(r["method_s"] for r in rows), "nfe": nfe}
+    return {"timings": t, "teacher": teacher, "tier": tier, "rows": rows}
+
+
+def plan_text(p: dict) -> str:
+    t, te, ti = p["timings"], p["teacher"], p["tier"]
+    lines = [f"per-sample forward (28 blocks) {t['fwd_s'] * 1e6:.0f} us; training step per sample "
+             f"{t['train_factor']:.2f} forwards; teacher step {te['step_s'] * 1e3:.1f} ms",
+             f"teacher: {te['steps_s'] / 60:.1f} min of steps + {te['compile_s'] / 60:.1f} compile + "
+             f"{te['chunks_s'] / 60:.1f} starts + {te['eval_s'] / 60:.1f} eval = {te['total_s'] / 60:.1f} GPU-min",
+             f"tier: {ti['rows']} rows: fine-tune {ti['finetune_s'] / 60:.1f} + sample {ti['sample_s'] / 60:.1f} + "
+             f"score {ti['score_s'] / 60:.1f} + per-row overhead {ti['overhead_s'] / 60:.1f} + methods' own "
+             f"{ti['method_s'] / 60:.1f} + {ti['chunks']} starts = {ti['total_s'] / 60:.1f} GPU-min"]
+    by = {}
+    for r in p["rows"]:
+        by.setdefault((r["measure"], r["keep"]), []).append(r["total_s"])
+    lines += [f"  {m} {k:g}: {len(v)} rows, {sum(v) / len(v):.1f} s each" for (m, k), v in sorted(by.items())]
+    return "\n".join(lines)
+
+
+def measure(out: Path, budget_s: float = 150.0, device: str = "cuda", compile_too: bool = True) -> dict:
+    """Per-step times of the tier model on this GPU (bench.steptime, the suite's own loops): a
+    training step at the teacher's batch in bf16 eager and compiled, and one sampler step of the
+    tier's eval at 28, 21 and 14 blocks; written to out/tier_measure.json with the projection."""
+    import time
+
+    import torch
+
+    from bench import steptime
+    from bench.api import Plan
+    from bench.surgery import apply
+
+    t0 = time.time()
+    cfg = cells([TEACHER_ROWS[0]])[0].cfg
+    dev = device
+    recs = []
+    full = len(steptime.random_model(cfg["model"], "cpu").net.blocks)
+    for depth in (full, full * 3 // 4, full // 2):  # 28, 21, 14: dense and the two block budgets
+        net = steptime.random_model(cfg["model"], dev)
+        if depth < full:
+            apply(net, Plan("block", {"blocks": list(range(depth))}))
+        r = steptime.sample_step_s(net, cfg["eval"]["batch"], dev, "bf16", False, steps=(2, 6), sampler="ddim",
+                                   cfg_scale=1.0)
+        recs.append({**r, "per_sample_forward_s": r["per_step_s"] / r["forward_batch"]})
+        print(json.dumps(recs[-1]), flush=True)
+    for compile_ in (False, True) if compile_too else (False,):
+        if time.time() - t0 > budget_s:
+            break
+        net = steptime.random_model(cfg["model"], dev)
+        r = steptime.finetune_step_s(net, cfg["teacher"]["batch"], dev, "bf16", compile_, steps=(5, 20))
+        recs.append(r)
+        print(json.dumps(r), flush=True)
+    fwd = recs[0]["per_sample_forward_s"]
+    eager = next(r for r in recs if r["path"] == "finetune" and not r["compile"])
+    comp = next((r for r in recs if r["path"] == "finetune" and r["compile"]), None)
+    t = {"fwd_s": fwd, "train_factor": eager["per_step_s"] / cfg["teacher"]["batch"] / fwd}
+    if comp is not None:
+        t["compile_gain"] = eager["per_step_s"] / comp["per_step_s"]
+        t["compile_s"] = comp["warmup_s"] + 30.0
+    p = project(t)
+    res = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else dev, "torch": torch.__version__, "records": recs, "timings": p["timings"],
+           "teacher": p["teacher"], "tier": p["tier"], "depth_ratio": [r["per_sample_forward_s"] / fwd for r in recs[:3]]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tier_measure.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(plan_text(p))
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu.tier", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("status")
+    sub.add_parser("teacher-dir")
+    p = sub.add_parser("plan")
+    p.add_argument("--timings", help="a tier_measure.json (from `measure`) instead of the estimates")
+    p.add_argument("--cfg-scale", type=float, default=None, help="project another guidance scale (1.5: twice the NFE)")
+    p = sub.add_parser("measure")
+    p.add_argument("--out", required=True)
+    p.add_argument("--budget-s", type=float, default=150.0)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled teacher step")
+    p = sub.add_parser("export-teacher")
+    p.add_argument("--out", required=True)
+    p.add_argument("--if-new", action="store_true", help="nothing when teacher.json already records this teacher")
+    p = sub.add_parser("import-teacher")
+    p.add_argument("src")
+    a = ap.parse_args(argv)
+    from bench.api import BenchError
+
+    try:
+        if a.cmd == "status":
+            s = status()
+            for c in s["commands"]:
+                print(f"{c['done']:3d} / {c['total']:3d}  {' '.join(c['overrides'])}")
+            print(f"rows done: {s['done']} of {s['total']}; teacher: {json.dumps(s['teacher'])}")
+        elif a.cmd == "teacher-dir":
+            print(teacher_dir())
+        elif a.cmd == "plan":
+            t = json.loads(Path(a.timings).read_text())["timings"] if a.timings else None
+            print(plan_text(project(t, a.cfg_scale)))
+        elif a.cmd == "measure":
+            measure(Path(a.out), a.budget_s, a.device, not a.no_compile)
+        elif a.cmd == "export-teacher":
+            rec = export_teacher(Path(a.out), a.if_new)
+            print("teacher: recorded in results/gpu/tier/teacher.json already" if rec is None else
+                  f"teacher {rec['folder']}/final.pt sha256 {rec['sha256']} ({rec['bytes']} bytes) -> "
+                  f"{', '.join(p['name'] for p in rec['parts'])} + teacher.json in {a.out}")
+        elif a.cmd == "import-teacher":
+            dest = import_teacher(Path(a.src))
+            print(f"teacher: {dest} (sha256 checked)" if dest else "teacher: nothing to import (in place, or no parts)")
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

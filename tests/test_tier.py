@@ -1,0 +1,102 @@
+"""The GPU tier (experiment=gpu_tier / gpu_tier_width): what it sweeps, its protocol, and one row run
+end to end on the CPU on a shrunk model and a small Fashion-MNIST-shaped folder, through the tier's
+own data path (IDX files, padding) and scoring (Inception FID/KID/P/R)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_configs import check_run_config, hydra_compose, sweep_points
+from tests.test_data import write_fmnist
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DEPTH = {"diffes", "entpruner", "entpruner_oneshot", "first_k", "flux_lite", "last_k", "magnitude_l1", "magnitude_l2",
+         "random", "sensitivity", "shortgpt", "stride", "tinyfusion"}
+WIDTH = {"diff_pruning", "grad_flow", "ld_pruner", "magnitude_width", "magnitude_width_l2", "obs_diff", "random_width",
+         "taylor_width"}
+
+
+def test_the_tier_sweeps_every_method_at_two_budgets_and_three_seeds():
+    from bench.registry import names, tagged
+
+    for exp, methods, measure in (("gpu_tier", DEPTH, "blocks"), ("gpu_tier_width", WIDTH, "macs")):
+        d, sweep = hydra_compose([f"experiment={exp}"])
+        assert set(sweep["method"].split(",")) == methods
+        assert sweep["budget.keep"] == "0.75,0.5" and sweep["seed"] == "0,1,2" and d["budget"]["measure"] == measure
+        assert len(sweep_points(sweep)) == len(methods) * 6
+        assert d["model"]["name"] == "DiT-D28/2" and d["data"]["kind"] == "fashion_mnist" and d["device"] == "cuda"
+        assert (d["eval"]["n"], d["eval"]["sampler"], d["eval"]["steps"], d["eval"]["cfg_scale"]) == (10000, "ddim", 25, 1.0)
+        assert d["eval"]["inception"]["ref_split"] == "test" and d["eval"]["latency"]["dtype"] == "bf16"
+        assert (d["finetune"]["steps"], d["finetune"]["batch"], d["finetune"]["precision"]) == (400, 128, "bf16")
+        assert (d["teacher"]["steps"], d["teacher"]["batch"], d["teacher"]["compile"]) == (12000, 256, True)
+    # every method of the default suites is in the tier, nothing else but dense (its own line, 3 seeds)
+    default = set(tagged("default_suite") + tagged("default_suite_random") + tagged("default_suite_width")
+                  + tagged("default_suite_width_random"))
+    assert DEPTH | WIDTH == default and "dense" in names()
+    d, sweep = hydra_compose(["experiment=gpu_tier", "method=dense", "budget.keep=1.0"])
+    assert d["method_name"] == "dense" and d["budget"]["keep"] == 1.0 and sweep["seed"] == "0,1,2"
+    # a width method's point passes the run's own checks on the tier model (MAC budget)
+    d, _ = hydra_compose(["experiment=gpu_tier_width", "method=magnitude_width", "budget.keep=0.5", "seed=2"])
+    check_run_config(d)
+
+
+@pytest.mark.filterwarnings("ignore:Inception metrics from n=4", "ignore:invalid value encountered")  # 4 samples: FID biased, KID bootstrap NaN
+def test_one_tier_row_runs_end_to_end_on_a_shrunk_model(tmp_path):
+    from bench.results import load_rows
+    from bench.run import execute
+
+    root = write_fmnist(tmp_path / "fm", n_train=64, n_test=6)
+    over = ["experiment=gpu_tier", "method=shortgpt", "seed=1", "device=cpu", f"data.root={root}", "data.verify=false",
+            "+model.depth=2", "+model.hidden_size=32", "+model.num_heads=2",  # the shrink
+            "teacher.steps=4", "teacher.batch=8", "teacher.compile=false", "teacher.precision=fp32",
+            "finetune.steps=2", "finetune.batch=8", "finetune.precision=fp32", "eval.precision=fp32",
+            "eval.n=4", "eval.batch=4", "eval.steps=2", "eval.inception.bootstrap=4", "eval.inception.kid_subsets=4",
+            "eval.latency.batch=2", "eval.latency.reps=2", "eval.latency.warmup=1", "eval.latency.allow_few=true",
+            "calib.n=16", "calib.bins=4", f"paths.results={tmp_path / 'runs'}", f"paths.artifacts={tmp_path / 'art'}"]
+    d, _ = hydra_compose(over)
+    row = execute(d)
+    assert row.dataset == "fashion-mnist" and row.model == "DiT-D28/2" and row.depth == 1 and row.keep_blocks == 0.5
+    assert (row.sampler, row.nfe, row.finetune_steps, row.latency_dtype) == ("ddim", 2, 2, "bf16")
+    assert row.fid_n == 4 and row.fid_ref == "fashion-mnist-test-32px-n6" and row.fid_impl.startswith("adm-pt/")
+    assert {"fid", "kid", "precision", "recall", "fid_ci_lo", "fid_ci_hi"} <= set(row.metrics)
+    assert row.metrics["fid"] > 0 and row.metrics["fid_ci_lo"] <= row.metrics["fid"] <= row.metrics["fid_ci_hi"]
+    df = load_rows(tmp_path / "runs")
+    assert len(df) == 1 and Path(df["path"][0]).name.startswith("blocks0.5-s1-cpu-")
+
+
+def test_the_teacher_travels_in_checked_parts(tmp_path, monkeypatch):
+    """export-teacher splits final.pt into parts (each below the 16 MiB a GPU call returns per file) and
+    records its sha256 in teacher.json; import-teacher joins them into the tier's teacher folder only
+    when the sha256 matches, and refuses a teacher.json made for another config."""
+    import json
+
+    from bench.api import BenchError
+    from bench.gpu import tier
+
+    monkeypatch.setenv("BENCH_ARTIFACTS", str(tmp_path / "art"))
+    monkeypatch.setattr(tier, "TEACHER_JSON", tmp_path / "results" / "teacher.json")
+    monkeypatch.setattr(tier, "PART_BYTES", 1000)
+    tdir = tier.teacher_dir()
+    assert tdir.parent == tmp_path / "art" / "teachers" and len(tdir.name) == 16
+    weights = bytes(range(256)) * 10  # 2,560 bytes -> 3 parts
+    tdir.mkdir(parents=True)
+    (tdir / "final.pt").write_bytes(weights)
+    rec = tier.export_teacher(tmp_path / "out")
+    assert [p["bytes"] for p in rec["parts"]] == [1000, 1000, 560] and rec["folder"] == f"teachers/{tdir.name}"
+    assert json.loads((tmp_path / "results" / "teacher.json").read_text())["sha256"] == rec["sha256"]
+    assert rec["config"]["model"]["name"] == "DiT-D28/2" and rec["config"]["teacher"]["steps"] == 12000
+    assert tier.export_teacher(tmp_path / "out", if_new=True) is None  # recorded already: nothing to send
+    (tdir / "final.pt").unlink()
+    assert tier.import_teacher(tmp_path / "none") is None
+    (tmp_path / "out" / "teacher.part-01").write_bytes(b"x" * 1000)  # a damaged part
+    with pytest.raises(BenchError, match="do not give the sha256"):
+        tier.import_teacher(tmp_path / "out")
+    assert not (tdir / "final.pt").exists()
+    (tmp_path / "out" / "teacher.part-01").write_bytes(weights[1000:2000])
+    assert tier.import_teacher(tmp_path / "out") == tdir / "final.pt" and (tdir / "final.pt").read_bytes() == weights
+    (tdir / "final.pt").unlink()
+    tier.TEACHER_JSON.write_text(json.dumps({**rec, "folder": "teachers/0123456789abcdef"}))
+    with pytest.raises(BenchError, match="config changed since it was trained"):
+        tier.import_teacher(tmp_path / "out")
