@@ -429,7 +429,7 @@ def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list
     # ---- hook: ranking with confidence over seeds (bench.ranking, the GPU tier's module): <name>_ranking.md,
     # written only when two or more methods share a budget with >= 2 seeds each
     from bench.ranking import ranking_files
-    texts.update(ranking_files(ok, out / "tables" / f"{name}_ranking.md"))
+    texts.update(ranking_files(df[df["status"].eq("ok")], out / "tables" / f"{name}_ranking.md"))
     for path, text in texts.items():
         atomic_write_text(path, text)
     figs = plot(groups, out / "figures" / f"{name}_quality_vs_speedup")

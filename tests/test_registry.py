@@ -47,12 +47,7 @@ def _run_all() -> tuple[list[str], list[str]]:
     return suites, dense_eval
 
 
-@pytest.mark.parametrize("results, extra", [
-    ("results/runs", "cpu"),
-    pytest.param("results/gpu/runs", "cuda", marks=pytest.mark.xfail(
-        strict=True, reason="the GPU rows predate the precision/compile keys (2469d23), which moved every run "
-                            "directory; rerun them on a GPU (bash bench/gpu/device_suite.sh eval=inception) and drop "
-                            "this mark"))])
+@pytest.mark.parametrize("results, extra", [("results/runs", "cpu"), ("results/gpu/runs", "cuda")])
 def test_committed_rows_are_still_run_all_points(results, extra):
     """Every committed row's run directory is one that ./run_all.sh composes today (CPU rows: the
     default; GPU rows: ``./run_all.sh device=cuda eval=inception``, bench/gpu/device_suite.sh), so no
