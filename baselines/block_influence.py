@@ -19,6 +19,10 @@ removes it). Cosines are per token over channels (ShortGPT), in float64; Diff-ES
 per-sample cosine of flattened tensors (``flat_cosine``, its scorer in methods.blockscores).
 ``meta["scores_per_bin"]`` holds the same statistic per calibration noise-level bin (rankings
 depend on the noise level; Diff-ES).
+
+Under several ranks (torchrun, a SLURM job of several tasks): plan() runs on rank 0 alone and
+the run broadcasts the Plan to the others (bench.run); its forwards over the calibration probes
+are not split over ranks.
 """
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ Source: every pruning paper's first row (e.g. DiT-XL/2 in TinyFusion Table 1, ar
 Our choice: it is a Method like any other so the dense row goes through the same
 plan -> surgery -> fine-tune -> sample -> score spine; it only accepts budget.keep=1.0, since a
 "dense" row that pruned anything would be mislabelled.
+
+Under several ranks (torchrun, a SLURM job of several tasks): rank 0 makes the Plan and the run
+broadcasts it (bench.run).
 """
 from __future__ import annotations
 

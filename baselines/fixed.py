@@ -16,6 +16,10 @@ fixed references a learned or scored depth pattern must beat (TinyFusion, arXiv 
 DiT's first and last blocks sensitive, so first/last-k are expected to be poor). Data-free.
 Scores are a ranking that encodes the pattern (removed blocks 0..k-1, kept blocks k..depth-1,
 each in model order), so keep_top reproduces the plan and plots still show the decision.
+
+Under several ranks (torchrun, a SLURM job of several tasks): plan() runs on rank 0 alone and
+the run broadcasts the Plan to the others (bench.run); its forwards over the calibration probes
+are not split over ranks.
 """
 from __future__ import annotations
 

@@ -8,6 +8,10 @@ in methods.md section 8 ("Block magnitude", [A]). Our choices: every parameter o
 counts (attention, MLP and the adaLN modulation), pooled into one mean so the score does not
 depend on how many tensors a block has; the mean (not the sum) keeps blocks comparable; the
 p-th root makes p=1 and p=2 scores the same units. Data-free: ``calib`` is not used.
+
+Under several ranks (torchrun, a SLURM job of several tasks): plan() runs on rank 0 alone and
+the run broadcasts the Plan to the others (bench.run); its forwards over the calibration probes
+are not split over ranks.
 """
 from __future__ import annotations
 

@@ -5,6 +5,10 @@ Source: Torch-Pruning's ``RandomImportance`` (U(0,1) per unit; VainF/Torch-Pruni
 depth baselines (arXiv 2412.01199, Table 3). Our choices: scores come from
 ``torch.Generator().manual_seed(seed)`` so a plan is reproducible from the seed alone (the
 config interpolates the run's root seed); report the mean over >= 3 seeds (methods.md section 8).
+
+Under several ranks (torchrun, a SLURM job of several tasks): plan() runs on rank 0 alone and
+the run broadcasts the Plan to the others (bench.run); its forwards over the calibration probes
+are not split over ranks.
 """
 from __future__ import annotations
 

@@ -10,6 +10,10 @@ stratified noise levels for every block (``net.loss(x0, y, u=calib.u, noise=cali
 score differences come from the block alone; a block is bypassed with ``net.ablate`` (the
 residual stream passes through). Signed, not absolute: a block whose removal lowers the loss is
 the first to go. ``meta["scores_per_bin"]`` holds the loss increase per noise-level bin.
+
+Under several ranks (torchrun, a SLURM job of several tasks): plan() runs on rank 0 alone and
+the run broadcasts the Plan to the others (bench.run); its forwards over the calibration probes
+are not split over ranks.
 """
 from __future__ import annotations
 

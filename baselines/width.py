@@ -23,6 +23,10 @@ prunes to the same per-group counts (only the choice of units differs).
 
 Scaled-down choice (config switch ``t_stride``): the papers visit all 1000 steps (stride 1); the
 embedded default visits every 20th (50 backward passes) so run_all.sh stays within its budget.
+
+Under several ranks (torchrun, a SLURM job of several tasks): plan() runs on rank 0 alone and
+the run broadcasts the Plan to the others (bench.run); its forwards over the calibration probes
+are not split over ranks.
 """
 from __future__ import annotations
 

@@ -25,6 +25,10 @@ Our reconstruction (each choice a switch where it could change rankings):
   paper's one-shot ranking); stop as soon as the measured cost fits the budget. A budget in
   blocks uses whole-block operators only.
 Cost: one generation per operator (O(#ops x n x steps), the paper's complexity).
+
+Under several ranks (torchrun, a SLURM job of several tasks): plan() runs on rank 0 alone and
+the run broadcasts the Plan to the others (bench.run); its forwards over the calibration probes
+are not split over ranks.
 """
 from __future__ import annotations
 

@@ -121,6 +121,11 @@ cause) to <run_dir>/entpruner_decisions.jsonl; ``replay(path)`` rebuilds the fin
 methods/plots.py.
 Backbone-specific only through its adaptive schedule's proxies (methods.proxies: NTK and ZiCo over
 ``net.backbone``'s layers); CED and the removals use protocol members only.
+
+Under several ranks (torchrun, a SLURM job of several tasks): plan() runs on rank 0 and its Plan
+is broadcast; the fine-tune callback runs on every rank with the same weights and the global mean
+loss (its calibration forwards and proxies are not split over ranks), and rank 0's Plan is applied
+on every rank (bench.finetune).
 """
 from __future__ import annotations
 

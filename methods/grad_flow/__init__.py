@@ -73,6 +73,11 @@ Cost on the embedded default (DiT-D8/2, 64 probes, one CPU thread): one criterio
 one backward and one double backward (about 1 s); plan() adds the width allocation (about 5 s).
 Backbone-specific (``net.backbone``): the soft masks are forward hooks on the backbone's modules
 (criterion.MaskHooks, the U-Net's GroupNorms included); the scores themselves use only protocol members.
+
+Under several ranks (torchrun, a SLURM job of several tasks): plan() runs on rank 0 and its Plan
+is broadcast; the fine-tune callback runs on every rank with the same weights and the global mean
+loss (its calibration forwards and proxies are not split over ranks), and rank 0's Plan is applied
+on every rank (bench.finetune).
 """
 from __future__ import annotations
 

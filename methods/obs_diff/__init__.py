@@ -64,6 +64,10 @@ sets replay the *shapes* on a fresh dense model, not the compensated weights.
 second-order width backend).
 Backbone-specific (``net.backbone``): the per-layer Hessians hook the nn.Linear layers of the
 DiT/SiT ``backbone.blocks[i].attn`` / ``.mlp`` and OBS rewrites their weights.
+
+Under several ranks (torchrun, a SLURM job of several tasks): plan() (calibration Hessians and the
+OBS weight updates) runs on rank 0 alone; the run stores the rewritten weights and the other ranks
+load them with the broadcast Plan (bench.run).
 """
 from __future__ import annotations
 
