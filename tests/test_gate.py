@@ -200,3 +200,34 @@ def test_interleave_times_each_model_in_a_rotating_order():
         assert set(got) == {"dense", "a", "b"} and all(len(v) == 2 and min(v) >= 0 for v in got.values())
         orders.append(calls[::2])
     assert orders == [["dense", "a", "b"], ["a", "b", "dense"], ["b", "dense", "a"]]
+
+
+def test_gate_fails_on_a_model_made_slower_on_purpose_and_passes_on_the_real_one(tmp_path):
+    """The committed CPU expectations, plus a copy of the depth pair whose pruned model does its
+    forward three times per call (slowdown: 3, a regression on purpose): the real pair passes, the
+    slowed one (measured ~2/3x against an expectation made for ~2x) fails, exit 1, named."""
+    spec = yaml.safe_load(TINY.read_text())
+    slowed = dict(spec["pairs"][0], name="depth50-slowed", slowdown=3)
+    slowed.pop("measured", None)
+    spec["pairs"] = [spec["pairs"][0], slowed]
+    f = tmp_path / "slowed.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "gate.json"
+    p = subprocess.run([sys.executable, "-m", "bench.gate", str(f), "--out", str(out), *FAST], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stdout + p.stderr
+    rec = json.loads(out.read_text())
+    pairs = {q["name"]: q for q in rec["pairs"]}
+    assert rec["failed"] == ["depth50-slowed"] and pairs[spec["pairs"][0]["name"]]["verdict"] == "pass"
+    real, slow = pairs[spec["pairs"][0]["name"]]["ratio"], pairs["depth50-slowed"]["ratio"]
+    assert slow == pytest.approx(real / 3, rel=0.35) and pairs["depth50-slowed"]["hi"] < slowed["expect"]
+    assert [line.split(":")[0] for line in p.stderr.splitlines() if line.startswith("FAIL")] == ["FAIL depth50-slowed"]
+
+
+def test_slowdown_must_be_a_whole_number_of_forwards(tmp_path, capsys):
+    spec = yaml.safe_load(TINY.read_text())
+    spec["pairs"][0]["slowdown"] = 0
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    assert main([str(f), "--out", str(tmp_path / "g.json")]) == 2
+    assert "slowdown=0" in capsys.readouterr().err

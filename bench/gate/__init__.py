@@ -39,6 +39,8 @@ Expectations file:
       mode: eager
       dtype: bf16
       expect: 1.77                  # null: measured and reported, never failed
+      slowdown: 1                   # optional, a regression on purpose: the pruned model's forward runs
+                                    # this many times per call (tests and demos that the gate fails)
       source: where the number comes from (free text)
       measured: {...}               # written by --write-expectations
 
@@ -58,11 +60,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from bench.api import BenchError
 
 SCHEMA = 1
 FILE_KEYS = {"about", "model", "model_kw", "device", "batch", "warmup", "threads", "margin", "pairs"}
-PAIR_KEYS = {"name", "prune", "mode", "dtype", "batch", "expect", "source", "measured"}
+PAIR_KEYS = {"name", "prune", "mode", "dtype", "batch", "expect", "source", "measured", "slowdown"}
 EXPECTATIONS = Path(__file__).parent / "expectations"
 HEADER = """\
 # Speedup expectations for the gate: python -m bench.gate <this file> (format: bench/gate/__init__.py).
@@ -82,6 +86,7 @@ class Pair:
     dtype: str                   # fp32 | tf32 | bf16
     batch: int
     expect: float | None         # None: reported, never failed
+    slowdown: int = 1            # the pruned forward runs this many times per call (a regression on purpose)
 
     @property
     def group(self) -> tuple[str, str, int]:
@@ -155,8 +160,11 @@ def load(path: str | Path) -> tuple[dict, list[Pair]]:
         batch = p.get("batch", spec.get("batch", 1))
         if not isinstance(batch, int) or batch < 1:
             raise _fail(where, f"batch={batch!r}; use a positive integer")
+        slow = p.get("slowdown", 1)
+        if not isinstance(slow, int) or slow < 1:
+            raise _fail(where, f"slowdown={slow!r}; use a whole number of forwards per call >= 1 (1: none)")
         pairs.append(Pair(name, kb, None if w is None else float(w), mode, dtype, batch,
-                          None if expect is None else float(expect)))
+                          None if expect is None else float(expect), slow))
     return spec, pairs
 
 
@@ -165,7 +173,7 @@ def dump(spec: dict) -> str:
     import yaml
 
     order = ["about", "model", "model_kw", "device", "batch", "warmup", "threads", "margin", "pairs"]
-    pair_order = ["name", "prune", "mode", "dtype", "batch", "expect", "source", "measured"]
+    pair_order = ["name", "prune", "mode", "dtype", "batch", "slowdown", "expect", "source", "measured"]
     data = {k: spec[k] for k in order if k in spec}
     data["pairs"] = [{k: p[k] for k in pair_order if k in p} for p in spec["pairs"]]
     return HEADER + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
@@ -181,7 +189,25 @@ def _models(spec: dict, pairs: list[Pair]):
         if p.keep_blocks is not None and p.keep_blocks > depth:
             raise BenchError(f"pair {p.name}: prune.keep_blocks={p.keep_blocks} but {spec['model']} has {depth} blocks")
     pruned = {p.name: prune_copy(dense, p.keep_blocks, p.width) for p in pairs}
+    for p in pairs:
+        if p.slowdown > 1:
+            pruned[p.name].net = Repeated(pruned[p.name].net, p.slowdown)
     return dense, pruned
+
+
+class Repeated(torch.nn.Module):
+    """A model made slower on purpose: its forward runs `n` times per call (the last output is
+    returned), so the gate's failure path can be shown on a real measurement."""
+
+    def __init__(self, net: torch.nn.Module, n: int):
+        super().__init__()
+        self.inner, self.n = net, n
+        self.blocks = net.blocks  # what the gate reports (kept blocks) reads
+
+    def forward(self, *args, **kw):
+        for _ in range(self.n - 1):
+            self.inner(*args, **kw)
+        return self.inner(*args, **kw)
 
 
 def measure_group(dense, pruned: dict, mode: str, dtype: str, batch: int, device, warmup: int, reps: int,
