@@ -470,3 +470,55 @@ def test_cfg_scale_one_is_conditional():
     for convention in ("all", "dit3"):
         out = guided(model_fn, y, scale=1.0, null_label=10, convention=convention, channels=4)(x, t)
         torch.testing.assert_close(out, model_fn(x, t, y))
+
+
+@pytest.mark.parametrize("sampler,steps,tol,kw", [
+    ("dopri5", 250, 1e-2, {}),                           # SiT's tolerances: 0.75 % of S at worst
+    ("dopri5", 250, 1e-5, {"rtol": 1e-6, "atol": 1e-8}),  # the solver itself is exact to its tolerance
+    ("heun", 50, 2e-3, {}), ("euler", 250, 2e-2, {})])
+def test_flow_ode_follows_the_exact_transport_of_gaussian_data(sampler, steps, tol, kw):
+    """Gaussian data N(MU, S^2) per channel: the linear path's probability-flow ODE moves noise z to
+    x_t = t MU + sqrt(t^2 S^2 + (1 - t)^2) z (its velocity is v_star), so every sample has a closed-form
+    end point MU + S z; each solver must land there (dopri5 at SiT's atol 1e-6, rtol 1e-3)."""
+    z = torch.randn(64, 2, K, generator=torch.Generator().manual_seed(3))
+    x = LinearFlow(**kw).sample(v_star, z, None, sampler=sampler, steps=steps)
+    exact = _per_channel(MU, z) + _per_channel(S, z) * z
+    assert (x - exact).abs().max() <= tol * float(S.max())
+
+
+def _official_space_timesteps(T: int, count: int) -> list[int]:
+    """improved-diffusion / DiT `space_timesteps(T, [count])` (respace.py), one section: a float
+    cursor that adds (T - 1) / (count - 1) per step and rounds (1 for count <= 1)."""
+    stride = 1 if count <= 1 else (T - 1) / (count - 1)
+    cur, out = 0.0, []
+    for _ in range(count):
+        out.append(round(cur))
+        cur += stride
+    return sorted(set(out))
+
+
+def _official_ddim(T: int, count: int) -> list[int] | None:
+    """improved-diffusion `space_timesteps(T, "ddim<count>")`: the first integer stride i in 1..T-1 with
+    len(range(0, T, i)) == count; None where it raises (no such stride)."""
+    for i in range(1, T):
+        if len(range(0, T, i)) == count:
+            return list(range(0, T, i))
+    return None
+
+
+def test_respacing_and_ddim_match_the_official_lists_for_every_count():
+    """Every count 1..1000: respaced DDPM timesteps, and DDIM's `ddimN` where the official code accepts
+    N (an exact integer stride); the counts it refuses are refused here too, with the valid ones named."""
+    from bench.api import BenchError
+
+    refused = 0
+    for count in range(1, 1001):
+        assert space_timesteps(1000, count) == _official_space_timesteps(1000, count), count
+        want = _official_ddim(1000, count)
+        if want is None:
+            refused += 1
+            with pytest.raises(BenchError):
+                ddim_timesteps(1000, count, "uniform")
+        else:
+            assert ddim_timesteps(1000, count, "uniform") == want, count
+    assert 0 < refused < 1000
