@@ -89,6 +89,7 @@ def test_tinyfusion_table1_cells_are_rows_of_the_paper():
         assert (method, depth) in printed, f"{cell}: no Table 1 row for {method} at depth {depth}"
         if cfg.budget.measure == "params":  # Diff-Pruning-50%: 338M of DiT-XL/2's 675M
             assert cfg.budget.keep == pytest.approx(printed[method, depth] / 675, abs=0.005)
+            assert cfg.method.attn_unit == "head_dims"  # the authors' DiT recipe keeps every head (TP issue 300)
         assert cfg.model.name == "DiT-XL/2" and cfg.model.ckpt and cfg.data.kind == "latents"
         assert (cfg.eval.n, cfg.eval.steps, cfg.eval.cfg_scale, cfg.eval.inception.backend) == (50000, 250, 1.5, "adm")
         assert cfg.finetune.steps == (0 if method == "dense" else 100000)
