@@ -222,8 +222,7 @@ def taylor_scores(net, variant: str) -> tuple[dict[str, list[float]], dict[str, 
 
 
 class WidthTaylor(WidthMethod):
-    label = "taylor_width"
-    version = 2  # 2: score / select / loss switches (taylor_width_paper: Diff-Pruning's ddpm_exp Taylor row)
+    label = "taylor_width"  # version 1: the switches below leave the default's output unchanged
 
     def __init__(self, batch: int = 64, t_stride: int = 20, round_to: int = 1,
                  score: str = "multivariable",  # Molchanov's |sum theta g| | squared (ddpm_exp, the paper's Taylor row)
