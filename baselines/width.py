@@ -25,6 +25,10 @@ prunes to the same per-group counts (only the choice of units differs).
   instead: the squared importance sum (theta g)^2 over the weights (|theta g| for GroupNorm
   weights, no biases; ``score=squared``), the loss summed over C x H x W (``loss=sum``) and the
   channels chosen inside each norm group (``select=per_norm_group``): ``taylor_width_paper``.
+  The defaults stay as they were, deliberately: this suite's Taylor baseline is Molchanov's group
+  definition, and every width baseline here shares the unit rule (Torch-Pruning >= 1.4.3, pinned).
+  Not switched: the root script's pip ``TaylorImportance(multivariable=True)`` takes |sum| per layer
+  (biases and GroupNorm skipped) and averages the layers, where ``multivariable`` sums over the unit.
 
 Scaled-down choice (config switch ``t_stride``): the papers visit all 1000 steps (stride 1); the
 embedded default visits every 20th (50 backward passes) so run_all.sh stays within its budget.
