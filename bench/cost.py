@@ -208,10 +208,11 @@ class Shapes:
         depth = len(getattr(net.net, "blocks", ()))
         note = None
         if granularity == "width" and hasattr(net, "width_groups"):
-            key = (json.dumps(dense.model_cfg, sort_keys=True), "width", budget.measure, float(budget.keep))
+            unit = (cfg.get("method") or {}).get("attn_unit") or "heads"   # Diff-Pruning's head dims (bench.width)
+            key = (json.dumps(dense.model_cfg, sort_keys=True), "width", budget.measure, float(budget.keep), unit)
             try:
                 if key not in self._shapes:
-                    self._shapes[key] = self._width(net, dense, budget)
+                    self._shapes[key] = self._width(net, dense, budget, unit)
                 return self._shapes[key], None
             except ImportError as e:  # torch-pruning (width surgery) is not installed
                 note = (f"width surgery needs torch-pruning ({e}): projected as the deepest block-pruned model "
@@ -232,11 +233,13 @@ class Shapes:
             self._shapes[key] = Shape(dense.arch, f"d{n}", dense.model_cfg, plan, m["macs"], m["params"], dense.macs)
         return self._shapes[key], note
 
-    def _width(self, net, dense: Shape, budget: Budget) -> Shape:
+    def _width(self, net, dense: Shape, budget: Budget, unit: str = "heads") -> Shape:
         from bench import surgery
+        from bench.width import attention_units
 
-        groups = net.width_groups()
-        plan = surgery.width_plan(net, {k: [0.0] * g.size for k, g in groups.items()}, budget)
+        with attention_units(net, unit):
+            groups = net.width_groups()
+            plan = surgery.width_plan(net, {k: [0.0] * g.size for k, g in groups.items()}, budget)
         plan.scores = {}
         m = self._measure(net, plan)
         return Shape(dense.arch, f"width {budget.measure} {budget.keep:g}", dense.model_cfg, plan, m["macs"],

@@ -430,6 +430,10 @@ def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list
     # written only when two or more methods share a budget with >= 2 seeds each
     from bench.ranking import ranking_files
     texts.update(ranking_files(df[df["status"].eq("ok")], out / "tables" / f"{name}_ranking.md"))
+    # ---- paper column (bench/paper.py): every number of results/paper.csv beside ours, in files of its own
+    from bench import paper
+    texts.update(paper.report_texts(df, out, name, prov))
+    # ---- end paper column
     for path, text in texts.items():
         atomic_write_text(path, text)
     figs = plot(groups, out / "figures" / f"{name}_quality_vs_speedup")

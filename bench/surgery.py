@@ -18,7 +18,7 @@ import torch.nn as nn
 from bench.api import BenchError, Budget, Plan
 from bench.metrics.cost import count_macs, count_params, routed_cost
 from bench.models.denoiser import Denoiser
-from bench.width import group_names
+from bench.width import canonical_key, group_names, norm_channels_key
 
 TOL = 1e-9
 
@@ -92,7 +92,8 @@ def apply(net: Denoiser, plan: Plan) -> Denoiser:
             net.remove_operators(group, [int(i) for i in keep])
     if width:
         groups = group_names(net)
-        unknown = sorted(set(width) - set(groups))
+        known = {canonical_key(g) for g in groups}   # a plan may name a group in another unit (head dims, norm channels)
+        unknown = sorted(k for k in width if canonical_key(k) not in known)
         if unknown:
             raise BenchError(f"plan names width groups the model does not have: {unknown[:4]}; "
                              f"it has e.g. {sorted(groups)[:4]} (was the plan made for another model?)")
@@ -119,7 +120,8 @@ def _largest_fitting(a: float, b: float, fits, iters: int) -> float:
 
 
 def width_plan(net: Denoiser, scores: dict[str, list[float]], budget: Budget, granularity: str = "width",
-               round_to: dict[str, int] | None = None, meta: dict | None = None) -> Plan:
+               round_to: dict[str, int] | None = None, meta: dict | None = None,
+               channel_scores: dict[str, list[list[float]]] | None = None) -> Plan:
     """The Diff-Pruning / Torch-Pruning 'local' allocation: every width group keeps (about) the same
     fraction q of its units (its highest-scoring ones), with q the largest value whose *measured*
     cost fits the budget (bisection on a copy of the model: never trust a knob).
@@ -146,7 +148,15 @@ def width_plan(net: Denoiser, scores: dict[str, list[float]], budget: Budget, gr
     3. fill: the fine channel groups' common fraction is raised up to the budget (groups of a few
        heads move in whole heads, so the MLP channels take up the rest).
     The DiT/SiT groups are heads and >= 32-unit MLP channels: step 2 never applies and steps 1, 3
-    are the allocation this suite has always used (DiT plans unchanged)."""
+    are the allocation this suite has always used (DiT plans unchanged).
+
+    channel_scores: optional, group name -> per-channel scores [chunk][unit] of U-Net channel groups
+    whose units span several norm groups (``WidthGroup.chunks`` > 1). Those groups keep the same
+    number of channels per norm group as the unit allocation gives (so shapes and cost are the same),
+    but each norm group keeps *its own* best channels: the plan names them under
+    ``<root>.norm_channels`` (dense channel ids) instead of ``<root>.channels`` (Diff-Pruning's rule:
+    Torch-Pruning <= 1.4 and its vendored copy argsort inside every norm group; Torch-Pruning >= 1.4.3,
+    which this suite's unit plans follow, averages the groups and keeps the same positions)."""
     import copy
 
     groups = net.width_groups()
@@ -177,13 +187,23 @@ def width_plan(net: Denoiser, scores: dict[str, list[float]], budget: Budget, gr
             out[name] = min(g.size, max(r if r <= g.size else 1, k))
         return out
 
-    def plan_for(cnt: dict[str, int], extra: dict) -> Plan:
-        keep = {}
+    per_norm = {n: v for n, v in (channel_scores or {}).items() if n in groups and groups[n].chunks > 1}
+    for n, v in per_norm.items():
+        g = groups[n]
+        if len(v) != g.chunks or any(len(row) != g.size for row in v):
+            raise BenchError(f"channel scores of {n} must be [{g.chunks} norm groups][{g.size} units]")
+
+    def plan_for(cnt: dict[str, int], extra: dict, final: bool = False) -> Plan:
+        keep, sc = {}, {k: [float(x) for x in v] for k, v in scores.items()}
         for name, n in cnt.items():
             g = groups[name]
+            if final and name in per_norm:   # same counts, each norm group its own channels (trials: units, same shapes)
+                keep[norm_channels_key(name)] = sorted(g.channel_ids[u][j] for j, row in enumerate(per_norm[name])
+                                                       for u in keep_top(row, n))
+                sc[norm_channels_key(name)] = [float(x) for row in per_norm[name] for x in row]
+                continue
             keep[name] = [g.dense_ids[p] for p in keep_top(scores[name], n)]
-        return Plan(granularity, keep, scores={k: [float(x) for x in v] for k, v in scores.items()},
-                    meta={**(meta or {}), **extra})
+        return Plan(granularity, keep, scores=sc, meta={**(meta or {}), **extra})
 
     cache: dict[tuple, float] = {}
     proto = _meta_copy(net, dense)   # trials on the meta device: shapes only, so MACs and params are exact and cheap
@@ -216,7 +236,9 @@ def width_plan(net: Denoiser, scores: dict[str, list[float]], budget: Budget, gr
     extra = {"width_fraction": lo, "channel_fraction": q_fill}
     if coarse:
         extra["coarse_units_added"] = dict(adds)
-    plan = plan_for(counts(lo, q_fill if fine else None, adds), extra)
+    if per_norm:
+        extra["norm_group_selection"] = sorted(per_norm)
+    plan = plan_for(counts(lo, q_fill if fine else None, adds), extra, final=True)
     plan.meta["measured_keep"] = got
     return plan
 

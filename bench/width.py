@@ -97,23 +97,50 @@ class WidthGroup:
     members: list[tuple[nn.Parameter, int, torch.Tensor]] = field(default_factory=list)
     # (param, dim, idx) with idx a LongTensor [size, w]: unit j owns param.index_select(dim, idx[j])
     block: int | None = None      # dense block index for transformer groups (None for the U-Net)
+    roles: list[str] = field(default_factory=list)
+    # one per member: "weight" (a Conv/Linear weight, output rows or input columns), "bias",
+    # "norm_weight" / "norm_bias" (GroupNorm affine), "embedding" (a class-embedding column); scorers
+    # that follow an official importance pick the roles it reads (Diff-Pruning: weights and norms, no biases)
+    chunks: int = 1
+    # norm groups a unit spans (U-Net channels: the K GroupNorm-aligned chunks, one channel in each;
+    # 1 elsewhere); a member's idx row lists its entries chunk by chunk, so [size, chunks, -1] splits it
+    channel_ids: list[list[int]] | None = None
+    # channel_ids[u][j]: the dense root channel of unit u in chunk j (U-Net channels groups), for
+    # plans that choose channels inside each norm group (``<root>.norm_channels`` keys)
 
     def unit_slices(self, param: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
         """[size, w * rest] view of one member's values grouped by unit (works for .grad too)."""
         x = param.movedim(dim, 0)[idx.reshape(-1)]          # [size * w, ...]
         return x.reshape(self.size, -1)
 
-    def per_unit(self, fn) -> torch.Tensor:
-        """Sum over members of fn(param_slice [size, k], grad_slice or None) -> [size]."""
+    def _selected(self, roles):
+        for i, (p, dim, idx) in enumerate(self.members):
+            if roles is None or (self.roles[i] if i < len(self.roles) else "weight") in roles:
+                yield p, dim, idx
+
+    def per_unit(self, fn, roles=None) -> torch.Tensor:
+        """Sum over members (those of the given roles; None: all) of fn(param_slice [size, k],
+        grad_slice or None) -> [size]."""
         out = torch.zeros(self.size, dtype=torch.float64)
-        for p, dim, idx in self.members:
+        for p, dim, idx in self._selected(roles):
             w = self.unit_slices(p.detach(), dim, idx).double()
             g = self.unit_slices(p.grad.detach(), dim, idx).double() if p.grad is not None else None
             out += fn(w, g).cpu()
         return out
 
-    def n_members(self) -> int:
-        return len(self.members)
+    def per_channel(self, fn, roles=None) -> torch.Tensor:
+        """[size, chunks]: per_unit's sum kept apart for each chunk (the unit's channel in each norm
+        group): fn(param_slice [size * chunks, k], grad_slice or None) -> [size * chunks]."""
+        out = torch.zeros(self.size, self.chunks, dtype=torch.float64)
+        for p, dim, idx in self._selected(roles):
+            w = self.unit_slices(p.detach(), dim, idx).double().reshape(self.size * self.chunks, -1)
+            g = (self.unit_slices(p.grad.detach(), dim, idx).double().reshape(self.size * self.chunks, -1)
+                 if p.grad is not None else None)
+            out += fn(w, g).cpu().reshape(self.size, self.chunks)
+        return out
+
+    def n_members(self, roles=None) -> int:
+        return sum(1 for _ in self._selected(roles))
 
 
 def _kept(module: nn.Module, attr: str, n: int) -> list[int]:
@@ -129,32 +156,75 @@ def _rows(offsets, w: int, size: int) -> torch.Tensor:
     return torch.cat([o + j + r for o in offsets], dim=1)
 
 
+ATTN_UNITS = ("heads", "head_dims")
+
+
 def dit_width_groups(net, kept_blocks: list[int]) -> dict[str, WidthGroup]:
     """Heads of every attention layer (qkv rows of q, k and v by head + the matching proj columns)
     and hidden channels of every MLP (fc1 rows + fc2 columns). The residual stream (hidden size),
-    adaLN, embedders and final layer are never width units."""
+    adaLN, embedders and final layer are never width units.
+
+    An attention whose ``width_unit`` is "head_dims" (``attention_units``; set for good by a
+    head-dim surgery) offers its head *dimensions* instead (``blocks.<b>.attn.head_dims``): unit d =
+    position d inside every head, i.e. q, k and v row d of each of the h heads and proj column d of
+    each head, so every head keeps the same positions and the head count stays (Torch-Pruning's
+    ``num_heads={qkv: h}, prune_num_heads=False``, VainF's DiT recipe in Torch-Pruning issue 300)."""
     groups = {}
     for b, block in zip(kept_blocks, net.blocks):
         attn = getattr(block, "attn", None)
         if attn is not None:
             h, hd = attn.num_heads, attn.head_dim
-            rows = _rows([0, h * hd, 2 * h * hd], hd, h)
-            cols = _rows([0], hd, h)
-            mem = [(attn.qkv.weight, 0, rows), (attn.proj.weight, 1, cols)]
+            if getattr(attn, "width_unit", "heads") == "head_dims":
+                rows = torch.cat([torch.arange(hd).unsqueeze(1) + o + hh * hd
+                                  for o in (0, h * hd, 2 * h * hd) for hh in range(h)], dim=1)
+                cols = torch.cat([torch.arange(hd).unsqueeze(1) + hh * hd for hh in range(h)], dim=1)
+                name, kind, size, ids = f"blocks.{b}.attn.head_dims", "head_dims", hd, _kept(attn, "kept_dims", hd)
+            else:
+                rows = _rows([0, h * hd, 2 * h * hd], hd, h)
+                cols = _rows([0], hd, h)
+                name, kind, size, ids = f"blocks.{b}.attn.heads", "heads", h, _kept(attn, "kept_units", h)
+            mem, roles = [(attn.qkv.weight, 0, rows), (attn.proj.weight, 1, cols)], ["weight", "weight"]
             if attn.qkv.bias is not None:
                 mem.append((attn.qkv.bias, 0, rows))
-            groups[f"blocks.{b}.attn.heads"] = WidthGroup(f"blocks.{b}.attn.heads", "heads", h,
-                                                          list(_kept(attn, "kept_units", h)), mem, b)
+                roles.append("bias")
+            groups[name] = WidthGroup(name, kind, size, list(ids), mem, b, roles)
         mlp = getattr(block, "mlp", None)
         if mlp is not None:
             n = mlp.fc1.out_features
             idx = torch.arange(n).unsqueeze(1)
-            mem = [(mlp.fc1.weight, 0, idx), (mlp.fc2.weight, 1, idx)]
+            mem, roles = [(mlp.fc1.weight, 0, idx), (mlp.fc2.weight, 1, idx)], ["weight", "weight"]
             if mlp.fc1.bias is not None:
                 mem.append((mlp.fc1.bias, 0, idx))
+                roles.append("bias")
             groups[f"blocks.{b}.mlp.hidden"] = WidthGroup(f"blocks.{b}.mlp.hidden", "channels", n,
-                                                          list(_kept(mlp, "kept_units", n)), mem, b)
+                                                          list(_kept(mlp, "kept_units", n)), mem, b, roles)
     return groups
+
+
+class attention_units:
+    """Context: the model's attention layers offer ``unit`` ("heads" or "head_dims") as their width
+    group while it lasts (a method scores and plans in it; the plan's keys then say which, and
+    surgery sets it for good on the layers it prunes). The U-Net's attentions are unaffected."""
+
+    def __init__(self, net, unit: str = "heads"):
+        if unit not in ATTN_UNITS:
+            raise BenchError(f"attention width unit {unit!r} is unknown; use one of {', '.join(ATTN_UNITS)}")
+        self.unit = unit
+        self.mods = [m for m in getattr(net.net, "blocks", []) if getattr(m, "attn", None) is not None]
+
+    def __enter__(self):
+        self.was = [m.attn.__dict__.get("width_unit") for m in self.mods]
+        for m in self.mods:
+            m.attn.width_unit = self.unit
+        return self
+
+    def __exit__(self, *exc):
+        for m, w in zip(self.mods, self.was):
+            if w is None:
+                m.attn.__dict__.pop("width_unit", None)
+            else:
+                m.attn.width_unit = w
+        return False
 
 
 def dit_prune_width(net, kept_blocks: list[int], name: str, keep_dense: list[int]) -> None:
@@ -162,8 +232,10 @@ def dit_prune_width(net, kept_blocks: list[int], name: str, keep_dense: list[int
     import torch_pruning as tp
 
     parts = name.split(".")
-    if len(parts) != 4 or parts[0] != "blocks" or parts[2] not in ("attn", "mlp"):
-        raise BenchError(f"unknown width group {name!r}; DiT groups are blocks.<i>.attn.heads / blocks.<i>.mlp.hidden")
+    if len(parts) != 4 or parts[0] != "blocks" or (parts[2], parts[3]) not in (
+            ("attn", "heads"), ("attn", "head_dims"), ("mlp", "hidden")):
+        raise BenchError(f"unknown width group {name!r}; DiT groups are blocks.<i>.attn.heads / "
+                         "blocks.<i>.attn.head_dims / blocks.<i>.mlp.hidden")
     b = int(parts[1])
     if b not in kept_blocks:
         raise BenchError(f"width group {name!r} names block {b}, which the model no longer has ({kept_blocks})")
@@ -171,6 +243,8 @@ def dit_prune_width(net, kept_blocks: list[int], name: str, keep_dense: list[int
     mod = getattr(block, parts[2])
     if mod is None:
         raise BenchError(f"width group {name!r}: that branch was removed by an operator plan")
+    if parts[3] == "head_dims":
+        return _dit_prune_head_dims(mod, name, keep_dense)
     present = list(_kept(mod, "kept_units", mod.num_heads if parts[2] == "attn" else mod.fc1.out_features))
     keep = sorted(set(int(i) for i in keep_dense))
     if not keep or not set(keep) <= set(present):
@@ -193,6 +267,34 @@ def dit_prune_width(net, kept_blocks: list[int], name: str, keep_dense: list[int
     mod.kept_units = [d for d in present if d in keep_set]
 
 
+def _dit_prune_head_dims(attn, name: str, keep_dense) -> None:
+    """Keep head-dimension positions `keep_dense` (dense ids) in every head of `attn`: q, k, v rows
+    and proj columns of each head (Torch-Pruning's head-dim pruning, heads kept). The softmax keeps
+    the dense temperature 1/sqrt(dense head_dim) (``Attention.scale``), so the pruned layer computes
+    the dense attention logits without the removed terms [A: with SDPA's default the temperature
+    would follow the smaller head; the suite's U-Net attentions keep the dense one too]."""
+    import torch_pruning as tp
+
+    h, hd = attn.num_heads, attn.head_dim
+    present = list(_kept(attn, "kept_dims", hd))
+    keep_set = {int(i) for i in keep_dense}
+    if not keep_set or not keep_set <= set(present):
+        raise BenchError(f"invalid width plan for {name}: keep {sorted(keep_set)[:8]}... not a non-empty subset "
+                         f"of the present head dims {present[:8]}...")
+    drop_pos = [p for p, d in enumerate(present) if d not in keep_set]
+    attn.width_unit = "head_dims"
+    if not drop_pos:
+        return
+    rows = sorted(o + hh * hd + p for o in (0, h * hd, 2 * h * hd) for hh in range(h) for p in drop_pos)
+    cols = sorted(hh * hd + p for hh in range(h) for p in drop_pos)
+    if getattr(attn, "scale", None) is None:
+        attn.scale = hd ** -0.5                  # the dense temperature (first head-dim surgery: hd is dense)
+    tp.prune_linear_out_channels(attn.qkv, rows)
+    tp.prune_linear_in_channels(attn.proj, cols)
+    attn.head_dim = hd - len(drop_pos)           # static attribute the forward reshapes with
+    attn.kept_dims = [d for d in present if d in keep_set]
+
+
 def width_groups(net) -> dict[str, WidthGroup]:
     """name -> WidthGroup for every prunable width group of a Denoiser's current backbone."""
     if isinstance(net.net, UNetBackbone):
@@ -208,10 +310,35 @@ def group_names(net) -> list[str]:
 
 
 def prune_width(net, name: str, keep_dense) -> None:
-    """Keep the units whose dense ids are `keep_dense` in group `name` of a Denoiser's backbone."""
+    """Keep the units whose dense ids are `keep_dense` in group `name` of a Denoiser's backbone
+    (a ``<root>.norm_channels`` key: the dense root channels kept, chosen inside each norm group)."""
     if isinstance(net.net, UNetBackbone):
+        if name.endswith(NORM_CHANNELS):
+            return unet_prune_norm_channels(net.net, name, keep_dense)
         return unet_prune_width(net.net, name, keep_dense)
     dit_prune_width(net.net, net.kept_blocks, name, keep_dense)
+
+
+NORM_CHANNELS = ".norm_channels"
+# plan keys that name a width group in another unit: the group's name in width_groups() -> the alias
+_ALIASES = {".attn.heads": ".attn.head_dims", ".channels": NORM_CHANNELS}
+
+
+def canonical_key(key: str) -> str:
+    """The width group a plan key prunes, whatever its unit: ``blocks.3.attn.head_dims`` and
+    ``blocks.3.attn.heads`` are one attention, ``<root>.norm_channels`` and ``<root>.channels`` one
+    U-Net channel group (bench.surgery.apply checks a plan's keys with it)."""
+    for base, alias in _ALIASES.items():
+        if key.endswith(alias):
+            return key[: -len(alias)] + base
+    return key
+
+
+def norm_channels_key(name: str) -> str:
+    """``<root>.channels`` -> ``<root>.norm_channels`` (the plan key of a per-norm-group choice)."""
+    if not name.endswith(".channels"):
+        raise BenchError(f"width group {name!r} is no U-Net channel group: only those choose inside norm groups")
+    return name[: -len(".channels")] + NORM_CHANNELS
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,6 +414,8 @@ def _unet_index(net, dg) -> dict:
         else:
             if not hasattr(root, "unit_chunks"):
                 root.unit_chunks = _chunks(_out_channels(root), grp)
+            if not hasattr(root, "kept_channels"):   # the first index sees the dense model
+                root.kept_channels = list(range(_out_channels(root)))
             index[names[root] + ".channels"] = (root, fn, "channels", root, None)
     return dict(sorted(index.items(), key=lambda kv: order.get(kv[1][3], 0)))
 
@@ -325,7 +454,12 @@ def unet_width_groups(net) -> dict[str, WidthGroup]:
         root, fn, kind, holder, _ = entry
         chans = _unet_layout(name, entry)
         full = dg.get_pruning_group(root, fn, list(range(_out_channels(root))))
-        out[name] = WidthGroup(name, kind, len(chans), list(holder.kept_units), _members(full, chans, name), None)
+        members, roles = _members(full, chans, name)
+        k, ids = 1, None
+        if kind == "channels":
+            k = root.unit_chunks
+            ids = [[root.kept_channels[c] for c in unit] for unit in chans]
+        out[name] = WidthGroup(name, kind, len(chans), list(holder.kept_units), members, None, roles, k, ids)
     return out
 
 
@@ -339,6 +473,9 @@ def unet_prune_width(net, name: str, keep_dense) -> None:
         raise BenchError(f"unknown width group {name!r}; the U-Net has e.g. {', '.join(list(index)[:4])}, ... "
                          "(width_groups() lists them all)")
     root, fn, kind, holder, attn = index[name]
+    if getattr(root, "norm_pruned", False) and kind == "channels":
+        raise BenchError(f"width group {name} was pruned inside each norm group (a .norm_channels plan): its units no "
+                         f"longer have dense ids; prune it again with {norm_channels_key(name)!r}")
     chans = _unet_layout(name, index[name])
     present = list(holder.kept_units)
     keep = sorted({int(i) for i in keep_dense})
@@ -348,7 +485,49 @@ def unet_prune_width(net, name: str, keep_dense) -> None:
     drop = [p for p, d in enumerate(present) if d not in set(keep)]
     if not drop:
         return
-    grp = dg.get_pruning_group(root, fn, sorted(c for p in drop for c in chans[p]))
+    _prune_root_channels(net, dg, name, root, fn, sorted(c for p in drop for c in chans[p]))
+    if kind == "heads":
+        attn.heads -= len(drop)
+    holder.kept_units = [d for d in present if d in set(keep)]
+    _repair_static(net.unet)
+
+
+def unet_prune_norm_channels(net, key: str, keep_dense) -> None:
+    """Keep the dense root channels ``keep_dense`` of the channel group behind ``<root>.norm_channels``,
+    chosen inside each GroupNorm-aligned chunk (Diff-Pruning's rule: Torch-Pruning <= 1.4 and its
+    vendored copy prune the n lowest-scoring channels of every norm group independently); every
+    chunk must keep the same number, so the norms keep equal groups. The group's units are then
+    renumbered 0..m-1 (unit u = the u-th kept channel of each chunk): a later unit plan on it is refused."""
+    name = canonical_key(key)
+    dg, index = _unet_graph(net)
+    if name not in index or index[name][2] != "channels":
+        raise BenchError(f"unknown width group {key!r}: .norm_channels keys name a U-Net channel group "
+                         f"(e.g. {norm_channels_key(next(n for n in index if n.endswith('.channels')))})")
+    root, fn, _, holder, _ = index[name]
+    _unet_layout(name, index[name])
+    k, present = root.unit_chunks, list(root.kept_channels)
+    keep_set = {int(c) for c in keep_dense}
+    if not keep_set or not keep_set <= set(present):
+        raise BenchError(f"invalid width plan for {key}: keep {sorted(keep_set)[:8]}... is not a non-empty subset of "
+                         f"the present channels {present[:8]}{'...' if len(present) > 8 else ''}")
+    n = len(present) // k
+    per_chunk = [sum(1 for c in present[j * n:(j + 1) * n] if c in keep_set) for j in range(k)]
+    if len(set(per_chunk)) != 1:
+        raise BenchError(f"invalid width plan for {key}: every norm group must keep the same number of channels "
+                         f"(kept per group: {per_chunk})")
+    drop = [r for r, c in enumerate(present) if c not in keep_set]
+    if not drop:
+        return
+    _prune_root_channels(net, dg, name, root, fn, drop)
+    root.norm_pruned = True
+    holder.kept_units = list(range(per_chunk[0]))
+    _repair_static(net.unet)
+
+
+def _prune_root_channels(net, dg, name: str, root, fn, drop: list[int]) -> None:
+    """Remove the root's present channels at positions ``drop`` with everything coupled to them (one
+    Torch-Pruning group prune), repair the GroupNorms and track the root's dense channel ids."""
+    grp = dg.get_pruning_group(root, fn, drop)
     norms = [(it.dep.target.module, list(it.idxs)) for it in grp if isinstance(it.dep.target.module, nn.GroupNorm)]
     for gn, _ in norms:
         if not isinstance(gn, SegmentGroupNorm):
@@ -363,10 +542,9 @@ def unet_prune_width(net, name: str, keep_dense) -> None:
         gn.num_groups = len(set(gn.channel_group))
         if gn.num_channels != len(gn.channel_group):
             raise BenchError(f"internal: GroupNorm repair out of step in {name}")
-    if kind == "heads":
-        attn.heads -= len(drop)
-    holder.kept_units = [d for d in present if d in set(keep)]
-    _repair_static(net.unet)
+    if hasattr(root, "kept_channels"):
+        gone = set(drop)
+        root.kept_channels = [c for r, c in enumerate(root.kept_channels) if r not in gone]
 
 
 def _repair_static(unet: nn.Module) -> None:
@@ -407,7 +585,7 @@ def _members(group, chans: list[list[int]], name: str) -> list:
     """(param, dim, idx[size, w]) for every parameter slice of the group, from Torch-Pruning's
     index mapping (``root_idxs``: the root channel behind each target index; concat offsets included)."""
     dg = group._DG
-    members, seen = [], set()
+    members, roles, seen = [], [], set()
     for it in group:
         m = it.dep.target.module
         if not isinstance(m, nn.Module) or not any(True for _ in m.parameters(recurse=False)):
@@ -416,11 +594,11 @@ def _members(group, chans: list[list[int]], name: str) -> list:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             if isinstance(m, nn.Conv2d) and m.groups != 1:
                 raise BenchError(f"width group {name}: grouped convolution {m} is not supported")
-            slots = [(m.weight, 0), (m.bias, 0)] if out else [(m.weight, 1)]
+            slots = [(m.weight, 0, "weight"), (m.bias, 0, "bias")] if out else [(m.weight, 1, "weight")]
         elif isinstance(m, nn.GroupNorm):
-            slots = [(m.weight, 0), (m.bias, 0)]
+            slots = [(m.weight, 0, "norm_weight"), (m.bias, 0, "norm_bias")]
         elif isinstance(m, nn.Embedding):
-            slots = [(m.weight, 1)]
+            slots = [(m.weight, 1, "embedding")]
         else:
             raise BenchError(f"width group {name}: layer {type(m).__name__} has no width mapping; extend bench.width")
         pos = {}      # root channel -> its indices in this layer (two when a cat joins a group with itself)
@@ -429,9 +607,10 @@ def _members(group, chans: list[list[int]], name: str) -> list:
         if len({len(v) for v in pos.values()}) > 1 or set(pos) != {c for unit in chans for c in unit}:
             raise BenchError(f"width group {name}: {type(m).__name__} is coupled unevenly to the root's channels")
         idx = torch.tensor([[i for c in unit for i in pos[c]] for unit in chans], dtype=torch.long)
-        for p, dim in slots:
+        for p, dim, role in slots:
             if p is None or (id(p), dim) in seen:
                 continue
             seen.add((id(p), dim))
             members.append((p, dim, idx))
-    return members
+            roles.append(role)
+    return members, roles

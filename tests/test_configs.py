@@ -153,6 +153,7 @@ def test_diffpruning_cifar10_budget_is_met_by_every_swept_method():
     from bench.data import TensorDataset, calibration
     from bench.checks import check_config
     from bench.run import build_dense, make_method
+    from bench.width import canonical_key
 
     d, sweep = hydra_compose(["experiment=diffpruning_cifar10"])
     budget = check_config(d)
@@ -177,7 +178,12 @@ def test_diffpruning_cifar10_budget_is_met_by_every_swept_method():
         with torch.no_grad():
             out = pruned(x, t)
         assert out.shape == x.shape and torch.isfinite(out).all()
-        counts[name] = {k: len(v) for k, v in plan.keep.items()}
+        # units kept per group; a per-norm-group plan (<root>.norm_channels: Diff-Pruning's own rule, the
+        # Taylor row's too) names channels, the same count in each of the group's norm groups
+        groups = net.width_groups()
+        counts[name] = {canonical_key(k): len(v) // (groups[canonical_key(k)].chunks if k != canonical_key(k) else 1)
+                        for k, v in plan.keep.items()}
+        assert any(k.endswith(".norm_channels") for k in plan.keep) == name.endswith("_paper")
     first = next(iter(counts.values()))
     assert all(c == first for c in counts.values())     # the allocation is the architecture's, not the score's
     sizes = {k: grp.size for k, grp in net.width_groups().items()}

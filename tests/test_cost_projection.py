@@ -53,8 +53,8 @@ def test_sweep_gives_tinyfusion_table1_cells(monkeypatch):
     name, cells = expand(["experiment=tinyfusion_table1"])
     assert name == "tinyfusion_table1"
     assert [c.label for c in cells] == TABLE1
-    assert [c.cfg["method_name"] for c in cells] == ["dense", "shortgpt", "shortgpt", "flux_lite", "sensitivity",
-                                                     "tinyfusion", "tinyfusion_kd", "diff_pruning"]
+    assert [c.cfg["method_name"] for c in cells] == ["dense", "shortgpt_tinyfusion", "shortgpt_tinyfusion", "flux_lite",
+                                                     "sensitivity", "tinyfusion", "tinyfusion_kd", "diff_pruning"]
     assert [c.cfg["budget"]["keep"] for c in cells][:3] == [1.0, pytest.approx(19 / 28), 0.5]
     assert cells[-1].cfg["budget"]["measure"] == "params"
     assert [c.cfg["finetune"]["steps"] for c in cells] == [0] + [100000] * 7

@@ -128,6 +128,66 @@ def test_identity_block_is_dropped_first_in_every_stage(teacher, calib):
     assert all(abs(sc[2]) < 1e-9 for sc in be.scores)
 
 
+def test_layerdrop_scores_the_cfg_doubled_batch(teacher, calib):
+    """Diff-ES's calibrate_layerdrop_orders hooks its forward_with_cfg batch (cat([x, x]), cat([y, null]))
+    and sums 1 - cos(flatten(out), flatten(in)) over both halves: the stage score is the mean over
+    the probes with their labels *and* with the null label (version 1 used the conditional half only)."""
+    from baselines.block_influence import flat_cosine, residual_stat
+
+    edges = [0, 0.5, 1.0]
+    be = LayerDrop("cosine")
+    be.prepare(teacher, calib, edges)
+    cond_only = LayerDrop("cosine", cfg_calib=False)
+    cond_only.prepare(teacher, calib, edges)
+    st = routing.stage_index(teacher.process, edges, teacher.process.t_from_u(calib.u))
+    for s in range(2):
+        sub = subset(calib, (st == s).cpu())
+        null = type(sub)(sub.x0, torch.full_like(sub.y, teacher.null_label), sub.noise, sub.u, sub.ids, sub.bins,
+                         sub.source)
+        c = residual_stat(teacher, sub, flat_cosine, "noised", 64)
+        u = residual_stat(teacher, null, flat_cosine, "noised", 64)
+        assert torch.allclose(torch.tensor(be.scores[s], dtype=torch.float64), torch.cat([c, u]).mean(0), rtol=1e-9)
+        assert torch.allclose(torch.tensor(cond_only.scores[s], dtype=torch.float64), c.mean(0), rtol=1e-9)
+        assert not torch.allclose(torch.tensor(be.scores[s]), torch.tensor(cond_only.scores[s]))
+    assert be.meta()["cfg_doubled_calibration"] and not cond_only.meta()["cfg_doubled_calibration"]
+    # DiffES passes it on (and not when its CFG scale is 1: the code doubles only for cfg_scale > 1)
+    assert load(**FAST).make_backend().cfg_calib and not load(**FAST, fitness_cfg=1.0).make_backend().cfg_calib
+
+
+def test_fitness_guides_the_first_three_channels_as_dit_forward_with_cfg(calib):
+    """The fitness samples with DiT's forward_with_cfg: guidance on latent channels 0-2 only, channel 3
+    (and the learned variance) from the conditional half; "all" (version 1) guides every channel."""
+    from bench.models import build
+    from methods.diffes.fitness import TrajectoryFitness
+
+    torch.manual_seed(0)
+    net = build("DiT-T/2", input_size=8, in_channels=4, num_classes=10, learn_sigma=True)
+    with torch.no_grad():
+        for p in net.net.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+    net.net.eval()
+    seen = {}
+
+    def one_call(model_fn, noise, randn, **kw):  # record one guided evaluation instead of sampling
+        t = torch.full((noise.shape[0],), 500)
+        seen.setdefault("out", []).append(model_fn(noise, t))
+        seen["x"], seen["t"] = noise, t
+        return noise
+
+    net.process.sample = one_call
+    fits = {conv: TrajectoryFitness(net, probes=4, steps=2, cfg_scale=2.1, cfg_convention=conv) for conv in ("dit3", "all")}
+    out3, out_all = seen["out"]
+    x, t, y = seen["x"], seen["t"], fits["dit3"].y
+    with torch.no_grad():
+        c = net(x, t, y)
+        u = net(x, t, torch.full_like(y, net.null_label))
+    want = torch.cat([u[:, :3] + 2.1 * (c[:, :3] - u[:, :3]), c[:, 3:]], dim=1)
+    torch.testing.assert_close(out3, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out3[:, 3], out_all[:, 3])
+    assert load(**FAST).fitness_cfg_convention == "dit3"
+
+
 def test_full_schedule_has_zero_latent_mse(teacher, calib):
     m = load(**FAST)
     plan = m.plan(teacher, Budget("blocks", 1.0), calib)

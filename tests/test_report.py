@@ -143,7 +143,8 @@ def test_provenance_and_files(report):
     assert (out / "figures/t_quality_vs_speedup.pdf").read_bytes()[:5] == b"%PDF-"
     assert sorted(p.relative_to(out).as_posix() for p in paths) == sorted(
         ["tables/t.md", "tables/t.tex", "tables/t.csv", "t_runs.csv",
-         "figures/t_quality_vs_speedup.png", "figures/t_quality_vs_speedup.pdf", "t.html"])
+         "figures/t_quality_vs_speedup.png", "figures/t_quality_vs_speedup.pdf", "t.html",
+         "tables/t_paper.md", "tables/t_paper.csv"])   # the paper column (bench/paper.py, tests/test_paper.py)
 
 
 def test_provenance_counts_finished_and_failed_runs(report):

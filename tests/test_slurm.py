@@ -89,6 +89,7 @@ def test_tinyfusion_table1_cells_are_rows_of_the_paper():
         assert (method, depth) in printed, f"{cell}: no Table 1 row for {method} at depth {depth}"
         if cfg.budget.measure == "params":  # Diff-Pruning-50%: 338M of DiT-XL/2's 675M
             assert cfg.budget.keep == pytest.approx(printed[method, depth] / 675, abs=0.005)
+            assert cfg.method.attn_unit == "head_dims"  # the authors' DiT recipe keeps every head (TP issue 300)
         assert cfg.model.name == "DiT-XL/2" and cfg.model.ckpt and cfg.data.kind == "latents"
         assert (cfg.eval.n, cfg.eval.steps, cfg.eval.cfg_scale, cfg.eval.inception.backend) == (50000, 250, 1.5, "adm")
         assert cfg.finetune.steps == (0 if method == "dense" else 100000)
@@ -96,11 +97,21 @@ def test_tinyfusion_table1_cells_are_rows_of_the_paper():
             assert (cfg.method.steps, cfg.method.batch, cfg.method.lr, cfg.method.ema_decay) == (10000, 128, 1e-4, 0.999)
             assert cfg.method.recovery == ("masked_kd" if method == "tinyfusion_kd" else "finetune")
         seen.add((method, depth))
-    assert seen == {("dense", 28), ("shortgpt", 19), ("shortgpt", 14), ("flux_lite", 14), ("sensitivity", 14),
-                    ("tinyfusion", 14), ("tinyfusion_kd", 14), ("diff_pruning", 28)}
+    assert seen == {("dense", 28), ("shortgpt_tinyfusion", 19), ("shortgpt_tinyfusion", 14), ("flux_lite", 14),
+                    ("sensitivity", 14), ("tinyfusion", 14), ("tinyfusion_kd", 14), ("diff_pruning", 28)}
     missing = {(m, d) for m, d in printed if (m, d) not in seen and (ROOT / "bench/conf/method" / f"{m}.yaml").exists()}
     assert not missing, f"Table 1 rows with a method config but no cell in tinyfusion_table1_cells/: {missing}"
     assert {m for m, _ in printed} - {m for m, _ in seen} == {"oracle_bksdm"}  # no method for it yet
+
+
+@pytest.mark.parametrize("cell", ["shortgpt_d19", "shortgpt_d14"])
+def test_tinyfusion_shortgpt_cells_score_as_prune_by_score(cell):
+    """Table 1's ShortGPT numbers come from TinyFusion's prune_by_score.py (clean latents, t in [0, 250),
+    the last block never removed, 128 images; research/methods.md 7g): the cells resolve to the
+    shortgpt_tinyfusion config, not shortgpt (noised probes at every noise level)."""
+    cfg = _hydra(["experiment=tinyfusion_table1", f"+experiment/tinyfusion_table1_cells={cell}"])
+    assert cfg.hydra.runtime.choices.method == "shortgpt_tinyfusion"
+    assert (cfg.method.inputs, cfg.method.protect_last, cfg.calib.n) == ("clean_low_t", True, 128)
 
 
 def _row(seed: int, **kw) -> Row:

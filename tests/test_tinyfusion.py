@@ -154,6 +154,103 @@ def test_masked_kd_loss(family, trained):
     assert kd.state_dict() == {"step": 10}
 
 
+def test_official_masked_feature_loss_on_small_tensors():
+    """training_losses_kd_rep: mean_flat((mask_s * s - mask_t * t)^2), every position counted, each
+    tensor zeroed outside |x - mu| < 2 sigma (unbiased, per sample over tokens x channels). Version 1
+    (both_bands) kept only positions inside both bands and divided by their count."""
+    from methods.tinyfusion.kd import official_masked_mse
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 3, generator=g)
+    t = torch.randn(2, 5, 3, generator=g)
+    t[0, 1, 2] = 50.0                       # a teacher outlier: masked in t only
+    s[1, 4, 0] = -40.0                      # a student outlier: masked in s only
+    want = []
+    for n in range(2):
+        def inside(x):
+            flat = x[n].flatten().tolist()
+            mu = sum(flat) / len(flat)
+            sd = (sum((v - mu) ** 2 for v in flat) / (len(flat) - 1)) ** 0.5
+            return [[abs(v - mu) < 2 * sd for v in row] for row in x[n].tolist()]
+        ms, mt = inside(s), inside(t)
+        tot = sum((ms[i][j] * s[n, i, j].item() - mt[i][j] * t[n, i, j].item()) ** 2 for i in range(5) for j in range(3))
+        want.append(tot / 15)
+    got = official_masked_mse(s, t, 2.0)
+    assert got.shape == (2,) and torch.allclose(got, torch.tensor(want), rtol=1e-6)
+    assert got[0] > 0 and not torch.isclose(got.mean(), masked_mse(s, t, 2.0))   # not version 1's rule
+
+
+def test_official_vb_kd_is_the_kl_from_the_teachers_reverse_step(trained):
+    """_vb_terms_bpd_kd: KL(N(mu_T, var_T) || N(mu_S, var_S)) in bits per element for t > 0 (the
+    student's eps detached), the student's decoder NLL at t = 0; zero when the student is the teacher."""
+    import math
+
+    from bench.processes.ddpm import discretized_gaussian_log_likelihood
+    from methods.tinyfusion.kd import vb_kd
+
+    net = trained["dit"]
+    proc = net.process
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(3, 1, 8, 8, generator=g).clamp(-1, 1)
+    t = torch.tensor([0, 10, 600])
+    x_t = proc.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    s_out = torch.randn(3, 2, 8, 8, generator=g, requires_grad=True)
+    t_out = torch.randn(3, 2, 8, 8, generator=g).clamp(-0.9, 0.9)
+    got = vb_kd(proc, s_out, t_out, x0, x_t, t)
+    ms, _, ls, _ = proc._p_mean_variance(s_out.detach(), x_t, t, proc.base, clip=False)
+    mt, _, lt, _ = proc._p_mean_variance(t_out, x_t, t, proc.base, clip=False)
+    kl = 0.5 * (-1.0 + ls - lt + torch.exp(lt - ls) + (mt - ms) ** 2 * torch.exp(-ls))   # KL(teacher || student)
+    want = kl.mean(dim=(1, 2, 3)) / math.log(2.0)
+    nll = -discretized_gaussian_log_likelihood(x0, ms, 0.5 * ls).mean(dim=(1, 2, 3)) / math.log(2.0)
+    torch.testing.assert_close(got[1:], want[1:].float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got[0], nll[0].float(), rtol=1e-4, atol=1e-6)
+    got.sum().backward()                     # only the variance channels learn from it
+    assert s_out.grad[:, :1].abs().sum() == 0 and s_out.grad[:, 1:].abs().sum() > 0
+    assert torch.allclose(vb_kd(proc, t_out, t_out, x0, x_t, t)[1:], torch.zeros(2), atol=1e-6)
+
+
+def test_masked_kd_loss_is_the_official_formula(trained):
+    """The whole recovery loss on a small student: mean over the batch of
+    0.9 (mean_flat((s - t)^2) + VB_KD) + 0.1 (mean_flat((eps - s)^2) + VB) + beta_t L_Rep,
+    assembled here from the two models' outputs and hidden states on the same draws."""
+    from methods.tinyfusion.kd import official_masked_mse, vb_kd
+
+    teacher = copy.deepcopy(trained["dit"])
+    student = surgery.apply(copy.deepcopy(teacher), Plan("block", {"blocks": [0, 3]}))
+    student.net.train()
+    x0, y = digits("train").get(torch.arange(8))
+    d = student.draws(x0.shape, torch.Generator().manual_seed(3))
+    kd = MaskedKD(2, beta=0.5)
+    kd.on_start(student, 4, None)
+    kd.on_step(0, student, 0.0)              # beta_t = 0.5 * (1 - 1/4)
+    got = kd.loss(student, x0, y, d, teacher)
+    drop = d.drop if d.drop is not None else torch.zeros(8, dtype=torch.long)
+    proc = student.process
+    x_t = proc.q_sample(x0, d.t, d.noise)
+    s_out, hs = student.backbone(x_t, d.t, y, return_hidden=True, force_drop_ids=drop)
+    with torch.no_grad():
+        t_out, ths = teacher.backbone(x_t, d.t, y, return_hidden=True, force_drop_ids=drop)
+    mse = (d.noise - s_out[:, :1]).pow(2).mean(dim=(1, 2, 3))
+    vb = proc._vb_terms_bpd(torch.cat([s_out[:, :1].detach(), s_out[:, 1:]], 1), x0, x_t, d.t, proc.base)
+    kd_mse = (s_out[:, :1] - t_out[:, :1]).pow(2).mean(dim=(1, 2, 3))
+    rep = (official_masked_mse(hs[1], ths[2], 2.0) + official_masked_mse(hs[2], ths[4], 2.0)) / 2  # 0->1, 3->3
+    want = (0.9 * (kd_mse + vb_kd(proc, s_out, t_out, x0, x_t, d.t)) + 0.1 * (mse + vb) + 0.375 * rep).mean()
+    assert kd.layer_map([0, 3], 4) == [1, 3]
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    v1 = MaskedKD(2, beta=0.5, rule="both_bands")
+    v1.on_start(student, 4, None)
+    v1.on_step(0, student, 0.0)
+    assert v1.loss(student, x0, y, d, teacher).item() != pytest.approx(got.item(), rel=1e-4)
+    with pytest.raises(BenchError, match="kd_rule"):
+        MaskedKD(2, rule="nope")
+
+
+def test_table1_kd_cell_uses_the_official_rule():
+    from tests.test_configs import hydra_compose
+    d, _ = hydra_compose(["experiment=tinyfusion_table1", "+experiment/tinyfusion_table1_cells=tinyfusion_kd_d14"])
+    assert (d["method"]["recovery"], d["method"]["kd_rule"]) == ("masked_kd", "official")
+
+
 def test_kd_config_is_a_callback_that_asks_for_the_teacher(calib):
     from bench import registry
     m = registry.build("tinyfusion_kd")

@@ -111,6 +111,7 @@ class Attention(nn.Module):
         assert dim % num_heads == 0, "hidden size must be divisible by the number of heads"
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.scale = None  # softmax temperature; None = 1/sqrt(head_dim) (a head-dim surgery keeps the dense one)
         self.qkv = nn.Linear(dim, 3 * num_heads * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(num_heads * self.head_dim, dim)
 
@@ -125,7 +126,7 @@ class Attention(nn.Module):
         B, N, _ = qkv.shape
         qkv = qkv.reshape(B, N, 3, num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return x.transpose(1, 2).reshape(B, N, num_heads * self.head_dim)
 
 

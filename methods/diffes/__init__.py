@@ -48,6 +48,11 @@ Reconstruction choices [A] (keyword arguments; defaults in brackets):
                  sensitivity, entpruner (CED), tinyfusion (keep probabilities of TinyFusion's mask
                  learning on the stage's probes and noise range) make Diff-ES the stage-wise schedule
                  over those rankings (scorer_kwargs go to the scorer). protect_ends [0] as the code's.
+                 cfg_calib [true]: on a class-conditional model with label dropout (and fitness_cfg > 1,
+                 the code's `cfg_scale > 1`) the per-sample scorers (cosine, shortgpt, flux_lite) score
+                 the CFG-doubled batch, each probe with its label and with the null label, both halves
+                 summed (the code's `calibrate_layerdrop_orders` hooks its `forward_with_cfg` batch);
+                 version 1 scored the conditional half only (a mistake: false keeps it).
   R5 population  the code's patterns front/back/middle/ramp_up/ramp_down/zigzag/ends plus flat (the
                  uniform schedule: the search starts from at least it) and n_random [4] random
                  (gamma) allocations, all projected on the budget; survivors [4] (code default),
@@ -59,7 +64,11 @@ Reconstruction choices [A] (keyword arguments; defaults in brackets):
                  weights: random single-level repair to feasible and tight (search.py).
   R7 fitness     probes [32] (code 64) with seeds probe_seed + k [1234, code's seed], labels k mod K,
                  fitness_sampler [DDIM eta 0 for DDPM, Euler for flow], fitness_steps [10] (code 20),
-                 fitness_cfg [1.5 = the suite's eval CFG; code 2.1 for DiT], metric fitness [latent_mse].
+                 fitness_cfg [1.5 = the suite's eval CFG; code 2.1 for DiT], metric fitness [latent_mse];
+                 fitness_cfg_convention [dit3]: guidance on the first three latent channels only, the
+                 rest from the conditional half (DiT's `forward_with_cfg`, which the code samples with;
+                 version 1 guided all channels: a mistake on 4-channel DiT latents, "all" keeps it;
+                 identical on models with at most three channels, e.g. the digits and the U-Net).
   R8 seed        the search's RNG (mutations, random patterns) [the run's seed]; probes are fixed.
   R9 second      levels [8]: level L removes round(L n / levels) units of each group of n (every
      order       block's heads, its MLP channels; at least one kept; the code has levels = H heads, one
@@ -110,7 +119,7 @@ __all__ = ["DiffES", "LevelSpace", "evolve", "TrajectoryFitness"]
 
 class DiffES(Method):
     granularity = "stage"
-    version = 1
+    version = 2  # 2: layer-drop calibration on the CFG-doubled batch; fitness guides DiT's first three channels
 
     def __init__(
         self,
@@ -136,6 +145,7 @@ class DiffES(Method):
         fitness_sampler: str | None = None,    # R7: None = ddim (DDPM) / euler (flow)
         fitness_steps: int = 10,               # R7: code 20
         fitness_cfg: float = 1.5,              # R7: code 2.1 (DiT); the suite's eval CFG
+        fitness_cfg_convention: str = "dit3",  # R7: the code's forward_with_cfg (3 channels) | all
         batch_size: int = 128,                 # memory only
         seed: int = 0,                         # R8: search RNG
         levels: int = 8,                       # R9 secondorder: level L removes L/levels of the width (code: H)
@@ -143,7 +153,7 @@ class DiffES(Method):
         compensate: bool = True,               # R9: OBS update of the thin projections (false: the ablation)
         saliency: str = "block",               # R9: group OBS (Diff-ES's score_j) | chol_diag (OBS-Diff's head rule)
         obs_chunk: int = 1,                    # R9: groups removed per greedy OBS step
-        cfg_calib: bool = True,                # R9: null-label forward in the Hessians too (code: CFG-doubled batch)
+        cfg_calib: bool = True,                # R4/R9: the CFG-doubled calibration batch (code: cond + null label)
     ):
         if backend not in BACKENDS:
             raise BenchError(f"diffes backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}")
@@ -170,6 +180,9 @@ class DiffES(Method):
         self.mutation_max_levels, self.mutation_n_valid = int(mutation_max_levels), int(mutation_n_valid)
         self.fitness, self.probes, self.probe_seed = fitness, int(probes), int(probe_seed)
         self.fitness_sampler, self.fitness_steps, self.fitness_cfg = fitness_sampler, int(fitness_steps), float(fitness_cfg)
+        if fitness_cfg_convention not in ("dit3", "all"):
+            raise BenchError(f"diffes fitness_cfg_convention={fitness_cfg_convention!r}: use dit3 (the code's) or all")
+        self.fitness_cfg_convention = fitness_cfg_convention
         self.batch_size, self.seed = int(batch_size), int(seed)
         if levels < 2 or percdamp < 0 or obs_chunk < 1 or saliency not in ("block", "chol_diag"):
             raise BenchError("diffes needs levels >= 2, percdamp >= 0, obs_chunk >= 1 and saliency block | chol_diag")
@@ -181,19 +194,21 @@ class DiffES(Method):
         keys = ("backend", "num_stages", "dividers", "traj_sampler", "traj_steps", "traj_skip", "scorer",
                 "scorer_kwargs", "protect_ends", "patterns", "n_random", "survivors", "offspring", "generations",
                 "mutation_max_levels", "mutation_n_valid", "fitness", "probes", "probe_seed", "fitness_sampler",
-                "fitness_steps", "fitness_cfg", "seed")
+                "fitness_steps", "fitness_cfg", "fitness_cfg_convention", "cfg_calib", "seed")
         if self.backend == "secondorder":  # the block scorer is layer drop's; R9 are second-order's
             keys = tuple(k for k in keys if k not in ("scorer", "scorer_kwargs", "protect_ends"))
-            keys += ("levels", "percdamp", "compensate", "saliency", "obs_chunk", "cfg_calib")
+            keys += ("levels", "percdamp", "compensate", "saliency", "obs_chunk")
         return {k: getattr(self, k) for k in keys}
 
     def make_backend(self):
         if self.backend == "secondorder":
             return make_backend("secondorder", levels=self.levels, percdamp=self.percdamp, compensate=self.compensate,
-                                saliency=self.saliency, chunk=self.obs_chunk, cfg_calib=self.cfg_calib,
+                                saliency=self.saliency, chunk=self.obs_chunk,
+                                cfg_calib=self.cfg_calib and self.fitness_cfg > 1.0,
                                 batch_size=self.batch_size, bank_dir=self.bank_dir)
         return make_backend(self.backend, scorer=self.scorer, scorer_kwargs=self.scorer_kwargs,
-                            protect_ends=self.protect_ends, batch_size=self.batch_size)
+                            protect_ends=self.protect_ends, batch_size=self.batch_size,
+                            cfg_calib=self.cfg_calib and self.fitness_cfg > 1.0)
 
     def edges(self) -> list[float]:
         if self.dividers is not None:
@@ -223,7 +238,7 @@ class DiffES(Method):
 
         space = LevelSpace(weights, be.cost(budget.measure), budget.keep)
         fit = TrajectoryFitness(net, self.fitness, self.probes, self.probe_seed, self.fitness_sampler,
-                                self.fitness_steps, self.fitness_cfg, self.batch_size)
+                                self.fitness_steps, self.fitness_cfg, self.batch_size, self.fitness_cfg_convention)
 
         def fitness(levels) -> float:
             with be.routed(net, levels, edges, weights):

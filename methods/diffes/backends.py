@@ -13,7 +13,10 @@ candidate is routed on the dense model for its fitness.
 LayerDrop (Diff-ES `--prune-method layerdrop`, methods.md 6b): level L of stage s removes the L
 least important blocks of that stage, ranked by a block scorer on the calibration probes whose
 noise level lies in the stage (Diff-ES: 1 - cos(flatten(out), flatten(in)) per sample, ascending =
-drop order; any scorer of methods.blockscores). `protect_ends` blocks at each end never go.
+drop order; any scorer of methods.blockscores). `protect_ends` blocks at each end never go. With
+`cfg_calib` (a class-conditional model with label dropout) the per-sample scorers see the
+CFG-doubled batch, every probe once with its label and once with the null label, summed as the
+code's hooks do on its ``forward_with_cfg`` batch (``calibrate_layerdrop_orders``).
 
 SecondOrder (Diff-ES `--prune-method secondorder`, methods.md 6b; written from that description,
 the group-OBS routine and the Hessian accumulator are methods.obs_diff's):
@@ -62,6 +65,7 @@ import abc
 
 from bench import routing, stage_bank, surgery
 from bench.api import BenchError, Plan
+from bench.data import Calib
 from methods.blockscores import block_scores, subset
 
 
@@ -109,13 +113,27 @@ class Backend(abc.ABC):
         return {}
 
 
+# block scorers that, like Diff-ES's calibrate_layerdrop_orders, read each sample's block input and
+# output: with cfg_calib their probes are the CFG-doubled batch (the conditional and the null label)
+CFG_DOUBLED_SCORERS = ("cosine", "shortgpt", "flux_lite")
+
+
+def cfg_doubled(calib: Calib, null_label: int) -> Calib:
+    """The probes twice, the second copy with the null label: Diff-ES's calibration forward (its
+    ``forward_with_cfg`` on ``cat([x, x])``, ``cat([y, null])``), whose hooks score both halves."""
+    cat = torch.cat
+    return Calib(cat([calib.x0, calib.x0]), cat([calib.y, torch.full_like(calib.y, null_label)]),
+                 cat([calib.noise, calib.noise]), cat([calib.u, calib.u]), cat([calib.ids, calib.ids]), calib.bins,
+                 calib.source)
+
+
 class LayerDrop(Backend):
     name = "layerdrop"
 
     def __init__(self, scorer: str = "cosine", scorer_kwargs: dict | None = None, protect_ends: int = 0,
-                 batch_size: int = 64):
+                 batch_size: int = 64, cfg_calib: bool = True):
         self.scorer, self.scorer_kwargs = scorer, dict(scorer_kwargs or {})
-        self.protect_ends, self.batch_size = int(protect_ends), int(batch_size)
+        self.protect_ends, self.batch_size, self.cfg_calib = int(protect_ends), int(batch_size), bool(cfg_calib)
 
     def prepare(self, net, calib, edges):
         self.present = list(net.kept_blocks)
@@ -125,11 +143,14 @@ class LayerDrop(Backend):
             raise BenchError(f"diffes protect_ends={p} protects every block of a {depth}-block model")
         st = routing.stage_index(net.process, edges, net.process.t_from_u(calib.u))
         self.scores, self.orders, self.probes = [], [], []
+        self.doubled = self.cfg_calib and net.label_dropout > 0 and self.scorer in CFG_DOUBLED_SCORERS
         for s in range(len(edges) - 1):
             sub = subset(calib, (st == s).cpu())
+            self.probes.append(len(sub))   # distinct probes (the doubled batch scores each twice)
+            if self.doubled and len(sub):
+                sub = cfg_doubled(sub, net.null_label)
             sc = block_scores(net, sub, self.scorer, batch_size=self.batch_size, **self.scorer_kwargs)
             self.scores.append(sc)
-            self.probes.append(len(sub))
             # drop order: lowest score first, ties toward the later block (keep_top keeps the earlier)
             keep_order = sorted(range(depth), key=lambda i: (-sc[i], i))
             order = [i for i in reversed(keep_order) if p <= i < depth - p]
@@ -168,7 +189,7 @@ class LayerDrop(Backend):
 
     def meta(self):
         return {"scorer": self.scorer, "scorer_kwargs": self.scorer_kwargs, "protect_ends": self.protect_ends,
-                "stage_scores": self.scores, "stage_drop_orders": [[self.present[i] for i in o] for o in self.orders],
+                "cfg_doubled_calibration": self.doubled, "stage_scores": self.scores, "stage_drop_orders": [[self.present[i] for i in o] for o in self.orders],
                 "stage_probes": self.probes}
 
 

@@ -5,6 +5,9 @@ Provenance: Diff-ES `FitnessOnTrajectory` as summarised in methods.md 6c [V]: K 
 labels (`--traj-probe-batch` 64, seed 1234), teacher and student sampled with DDIM
 (`--num-sampling-steps` 20) at the CFG scale of the run (DiT 2.1); default metric `latent_mse`
 (minus the MSE of the final latents); options latent cosine / SNR and image metrics.
+Guidance as the code's: DiT's ``forward_with_cfg`` guides only the first three latent channels and
+takes the rest from the conditional half (``cfg_convention="dit3"``, bench.processes.guided; on a
+model with at most three channels it is the ordinary rule); "all" guides every channel.
 Ours: noises from per-probe generators (seed probe_seed + k, as bench.sample draws them), labels
 k mod K (class balanced), our samplers (DDIM eta=0 for DDPM, Euler for flow by default); metrics
   latent_mse   -mean (student - teacher)^2                       (default, Diff-ES's)
@@ -28,9 +31,13 @@ METRICS = ("latent_mse", "latent_cos", "snr_db", "frechet", "ssim")
 
 class TrajectoryFitness:
     def __init__(self, net, metric: str = "latent_mse", probes: int = 64, probe_seed: int = 1234,
-                 sampler: str | None = None, steps: int = 10, cfg_scale: float = 1.5, batch_size: int = 128):
+                 sampler: str | None = None, steps: int = 10, cfg_scale: float = 1.5, batch_size: int = 128,
+                 cfg_convention: str = "dit3"):
         if metric not in METRICS:
             raise BenchError(f"diffes fitness={metric!r} is unknown; use one of {', '.join(METRICS)}")
+        if cfg_convention not in ("all", "dit3"):
+            raise BenchError(f"diffes fitness CFG convention {cfg_convention!r}: use dit3 (the code's) or all")
+        self.cfg_convention = cfg_convention
         if probes < 2:
             raise BenchError("diffes needs probes >= 2")
         self.metric, self.steps, self.cfg_scale, self.batch = metric, int(steps), float(cfg_scale), int(batch_size)
@@ -50,7 +57,8 @@ class TrajectoryFitness:
             for i in range(0, len(self.seeds), self.batch):
                 s = slice(i, i + self.batch)
                 y = self.y[s].to(dev)
-                fn = guided(lambda x, t, yy: net(x, t, yy), y, self.cfg_scale, net.null_label, "all", net.in_channels)
+                fn = guided(lambda x, t, yy: net(x, t, yy), y, self.cfg_scale, net.null_label, self.cfg_convention,
+                            net.in_channels)
                 step_noise = PerSampleNoise([10 * k + 1 for k in self.seeds[s]])  # same stream for every candidate
                 x = net.process.sample(fn, self.x_T[s].to(dev), step_noise, sampler=self.sampler, steps=self.steps,
                                        skip="uniform", eta=0.0)

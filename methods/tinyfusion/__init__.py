@@ -43,7 +43,9 @@ Reconstruction choices [A] (keyword arguments; defaults in brackets, paper value
                 units of the scaled logits): learnable depth pruning warm-started from a ranking.
   T6 recovery   finetune [the shared fine-tune] | masked_kd (a fine-tune callback whose loss is
                 0.9 KD + 0.1 GT + beta_t masked representation loss, kd.py); kd_alpha [0.9], rep_beta
-                [1e-2, SiT paper 2e-4] decaying linearly to 0, rep_sigma [2], rep_map [group_end].
+                [1e-2, SiT paper 2e-4] decaying linearly to 0, rep_sigma [2], rep_map [group_end],
+                kd_rule [official: the code's mean_flat((mask_s s - mask_t t)^2) over every position and
+                0.9 VB_KD + 0.1 VB; both_bands: version 1's reconstruction, kd.py says how it differs].
   T7 u_range    noise levels the pruning phase draws t from [[0, 1]]; a stage's range makes the
                 learned masks a per-stage ranking.
 Not reproduced: the paper's ImageNet-scale phases and numbers (Table 1: DiT-XL/2 28 -> 14 blocks
@@ -62,7 +64,7 @@ import torch
 from bench.api import BenchError, Budget, Method, Plan
 from bench.surgery import blocks_to_keep
 from methods.blockscores import SCORERS, block_scores
-from methods.tinyfusion.kd import REP_MAPS, MaskedKD
+from methods.tinyfusion.kd import KD_RULES, REP_MAPS, MaskedKD
 from methods.tinyfusion.learn import candidates, learn_masks, make_groups
 
 __all__ = ["TinyFusion", "MaskedKD", "learn_masks", "make_groups"]
@@ -70,7 +72,7 @@ __all__ = ["TinyFusion", "MaskedKD", "learn_masks", "make_groups"]
 
 class TinyFusion(Method):
     granularity = "block"
-    version = 2  # 2: the pruning phase learns over the training set (learn_data=train), not the probes
+    version = 3  # 3: masked KD as train_masked_kd.py (kd_rule=official); 2: learn_data=train
     needs_grad = True
 
     def __init__(
@@ -99,6 +101,7 @@ class TinyFusion(Method):
         rep_beta: float = 1e-2,         # T6: paper 1e-2 (SiT 2e-4), linearly to 0
         rep_sigma: float = 2.0,         # T6: paper 2 sigma (Table 5)
         rep_map: str = "group_end",     # T6: group_end (paper's i <-> 2i+1) | same_block
+        kd_rule: str = "official",      # T6: official (train_masked_kd.py) | both_bands (version 1's reconstruction)
         learn_data: str = "train",      # T1: train (the paper: the training set) | calib (the shared probes)
         seed: int = 0,                  # Gumbel noise, LoRA init, batches
     ):
@@ -115,6 +118,8 @@ class TinyFusion(Method):
             raise BenchError(f"tinyfusion learn_data={learn_data!r} is unknown; use train | calib")
         if rep_map not in REP_MAPS:
             raise BenchError(f"tinyfusion rep_map={rep_map!r} is unknown; use one of {', '.join(REP_MAPS)}")
+        if kd_rule not in KD_RULES:
+            raise BenchError(f"tinyfusion kd_rule={kd_rule!r} is unknown; use one of {', '.join(KD_RULES)}")
         lo, hi = (float(v) for v in u_range)
         if not 0 <= lo < hi <= 1 or group_size < 1 or steps < 0 or batch < 1 or lora_rank < 1 or tau_end <= 0:
             raise BenchError("tinyfusion needs 0 <= u_range[0] < u_range[1] <= 1, group_size >= 1, steps >= 0, "
@@ -126,14 +131,14 @@ class TinyFusion(Method):
         self.grad_clip, self.u_range = float(grad_clip), [lo, hi]
         self.prior, self.prior_strength, self.prior_kwargs = prior, float(prior_strength), dict(prior_kwargs or {})
         self.recovery, self.kd_alpha, self.rep_beta = recovery, float(kd_alpha), float(rep_beta)
-        self.rep_sigma, self.rep_map, self.seed = float(rep_sigma), rep_map, int(seed)
+        self.rep_sigma, self.rep_map, self.kd_rule, self.seed = float(rep_sigma), rep_map, kd_rule, int(seed)
         self.learn_data = learn_data
         self.needs_grad = True
 
     def settings(self) -> dict:
         keys = ("group_size", "steps", "batch", "update", "lora_rank", "lora_alpha", "lora_targets", "lr", "gate_lr",
                 "tau_start", "tau_end", "scaling", "logit_init", "ema_decay", "grad_clip", "u_range", "prior",
-                "prior_strength", "prior_kwargs", "recovery", "kd_alpha", "rep_beta", "rep_sigma", "rep_map",
+                "prior_strength", "prior_kwargs", "recovery", "kd_alpha", "rep_beta", "rep_sigma", "rep_map", "kd_rule",
                 "learn_data", "seed")
         return {k: getattr(self, k) for k in keys}
 
@@ -191,4 +196,4 @@ class TinyFusion(Method):
     def callback(self, budget: Budget, calib):
         if self.recovery != "masked_kd":
             return None
-        return MaskedKD(self.group_size, self.kd_alpha, self.rep_beta, self.rep_sigma, self.rep_map)
+        return MaskedKD(self.group_size, self.kd_alpha, self.rep_beta, self.rep_sigma, self.rep_map, self.kd_rule)
