@@ -116,6 +116,7 @@ def test_lint_names_a_tag_no_experiment_sweeps_and_a_value_written_twice(added):
                           "sikp: ${default:}\n")
     assert [p for p in registry.lint(added.searchpath) if "broken" in p] == [
         "method/broken.yaml: tagged 'default_suit', which no experiment sweeps (known: default_suite, "
-        "default_suite_random, default_suite_unet, default_suite_width, default_suite_width_random)",
+        "default_suite_random, default_suite_unet, default_suite_width, default_suite_width_random, gpu_tier, "
+        "gpu_tier_width)",
         "method/broken.yaml: skip=0 is KeepLast's default; write skip: ${default:}",
         "method/broken.yaml: sikp: ${default:}, but KeepLast has no plain default for 'sikp'"]

@@ -27,10 +27,10 @@ def test_the_tier_sweeps_every_method_at_two_budgets_and_three_seeds():
         assert sweep["budget.keep"] == "0.75,0.5" and sweep["seed"] == "0,1,2" and d["budget"]["measure"] == measure
         assert len(sweep_points(sweep)) == len(methods) * 6
         assert d["model"]["name"] == "DiT-D28/2" and d["data"]["kind"] == "fashion_mnist" and d["device"] == "cuda"
-        assert (d["eval"]["n"], d["eval"]["sampler"], d["eval"]["steps"], d["eval"]["cfg_scale"]) == (10000, "ddim", 25, 1.0)
+        assert (d["eval"]["n"], d["eval"]["sampler"], d["eval"]["steps"], d["eval"]["cfg_scale"]) == (10000, "ddim", 20, 1.0)
         assert d["eval"]["inception"]["ref_split"] == "test" and d["eval"]["latency"]["dtype"] == "bf16"
-        assert (d["finetune"]["steps"], d["finetune"]["batch"], d["finetune"]["precision"]) == (400, 128, "bf16")
-        assert (d["teacher"]["steps"], d["teacher"]["batch"], d["teacher"]["compile"]) == (12000, 256, True)
+        assert (d["finetune"]["steps"], d["finetune"]["batch"], d["finetune"]["precision"]) == (300, 128, "bf16")
+        assert (d["teacher"]["steps"], d["teacher"]["batch"], d["teacher"]["compile"]) == (9500, 256, True)
     # every method of the default suites is in the tier, nothing else but dense (its own line, 3 seeds)
     default = set(tagged("default_suite") + tagged("default_suite_random") + tagged("default_suite_width")
                   + tagged("default_suite_width_random"))
@@ -86,7 +86,7 @@ def test_the_teacher_travels_in_checked_parts(tmp_path, monkeypatch):
     rec = tier.export_teacher(tmp_path / "out")
     assert [p["bytes"] for p in rec["parts"]] == [1000, 1000, 560] and rec["folder"] == f"teachers/{tdir.name}"
     assert json.loads((tmp_path / "results" / "teacher.json").read_text())["sha256"] == rec["sha256"]
-    assert rec["config"]["model"]["name"] == "DiT-D28/2" and rec["config"]["teacher"]["steps"] == 12000
+    assert rec["config"]["model"]["name"] == "DiT-D28/2" and rec["config"]["teacher"]["steps"] == 9500
     assert tier.export_teacher(tmp_path / "out", if_new=True) is None  # recorded already: nothing to send
     (tdir / "final.pt").unlink()
     assert tier.import_teacher(tmp_path / "none") is None
