@@ -52,6 +52,7 @@ def init(device: str) -> None:
     if "WORLD_SIZE" not in os.environ and _slurm_tasks() > 1 and os.environ.get("SUBMITIT_EXECUTOR"):
         from submitit.helpers import TorchDistributedEnvironment
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # every task sees the node's GPUs
+        _resolvable_master()
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return
     cuda = device.startswith("cuda")
@@ -59,6 +60,19 @@ def init(device: str) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = timedelta(minutes=float(os.environ.get("BENCH_DIST_TIMEOUT_MIN", "180")))
     td.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+
+
+def _resolvable_master() -> None:
+    """submitit names the master by the job's first node name, which not every cluster resolves (node
+    names that are no host names); then the address of the node that launched the tasks (task 0's
+    node: SLURM_LAUNCH_NODE_IPADDR) is used."""
+    import socket
+
+    try:
+        socket.getaddrinfo(os.environ["MASTER_ADDR"], None)
+    except (OSError, KeyError):
+        if os.environ.get("SLURM_LAUNCH_NODE_IPADDR"):
+            os.environ["MASTER_ADDR"] = os.environ["SLURM_LAUNCH_NODE_IPADDR"]
 
 
 def barrier() -> None:

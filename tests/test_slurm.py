@@ -629,7 +629,8 @@ def test_a_two_task_slurm_job_is_one_data_parallel_run(area):
 
     over = ["method=first_k", "budget.keep=0.5", "seed=7", "finetune.steps=0"]
     local = execute(compose(TINY + over + [f"paths.results={area / 'local7'}", f"paths.artifacts={area / 'art'}"]))
-    r = run_cli(_sweep_args(area, "ddp2", *over, "cluster.tasks_per_node=2"), timeout=400)
+    r = run_cli(_sweep_args(area, "ddp2", *over, "cluster.tasks_per_node=2"), {"BENCH_SHARD_SIZE": "5"},  # 4 shards:
+                timeout=400)                                                                  # both ranks draw
     assert r.returncode == 0, r.stderr[-3000:] + _job_logs(area / "ddp2")
     run_dir = _run_dir(area, "first_k", 7)
     assert run_dir is not None, _job_logs(area / "ddp2")
