@@ -437,7 +437,8 @@ def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list
     texts.update(ranking_files(df[df["status"].eq("ok")], out / "tables" / f"{name}_ranking.md"))
     # ---- paper column (bench/paper.py): every number of results/paper.csv beside ours, in files of its own
     from bench import paper
-    texts.update(paper.report_texts(df, out, name, prov))
+    comp = paper.comparison(df)
+    texts.update(paper.report_texts(df, out, name, prov, comp=comp))
     # ---- end paper column
     for path, text in texts.items():
         atomic_write_text(path, text)
@@ -446,7 +447,7 @@ def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list
     pngs = [figs[0]] + sorted(p for p in (out / "figures").glob(f"{name}_*.png") if p != figs[0])
     page = out / f"{name}.html"
     atomic_write_text(page, render_html(prov, name, df, groups, group_rows, failed, page, pngs, INTRO + " " + SPEEDUP_TEXT,
-                                        apart, skipped or []))
+                                        apart, skipped or [], paper=comp))
     return list(texts) + figs + [page]
 
 

@@ -354,7 +354,7 @@ def test_html_page_is_self_contained_with_provenance_and_run_links(report):
     assert re.findall(r'src="([^"]+)"', text) and all(s.startswith("data:image/png;base64,")
                                                        for s in re.findall(r'src="([^"]+)"', text))
     assert not re.search(r'<(link|script)[^>]+(href|src)="(?!data:)', text)
-    assert text.count('<table class="sortable">') == 3  # two groups and the failed runs
+    assert text.count('<table class="sortable">') == 4  # two groups, the paper column and the failed runs
     # every run's files are linked relative to the page, and the links resolve
     hrefs = [unquote(h) for h in re.findall(r'href="([^"#][^"]*)"', text) if not h.startswith("data:")]
     assert hrefs and all(not h.startswith("/") for h in hrefs)
