@@ -181,3 +181,16 @@ def test_sample_parts_run_at_once_and_give_the_row_of_one_run(tmp_path, artifact
     assert [e["part"] for e in log if e["event"] == "sample_part"] in (["0/2"], ["1/2"])  # the first to finish
     assert sum("sampling 10 of 20" in o[0] for o in outs) == 2  # each part drew its half
     assert sorted(p.name for p in art.rglob("shard-*.pt")) == [f"shard-{a:07d}-{a + 5:07d}.pt" for a in (0, 5, 10, 15)]
+
+
+def test_ddp_speed_smoke_times_the_plain_and_the_one_rank_ddp_loop(tmp_path, monkeypatch):
+    """bench.gpu.ddp_speed on the CPU: one round of the plain loop and one of the DDP path with a one-rank
+    gloo group, in this process; the group is left afterwards."""
+    from bench import dist
+    from bench.gpu import ddp_speed
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert ddp_speed.main(["--out", str(tmp_path), "--smoke"]) == 0
+    recs = json.loads((tmp_path / "ddp_speed.json").read_text())["records"]
+    assert [r["ddp"] for r in recs] == [False, True] and all(r["per_step_s"] > 0 and r["path"] == "finetune" for r in recs)
+    assert not dist.active() and "DDP / plain" in (tmp_path / "ddp_speed.md").read_text()
