@@ -114,7 +114,8 @@ _TRAIN = {
 
 # group -> key -> rule. A group listed here has exactly these keys.
 RULES: dict[str, dict[str, Rule]] = {
-    "": {"seed": Int(0, eg=0), "progress": Bool(), "stop_after": OneOf(None, "sample", eg="sample")},
+    "": {"seed": Int(0, eg=0), "progress": Bool(), "stop_after": OneOf(None, "finetune", "sample", eg="sample"),
+           "sample_part": Str("0/4", nullable=True)},
     "calib": {"n": Int(1, eg=256), "seed": Int(0, eg=0), "bins": Int(1, eg=8)},
     "finetune": _TRAIN,
     "teacher": {**_TRAIN, "steps": Int(1, eg=1500), "seed": Int(0, eg=0)},
@@ -314,6 +315,20 @@ def check_device(cfg: dict) -> None:
                 raise refuse(key, "tf32", "is a CUDA mode", f"use {key}=fp32 (or bf16) on the CPU")
 
 
+def sample_part(cfg: dict) -> tuple[int, int]:
+    """`sample_part: "k/n"` as (k, n); (0, 1) when unset. Part k draws the shards j with j mod n = k."""
+    v = cfg.get("sample_part")
+    if v in (None, ""):
+        return 0, 1
+    try:
+        k, n = (int(x) for x in str(v).split("/"))
+    except ValueError:
+        k, n = -1, 0
+    if not (n >= 1 and 0 <= k < n):
+        raise refuse("sample_part", v, "is not a part k/n with 0 <= k < n", 'use e.g. sample_part=0/4 (or null: all shards)')
+    return k, n
+
+
 def check_ranks(cfg: dict) -> None:
     """Data parallel (bench.dist): the global batches split evenly over the ranks, each rank takes its
     own GPU, and a SLURM job asks for no more ranks per node than GPUs."""
@@ -446,6 +461,7 @@ def check(cfg: dict) -> Budget:
     budget = check_config(cfg)
     check_device(cfg)
     check_ranks(cfg)
+    sample_part(cfg)
     check_paths(cfg)
     return budget
 

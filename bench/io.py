@@ -18,6 +18,7 @@ ENOSPC as "unexpected pos", which is turned back into ENOSPC here).
 """
 from __future__ import annotations
 
+
 import errno
 import hashlib
 import os
@@ -117,11 +118,12 @@ def _holder(path: Path) -> str:
 
 
 @contextmanager
-def file_lock(path, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+def file_lock(path, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Iterator["HeldLock"]:
     """Hold an exclusive advisory lock (flock) on `path` for the block. The kernel releases it when
     the holder exits or is killed, so a lock never outlives its process. The file records the
     holder (host, pid) for the message of whoever waits. `wait=False` raises LockHeld instead of
-    waiting; `on_wait(holder)` is called once before waiting."""
+    waiting; `on_wait(holder)` is called once before waiting. Yields a HeldLock, whose `released()`
+    lets go of the lock for a block and takes it back after (waiting for it)."""
     import fcntl
     import socket
 
@@ -145,9 +147,27 @@ def file_lock(path, wait: bool = True, on_wait: Callable[[str], None] | None = N
                 f.flush()
             except OSError:
                 pass
-            yield
+            yield HeldLock(f)
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class HeldLock:
+    """The lock file_lock holds: `with held.released():` runs a block without it (others may take it)
+    and waits to hold it again after."""
+
+    def __init__(self, f):
+        self._f = f
+
+    @contextmanager
+    def released(self):
+        import fcntl
+
+        fcntl.flock(self._f, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._f, fcntl.LOCK_EX)
 
 
 def slug(s) -> str:

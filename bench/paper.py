@@ -180,14 +180,19 @@ def render_md(prov: str, name: str, comp: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
-def report_texts(df: pd.DataFrame, out: Path, name: str, prov: str,
-                 paper_csv: str | Path | None = None) -> dict[Path, str]:
-    """{path: text} of the paper column for bench.report: <out>/tables/<name>_paper.md and .csv.
-    Nothing when there is no paper.csv (a fresh suite without papers)."""
+def comparison(df: pd.DataFrame, paper_csv: str | Path | None = None) -> pd.DataFrame | None:
+    """compare() of the rows with results/paper.csv (or `paper_csv`); None when there is no such file."""
     path = Path(paper_csv) if paper_csv is not None else PAPER_CSV
-    if not path.exists():
+    return compare(df, read_paper(path)) if path.exists() else None
+
+
+def report_texts(df: pd.DataFrame, out: Path, name: str, prov: str,
+                 paper_csv: str | Path | None = None, comp: pd.DataFrame | None = None) -> dict[Path, str]:
+    """{path: text} of the paper column for bench.report: <out>/tables/<name>_paper.md and .csv.
+    Nothing when there is no paper.csv (a fresh suite without papers). `comp`: comparison() already made."""
+    comp = comparison(df, paper_csv) if comp is None else comp
+    if comp is None:
         return {}
-    comp = compare(df, read_paper(path))
     return {Path(out) / "tables" / f"{name}_paper.md": render_md(prov, name, comp),
             Path(out) / "tables" / f"{name}_paper.csv": f"# {prov}\n" + comp.to_csv(index=False, lineterminator="\n")}
 

@@ -36,6 +36,9 @@ LINE_KEYS = ["method", "budget_measure", "budget_keep"]
 # settings that make rows of one method and budget different lines (not seeds of one setting)
 VARIANT_KEYS = ["finetune_steps", "method_version"]
 DENSE = "dense"  # the method name of the unpruned reference; speedups are relative to it
+# samplers whose NFE is measured per model (adaptive step size): their rows share a group whatever
+# NFE each model took (the row keeps its own)
+ADAPTIVE = ("dopri5",)
 # metric name -> (label, better direction); this is also the column order of known metrics
 METRICS = {"fid": ("FID", "↓"), "sfid": ("sFID", "↓"), "is": ("IS", "↑"), "precision": ("precision", "↑"),
            "recall": ("recall", "↑"), "kid": ("KID", "↓"), "fd_clf": ("FD (clf)", "↓"),
@@ -400,6 +403,8 @@ def report_groups(df: pd.DataFrame) -> tuple[list, list[pd.DataFrame], pd.DataFr
     columns, note) per protocol group, as every renderer and the figure take them."""
     bad = df["status"].ne("ok")  # failed (or unfinished) rows are listed, never averaged
     ok, failed = df[~bad], df[bad].sort_values(["run"], kind="mergesort")
+    if "sampler" in ok.columns and ok["sampler"].isin(ADAPTIVE).any():  # an adaptive solver's measured NFE
+        ok = ok.assign(nfe=ok["nfe"].astype(object).where(~ok["sampler"].isin(ADAPTIVE), "adaptive"))  # is no protocol
     groups, group_rows, apart = [], [], []
     for key, g in ok.groupby(GROUP_KEYS, dropna=False, sort=True):
         g, a = set_apart(g)
@@ -432,7 +437,8 @@ def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list
     texts.update(ranking_files(df[df["status"].eq("ok")], out / "tables" / f"{name}_ranking.md"))
     # ---- paper column (bench/paper.py): every number of results/paper.csv beside ours, in files of its own
     from bench import paper
-    texts.update(paper.report_texts(df, out, name, prov))
+    comp = paper.comparison(df)
+    texts.update(paper.report_texts(df, out, name, prov, comp=comp))
     # ---- end paper column
     for path, text in texts.items():
         atomic_write_text(path, text)
@@ -441,7 +447,7 @@ def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list
     pngs = [figs[0]] + sorted(p for p in (out / "figures").glob(f"{name}_*.png") if p != figs[0])
     page = out / f"{name}.html"
     atomic_write_text(page, render_html(prov, name, df, groups, group_rows, failed, page, pngs, INTRO + " " + SPEEDUP_TEXT,
-                                        apart, skipped or []))
+                                        apart, skipped or [], paper=comp))
     return list(texts) + figs + [page]
 
 

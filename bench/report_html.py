@@ -79,8 +79,11 @@ def _e(x) -> str:
 
 
 def _num(x) -> str:
-    """A sort key: the number (6 significant digits), '' for a blank."""
-    return "" if x is None or pd.isna(x) else f"{float(x):.6g}"
+    """A sort key: the number (6 significant digits), '' for a blank or a text that is no number."""
+    try:
+        return "" if x is None or pd.isna(x) else f"{float(x):.6g}"
+    except (TypeError, ValueError):
+        return ""
 
 
 def _href(path: Path, page_dir: Path) -> str:
@@ -146,7 +149,7 @@ def _counts(series: pd.Series) -> str:
 
 def render_html(prov: str, name: str, df: pd.DataFrame, groups: list, group_rows: list, failed: pd.DataFrame,
                 page: Path, figures: list[Path], intro: str, apart: pd.DataFrame | None = None,
-                skipped: list[str] = ()) -> str:
+                skipped: list[str] = (), paper: pd.DataFrame | None = None) -> str:
     """The page's text. groups: (key, lines, vcols, note) as bench.report builds them; group_rows:
     each group's rows (for the links); page: where the page will be written (links are relative to
     its folder); figures: PNG files to inline; intro: the tables' explanation."""
@@ -173,6 +176,18 @@ def render_html(prov: str, name: str, df: pd.DataFrame, groups: list, group_rows
         out += [f'<section id="g{i}">', f"<h2>{_e(title(key))}</h2>"]
         out += [f'<p class="note">{_e(n)}</p>' for n in (proxy_note(key, vcols), note) if n]
         out += [_group_table(lines, vcols, rows, page_dir), "</section>"]
+    if paper is not None and len(paper):  # bench.paper: every printed number of results/paper.csv beside ours
+        cols = ["paper", "table", "row", "column", "method", "paper_value", "ours", "diff", "n_seeds", "status",
+                "differences"]
+        numeric = {"paper_value", "diff", "n_seeds"}
+        body = [[(_e(r[c]), _num(r[c]) if c in numeric else str(r[c]), c in numeric) for c in cols]
+                for _, r in paper.iterrows()]
+        out += ['<section id="paper">', "<h2>Paper column</h2>",
+                "<p>Each printed number of <code>results/paper.csv</code> beside ours (mean ± std over seeds) and the "
+                "difference (ours − paper); <em>differences</em>: the protocol items in which our rows differ from the "
+                "paper's; <em>not run</em>: the cell exists but needs the paper's weights and data.</p>",
+                _table(["paper", "table", "row", "column", "method", "paper", "ours", "ours − paper", "n_seeds",
+                        "status", "differences"], body), "</section>"]
     out += ['<section id="failed">', "<h2>Failed runs</h2>"]
     if len(failed):
         body = []

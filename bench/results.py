@@ -19,7 +19,7 @@ from bench.io import atomic_write_text, slug
 
 SCHEMA = 1
 # config keys that do not change a run's results (where files go, how it is launched)
-NON_RESULT_KEYS = ("paths", "cluster", "hydra", "progress", "stop_after")
+NON_RESULT_KEYS = ("paths", "cluster", "hydra", "progress", "stop_after", "sample_part")
 
 
 def config_hash(cfg: dict) -> str:

@@ -208,22 +208,25 @@ def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
     if not dist.is_main():
         if not dist.broadcast(None):  # rank 0: is there work (no row yet)?
             return None
-        return _stages(cfg, wall, budget, method, data, rel, run_dir, art_dir)
+        return _stages(cfg, wall, budget, method, data, rel, run_dir, art_dir, None)
 
     # One writer per run: a second copy of this config waits here for the first (the lock dies with
     # its holder, so a killed run never blocks its own resume), then finds its row or resumes
     art_dir.mkdir(parents=True, exist_ok=True)
-    with file_lock(art_dir / "run.lock", on_wait=lambda who: _log(f"{run_dir} is being run by {who}; waiting")):
+    with file_lock(art_dir / "run.lock", on_wait=lambda who: _log(f"{run_dir} is being run by {who}; waiting")) as held:
         row = read_row(run_dir)
         dist.broadcast(row is None)
         if row is not None:
             _log(f"done already (by the other copy): {run_dir}")
             return row
-        return _stages(cfg, wall, budget, method, data, rel, run_dir, art_dir)
+        return _stages(cfg, wall, budget, method, data, rel, run_dir, art_dir, held)
 
 
 def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, data, rel: str, run_dir: Path,
-            art_dir: Path) -> Row | None:
+            art_dir: Path, lock) -> Row | None:
+    """The stages of one run, on every rank; `lock` (rank 0: bench.io.HeldLock of run.lock, else None)
+    is let go while a sample part (sample_part=k/n) draws its shards, so the parts of a SLURM array
+    sample at once; the stages before sampling and the scoring run under it."""
     device, main = cfg["device"], dist.is_main()
     # Setup the run directory: the resolved config first (EDM's training_options.json); rank 0 writes
     if main:
@@ -312,6 +315,11 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
             keep = surgery.check_budget(dense_cost, surgery.measure(net), budget, unit_share=unit)
     wall["finetune"] = time.time() - t0
     net.net.eval()
+    if cfg.get("stop_after") == "finetune":  # e.g. before a SLURM array of sample parts (sample_part)
+        if main:
+            _log(f"stopped after fine-tuning (stop_after=finetune): {run_dir}")
+            append_log(run_dir, "stop_after", stage="finetune")
+        return None
 
     # Sample: per-sample seeds, identical for every method; shards on disk as they are produced, so
     # a killed run resumes at the first missing shard (bench.shards)
@@ -319,23 +327,34 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
     from bench.shards import SampleShards
     shards = SampleShards(art_dir / "samples", ev["n"], ev["seed"])
     t0 = time.time()
-    todo = shards.missing(dist.rank(), dist.world(), on_moved=moved)  # shard k: rank k mod world
+    k, parts = checks.sample_part(cfg)  # shard j: part j mod parts, then rank (j div parts) mod world
+    todo = shards.missing(k + parts * dist.rank(), parts * dist.world(), on_moved=moved)
     if todo:
         _log(f"sampling {sum(hi - lo for lo, hi in todo)} of {ev['n']} ({sampler}, {ev['steps']} steps, "
              f"cfg {ev['cfg_scale']}) in {len(todo)} shard(s)")
     abort_after = int(os.environ.get("BENCH_TEST_ABORT_AFTER_SHARDS", "0"))  # tests: a kill mid-sampling
-    for k, (lo, hi) in enumerate(todo):
-        s, y = generate(net, hi - lo, ev["seed"] + lo, ev["batch"], sampler, ev["steps"], ev["cfg_scale"],
-                        ev["cfg_convention"], ev["labels"], ev["skip"], ev["eta"], device, _progress(cfg),
-                        precision=ev.get("precision"), compile=ev.get("compile", False))
-        check_samples(s, cfg)  # NaN/Inf or collapsed samples are refused, not scored
-        shards.write(lo, hi, s, y)
-        if k + 1 == abort_after:
-            os._exit(137)  # like SIGKILL: no cleanup
-    dist.barrier()  # every rank's shards are written
+    with lock.released() if (lock is not None and parts > 1) else contextlib.nullcontext():
+        for i, (lo, hi) in enumerate(todo):
+            s, y = generate(net, hi - lo, ev["seed"] + lo, ev["batch"], sampler, ev["steps"], ev["cfg_scale"],
+                            ev["cfg_convention"], ev["labels"], ev["skip"], ev["eta"], device, _progress(cfg),
+                            precision=ev.get("precision"), compile=ev.get("compile", False))
+            check_samples(s, cfg)  # NaN/Inf or collapsed samples are refused, not scored
+            shards.write(lo, hi, s, y)
+            if i + 1 == abort_after:
+                os._exit(137)  # like SIGKILL: no cleanup
+        dist.barrier()  # every rank's shards are written
     wall["sample"] = time.time() - t0
     if not main:
         return None
+    if parts > 1:  # a sample part: the part that finds every shard drawn scores and writes the row
+        if (row := read_row(run_dir)) is not None:
+            _log(f"done already (by another part): {run_dir}")
+            return row
+        if left := shards.missing(0, 1):
+            _log(f"sampled part {k}/{parts}; {len(left)} shard(s) of other parts missing: the part that completes "
+                 f"them writes the row: {run_dir}")
+            append_log(run_dir, "sample_part", part=f"{k}/{parts}", shards_missing=len(left))
+            return None
     if cfg.get("stop_after") == "sample":  # run_all.sh phase 1: heavy stages in parallel workers;
         _log(f"stopped after sampling (stop_after=sample): {run_dir}")  # score + timing run later, alone
         append_log(run_dir, "stop_after", stage="sample")

@@ -152,3 +152,45 @@ def test_a_progressive_method_gives_the_same_plan_on_one_and_two_ranks(tmp_path)
                   for x in (tmp_path / d / "entpruner_decisions.jsonl").read_text().splitlines()] for d in ("one", "two")]
     assert decisions[0] == decisions[1] and [d["event"] for d in decisions[0]].count("decision") == 2
     assert _final(tmp_path / "one")["kept_blocks"] == _final(tmp_path / "two")["kept_blocks"] == one[2][-1]
+
+
+@pytest.mark.slow
+def test_sample_parts_run_at_once_and_give_the_row_of_one_run(tmp_path, artifacts):
+    """sample_part=k/n (a SLURM array of sampling tasks, without a process group): two parts started
+    together; one runs the stages before sampling while the other waits for the run's lock, both
+    draw their own shards at once (the lock is let go while sampling), and the part that finds every
+    shard drawn scores and writes the one row, equal to a single run's."""
+    ensure_teacher(artifacts)
+    art = tmp_path / "art"
+    for a in (art, tmp_path / "art1"):  # the same trained teacher for both
+        shutil.copytree(artifacts / "teachers", a / "teachers")
+    common = TINY + ["method=first_k", "eval.n=20", f"paths.artifacts={art}"]
+    env = {**os.environ, "BENCH_SHARD_SIZE": "5", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    one = run_cli(common + [f"paths.results={tmp_path / 'one'}", f"paths.artifacts={tmp_path / 'art1'}"],
+                  {"BENCH_SHARD_SIZE": "5", "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    parts = [subprocess.Popen([sys.executable, "-m", "bench.run", *common, f"sample_part={k}/2",
+                               f"paths.results={tmp_path / 'parts'}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+    outs = [p.communicate(timeout=900) for p in parts]
+    assert all(p.returncode == 0 for p in parts), "\n".join(o[1][-2000:] for o in outs)
+    rows = [json.loads(x.read_text()) for x in (tmp_path / "parts").rglob("row.json")]
+    assert len(rows) == 1
+    assert comparable(rows[0]) == comparable(json.loads(next((tmp_path / "one").rglob("row.json")).read_text()))
+    log = [json.loads(x) for x in next((tmp_path / "parts").rglob("log.jsonl")).read_text().splitlines()]
+    assert [e["part"] for e in log if e["event"] == "sample_part"] in (["0/2"], ["1/2"])  # the first to finish
+    assert sum("sampling 10 of 20" in o[0] for o in outs) == 2  # each part drew its half
+    assert sorted(p.name for p in art.rglob("shard-*.pt")) == [f"shard-{a:07d}-{a + 5:07d}.pt" for a in (0, 5, 10, 15)]
+
+
+def test_ddp_speed_smoke_times_the_plain_and_the_one_rank_ddp_loop(tmp_path, monkeypatch):
+    """bench.gpu.ddp_speed on the CPU: one round of the plain loop and one of the DDP path with a one-rank
+    gloo group, in this process; the group is left afterwards."""
+    from bench import dist
+    from bench.gpu import ddp_speed
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert ddp_speed.main(["--out", str(tmp_path), "--smoke"]) == 0
+    recs = json.loads((tmp_path / "ddp_speed.json").read_text())["records"]
+    assert [r["ddp"] for r in recs] == [False, True] and all(r["per_step_s"] > 0 and r["path"] == "finetune" for r in recs)
+    assert not dist.active() and "DDP / plain" in (tmp_path / "ddp_speed.md").read_text()

@@ -46,6 +46,14 @@ def test_report_shows_the_paper_column_for_every_paper_csv_row(tmp_path):
     csv = pd.read_csv(tmp_path / "tables" / "committed_paper.csv", comment="#", dtype=str)
     assert len(csv) == len(want)
     assert "TinyFusion (arXiv 2412.01199), Table 1 — experiment=tinyfusion_table1" in md
+    # the HTML page carries the same column: one sortable table row per paper.csv line
+    import re
+    page = (tmp_path / "committed.html").read_text()
+    section = page[page.index('<section id="paper">'):]
+    section = section[:section.index("</section>")]
+    assert len(re.findall(r"<tr><td", section)) == len(want)
+    assert "Paper column" in section
+    assert section.count(f">{paper.NOT_RUN}</td>") + section.count(f">{paper.NO_CELL}</td>") == len(want)
 
 
 def test_a_reproduced_cell_shows_ours_the_difference_and_the_protocol_items_that_differ(tmp_path):

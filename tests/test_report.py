@@ -354,7 +354,7 @@ def test_html_page_is_self_contained_with_provenance_and_run_links(report):
     assert re.findall(r'src="([^"]+)"', text) and all(s.startswith("data:image/png;base64,")
                                                        for s in re.findall(r'src="([^"]+)"', text))
     assert not re.search(r'<(link|script)[^>]+(href|src)="(?!data:)', text)
-    assert text.count('<table class="sortable">') == 3  # two groups and the failed runs
+    assert text.count('<table class="sortable">') == 4  # two groups, the paper column and the failed runs
     # every run's files are linked relative to the page, and the links resolve
     hrefs = [unquote(h) for h in re.findall(r'href="([^"#][^"]*)"', text) if not h.startswith("data:")]
     assert hrefs and all(not h.startswith("/") for h in hrefs)
@@ -402,3 +402,20 @@ def test_final_kept_blocks_of_a_progressive_run(tmp_path):
     assert final_kept_blocks(d) is None  # nothing matches the row's depth: unknown, not a guess
     with pytest.raises(ValueError, match="unknown"):
         final_plan(d)
+
+
+def test_adaptive_solver_rows_share_a_group_whatever_nfe_each_took(tmp_path):
+    """dopri5 measures each model's NFE (it varies per model): the rows are one protocol group, not
+    one group per NFE; fixed-step rows still group by their NFE."""
+    from bench.report import report_groups
+
+    rows = [row("dense", 1.0, 0, 20.0, 90.0, 10.0, 1.0, sampler="dopri5", nfe=131.0),
+            row("magnitude", 0.5, 0, 30.0, 80.0, 5.0, 0.5, sampler="dopri5", nfe=118.5),
+            row("taylor", 0.5, 0, 28.0, 81.0, 4.0, 0.5, sampler="dopri5", nfe=124.0),
+            row("dense", 1.0, 0, 21.0, 90.0, 10.0, 1.0, sampler="heun", nfe=50, run="dense-heun"),
+            row("taylor", 0.5, 0, 29.0, 81.0, 4.0, 0.5, sampler="heun", nfe=50, run="taylor-heun")]
+    for r in rows:
+        write_row(r, tmp_path / r.run)
+    groups, group_rows, _, _ = report_groups(load_rows(tmp_path))
+    assert sorted((k["sampler"], k["nfe"], len(g)) for (k, *_), g in zip(groups, group_rows)) == \
+        [("dopri5", "adaptive", 3), ("heun", 50, 2)]

@@ -641,3 +641,22 @@ def test_a_two_task_slurm_job_is_one_data_parallel_run(area):
     assert drop(row) == drop(local)
     logs = _job_logs(area / "ddp2")
     assert "rank 0/2" in logs and "rank 1/2" in logs  # both tasks sampled their shards
+
+
+@pytest.mark.slow
+def test_a_slurm_array_of_sample_parts_writes_one_row(area):
+    """The alternative to one data-parallel job: a job array of sampling tasks over one run
+    (sample_part=0/2,1/2); the parts share the run directory, the part that completes the shards
+    writes the one row, which is the row of a local single run."""
+    from bench.run import execute
+
+    over = ["method=first_k", "budget.keep=0.5", "seed=8"]
+    local = execute(compose(TINY + over + [f"paths.results={area / 'local8'}", f"paths.artifacts={area / 'art'}"]))
+    r = run_cli(_sweep_args(area, "parts2", *over, "sample_part=0/2,1/2"), timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:] + _job_logs(area / "parts2")
+    run_dir = _run_dir(area, "first_k", 8)
+    assert run_dir is not None, _job_logs(area / "parts2")
+    row = json.loads((run_dir / "row.json").read_text())
+    drop = lambda d: {k: v for k, v in comparable(d).items() if k != "job_id"}  # noqa: E731
+    assert drop(row) == drop(local)
+    assert len([e for e in _events(run_dir) if e["event"] == "sample_part"]) == 1  # one part stopped after sampling

@@ -12,7 +12,6 @@ Output: ddp_speed.json (every timing) and ddp_speed.md (median per path and the 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -20,7 +19,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
 
 # S2 - S1 = 40 steps (~8 s at tf32): a run's setup and final EMA save (1.4 GB, ~0.5 s +- 0.3 s) cancel
 # in the difference only on average, so a 10-step difference was +-30 % on the H100
@@ -77,24 +75,15 @@ def render(meta: dict, recs: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--smoke", action="store_true", help="tiny DiT on the CPU (tests)")
-    args = ap.parse_args(argv)
+    from bench.gpu import script
     from bench.io import atomic_write_text
-    from bench.metrics.cost import device_name
-    from bench.results import git_info
 
-    p = SMOKE if args.smoke else GPU
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA device; use --smoke on the CPU", file=sys.stderr)
+    args, device, meta = script(__doc__, "bench.gpu.ddp_speed", argv)
+    if device is None:
         return 2
+    p = SMOKE if args.smoke else GPU
     out = Path(args.out)
-    sha, dirty = git_info()
-    meta = {"model": p["model"], "depth": p["depth"], "batch": p["batch"], "device": device_name(device),
-            "torch": torch.__version__, "commit": sha + ("-dirty" if dirty else ""),
-            "command": "python -m bench.gpu.ddp_speed " + " ".join(argv if argv is not None else sys.argv[1:])}
+    meta = {"model": p["model"], "depth": p["depth"], "batch": p["batch"], **meta}
     recs: list[dict] = []
     for prec in p["precisions"]:
         for _ in range(p["rounds"]):

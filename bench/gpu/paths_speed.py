@@ -20,12 +20,10 @@ for `python -m bench.cost --timings` (records carry MACs per image and per step)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-import torch
 
 GPU = dict(model="DiT-XL/2", input_size=32, in_channels=4, num_classes=1000, sample_n=256, sample_steps=(3, 9),
            ft_depth=14, ft_batch=64, ft_steps=(4, 14))
@@ -77,24 +75,16 @@ def render(meta: dict, recs: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--smoke", action="store_true", help="tiny DiT on the CPU (tests)")
-    ap.add_argument("--only", choices=["sample", "finetune"], default=None)
-    args = ap.parse_args(argv)
+    from bench.gpu import script
     from bench.io import atomic_write_text
-    from bench.metrics.cost import device_name
-    from bench.results import git_info
 
-    p = SMOKE if args.smoke else GPU
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA device; use --smoke on the CPU", file=sys.stderr)
+    args, device, meta = script(__doc__, "bench.gpu.paths_speed", argv,
+                                lambda ap: ap.add_argument("--only", choices=["sample", "finetune"], default=None))
+    if device is None:
         return 2
+    p = SMOKE if args.smoke else GPU
     out = Path(args.out)
-    sha, dirty = git_info()
-    meta = {"model": p["model"], "device": device_name(device), "device_type": device, "torch": torch.__version__,
-            "commit": sha + ("-dirty" if dirty else ""), "command": "python -m bench.gpu.paths_speed " + " ".join(argv or sys.argv[1:])}
+    meta = {"model": p["model"], **meta}
     recs: list[dict] = []
 
     def save():
