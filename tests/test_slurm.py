@@ -628,7 +628,8 @@ def test_a_two_task_slurm_job_is_one_data_parallel_run(area):
     from bench.run import execute
 
     over = ["method=first_k", "budget.keep=0.5", "seed=7", "finetune.steps=0"]
-    local = execute(compose(TINY + over + [f"paths.results={area / 'local7'}", f"paths.artifacts={area / 'art'}"]))
+    local = execute(compose(TINY + over + [f"paths.results={area / 'local7'}", f"paths.artifacts={area / 'art'}"],
+                            method="first_k"))
     r = run_cli(_sweep_args(area, "ddp2", *over, "cluster.tasks_per_node=2"), {"BENCH_SHARD_SIZE": "5"},  # 4 shards:
                 timeout=400)                                                                  # both ranks draw
     assert r.returncode == 0, r.stderr[-3000:] + _job_logs(area / "ddp2")
@@ -651,8 +652,10 @@ def test_a_slurm_array_of_sample_parts_writes_one_row(area):
     from bench.run import execute
 
     over = ["method=first_k", "budget.keep=0.5", "seed=8"]
-    local = execute(compose(TINY + over + [f"paths.results={area / 'local8'}", f"paths.artifacts={area / 'art'}"]))
-    r = run_cli(_sweep_args(area, "parts2", *over, "sample_part=0/2,1/2"), timeout=400)
+    local = execute(compose(TINY + over + [f"paths.results={area / 'local8'}", f"paths.artifacts={area / 'art'}"],
+                            method="first_k"))
+    r = run_cli(_sweep_args(area, "parts2", *over, "sample_part=0/2,1/2"), {"BENCH_SHARD_SIZE": "5"},  # 2 shards
+                timeout=400)                                                                         # a part
     assert r.returncode == 0, r.stderr[-3000:] + _job_logs(area / "parts2")
     run_dir = _run_dir(area, "first_k", 8)
     assert run_dir is not None, _job_logs(area / "parts2")
