@@ -40,11 +40,8 @@ fail() {
 [ "$(id -u)" = 0 ] || fail "needs root (it installs packages and starts system daemons)"
 
 # ---- 1. packages (skipped when present) ------------------------------------------------------
-PKGS=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
+. "$(dirname "$0")/../apt.sh"
+read -r -a missing <<< "$(apt_missing munge slurmctld slurmd slurm-client slurmdbd mariadb-server)"
 if [ "${#missing[@]}" -gt 0 ]; then
   say "apt-get install ${missing[*]}"
   # The packages' maintainer scripts would start daemons of their own (holding our ports):
@@ -57,23 +54,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
     trap '[ -z "$added_policy" ] || rm -f /usr/sbin/policy-rc.d' EXIT
     trap 'exit 143' TERM INT
   fi
-  aptlog=$(mktemp /tmp/slurm-apt.XXXXXX.log)
   ok=""
-  for attempt in 1 2 3; do
-    # `apt-get update` fails as a whole when any one source does (a third-party repository that is
-    # down, a proxy refusing one host); the Debian lists it did fetch are still good. So its failure
-    # is only reported, and the install decides: it succeeds when the packages are installable.
-    DEBIAN_FRONTEND=noninteractive apt-get -q -o Acquire::Retries=2 -o DPkg::Lock::Timeout=120 update \
-      >>"$aptlog" 2>&1 || say "apt-get update reported errors (one source unreachable?); installing anyway"
-    if DEBIAN_FRONTEND=noninteractive apt-get -q -y --no-install-recommends -o DPkg::Lock::Timeout=120 \
-         -o Acquire::Retries=2 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-         install "${missing[@]}" >>"$aptlog" 2>&1; then ok=1; break; fi
-    say "apt-get install failed (attempt $attempt): $(grep -E '^(E|Err):' "$aptlog" | tail -n 3 | tr '\n' ' ')"
-    [ "$attempt" = 3 ] || sleep 5
-  done
+  apt_install slurm "${missing[@]}" && ok=1
   [ -z "$added_policy" ] || { rm -f /usr/sbin/policy-rc.d; added_policy=""; }
-  [ -n "$ok" ] || { tail -n 30 "$aptlog"; fail "apt-get install failed"; }
-  rm -f "$aptlog"
+  [ -n "$ok" ] || fail "apt-get install failed"
 fi
 say "packages: $(dpkg-query -W -f='${Package} ${Version}  ' slurmctld munge slurmdbd 2>/dev/null) ($(elapsed)s)"
 
