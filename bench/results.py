@@ -37,14 +37,17 @@ def run_relpath(cfg: dict) -> str:
 
 
 def git_info() -> tuple[str, bool]:
-    """(short sha, dirty) of the checkout; BENCH_GIT_SHA (e.g. "3c0d85d1a2b4" or "...-dirty") names it
+    """(short sha, dirty) of the checkout (dirty: tracked code or configs differ from HEAD; the committed
+    outputs under results/ and reports/ do not count); BENCH_GIT_SHA (e.g. "3c0d85d1a2b4" or "...-dirty") names it
     on a machine that received the tree without its .git (the GPU runs)."""
     if env := os.environ.get("BENCH_GIT_SHA"):
         return env.removesuffix("-dirty"), env.endswith("-dirty")
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # the committed outputs (results/, reports/) are what runs write: they do not make the code dirty
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                     ":(exclude)results", ":(exclude)reports"], cwd=root,
                                     capture_output=True, text=True, timeout=10).stdout.strip())
         return sha or "unknown", dirty
     except (OSError, subprocess.SubprocessError):
