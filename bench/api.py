@@ -220,7 +220,11 @@ class TrainCallback(Protocol):
                                                     timesteps, noise and dropped labels: use them, draw
                                                     nothing yourself (N ranks = 1 rank)
       needs_teacher: bool = False                   True: the run hands the loop a frozen copy of the
-                                                    dense model, passed to ``loss`` as ``teacher``"""
+                                                    dense model, passed to ``loss`` as ``teacher``
+      LOG_NAME: str = ""                            the file the callback writes in run_dir (a decision
+                                                    log): the loop keeps its text with the final weights
+                                                    and writes it back when a rerun finds the weights but
+                                                    not the log (a results folder deleted or not carried)"""
 
     def on_start(self, net: Denoiser, total_steps: int, run_dir: "str | None") -> None: ...
 

@@ -2,6 +2,7 @@
 
     python -m bench.cost experiment=tinyfusion_table1 --measure --precision fp32 config --gpus 1 8 --out DIR
     python -m bench.cost experiment=tinyfusion_table1 --timings DIR/cost_tinyfusion_table1.json --gpus 1 8
+    python -m bench.cost experiment=tinyfusion_table1 --timings FILE --gpus 1 8 --scaling DIR/scaling.json
     python -m bench.cost experiment=default_suite model=dit_tiny --measure --out /tmp/cost     # CPU, seconds
 
 Not bench.metrics.cost: that module measures a finished model for its row (params, MACs, forward
@@ -31,7 +32,9 @@ latency); this one projects what the runs of an experiment will cost, from per-s
    seconds; the keys left are scaled from the timed ones as from a file.
 4. N GPUs (--gpus): ideal data-parallel scaling of fine-tune and sampling with the global batch fixed
    (issue 19 measures the real efficiency); the method phase (plan()) and scoring run on one rank,
-   while the job's other GPUs wait. GPU-h = N x wall hours.
+   while the job's other GPUs wait. GPU-h = N x wall hours. --scaling FILE (bench.gpu.scaling's
+   scaling.json) replaces the ideal scaling by the measured efficiency e_N of each stage kind: wall
+   s / (N e_N), GPU-h s / e_N; every N of --gpus but 1 must be measured there.
 Output: <out>/cost_<experiment>.md and .json (every per-step time, its source, the assumptions),
 written atomically; --measure rewrites the .json after every timing, so a killed run keeps what it
 measured and its .json is a --timings file.
@@ -617,8 +620,9 @@ def inception_throughput(override: float | None, image_px: int) -> dict:
 
 
 def project(work: list[CellWork], shared: list[Need], timings: Timings, gpus: list[int],
-            inception_img_s: float | None) -> dict:
-    """Seconds of every stage on one GPU, and GPU-h / wall hours at each N."""
+            inception_img_s: float | None, scaling: dict | None = None) -> dict:
+    """Seconds of every stage on one GPU, and GPU-h / wall hours at each N. `scaling` (load_scaling):
+    {N: {stage: efficiency}} of the data-parallel stages; ideal (1) where it has none."""
     steps: dict[str, dict] = {}
 
     def t(need: Need) -> dict:
@@ -665,15 +669,44 @@ def project(work: list[CellWork], shared: list[Need], timings: Timings, gpus: li
     per_n = {}
     for N in gpus:
         out = []
+        eff = (scaling or {}).get(N, {})
         for r in rows + shared_rows:
-            gh = {k: (v["s"] if v["data_parallel"] else N * v["s"]) / 3600 if v else 0.0
+            gh = {k: (v["s"] / eff.get(k, 1.0) if v["data_parallel"] else N * v["s"]) / 3600 if v else 0.0
                   for k, v in r["stages"].items()}
-            wall = sum((v["s"] / N if v["data_parallel"] else v["s"]) for v in r["stages"].values() if v) / 3600
+            wall = sum((v["s"] / (N * eff.get(k, 1.0)) if v["data_parallel"] else v["s"])
+                       for k, v in r["stages"].items() if v) / 3600
             out.append({"cell": r["cell"], **{f"{k}_gpu_h": v for k, v in gh.items()}, "total_gpu_h": sum(gh.values()),
                         "wall_h": wall})
         per_n[str(N)] = out
+    if scaling:
+        assumptions.add(scaling["words"])
     return {"rows": rows, "shared": shared_rows, "per_gpus": per_n, "steps": list(steps.values()),
             "assumptions": sorted(assumptions)}
+
+
+def load_scaling(path: str, gpus: list[int]) -> dict:
+    """{N: {"finetune": e, "sample": e}, "words": the assumption} from bench.gpu.scaling's scaling.json
+    (its rows: N, finetune_eff, sample_eff); every N of `gpus` other than 1 must be among its rows."""
+    try:
+        d = json.loads(Path(path).read_text())
+        meta = d["meta"]
+        eff = {int(r["N"]): {"finetune": float(r["finetune_eff"]), "sample": float(r["sample_eff"])} for r in d["rows"]}
+    except OSError as e:
+        raise BenchError(f"--scaling {path}: {e.strerror or e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise BenchError(f"--scaling {path} is not a scaling report (python -m bench.gpu.scaling report DIR writes "
+                         "DIR/scaling.json)") from None
+    eff.setdefault(1, {"finetune": 1.0, "sample": 1.0})
+    if missing := [n for n in gpus if n not in eff]:
+        raise BenchError(f"--scaling {path} has no measurement at N = {', '.join(map(str, missing))} (it has "
+                         f"{', '.join(map(str, sorted(eff)))}); pass --gpus among those, or measure them "
+                         "(bench/gpu/scaling.sh)")
+    each = "; ".join(f"N={n}: fine-tune {100 * e['finetune']:.1f} %, sampling {100 * e['sample']:.1f} %"
+                     for n, e in sorted(eff.items()) if n in gpus and n != 1)
+    return {**{n: eff[n] for n in gpus}, "words": (
+        f"N GPUs: measured data-parallel efficiency (--scaling {path}: {meta.get('device')}, commit "
+        f"{meta.get('commit')}) in place of the ideal scaling above: wall = one-GPU seconds / (N x efficiency), "
+        f"GPU-h = one-GPU seconds / efficiency, the teacher's training at the fine-tune's efficiency; {each}.")}
 
 
 ASSUMPTIONS = [
@@ -756,6 +789,7 @@ def run(args, argv: list[str]) -> int:
         raise BenchError(f"--gpus {args.gpus}: every N must be >= 1")
     if args.micro_batch < 1:
         raise BenchError(f"--micro-batch {args.micro_batch} must be >= 1")
+    scaling = load_scaling(args.scaling, args.gpus) if args.scaling else None
     experiment, cells = expand(args.overrides)
     from bench import checks
     for cell in cells:  # every value and combination of every cell, before anything is read or timed
@@ -796,7 +830,8 @@ def run(args, argv: list[str]) -> int:
     meta = {"experiment": experiment, "command": "python -m bench.cost " + " ".join(argv), "commit": sha +
             ("-dirty" if dirty else ""), "torch": torch.__version__, "timings": timings_words, "gpus": args.gpus,
             "micro_batch": args.micro_batch, "device_type": device_type,
-            "device": device_name(device) if args.measure else file_meta.get("device")}
+            "device": device_name(device) if args.measure else file_meta.get("device"),
+            **({"scaling": args.scaling} if args.scaling else {})}
     json_path, md_path = out / f"cost_{experiment}.json", out / f"cost_{experiment}.md"
 
     def save(records, done_scenarios=None):
@@ -814,7 +849,7 @@ def run(args, argv: list[str]) -> int:
     else:
         records, timings = file_recs, Timings(file_recs, f"from {args.timings}")
     for sc in scenarios:
-        sc["projection"] = project(sc["work"], sc["shared"], timings, args.gpus, args.inception_img_s)
+        sc["projection"] = project(sc["work"], sc["shared"], timings, args.gpus, args.inception_img_s, scaling)
     done = [{"precision": sc["precision"], "label": sc["label"], **sc["projection"]} for sc in scenarios]
     md = render(meta, [{"label": sc["label"], "projection": sc["projection"]} for sc in scenarios])
     save(records, done)
@@ -839,6 +874,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=MICRO_BATCH, help="largest batch timed at once")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="--measure starts no timing after this many seconds (the rest is scaled by MACs)")
+    ap.add_argument("--scaling", metavar="FILE", default=None,
+                    help="measured data-parallel efficiency per N (bench.gpu.scaling's scaling.json) instead of ideal")
     ap.add_argument("--inception-img-s", type=float, default=None,
                     help=f"Inception images/s (default: {INCEPTION_FILE.relative_to(ROOT)})")
     args = ap.parse_intermixed_args(argv)

@@ -30,7 +30,6 @@ from bench.speedup import INDISTINGUISHABLE
 
 QUALITY_PREF = ["m_fid", "m_fd_clf"]  # y axis: real FID when every line has it
 DENSE = "dense"
-VARIANT_KEYS = ["finetune_steps", "method_version"]
 MARKERS = "osD^v<>ph"
 LOG_SPAN = 5.0  # quality values spanning this factor or more get a log axis
 
@@ -42,11 +41,12 @@ def quality_column(lines: pd.DataFrame) -> str | None:
 def figure_points(lines: pd.DataFrame, q: str) -> pd.DataFrame:
     """One point per line: method, label, x values (speedup with its interval and note, keep_macs)
     and y with its error-bar ends (y_lo <= y <= y_hi)."""
+    from bench.report import VARIANT_KEYS, variant_suffix  # here: bench.report imports this module
+
     variants = [k for k in VARIANT_KEYS if k in lines.columns and lines[k].nunique(dropna=False) > 1]
     pts = pd.DataFrame({
         "method": lines["method"].astype(str),
-        "label": [f"{r['method']} {r['budget_keep']:g}" + "".join(f" ({k} {r[k]})" for k in variants)
-                  for _, r in lines.iterrows()],
+        "label": [f"{r['method']} {r['budget_keep']:g}" + variant_suffix(r, variants) for _, r in lines.iterrows()],
         "budget_keep": lines["budget_keep"].astype(float),
         "keep_macs": lines["keep_macs"].astype(float),
         "speedup": lines.get("speedup", pd.Series(np.nan, index=lines.index)).astype(float),

@@ -34,7 +34,7 @@ import torch
 
 from bench import dist, surgery
 from bench.api import BenchError, Plan
-from bench.io import atomic_torch_save, read_state
+from bench.io import atomic_torch_save, atomic_write_text, read_state
 from bench.loader import NOISE, batches, derived_generator
 from bench.metrics.cost import resolve_precision, tf32
 from bench.results import append_log
@@ -72,7 +72,8 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
     """Train `net` (a Denoiser, already pruned) for cfg.steps on `data`. Returns the EMA Denoiser.
     Checkpoints go to ckpt_dir/last.pt; the finished EMA weights to ckpt_dir/final.pt.
     `teacher` (the frozen dense Denoiser) is needed when cfg.distill > 0. Under several ranks every
-    rank calls this (bench.dist); rank 0 writes."""
+    rank calls this (bench.dist); rank 0 writes. The returned net's `finetune_plans` lists the plans a
+    progressive callback applied (JSON, in order; final.pt's "plans")."""
     ckpt_dir = Path(ckpt_dir)
     main, world, rank = dist.is_main(), dist.world(), dist.rank()
     run_dir, progress = (run_dir, progress) if main else (None, None)  # logs and progress bars once
@@ -83,6 +84,8 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
     if (done := _agreed(final, lambda p: _restore(net, p, ("ema",)), "fine-tune weights", log)) is not None:
         net.net, net.kept_blocks = done.net, done.kept_blocks
         net.net.load_state_dict(done.state["ema"])
+        net.finetune_plans = list(done.state.get("plans") or [])
+        _restore_callback_log(done.state, run_dir)
         return net
     if cfg.distill > 0 and teacher is None:
         raise BenchError("finetune.distill > 0 needs the dense teacher; the run passes it (bench.run)")
@@ -156,13 +159,29 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
 
     net.net.load_state_dict(ema.state_dict())
     net.net.eval()
+    net.finetune_plans = list(applied)  # the structure's record (bench.run.STRUCTURE)
     if main:
         atomic_torch_save({"ema": ema.state_dict(), "kept_blocks": net.kept_blocks, "steps": cfg.steps,
-                           "plans": applied}, final)
+                           "plans": applied, "callback_log": _callback_log(callback, run_dir)}, final)
         if last.exists():
             last.unlink()  # the final weights supersede the resume point
     dist.barrier()  # final.pt is there before any rank goes on (a later stage may read it)
     return net
+
+
+def _callback_log(callback, run_dir) -> dict | None:
+    """{name, text} of the callback's log in run_dir (TrainCallback.LOG_NAME), kept with the final weights."""
+    name = getattr(callback, "LOG_NAME", "") if callback is not None else ""
+    path = Path(run_dir) / name if (name and run_dir) else None
+    return {"name": name, "text": path.read_text()} if path is not None and path.is_file() else None
+
+
+def _restore_callback_log(state: dict, run_dir) -> None:
+    """A finished fine-tune found again (its run folder deleted or not carried, the artifacts kept):
+    the callback's log comes back from the final weights' copy, so the run's decisions stay on record."""
+    kept = state.get("callback_log")
+    if kept and run_dir and not (Path(run_dir) / kept["name"]).exists():
+        atomic_write_text(Path(run_dir) / kept["name"], kept["text"])
 
 
 def _forward(backbone, compile: bool, device):

@@ -5,7 +5,7 @@ method differs from the best baseline at that budget, by a paired test over seed
 
 The statistics, and why these:
 
-* Per line (method, budget, and the variant keys of bench.report: fine-tune steps, method version):
+* Per line (method, budget, and the variant keys of bench.report: fine-tune steps, method version, method.* variant):
   the mean of the metric over seeds and a Student-t interval, mean +- t(0.975, n-1) s / sqrt(n)
   (s the sample standard deviation over the n seeds). One seed: no interval.
 * The best baseline of a budget: among the baselines (methods whose config's ``_target_`` lives in
@@ -40,11 +40,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.report import LINE_KEYS as _REPORT_LINE_KEYS, VARIANT_KEYS
+
 # what makes two rows' numbers incomparable (bench.report.GROUP_KEYS): one ranking per such group
 PROTOCOL_KEYS = ["model", "dataset", "process", "device", "latency_mode", "latency_dtype", "latency_batch", "sampler",
                  "nfe", "cfg_scale", "eval_precision", "metric_impl", "metric_n", "metric_ref", "fid_impl", "fid_n",
                  "fid_ref"]
-LINE_KEYS = ["method", "budget_measure", "budget_keep", "finetune_steps", "method_version"]
+LINE_KEYS = [*_REPORT_LINE_KEYS, *VARIANT_KEYS]  # a line of bench.report: method, budget and its variant keys
 DENSE = "dense"
 LOWER_IS_BETTER = {"fid": True, "kid": True, "sfid": True, "fd_clf": True, "precision": False, "recall": False,
                    "cond_acc": False, "is": False, "ssim_teacher": False}
@@ -279,7 +281,8 @@ def ranking_markdown(rows: pd.DataFrame, metric: str = "fid", baselines=None, le
             kind = "dense" if r["method"] == DENSE else ("baseline" if r["baseline"] else "method")
             budget = "1" if r["method"] == DENSE else f"{r['budget_measure']} {r['budget_keep']:g}"
             seeds = ",".join(str(int(s)) for s in r["seeds"]) + (" (dup!)" if r["duplicate_seeds"] else "")
-            cells = [budget, r["method"], kind, seeds] + [_pm(r[m], r[f"{m}_ci"]) for m in shown]
+            name = r["method"] + (f" ({r['method_variant']})" if r.get("method_variant") else "")  # a method.* variant
+            cells = [budget, name, kind, seeds] + [_pm(r[m], r[f"{m}_ci"]) for m in shown]
             if "speedup" in lines.columns:
                 cells.append(_pm(r["speedup"], r["speedup_ci"]))
             is_best = r["best_baseline"] == r["method"]

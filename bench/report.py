@@ -8,7 +8,10 @@ a latency means (device, dtype, batch), and each group gets its own table. The o
 function of the rows (no clock, no git call), so rebuilding from the same runs gives the same bytes.
 
 Speedups carry a 95 % interval and follow bench/speedup.py's rules: "≈1" marks one whose interval
-contains 1, and a GPU group whose dense forward is launch-bound gets none. Figures: bench/figures.py;
+contains 1, and a GPU group whose dense forward is launch-bound gets none. When the runs folder holds a
+latency_pass.json (bench.latency_pass: the dense model and every row's architecture timed interleaved in
+one process), a line's speedup comes from it: the geometric mean of its rows' paired ratios, with the
+envelope [min lo, max hi] of their 95 % intervals; lines the pass skipped keep the rows' own. Figures: bench/figures.py;
 the HTML page (sortable tables, figures inlined, links to each run's files): bench/report_html.py.
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,7 +38,7 @@ GROUP_KEYS = ["model", "dataset", "process", "device", "latency_mode", "latency_
 FID_KEYS = ["fid_impl", "fid_n", "fid_ref"]
 LINE_KEYS = ["method", "budget_measure", "budget_keep"]
 # settings that make rows of one method and budget different lines (not seeds of one setting)
-VARIANT_KEYS = ["finetune_steps", "method_version"]
+VARIANT_KEYS = ["finetune_steps", "method_version", "method_variant"]
 DENSE = "dense"  # the method name of the unpruned reference; speedups are relative to it
 # samplers whose NFE is measured per model (adaptive step size): their rows share a group whatever
 # NFE each model took (the row keeps its own)
@@ -57,6 +61,10 @@ LAUNCH_NOTE = ("speedup is blank: the dense forward takes {ms:.3g} ms on {device
 INDIST_NOTE = "≈1: the speedup's 95% interval contains 1; the timings cannot tell it from the dense model"
 INTRO = ("Cells are mean ± std over seeds (sample std; omitted for one seed), or with one seed a metric's own 95% "
          "bootstrap interval [lo, hi] where it has one. ↑/↓ = better direction.")
+PASS_NOTE = ("speedup: dense and every architecture timed interleaved in one process (bench.latency_pass, {device}, "
+             "{date}); a line's speedup is the geometric mean of its rows' paired ratios (dense / pruned), its "
+             "interval the envelope [min lo, max hi] of their 95% intervals")
+PASS_SKIPPED_NOTE = "lines the pass did not time keep their rows' separate-run speedup: "
 SPEEDUP_TEXT = ("speedup = dense latency / latency within one group (same device, mode, dtype, batch), with its 95% "
                 "interval from the rows' repeated timings; ≈1 marks an interval that contains 1; a GPU group whose dense "
                 f"forward takes under {sp.LAUNCH_BOUND_MS:g} ms is launch-bound and gets no speedup (bench/speedup.py).")
@@ -152,10 +160,11 @@ def _flagged(g: pd.DataFrame) -> pd.Series:
     return g["latency_flags"].map(lambda f: isinstance(f, list) and len(f) > 0)
 
 
-def summarize(g: pd.DataFrame) -> tuple[pd.DataFrame, list[str], str | None]:
+def summarize(g: pd.DataFrame, latency_pass: dict | None = None) -> tuple[pd.DataFrame, list[str], str | None]:
     """One protocol group's ok rows -> one line per (method, budget, variant): mean, std (ddof=1),
     n_seeds, speedup. Rows whose latency is flagged give no speedup (nor does a flagged dense row
-    give any). Returns (lines, value columns, note or None)."""
+    give any). With a latency pass record (bench.latency_pass.load), the lines it timed take their
+    speedup from it instead (pass_speedups). Returns (lines, value columns, note or None)."""
     check_single_protocol(g)
     keys = LINE_KEYS + variant_keys(g)
     vcols = metric_cols(g) + list(COSTS)
@@ -186,15 +195,68 @@ def summarize(g: pd.DataFrame) -> tuple[pd.DataFrame, list[str], str | None]:
         dense_ms = float("nan")
     lines["speedup"] = (dense_ms / lines["latency_ms"]).where(~lines["_flagged"].astype(bool))
     lines = add_speedup_intervals(lines, g, keys)
-    if pd.notna(dense_ms) and lines["_flagged"].any():
+    lines, covered, skipped = pass_speedups(lines, g, keys, latency_pass)
+    if covered.any():  # the separate-run notes concern only the lines the pass did not time
+        if not skipped:
+            notes, why = [], None
+        ms = float(lines.attrs.pop("pass_dense_ms"))
+        if sp.launch_bound(ms, device):
+            lines.loc[covered, ["speedup", "speedup_lo", "speedup_hi"]] = float("nan")
+            lines.loc[covered, "speedup_note"] = ""
+            notes = [n for n in notes if not n.startswith(LAUNCH_NOTE[:30])]
+            notes.append(LAUNCH_NOTE.format(ms=ms, device=device, limit=sp.LAUNCH_BOUND_MS))
+            if not skipped:
+                why = f"no speedup: launch-bound\n(dense forward {ms:.3g} ms < {sp.LAUNCH_BOUND_MS:g} ms on a GPU)"
+        else:
+            notes.append(PASS_NOTE.format(device=latency_pass["device"], date=latency_pass["date"]) + ".")
+            why = None
+        if skipped:
+            notes.append(PASS_SKIPPED_NOTE + "; ".join(f"{', '.join(sorted(v))} ({k})" for k, v in skipped.items())
+                         + ".")
+    flagged = lines["_flagged"].astype(bool) & ~covered
+    if pd.notna(dense_ms) and flagged.any():
         notes.append(FLAGGED_NOTE + ", ".join(sorted({f"{m} {k:g}" for m, k in
-                                                      zip(lines.loc[lines["_flagged"], "method"],
-                                                          lines.loc[lines["_flagged"], "budget_keep"])})) + ".")
+                                                      zip(lines.loc[flagged, "method"],
+                                                          lines.loc[flagged, "budget_keep"])})) + ".")
     if (lines["speedup_note"] == sp.INDISTINGUISHABLE).any():
         notes.append(INDIST_NOTE + ".")
     lines = lines.drop(columns=["_order", "_flagged"]).reset_index(drop=True)
     lines.attrs["speedup_why"] = why
     return lines, vcols, " ".join(notes) or None
+
+
+def pass_speedups(lines: pd.DataFrame, g: pd.DataFrame, keys: list[str], latency_pass: dict | None
+                   ) -> tuple[pd.DataFrame, pd.Series, dict[str, list[str]]]:
+    """(lines, which lines the pass timed, {reason: lines it did not time}): a line whose every row has
+    a record in the latency pass takes speedup = the geometric mean of the rows' paired ratios,
+    speedup_lo / _hi = the envelope [min lo, max hi] of their intervals, "≈1" when that contains 1; the
+    dense line 1. lines.attrs["pass_dense_ms"]: the median dense forward the pass timed (launch-bound rule)."""
+    covered = pd.Series(False, index=lines.index)
+    runs = (latency_pass or {}).get("runs", {})
+    if not runs or "run" not in g.columns or not g["run"].isin(list(runs)).any():
+        return lines, covered, {}
+    lines = lines.copy()
+    per_line = {k: list(d["run"]) for k, d in g.groupby(keys, sort=True, dropna=False)}
+    skipped: dict[str, list[str]] = {}
+    dense_ms = []
+    for i, r in lines.iterrows():
+        names = per_line.get(tuple(r[k] for k in keys), [])
+        got = [runs[n] for n in names if n in runs]
+        if not names or len(got) < len(names):
+            why = next(((latency_pass.get("skipped") or {}).get(n) for n in names if n not in runs), None)
+            skipped.setdefault(why or "not in the pass", []).append(f"{r['method']} {r['budget_keep']:g}")
+            continue
+        covered[i] = True
+        dense_ms += [q["dense_ms"] for q in got]
+        if r["method"] == DENSE:
+            s, lo, hi = 1.0, float("nan"), float("nan")
+        else:
+            s = math.exp(sum(math.log(q["speedup"]) for q in got) / len(got))
+            lo, hi = min(q["lo"] for q in got), max(q["hi"] for q in got)
+        lines.at[i, "speedup"], lines.at[i, "speedup_lo"], lines.at[i, "speedup_hi"] = s, lo, hi
+        lines.at[i, "speedup_note"] = sp.INDISTINGUISHABLE if sp.contains_one(lo, hi) else ""
+    lines.attrs["pass_dense_ms"] = statistics.median(dense_ms) if dense_ms else float("nan")
+    return lines, covered, skipped
 
 
 def add_speedup_intervals(lines: pd.DataFrame, g: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -252,6 +314,23 @@ def inception_note(g: pd.DataFrame) -> str:
     return f"Inception metrics ({p['fid_impl']}, n={int(p['fid_n'])}, ref {p['fid_ref']}): {which}.{small}"
 
 
+def teacher_note(g: pd.DataFrame) -> str | None:
+    """Which dense weights the rows of a group started from (Row.teacher_sha256); rows from two teachers
+    do not compare, so a table that mixes them says so (rows before the field: unknown)."""
+    if "teacher_sha256" not in g.columns:
+        return None
+    sha = g["teacher_sha256"].fillna("").astype(str)
+    known = sorted(set(sha[sha != ""]))
+    if not known:
+        return None
+    n_unknown = int((sha == "").sum())
+    unknown = f" ({n_unknown} older rows do not record it)" if n_unknown else ""
+    if len(known) == 1:
+        return f"Teacher sha256 {known[0][:12]}: " + (f"{len(g) - n_unknown} rows{unknown}." if n_unknown else "every row.")
+    per = "; ".join(f"{k[:12]}: {int((sha == k).sum())} rows" for k in known)
+    return f"WARNING: these rows come from {len(known)} different teachers ({per}){unknown}; rows of different teachers do not compare."
+
+
 def fmt_cell(r, c: str) -> str:
     """mean ± std over seeds; with one seed, the metric's own bootstrap interval when it has one."""
     lo, hi = r.get(f"{c}_ci_lo"), r.get(f"{c}_ci_hi")
@@ -272,8 +351,14 @@ def fmt_speedup(r) -> str:
     return f"{fmt_num(s)} [{fmt_num(lo)}, {fmt_num(hi)}]" + (f" {note}" if note else "")
 
 
+def variant_suffix(r, variants: list[str]) -> str:
+    """What tells a line from the method's other lines: " (finetune_steps 80)", and a method.* variant as
+    itself, " (outputs=x0)" (none for the method as configured)."""
+    return "".join((f" ({r[k]})" if r[k] else "") if k == "method_variant" else f" ({k} {r[k]})" for k in variants)
+
+
 def line_name(r, variants: list[str]) -> str:
-    return r["method"] + "".join(f" ({k} {r[k]})" for k in variants)
+    return r["method"] + variant_suffix(r, variants)
 
 
 def cells(lines: pd.DataFrame, vcols: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -398,9 +483,11 @@ def where(df: pd.DataFrame, conditions: list[str]) -> pd.DataFrame:
     return df
 
 
-def report_groups(df: pd.DataFrame) -> tuple[list, list[pd.DataFrame], pd.DataFrame, pd.DataFrame]:
+def report_groups(df: pd.DataFrame, latency_pass: dict | None = None
+                  ) -> tuple[list, list[pd.DataFrame], pd.DataFrame, pd.DataFrame]:
     """(groups, their rows, rows set apart, failed rows) of a results set: one (key, lines, value
-    columns, note) per protocol group, as every renderer and the figure take them."""
+    columns, note) per protocol group, as every renderer and the figure take them; `latency_pass`:
+    the record of bench.latency_pass over these rows (bench.latency_pass.load), or None."""
     bad = df["status"].ne("ok")  # failed (or unfinished) rows are listed, never averaged
     ok, failed = df[~bad], df[bad].sort_values(["run"], kind="mergesort")
     if "sampler" in ok.columns and ok["sampler"].isin(ADAPTIVE).any():  # an adaptive solver's measured NFE
@@ -411,22 +498,24 @@ def report_groups(df: pd.DataFrame) -> tuple[list, list[pd.DataFrame], pd.DataFr
         apart.append(a)
         if g.empty:
             continue
-        lines, vcols, note = summarize(g)
-        note = " ".join(n for n in (inception_note(g), note) if n)
+        lines, vcols, note = summarize(g, latency_pass)
+        note = " ".join(n for n in (inception_note(g), teacher_note(g), note) if n)
         groups.append((dict(zip(GROUP_KEYS, key)), lines, vcols, note))
         group_rows.append(g)
     apart = pd.concat(apart).sort_values(["run"], kind="mergesort") if apart else ok.iloc[:0]
     return groups, group_rows, apart, failed
 
 
-def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list[str] | None = None) -> list[Path]:
+def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list[str] | None = None,
+                 latency_pass: dict | None = None) -> list[Path]:
     """Write tables, figure and runs.csv for the rows in df (as from load_rows); return the paths.
-    `skipped`: files load_rows could not read, listed in the tables' text."""
+    `skipped`: files load_rows could not read, listed in the tables' text; `latency_pass`: the runs
+    folder's one-process latency record (bench.latency_pass.load), whose speedups the lines take."""
     if df.empty:
         raise ValueError("no rows to report; point --runs at a folder with row.json files")
     out = Path(out_dir)
     prov = provenance(df)
-    groups, group_rows, apart, failed = report_groups(df)
+    groups, group_rows, apart, failed = report_groups(df, latency_pass)
     texts = {out / "tables" / f"{name}.md": render_md(prov, name, groups, failed, apart, skipped or []),
              out / "tables" / f"{name}.tex": render_tex(prov, groups, failed),
              out / "tables" / f"{name}.csv": render_csv(prov, groups),
@@ -466,7 +555,8 @@ def main(argv=None) -> int:
         if df.empty:
             print(f"error: no readable row.json under {args.runs}", file=sys.stderr)
             return 1
-        paths = build_report(where(df, args.where), args.out, args.name, skipped)
+        from bench.latency_pass import load as load_latency_pass
+        paths = build_report(where(df, args.where), args.out, args.name, skipped, load_latency_pass(args.runs))
     except (ValueError, OSError) as e:  # mixed protocols, a bad --where, a full disk: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1

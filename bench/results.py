@@ -19,7 +19,9 @@ from bench.io import atomic_write_text, slug
 
 SCHEMA = 1
 # config keys that do not change a run's results (where files go, how it is launched)
-NON_RESULT_KEYS = ("paths", "cluster", "hydra", "progress", "stop_after", "sample_part")
+# method_overrides: the command line's method.* overrides (bench.run), a label of what the resolved
+# method config (hashed) already holds
+NON_RESULT_KEYS = ("paths", "cluster", "hydra", "progress", "stop_after", "sample_part", "method_overrides")
 
 
 def config_hash(cfg: dict) -> str:
@@ -123,6 +125,13 @@ class Row:
     latency_flags: list[str] = field(default_factory=list)  # "spread" / "busy": no speedup from this latency
     latency_others_cores: float | None = None  # CPU cores other processes used while it was timed (None: unknown)
     warnings: list[str] = field(default_factory=list)  # protocol caveats, e.g. Inception n < 10k (also in log.jsonl)
+    # sha256 of the dense weights every method started from (model.ckpt's file, or the final.pt of the
+    # teacher trained here, which a config hash names but a retraining on another machine changes);
+    # "" in rows before this field. bench.report warns when one table mixes teachers.
+    teacher_sha256: str = ""
+    # the method's settings a command line changed from its config file (method.* overrides, e.g. "outputs=x0"):
+    # a variant of the method, its own line in a report; "" for the method as configured (and older rows)
+    method_variant: str = ""
     git_sha: str = "unknown"
     git_dirty: bool = False
     date: str = ""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench import checks, dist, surgery
+from bench import assets, checks, dist, surgery
 from bench.api import BenchError, Budget, Method, Plan
 from bench.io import atomic_torch_save, atomic_write, atomic_write_text, file_lock, os_error_message, read_state, \
     sha256_file
@@ -45,21 +45,59 @@ def _progress(cfg):
 # Stages
 # --------------------------------------------------------------------------------------------
 
+TEACHER_KEYS = ("model", "data", "teacher")  # the config a teacher trained here is a function of
+
+
 def build_dense(cfg: dict):
     from bench.models import build
     return build(**cfg["model"])
 
 
+STRUCTURE = "structure.json"  # <run_dir>/structure.json: the final architecture, rebuilt by build_final
+
+
+def final_structure(plans: list[Plan], kept_blocks: list[int]) -> dict:
+    """What rebuilds a run's final architecture from its dense model config: the plans surgery applied,
+    in order (the run's plan, then those a progressive callback applied during the fine-tune; their
+    scores left out, the run never reads them), and the final kept blocks."""
+    from dataclasses import asdict
+    return {"schema": 1, "plans": [{k: v for k, v in asdict(p).items() if k != "scores"} for p in plans],
+            "kept_blocks": [int(i) for i in kept_blocks]}
+
+
+def build_final(cfg: dict, structure: dict):
+    """The final architecture of the run of `cfg` (a final_structure record) with random weights: the
+    dense model without its checkpoint (cost and latency need no weights), the plans replayed through
+    bench.surgery (bench.finetune._replay, which checks the blocks against kept_blocks). A record with no
+    plans gives the dense model cut to kept_blocks: a depth-pruned row's whole architecture."""
+    from bench.finetune import _replay
+    net = build_dense({**cfg, "model": {**cfg["model"], "ckpt": None}})
+    _replay(net, structure["kept_blocks"], [json.dumps(p) for p in structure.get("plans", [])])
+    return net
+
+
+def teacher_dir(cfg: dict) -> Path:
+    """Where `teacher` caches the teacher trained here: <artifacts>/teachers/<hash of model, data, teacher>."""
+    return Path(cfg["paths"]["artifacts"]) / "teachers" / config_hash({k: cfg[k] for k in TEACHER_KEYS})[:16]
+
+
+def teacher_weights(cfg: dict) -> Path:
+    """The file the dense model comes from: model.ckpt, or the final.pt of the teacher trained here."""
+    return Path(cfg["model"]["ckpt"]) if cfg["model"].get("ckpt") else teacher_dir(cfg) / "final.pt"
+
+
 def teacher(cfg: dict, data, device: str):
-    """The dense model every method starts from: the official checkpoint when model.ckpt is set,
-    else a teacher trained here, cached by config hash (a second run reuses it)."""
+    """(the dense model every method starts from, on `device` in eval mode; seconds): the official
+    checkpoint when model.ckpt is set, else a teacher trained here, cached by config hash (a second
+    run reuses it)."""
     from bench.finetune import FinetuneConfig, finetune
 
     net = build_dense(cfg)
     if cfg["model"].get("ckpt"):
+        net.net.to(device).eval()
         return net, 0.0
-    key = {k: cfg[k] for k in ("model", "data", "teacher")}
-    tdir = Path(cfg["paths"]["artifacts"]) / "teachers" / config_hash(key)[:16]
+    key = {k: cfg[k] for k in TEACHER_KEYS}
+    tdir = teacher_dir(cfg)
     t0 = time.time()
     # concurrent jobs of a sweep train it once; the ranks of one job train it together (rank 0 locks)
     with file_lock(tdir.parent / f"{tdir.name}.lock") if dist.is_main() else contextlib.nullcontext():
@@ -69,6 +107,7 @@ def teacher(cfg: dict, data, device: str):
         tc = {k: v for k, v in cfg["teacher"].items() if k != "seed"}
         net = finetune(net, data, FinetuneConfig(**tc), tdir, seed=cfg["teacher"]["seed"], device=device,
                        progress=_progress(cfg), run_dir=tdir)
+    net.net.to(device).eval()
     return net, time.time() - t0
 
 
@@ -237,7 +276,6 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
 
     # Teacher (cached), on the data checked above:
     net, wall["teacher"] = teacher(cfg, data, device)
-    net.net.to(device).eval()
     dense_cost = surgery.measure(net)
     per_block = surgery.block_costs(net)[1] if len(net.net.blocks) else None  # the U-Net has no blocks
     ev = cfg["eval"]
@@ -315,6 +353,9 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
             keep = surgery.check_budget(dense_cost, surgery.measure(net), budget, unit_share=unit)
     wall["finetune"] = time.time() - t0
     net.net.eval()
+    if main:  # the final architecture, for a later one-process latency pass (bench.latency_pass)
+        final = [plan] + [Plan.from_json(t) for t in net.finetune_plans]
+        atomic_write_text(run_dir / STRUCTURE, json.dumps(final_structure(final, net.kept_blocks), sort_keys=True))
     if cfg.get("stop_after") == "finetune":  # e.g. before a SLURM array of sample parts (sample_part)
         if main:
             _log(f"stopped after fine-tuning (stop_after=finetune): {run_dir}")
@@ -404,6 +445,7 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
     row = Row(
         run=rel, config_sha=config_hash(cfg)[:16], model=cfg["model"]["name"], dataset=cfg["data"]["name"],
         process=net.process.kind, method=cfg["method_name"], method_version=type(method).version,
+        method_variant=" ".join(o.lstrip("+~").removeprefix("method.") for o in cfg.get("method_overrides") or []),
         granularity=plan.granularity, budget_measure=budget.measure, budget_keep=float(budget.keep),
         seed=cfg["seed"], keep_blocks=keep["keep_blocks"], keep_params=keep["keep_params"],
         keep_macs=keep["keep_macs"], depth=len(net.net.blocks), kept_blocks=list(net.kept_blocks),
@@ -418,7 +460,7 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
         finetune_steps=ft.steps, finetune_precision=resolve_precision(ft.precision, device),
         finetune_compile=bool(ft.compile), eval_precision=resolve_precision(ev.get("precision"), device),
         eval_compile=bool(ev.get("compile", False)), metrics=metrics, metric_n=int(ev["n"]), metric_ref=ref, metric_impl=impl,
-        device=device_name(device), git_sha=sha, git_dirty=dirty,
+        device=device_name(device), teacher_sha256=assets.sha256_file(teacher_weights(cfg)), git_sha=sha, git_dirty=dirty,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), versions=library_versions(),
         wall_s={k: round(v, 3) for k, v in wall.items()}, device_hours=total_s * n_devices / 3600,
         n_devices=n_devices, job_id=scheduler_job_id(), **fid_fields,
@@ -523,6 +565,7 @@ def _hydra_main():
     def main(cfg) -> None:
         d = OmegaConf.to_container(cfg, resolve=True)
         d["method_name"] = HydraConfig.get().runtime.choices["method"]
+        d["method_overrides"] = sorted(o for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("method."))
         guard_requeue_signal()  # in a SLURM job: one requeue per SIGUSR2, even when it arrives twice
         cli(d, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
 

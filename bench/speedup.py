@@ -10,7 +10,10 @@ read it through this module, under two rules:
   so their interval comes from each row's own repeated timings (median, IQR and count of the timed
   calls: `interval_from_rows`); the gate times the pair interleaved in one process, round after
   round, and takes the interval of the per-round ratios (`paired_ratio`), which cancels drift that
-  separate runs put into their ratio.
+  separate runs put into their ratio. The report has that option too: bench.latency_pass rebuilds every
+  row's final architecture and times them all interleaved with the dense model in one process per
+  table (the gate's harness); when its latency_pass.json is in the runs folder, a line's speedup is the
+  geometric mean of its rows' paired ratios and its interval the envelope of theirs.
 * **Launch-bound.** On a GPU, when the dense forward takes less than LAUNCH_BOUND_MS, the forward
   is dominated by kernel launches and host overhead, not by the work pruning removes: the ratio
   follows the number of launched kernels and the machine's state, not the pruned MACs. The report

@@ -11,12 +11,19 @@ save and the host-device copies of the samples cancel. Paths:
   finetune_step_s  bench.finetune.finetune: Denoiser.loss (or a callback's own recovery loss, with
                    the frozen teacher) + AdamW + grad clip + EMA, at `batch`
   plan_step_s      a method's own training phase: its plan() built with S1 and S2 steps
+  sample_shares_step_s  bench.sample.generate over a fixed total of samples in bench.run's shards,
+                   each rank of a process group drawing its own (bench.gpu.scaling)
+
+Under a process group (torchrun: bench.dist) every rank times the same runs, which start together
+(a barrier), and a run's time is the slowest rank's (`slowest`); the fine-tune then is the DDP path
+with `batch` the global batch. `repeats` repeats the S1/S2 pair after the one warm-up (the median).
 
 Every record carries the timed model's measured MACs per image and its `work_macs`: the
 forward-equivalent MACs of one step (a forward = 1x its MACs, a training step = 3x: forward and
 backward; a teacher's forward in KD = 1x), the unit bench.cost scales unmeasured shapes by.
 Models have random weights (adaLN-Zero gates randomised so every block computes).
-Used by bench.gpu.paths_speed (fixed DiT-XL/2 paths) and bench.cost (the shapes an experiment needs).
+Used by bench.gpu.paths_speed (fixed DiT-XL/2 paths), bench.gpu.ddp_speed and bench.gpu.scaling (the
+data-parallel paths) and bench.cost (the shapes an experiment needs).
 """
 from __future__ import annotations
 
@@ -41,20 +48,35 @@ def synced(fn) -> float:
     return time.perf_counter() - t0
 
 
-def difference(run: Callable[[int], float], steps: tuple[int, int]) -> dict:
-    """Warm-up run(s1) untimed, then t1 = run(s1), t2 = run(s2) (run returns its wall seconds).
-    A difference that is not positive (a noisy machine, a tiny model) is replaced by t2 / s2, an
-    upper bound that includes setup, and flagged."""
+def difference(run: Callable[[int], float], steps: tuple[int, int], repeats: int = 1) -> dict:
+    """Warm-up run(s1) untimed, then t1 = run(s1), t2 = run(s2) (run returns its wall seconds),
+    `repeats` times: per_step_s is the median of the repeats' differences (each one in
+    per_step_all_s when repeats > 1). A difference that is not positive (a noisy machine, a tiny
+    model) is replaced by t2 / s2, an upper bound that includes setup, and flagged."""
+    import statistics
+
     s1, s2 = steps
     if not 0 < s1 < s2:
         raise ValueError(f"steps must be 0 < S1 < S2, got {steps}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     warm = run(s1)
-    t1, t2 = run(s1), run(s2)
-    per, noisy = (t2 - t1) / (s2 - s1), False
-    if per <= 0:
-        per, noisy = t2 / s2, True
-    return {"per_step_s": per, "warmup_s": warm, "steps": [s1, s2], "t_s": [t1, t2],
-            **({"noisy": True} if noisy else {})}
+    pairs = [(run(s1), run(s2)) for _ in range(repeats)]
+    pers = [(t2 - t1) / (s2 - s1) if t2 > t1 else t2 / s2 for t1, t2 in pairs]
+    noisy = any(t2 <= t1 for t1, t2 in pairs)
+    rec = {"per_step_s": statistics.median(pers), "warmup_s": warm, "steps": [s1, s2], "t_s": list(pairs[0])}
+    if repeats > 1:
+        rec.update(per_step_all_s=pers, t_s=[list(p) for p in pairs])
+    return {**rec, **({"noisy": True} if noisy else {})}
+
+
+def slowest(fn: Callable[[], float]) -> float:
+    """fn()'s seconds on the slowest rank of the process group (bench.dist): the ranks start
+    together (a barrier) and every rank gets the maximum over ranks. One process: fn()."""
+    from bench import dist
+
+    dist.barrier()
+    return max(dist.gather_all(fn()))
 
 
 def random_model(model_cfg: dict, device, seed: int = 0):
@@ -120,10 +142,12 @@ def sample_step_s(net, batch: int, device, precision: str, compile: bool, steps:
 
 
 def finetune_step_s(net, batch: int, device, precision: str, compile: bool, steps: tuple[int, int] = (4, 14),
-                    callback=None, teacher=None, distill: float = 0.0, lr: float = 1e-4) -> dict:
+                    callback=None, teacher=None, distill: float = 0.0, lr: float = 1e-4, repeats: int = 1) -> dict:
     """One step of the shared fine-tune loop at `batch` on `net` (trained in place: a few steps of
     random data change no timing). `callback` (a method's recovery objective) and `teacher` (the
-    frozen dense model) are passed on as bench.run does."""
+    frozen dense model) are passed on as bench.run does. Under a process group (bench.dist) every
+    rank calls this: `batch` is the global batch (DDP, bench.finetune) and a run's time is the
+    slowest rank's."""
     from bench.finetune import FinetuneConfig, finetune
 
     data = random_data(net, 4 * batch)
@@ -133,15 +157,51 @@ def finetune_step_s(net, batch: int, device, precision: str, compile: bool, step
         cfg = FinetuneConfig(steps=s, batch=batch, lr=lr, ema_decay=0.9999, ckpt_every=10 ** 9, log_every=10 ** 9,
                              distill=distill, precision=precision, compile=compile)
         with tempfile.TemporaryDirectory(dir=scratch) as d:
-            return synced(lambda: finetune(net, data, cfg, Path(d), device=device, callback=callback, teacher=teacher))
+            return slowest(lambda: synced(lambda: finetune(net, data, cfg, Path(d), device=device, callback=callback,
+                                                           teacher=teacher)))
 
-    rec = difference(run, steps)
+    rec = difference(run, steps, repeats)
     net.net.eval()
     macs = macs_per_image(net)
     t_macs = macs_per_image(teacher) if teacher is not None else 0
     return {"path": "finetune", "precision": precision, "compile": compile, **rec, "batch": batch,
             "teacher": teacher is not None, "callback": type(callback).__name__ if callback is not None else None,
             "macs_per_image": macs, "work_macs": batch * (TRAIN_FACTOR * macs + t_macs), **_shape(net)}
+
+
+def sample_shares_step_s(net, total: int, shard: int, batch: int, device, precision: str, compile: bool,
+                         steps: tuple[int, int] = (2, 8), repeats: int = 1, sampler: str = "ddpm",
+                         cfg_scale: float = 1.5, cfg_convention: str = "all", skip: str = "uniform",
+                         eta: float = 0.0) -> dict:
+    """One sampler step over `total` samples drawn by every rank of the process group together, as
+    bench.run's sample stage draws them: shards of `shard` samples (bench.shards), shard k on rank
+    k mod N (SampleShards.missing of an empty folder), each through bench.sample.generate in batches
+    of `batch`. A run's time is the slowest rank's. One process with total = shard = batch times what
+    sample_step_s times."""
+    from bench import dist
+    from bench.sample import generate
+    from bench.shards import SampleShards
+
+    with tempfile.TemporaryDirectory() as d:
+        mine = SampleShards(Path(d) / "none", total, 0, shard).missing(dist.rank(), dist.world())
+
+    def run(s):
+        def draw():
+            for lo, hi in mine:
+                generate(net, hi - lo, lo, batch, sampler, s, cfg_scale, cfg_convention, "balanced", skip, eta, device,
+                         precision=precision, compile=compile)
+        return slowest(lambda: synced(draw))
+
+    if net.process.nfe(sampler, steps[1], skip) is None:
+        raise ValueError(f"sampler {sampler!r} is adaptive: one step has no fixed cost; time a fixed-step sampler")
+    nfe = net.process.nfe(sampler, steps[1], skip) / steps[1]
+    rows = 2 if cfg_scale != 1.0 else 1
+    macs = macs_per_image(net)
+    return {"path": "sample", "precision": precision, "compile": compile, **difference(run, steps, repeats),
+            "batch": batch, "total": total, "shard": shard, "world": dist.world(),
+            "samples_per_rank": dist.gather_all(sum(hi - lo for lo, hi in mine)), "forward_batch": batch * rows,
+            "sampler": sampler, "cfg_scale": cfg_scale, "nfe_per_step": nfe, "macs_per_image": macs,
+            "work_macs": total * rows * nfe * macs, **_shape(net)}
 
 
 def plan_step_s(make_method: Callable[[int], object], net, budget, calib, batch: int,

@@ -234,7 +234,7 @@ def run_adaptive(data, calib, run_dir, budget, steps=12, abort_at=None, ckpt_eve
                 raise KeyboardInterrupt
             return out
 
-        state_dict, load_state_dict = inner.state_dict, inner.load_state_dict
+        state_dict, load_state_dict, LOG_NAME = inner.state_dict, inner.load_state_dict, inner.LOG_NAME
 
     cfg = FinetuneConfig(steps=steps, batch=8, lr=1e-3, ckpt_every=ckpt_every, log_every=100)
     net = finetune(net, data, cfg, run_dir / "ckpt", seed=0, callback=Spy(), run_dir=run_dir)
@@ -332,6 +332,23 @@ def test_adaptive_resume_after_a_kill_is_exact(adaptive, data, calib, tmp_path):
     strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in p.read_text().splitlines()]
     assert strip(tmp_path / LOG_NAME) == strip(ref_dir / LOG_NAME)
     assert replay(tmp_path / LOG_NAME).keep == replay(ref_dir / LOG_NAME).keep == {"blocks": net.kept_blocks}
+
+
+def test_a_finished_fine_tune_writes_back_a_lost_decision_log(adaptive, data, calib, tmp_path):
+    """The run folder is gone (deleted, or not carried to the machine that holds the artifacts) but the
+    final weights are there: the fine-tune is not redone and the decision log comes back, equal."""
+    import shutil
+
+    from bench.finetune import FinetuneConfig, finetune
+
+    ref_net, _, ref_dir = adaptive
+    shutil.copytree(ref_dir / "ckpt", tmp_path / "ckpt")  # the artifacts survive; the log does not
+    cb = EntPruner(period=2, k_max=1, proxy_batch=8).callback(Budget("blocks", 0.5), calib)
+    cfg = FinetuneConfig(steps=12, batch=8, lr=1e-3, ckpt_every=4, log_every=100)
+    net = finetune(make_net("dit"), data, cfg, tmp_path / "ckpt", seed=0, callback=cb, run_dir=tmp_path)
+    assert net.kept_blocks == ref_net.kept_blocks and cb.state["history"] == []  # nothing was redone
+    assert (tmp_path / LOG_NAME).read_text() == (ref_dir / LOG_NAME).read_text()
+    assert replay(tmp_path / LOG_NAME).keep == {"blocks": net.kept_blocks}
 
 
 def test_adaptive_needs_fine_tune_steps(calib):

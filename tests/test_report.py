@@ -219,6 +219,22 @@ def test_inception_note_names_the_rows_and_refuses_mixed_protocols():
         inception_note(mixed)
 
 
+def test_teacher_note_names_the_teacher_and_warns_when_a_table_mixes_two():
+    """A tier gathered over several sessions: a teacher retrained elsewhere has the same config hash but
+    other weights, so rows record the sha256 of the dense weights they started from (Row.teacher_sha256)."""
+    from bench.report import teacher_note
+
+    a, b = "a" * 64, "b" * 64
+    g = pd.DataFrame({"method": ["dense", "shortgpt", "last_k"], "budget_keep": [1.0, 0.5, 0.5], "seed": [0, 0, 1],
+                      "teacher_sha256": [a, a, a]})
+    assert teacher_note(g) == "Teacher sha256 aaaaaaaaaaaa: every row."
+    assert teacher_note(g.assign(teacher_sha256=[a, "", a])) == \
+        "Teacher sha256 aaaaaaaaaaaa: 2 rows (1 older rows do not record it)."
+    mixed = teacher_note(g.assign(teacher_sha256=[a, b, b]))
+    assert mixed.startswith("WARNING: these rows come from 2 different teachers") and "bbbbbbbbbbbb: 2 rows" in mixed
+    assert teacher_note(g.assign(teacher_sha256=["", "", ""])) is None and teacher_note(g.drop(columns="teacher_sha256")) is None
+
+
 # ------------------------------------------------------------------------------------------------
 # The figure: asserted on the plotted data, not on the file
 # ------------------------------------------------------------------------------------------------
@@ -419,3 +435,62 @@ def test_adaptive_solver_rows_share_a_group_whatever_nfe_each_took(tmp_path):
     groups, group_rows, _, _ = report_groups(load_rows(tmp_path))
     assert sorted((k["sampler"], k["nfe"], len(g)) for (k, *_), g in zip(groups, group_rows)) == \
         [("dopri5", "adaptive", 3), ("heun", 50, 2)]
+
+
+def test_speedups_from_a_latency_pass_record(report):
+    """With bench.latency_pass's record, a line's speedup is the geometric mean of its rows' paired
+    ratios and its interval their envelope; lines the record lacks keep the separate-run speedup and
+    are named; a GPU group whose dense forward in the pass is launch-bound gets none."""
+    _, _, df = report
+    ok = df[(df.status == "ok") & (df.device == "cpu")]
+    runs = {r: {"speedup": s, "lo": lo, "hi": hi, "dense_ms": 9.0}
+            for r, s, lo, hi in [("dense-1.0-s0-cpu", 1.0, 1.0, 1.0), ("magnitude-0.5-s0-cpu", 1.8, 1.7, 1.9),
+                                 ("magnitude-0.5-s1-cpu", 2.0, 1.9, 2.1), ("magnitude-0.5-s2-cpu", 2.2, 2.1, 2.3),
+                                 ("taylor-0.75-s0-cpu", 1.01, 0.95, 1.08)]}
+    rec = {"device": "cpu", "date": "2026-12-07T10:00:00Z", "runs": runs,
+           "skipped": {"taylor-0.5-s0-cpu": "no structure.json (a row from before runs recorded it)"}}
+    before, _, _ = summarize(ok)
+    lines, _, note = summarize(ok, rec)
+    t, b = lines.set_index(["method", "budget_keep"]), before.set_index(["method", "budget_keep"])
+    assert t.loc[("magnitude", 0.5), "speedup"] == pytest.approx((1.8 * 2.0 * 2.2) ** (1 / 3))
+    assert (t.loc[("magnitude", 0.5), "speedup_lo"], t.loc[("magnitude", 0.5), "speedup_hi"]) == (1.7, 2.3)
+    assert t.loc[("taylor", 0.75), "speedup_note"] == "≈1" and t.loc[("dense", 1.0), "speedup"] == 1.0
+    for line in [("taylor", 0.5), ("magnitude", 0.75)]:  # not in the record: the rows' own speedups
+        assert t.loc[line, "speedup"] == b.loc[line, "speedup"] and t.loc[line, "speedup_lo"] == b.loc[line, "speedup_lo"]
+    assert "bench.latency_pass, cpu, 2026-12-07T10:00:00Z" in note and "envelope [min lo, max hi]" in note
+    assert "magnitude 0.75 (not in the pass)" in note and "taylor 0.5 (no structure.json" in note
+    assert summarize(ok, {"device": "cpu", "date": "d", "runs": {"elsewhere": runs["dense-1.0-s0-cpu"]}})[2] is None
+    fast = _gpu_rows(66.3)  # separate runs: 66 ms, not launch-bound; the pass timed 5 ms
+    rec = {"device": "NVIDIA H100", "date": "d", "runs": {r: {"speedup": 1.5, "lo": 1.4, "hi": 1.6, "dense_ms": 5.0}
+                                                          for r in fast["run"]}, "skipped": {}}
+    lines, _, note = summarize(fast, rec)
+    assert lines["speedup"].isna().all() and "5 ms on NVIDIA H100" in note and "latency_pass" not in note
+
+
+def test_a_method_override_is_a_variant_with_its_own_line_in_the_report_and_the_ranking(tmp_path):
+    """`method=X method.k=v` on the command line: the row records method_variant "k=v" (the config hash
+    already differs; the label says how), and the report and the ranking give it its own line instead of
+    setting the method's runs apart as clashing seeds."""
+    import json
+
+    from bench.ranking import rank
+    from bench.report import report_groups
+    from bench.results import load_rows
+    from tests.conftest import TINY, run_cli
+
+    runs, art = tmp_path / "runs", tmp_path / "art"
+    common = TINY + ["method=entpruner_oneshot", "budget.keep=0.5", f"paths.results={runs}",
+                     f"paths.artifacts={art}"]
+    for extra in ([], ["method.outputs=x0"]):
+        r = run_cli(common + extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+    rows = {json.loads(p.read_text())["method_variant"] for p in runs.rglob("row.json")}
+    assert rows == {"", "outputs=x0"}
+    df = load_rows(runs)
+    groups, _, apart, _ = report_groups(df)
+    (_, lines, _, _), = groups
+    assert apart.empty and sorted(lines["method_variant"]) == ["", "outputs=x0"]
+    from bench.report import cells
+    assert sorted(row[0] for row in cells(lines, [])[1]) == ["entpruner_oneshot", "entpruner_oneshot (outputs=x0)"]
+    ranked = rank(df[df["status"].eq("ok")].assign(m_fid=[10.0, 12.0]), "fid", baselines=[])
+    assert sorted(ranked["method_variant"]) == ["", "outputs=x0"] and list(ranked["seeds"]) == [[0], [0]]

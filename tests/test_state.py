@@ -142,7 +142,9 @@ def test_file_lock_no_wait_names_the_holder(tmp_path):
         pass
 
 
-def _burn(seconds: float):
+def _burn(seconds: float, started=None):
+    if started is not None:
+        started.release()  # burning from now on
     end = time.time() + seconds
     while time.time() < end:
         pass
@@ -161,11 +163,13 @@ def test_a_timing_on_a_busy_machine_is_flagged(one_thread):
     alone = benchmark_forward(lin, x, "cpu", warmup=2, reps=20)
     assert alone["others_cores"] is not None and alone["others_cores"] >= 0
     ctx = mp.get_context("spawn")
-    burners = [ctx.Process(target=_burn, args=(8.0,)) for _ in range(os.cpu_count() or 1)]
+    started = ctx.Semaphore(0)
+    burners = [ctx.Process(target=_burn, args=(8.0, started)) for _ in range(os.cpu_count() or 1)]
     for b in burners:
         b.start()
-    try:
-        time.sleep(1.0)
+    try:  # a spawned child imports this module (torch) first: time only once every burner burns
+        assert all(started.acquire(timeout=60) for _ in burners), "a burner process did not start"
+        time.sleep(0.5)
         busy = benchmark_forward(lambda a: lin(a) + sum(torch.ones(200).cumsum(0)[-1:]), x, "cpu", warmup=2,
                                  reps=200)
     finally:

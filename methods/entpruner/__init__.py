@@ -113,12 +113,26 @@ version 2, and ZiCo per layer proposed 0-2. At keep 0.75 the plan is version 2's
 yet FD (clf) is 101.6 against 78.8 (keep 0.5: [0, 5, 6, 7], 260 against 174 for [0, 3, 6, 7]): a teacher
 that differs in its last bits and one seed's fine-tune move a row that much, so rank only over seeds
 (bench.ranking; the GPU tier runs 3).
+On the GPU tier (DiT-D28/2 Fashion-MNIST teacher, H100, seed 0, 2026-12-06; results/gpu/tier): the proposals
+vote made 15 of 17 decisions (19 of the 21 blocks removed; `python -m methods.entpruner results/gpu/tier`), so
+the schedule adapts; FID 29.8 at keep 0.75 and 65.9 at 0.5 against one-shot CED's 24.8 / 46.4 and last_k's
+16.2 / 19.7. CED removes early and middle blocks (0.75: 3, 5, 6, 11, 13, 14, 16) where the best baselines drop
+the last ones. What the default CED measures there (methods.entpruner.inspect, results/gpu/tier/ced_inspect):
+on eps outputs every Ledoit-Wolf intensity is 1.000, H equals the isotropic Gaussian's of the same total
+variance and that of the same estimator on N(0, I) noise (81.55 vs 82.03 nats), and CED follows the share of
+total variance a bypass changes (Spearman 0.99): a log ratio of total variances. On x0 outputs the estimator
+sees structure (intensity 0.41), CED ranks blocks almost the other way (Spearman -0.47 with the default) and
+removes late blocks; experiment=gpu_tier_ced screens x0 per class and per noise bin on the GPU, and the tier
+runs the better one at 3 seeds beside the default.
 
 Outputs: plan.scores["blocks"] (U-Net: scores["resnets"], scores["attentions"]) = CED on the dense model, meta["scores_per_bin"] per noise bin;
 the adaptive schedule logs every decision (step, CED, candidates, proxy values, proposals, votes, choice,
 cause) to <run_dir>/entpruner_decisions.jsonl; ``replay(path)`` rebuilds the final plan from it,
 ``summarize(path)`` / ``python -m methods.entpruner <run dir> ...`` counts the adaptive decisions; plots in
-methods/plots.py.
+methods/plots.py. ``python -m methods.entpruner.inspect --out DIR <bench.run overrides>`` shows what CED measures
+on a trained teacher (H against N(0, I) and the isotropic Gaussian of the same size and total variance, the
+Ledoit-Wolf intensity, every outputs x condition x estimator variant's CED, one-shot removals and rank
+correlations; the GPU tier's teacher: results/gpu/tier/ced_inspect).
 Backbone-specific only through its adaptive schedule's proxies (methods.proxies: NTK and ZiCo over
 ``net.backbone``'s layers); CED and the removals use protocol members only.
 

@@ -1,0 +1,177 @@
+"""bench.latency_pass: every run records its final structure; one process rebuilds and times them all
+interleaved with the dense model; the report takes its speedups from that record."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import latency_pass
+from bench.report import DENSE, report_groups
+from bench.results import load_rows
+from tests.conftest import TINY, compose
+
+# dense, depth (block plan), width (MAC plan), progressive width (plans applied during the fine-tune)
+RUNS = [("dense", ["budget.keep=1.0"]), ("shortgpt", ["budget.keep=0.5"]),
+        ("magnitude_width", ["budget.measure=macs", "budget.keep=0.5"]),
+        ("grad_flow", ["budget.measure=macs", "budget.keep=0.5"])]
+FAST = ["--device", "cpu", "--budget-s", "5", "--reps", "2", "--min-rounds", "2", "--max-rounds", "3"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, artifacts):
+    """A tiny results set of four rows, made by bench.run on the CPU."""
+    from bench.run import execute
+
+    root = tmp_path_factory.mktemp("lp") / "runs"
+    for method, over in RUNS:
+        execute(compose(TINY + [f"paths.results={root}", f"paths.artifacts={artifacts}", "eval.ssim_teacher=false",
+                                *over], method))
+    return root
+
+
+@pytest.fixture(scope="module")
+def passed(runs):
+    assert latency_pass.main(["--runs", str(runs), *FAST]) == 0
+    return latency_pass.load(runs)
+
+
+def _rows(root: Path) -> dict[str, dict]:
+    df = load_rows(root)
+    return {r["method"]: r for _, r in df.iterrows()}
+
+
+def _copy(runs: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "runs"
+    shutil.copytree(runs, dest, ignore=shutil.ignore_patterns(latency_pass.FILE))
+    return dest
+
+
+def test_every_run_records_a_structure_that_rebuilds_its_row(runs):
+    from bench import surgery
+    from bench.run import STRUCTURE, build_final
+
+    rows = _rows(runs)
+    assert set(rows) == {m for m, _ in RUNS}
+    for method, r in rows.items():
+        structure = json.loads((Path(r["path"]) / STRUCTURE).read_text())
+        cfg = json.loads((Path(r["path"]) / "config.yaml").read_text())
+        net = build_final(cfg, structure)
+        m = surgery.measure(net)
+        assert (m["params"] / 1e6, m["macs"] / 1e9) == (r["params_M"], r["macs_G"]), method
+        assert net.kept_blocks == list(r["kept_blocks"]) == structure["kept_blocks"]
+        assert all("scores" not in p for p in structure["plans"])  # small: the run never reads scores
+    progressive = json.loads((Path(rows["grad_flow"]["path"]) / STRUCTURE).read_text())["plans"]
+    assert len(progressive) >= 2  # its plan, then what the callback applied during the fine-tune
+    assert rows["shortgpt"]["depth"] == 2 and rows["magnitude_width"]["keep_macs"] <= 0.5
+
+
+def test_the_pass_times_every_row_in_one_process(runs, passed):
+    from bench.metrics.cost import device_name
+
+    rows = _rows(runs)
+    assert passed["device"] == device_name("cpu") and passed["commit"] and passed["torch"] == str(torch.__version__)
+    assert passed["command"].startswith("python -m bench.latency_pass --runs") and passed["date"]
+    assert passed["skipped"] == {}
+    [g] = passed["groups"]
+    assert (g["mode"], g["dtype"], g["batch"]) == ("eager", "fp32", 4)
+    assert g["rounds"] >= 2 and g["seconds"] > 0 and g["key"]["device"] == passed["device"]
+    got = passed["runs"]
+    assert set(got) == {r["run"] for r in rows.values()}
+    for method, r in rows.items():
+        q = got[r["run"]]
+        assert q["dense_ms"] > 0 and q["pruned_ms"] > 0 and q["rounds"] >= 2, method
+        if method == DENSE:
+            assert q["reference"] and q["speedup"] == 1.0
+            continue
+        assert 0 < q["lo"] <= q["speedup"] <= q["hi"], method
+        assert 2 <= q["rounds"] <= 3  # --min-rounds 2 --max-rounds 3
+    keys = {m: got[r["run"]]["structure"] for m, r in rows.items()}
+    assert len({keys[DENSE], keys["shortgpt"], keys["magnitude_width"]}) == 3  # dense, depth, width
+    # grad_flow may end at magnitude_width's widths (the allocation is a function of the budget): timed once
+    assert g["architectures"] == len(set(keys.values()) - {keys[DENSE]})
+    assert got[rows["shortgpt"]["run"]]["rebuilt_from"] == "structure.json"
+
+
+def test_the_pass_refuses_another_device(runs, capsys):
+    n = torch.get_num_threads()
+    torch.set_num_threads(n + 1)  # a CPU's device name counts torch threads: cpu-<arch>-<n>t
+    try:
+        assert latency_pass.main(["--runs", str(runs), *FAST]) == 2
+    finally:
+        torch.set_num_threads(n)
+    err = capsys.readouterr().err
+    assert f"-{n}t" in err and f"-{n + 1}t" in err and "OMP_NUM_THREADS" in err
+
+
+def test_the_report_takes_its_speedups_from_the_pass(runs, passed, tmp_path):
+    from bench import report
+
+    df = load_rows(runs)
+    rows = _rows(runs)
+    [(key, lines, _, note)], *_ = report_groups(df, passed)
+    for _, line in lines.iterrows():
+        q = passed["runs"][rows[line["method"]]["run"]]
+        if line["method"] == DENSE:
+            assert line["speedup"] == 1.0
+            continue
+        assert (line["speedup"], line["speedup_lo"], line["speedup_hi"]) == pytest.approx((q["speedup"], q["lo"], q["hi"]))
+    assert f"bench.latency_pass, {passed['device']}, {passed['date']}" in note and "envelope" in note
+    # without the record: today's speedups, dense latency / the row's latency from their separate runs
+    [(_, before, _, note0)], *_ = report_groups(df)
+    dense_ms = rows[DENSE]["latency_ms"]
+    for _, line in before.iterrows():
+        if pd_notna(line["speedup"]):
+            assert line["speedup"] == pytest.approx(dense_ms / rows[line["method"]]["latency_ms"])
+    assert "latency_pass" not in (note0 or "")
+    # the command line finds the record in the runs folder: the CSV's speedups are the pass's
+    assert report.main(["--runs", str(runs), "--out", str(tmp_path / "out"), "--name", "lp"]) == 0
+    csv = (tmp_path / "out" / "tables" / "lp.csv").read_text()
+    import io
+
+    import pandas as pd
+    table = pd.read_csv(io.StringIO(csv), comment="#")
+    for _, line in table[table["method"] != DENSE].iterrows():
+        assert line["speedup"] == pytest.approx(passed["runs"][rows[line["method"]]["run"]]["speedup"], rel=1e-5)
+
+
+def pd_notna(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def test_an_older_row_is_rebuilt_from_its_kept_blocks_and_a_width_row_is_skipped(runs, tmp_path):
+    from bench.run import STRUCTURE
+
+    root = _copy(runs, tmp_path)
+    rows = _rows(root)
+    for m in ("shortgpt", "magnitude_width"):  # rows from before runs recorded their structure
+        (Path(rows[m]["path"]) / STRUCTURE).unlink()
+    assert latency_pass.main(["--runs", str(root), *FAST]) == 0
+    rec = latency_pass.load(root)
+    assert rec["runs"][rows["shortgpt"]["run"]]["rebuilt_from"] == "kept_blocks"
+    assert rows["magnitude_width"]["run"] not in rec["runs"]
+    assert "no structure.json" in rec["skipped"][rows["magnitude_width"]["run"]]
+    [(_, lines, _, note)], *_ = report_groups(load_rows(root), rec)
+    assert "did not time keep their rows' separate-run speedup: magnitude_width 0.5 (no structure.json" in note
+    width = lines[lines["method"] == "magnitude_width"].iloc[0]
+    [(_, before, _, _)], *_ = report_groups(load_rows(root))
+    was = before[before["method"] == "magnitude_width"].iloc[0]
+    assert (pd_notna(width["speedup"]), pd_notna(was["speedup"])) == (pd_notna(was["speedup"]),) * 2
+    if pd_notna(was["speedup"]):
+        assert width["speedup"] == was["speedup"]
+
+
+def test_a_row_whose_structure_does_not_give_its_cost_is_refused(runs, tmp_path, capsys):
+    root = _copy(runs, tmp_path)
+    r = _rows(root)["shortgpt"]
+    path = Path(r["path"]) / "row.json"
+    d = json.loads(path.read_text())
+    d["macs_G"] *= 0.9
+    path.write_text(json.dumps(d))
+    assert latency_pass.main(["--runs", str(root), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert f"run {r['run']}" in err and "macs_G" in err and not (root / latency_pass.FILE).exists()
