@@ -335,15 +335,17 @@ def final_plan(run_dir: str | Path) -> dict:
 def load_rows(root: str | Path = "results/runs", skipped: list[str] | None = None):
     """All row.json files under root -> a pandas DataFrame, metrics flattened to `m_<name>` columns,
     plus the error.json of runs that failed (status "failed"). A file that does not parse (cut
-    short, corrupt, another schema) is skipped with a warning naming it, appended to `skipped`."""
+    short, corrupt, another schema) is skipped with a warning naming it, appended to `skipped`. Hidden
+    folders (a name starting with '.') are not read: bench.run.current_row moves stale rows there."""
     import sys
 
     import pandas as pd
 
-    recs = []
-    rows = sorted(Path(root).rglob("row.json"))
+    recs, root = [], Path(root)
+    visible = lambda p: not any(part.startswith(".") for part in p.relative_to(root).parts)  # noqa: E731
+    rows = [p for p in sorted(root.rglob("row.json")) if visible(p)]
     done = {p.parent for p in rows}
-    failed = [p for p in sorted(Path(root).rglob(ERROR_FILE)) if p.parent not in done]
+    failed = [p for p in sorted(root.rglob(ERROR_FILE)) if p.parent not in done and visible(p)]
     for p in rows + failed:  # failed runs (status "failed", error) are listed by the report, never averaged
         try:
             d = asdict(parse_row(p)) if p.name == "row.json" else json.loads(p.read_text())

@@ -111,6 +111,37 @@ def teacher(cfg: dict, data, device: str):
     return net, time.time() - t0
 
 
+def current_row(cfg: dict, run_dir: Path, art_dir: Path, retire: bool) -> Row | None:
+    """The run's row when it is finished and was made from the teacher the config names now
+    (`teacher_weights`). A row whose teacher_sha256 differs from that file's sha256 (the teacher was
+    retrained, model.ckpt was replaced) is stale, and None is returned. With `retire` (rank 0 holding the
+    run's lock) its run folder is moved to the hidden sibling `.<name>.teacher-<its sha256[:12]>`, kept for
+    the record but never read as a row (bench.results.load_rows skips hidden folders), and the run's
+    artifacts (the old teacher's pruned weights, fine-tune checkpoints and samples) are deleted, so the run
+    is redone from the start. A row is kept as it is when no teacher file is here to compare with (a fresh
+    checkout's committed rows, whose teacher is not trained here yet)."""
+    import shutil
+
+    row = read_row(run_dir)
+    weights = teacher_weights(cfg)
+    if row is None or not row.teacher_sha256 or not weights.is_file():
+        return row
+    now = assets.sha256_file(weights)
+    if now == row.teacher_sha256:
+        return row
+    if retire:
+        dest = run_dir.with_name(f".{run_dir.name}.teacher-{row.teacher_sha256[:12]}")
+        if dest.exists():
+            dest = dest.with_name(f"{dest.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(run_dir, dest)
+        for p in art_dir.iterdir() if art_dir.is_dir() else ():
+            if p.name != "run.lock":  # held by this process
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        _log(f"the row of {run_dir} was made from teacher {row.teacher_sha256[:12]}, the teacher is now {now[:12]}: "
+             f"moved aside to {dest.name}, redoing the run")
+    return None
+
+
 def make_method(cfg: dict) -> Method:
     from hydra.errors import InstantiationException
     from hydra.utils import get_class, instantiate
@@ -234,7 +265,7 @@ def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
     rel = run_relpath(cfg)
     run_dir = Path(cfg["paths"]["results"]) / rel
     art_dir = Path(cfg["paths"]["artifacts"]) / "runs" / rel
-    if (row := read_row(run_dir)) is not None:
+    if (row := current_row(cfg, run_dir, art_dir, retire=False)) is not None:
         _log(f"done already: {run_dir}")
         return row
     torch.manual_seed(cfg["seed"])
@@ -253,7 +284,7 @@ def _spine(cfg: dict, wall: dict[str, float]) -> Row | None:
     # its holder, so a killed run never blocks its own resume), then finds its row or resumes
     art_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(art_dir / "run.lock", on_wait=lambda who: _log(f"{run_dir} is being run by {who}; waiting")) as held:
-        row = read_row(run_dir)
+        row = current_row(cfg, run_dir, art_dir, retire=True)
         dist.broadcast(row is None)
         if row is not None:
             _log(f"done already (by the other copy): {run_dir}")

@@ -305,3 +305,36 @@ def test_unwritable_results_folder_stops_before_the_run(tmp_path, capsys):
         assert "paths.results" in err and "not writable" in err
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def test_a_row_of_another_teacher_is_moved_aside_and_redone(tmp_path, artifacts, capsys):
+    """The teacher file changes under a finished row (trained again, model.ckpt replaced): the row's
+    teacher_sha256 no longer matches, so the run folder is moved to a hidden sibling (kept, not reported),
+    the run's artifacts are dropped and the run is redone from the new teacher. With no teacher here to
+    compare with, the row stands."""
+    import shutil
+
+    from bench.run import teacher_dir
+    from tests.conftest import compose
+
+    ensure_teacher(artifacts)
+    own = tmp_path / "art"
+    cfg = compose(TINY + [f"paths.results={tmp_path / 'runs'}", f"paths.artifacts={own}"], "first_k")
+    shared = compose(TINY + [f"paths.artifacts={artifacts}"])
+    shutil.copytree(teacher_dir(shared), teacher_dir(cfg))  # this test's own copy of the session's teacher
+    first = execute(cfg)
+    run_dir, art_dir = _paths(cfg)
+    final = teacher_dir(cfg) / "final.pt"
+    state = torch.load(final, map_location="cpu", weights_only=False)
+    state["ema"] = {k: v * 1.05 if v.is_floating_point() else v for k, v in state["ema"].items()}  # another teacher
+    torch.save(state, final)
+    capsys.readouterr()
+    second = execute(cfg)
+    assert "the teacher is now" in capsys.readouterr().out
+    assert second.teacher_sha256 != first.teacher_sha256 and second.metrics != first.metrics
+    hidden = run_dir.with_name(f".{run_dir.name}.teacher-{first.teacher_sha256[:12]}")
+    assert json.loads((hidden / "row.json").read_text())["teacher_sha256"] == first.teacher_sha256
+    df = load_rows(tmp_path / "runs")
+    assert len(df) == 1 and df.iloc[0]["teacher_sha256"] == second.teacher_sha256
+    shutil.rmtree(teacher_dir(cfg))  # no teacher to compare with: the row stands
+    assert comparable(execute(cfg)) == comparable(second) and not list(run_dir.parent.glob(f".{run_dir.name}*-2*"))

