@@ -192,7 +192,7 @@ def test_tier_sh_sends_a_new_teacher_back_and_a_fresh_machine_takes_it_in(tmp_pa
     def call(name, art, out=None):
         env = {**os.environ, "BENCH_PYTHON": sys.executable, "BENCH_ARTIFACTS": str(art), "TIER_DEVICE": "cpu",
                "TIER_STAGE": str(tmp_path / name), "TIER_RESULTS": str(tmp_path / "results"),
-               "TIER_PARTS": str(tmp_path / "parts"), "TIER_CHUNK_S": "300", "OUT": str(out or tmp_path / f"{name}_out")}
+               "TIER_PARTS": str(tmp_path / "parts"), "INCEPTION_DIR": str(tmp_path / "assets"), "TIER_CHUNK_S": "300", "OUT": str(out or tmp_path / f"{name}_out")}
         r = subprocess.run(["bash", "bench/gpu/tier.sh", "stage"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -216,3 +216,42 @@ def test_tier_sh_sends_a_new_teacher_back_and_a_fresh_machine_takes_it_in(tmp_pa
     assert "teacher=yes" in out and "sha256 checked" in out
     assert (tmp_path / "art2" / tdir.relative_to(tmp_path / "art1") / "final.pt").read_bytes() == weights
     assert not list((tmp_path / "machine2_out").glob("teacher.part-*"))  # recorded already: not sent again
+
+
+def test_the_inception_weights_travel_in_three_parts_and_join_to_the_same_file(tmp_path):
+    """bench/gpu/inception.sh: prep splits the installed default_1.pt into parts of <= 30 MB (each fits one GPU
+    call beside the tracked tree), one folder per carry; the GPU side joins them only once all have come, into
+    the byte-identical file."""
+    import os
+    import subprocess
+    import sys
+
+    from bench import assets
+    from tests.conftest import ROOT
+
+    src = assets.resolve("fid-helper-inception")
+    env = {**os.environ, "BENCH_PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "INCEPTION_DIR": str(tmp_path / "gpu")}
+
+    def sh(cmd):
+        r = subprocess.run(["bash", "-c", f"set -uo pipefail; log() {{ echo \"$*\"; }}; . {ROOT}/bench/gpu/inception.sh; {cmd}"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    sh("inception_split")
+    parts = sorted((tmp_path / ".gpuassets").glob("i*/inception.part-*"))
+    assert [p.relative_to(tmp_path / ".gpuassets").as_posix() for p in parts] == \
+        [f"i{k}/inception.part-{k}-of-3" for k in (1, 2, 3)]
+    assert max(p.stat().st_size for p in parts) <= 30_000_000 and sum(p.stat().st_size for p in parts) == src.stat().st_size
+    assert sh("inception_carries").split("\n")[:3] == [f'carry [".gpuassets/i{k}"]' for k in (1, 2, 3)]
+    hidden = tmp_path / "later"
+    hidden.mkdir()
+    (tmp_path / ".gpuassets" / "i3").rename(hidden / "i3")  # the third call has not come yet
+    sh("inception_stage")
+    assert not (tmp_path / "gpu" / "default_1.pt").exists() and len(list((tmp_path / "gpu").iterdir())) == 2
+    for k in (1, 2):
+        (tmp_path / ".gpuassets" / f"i{k}" / f"inception.part-{k}-of-3").unlink()  # each call carries one folder
+    (hidden / "i3").rename(tmp_path / ".gpuassets" / "i3")
+    assert "joined" in sh("inception_stage")
+    assert [p.name for p in (tmp_path / "gpu").iterdir()] == ["default_1.pt"]
+    assert assets.sha256_file(tmp_path / "gpu" / "default_1.pt") == assets.get("fid-helper-inception").sha256

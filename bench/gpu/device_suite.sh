@@ -1,23 +1,21 @@
 #!/usr/bin/env bash
 # Run the embedded default suite on a GPU machine that has torch but none of our other deps.
 # Wheels come in ./.whl (README: the wheel recipe); the offline Inception file (87 MB, over one
-# transfer) is joined from two parts: $BENCH_INCEPTION_PART1 (default /tmp/assets/part1, left by an
-# earlier call) and $BENCH_INCEPTION_PART2 (default .gpuassets/b/part2, carried with the tree);
+# transfer with the tree) comes in the parts of bench/gpu/inception.sh, carried by earlier calls
+# (`bash bench/gpu/tier.sh prep` writes them; carry [".gpuassets/i1"], [".gpuassets/i2"], [".gpuassets/i3"]
+# with `bash bench/gpu/tier.sh stage`, then this script with carry [".whl"]), joined in /tmp/assets;
 # bench.assets checks the joined file's sha256. Rows and reports are packed into $OUT.
 #   bash bench/gpu/device_suite.sh [hydra overrides...]      e.g. eval=inception
 # run_all.sh sees device=cuda and runs one phase with the same eval for every row.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . bench/gpu/wheels.sh  # the carried wheels into /tmp/site, on PYTHONPATH
-mkdir -p /tmp/assets
-PART1=${BENCH_INCEPTION_PART1:-/tmp/assets/part1}
-PART2=${BENCH_INCEPTION_PART2:-.gpuassets/b/part2}
-if [ -f "$PART1" ] && [ -f "$PART2" ]; then
-  cat "$PART1" "$PART2" > /tmp/assets/default_1.pt
-elif [ ! -f /tmp/assets/default_1.pt ]; then
-  echo "[device_suite] no Inception parts ($PART1, $PART2) and no /tmp/assets/default_1.pt: eval=inception will stop" >&2
-fi
-export BENCH_ASSETS=/tmp/assets
+log() { echo "[device_suite] $*"; }
+. bench/gpu/inception.sh
+inception_stage
+[ -f "$INCEPTION_DIR/default_1.pt" ] ||
+  log "no Inception weights in $INCEPTION_DIR (calls with $(inception_carries | paste -sd, -) first): eval=inception will stop" >&2
+export BENCH_ASSETS=$INCEPTION_DIR
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 export BENCH_PYTHON=python3 BENCH_RESULTS=${BENCH_RESULTS:-results/gpu/runs} BENCH_REPORT=${BENCH_REPORT:-gpu}

