@@ -27,8 +27,7 @@ The statistics, and why these:
   uncorrected per method (about 1 in 20 methods that do not differ comes out "differs"), so Holm's
   step-down correction over the methods of a budget is given beside.
 
-Student-t quantiles and p-values are computed here (regularised incomplete beta, Numerical Recipes'
-continued fraction), so the module needs no scipy.
+Student-t quantiles and p-values come from scipy.stats.t.
 """
 from __future__ import annotations
 
@@ -53,55 +52,20 @@ LOWER_IS_BETTER = {"fid": True, "kid": True, "sfid": True, "fd_clf": True, "prec
 SHOWN = ["fid", "kid", "precision", "recall"]  # columns of the table beside the ranked metric
 
 
-# ---------------------------------------------------------------- Student t, without scipy
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (Numerical Recipes 6.4, modified Lentz)."""
-    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 400):
-        m2 = 2 * m
-        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(ln) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(ln) * _betacf(b, a, 1.0 - x) / b
-
-
+# ---------------------------------------------------------------- Student t (scipy.stats)
 def t_two_sided_p(t: float, df: int) -> float:
     """P(|T| >= |t|) for Student's t with df degrees of freedom."""
-    if math.isinf(t):
-        return 0.0
-    return betainc(df / 2.0, 0.5, df / (df + t * t))
+    from scipy.stats import t as student
+
+    return 0.0 if math.isinf(t) else float(2.0 * student.sf(abs(t), df))
 
 
 @lru_cache(maxsize=None)
 def t_quantile(level: float, df: int) -> float:
     """The two-sided critical value: P(|T| <= q) = level (0.95, df 2 -> 4.3027)."""
-    lo, hi = 0.0, 1.0
-    while t_two_sided_p(hi, df) > 1.0 - level:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 1.0 - level else (lo, mid)
-    return 0.5 * (lo + hi)
+    from scipy.stats import t as student
+
+    return float(student.ppf(0.5 + level / 2.0, df))
 
 
 # ---------------------------------------------------------------- the statistics
