@@ -97,14 +97,15 @@ def _hydra_error(e: Exception) -> BenchError:
     return BenchError(f"{text or type(e).__name__} (check the overrides: key=value, +key=value to add a key)")
 
 
-def expand(overrides: list[str]) -> tuple[str, list[Cell]]:
-    """(experiment name, cells) of `python -m bench.run -m <overrides>`."""
+def sweep_jobs(overrides: list[str]) -> tuple[str, dict, list, list[list[str]]]:
+    """(experiment name, its sweeper params, the parsed command-line overrides, every job's overrides) of
+    `python -m bench.run -m <overrides>`, from one compose: what the sweep runs, without the cells' configs."""
     from hydra import compose, initialize_config_module
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     parser = OverridesParser.create()
@@ -118,8 +119,27 @@ def expand(overrides: list[str]) -> tuple[str, list[Cell]]:
             head = compose("run", overrides=first, return_hydra_config=True)
             experiment = head.hydra.runtime.choices.get("experiment") or "run"
             params = OmegaConf.to_container(head.hydra.sweeper.params, resolve=True) or {}
-            args = [f"{k}={v}" for k, v in params.items()] + list(overrides)
-            jobs = BasicSweeper.split_arguments(parser.parse_overrides(args), None)[0]
+        args = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+        jobs = [list(j) for j in BasicSweeper.split_arguments(parser.parse_overrides(args), None)[0]]
+    except (HydraException, OmegaConfBaseException) as e:
+        raise _hydra_error(e) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return experiment, params, user, jobs
+
+
+def expand(overrides: list[str]) -> tuple[str, list[Cell]]:
+    """(experiment name, cells) of `python -m bench.run -m <overrides>`."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    experiment, params, user, jobs = sweep_jobs(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="bench.conf", version_base="1.3"):
             cells = []
             for job in jobs:
                 c = compose("run", overrides=job, return_hydra_config=True)

@@ -50,9 +50,10 @@ METRICS = {"fid": ("FID", "↓"), "sfid": ("sFID", "↓"), "is": ("IS", "↑"), 
 COSTS = {"params_M": "params (M)", "macs_G": "MACs (G)", "keep_macs": "keep MACs", "latency_ms": "latency (ms) ↓"}
 QUALITY_PREF = figures.QUALITY_PREF  # y axis of the figure: real FID when every line has it
 PROXY_NOTE = "classifier-feature Frechet distance, not Inception FID"
-FLAGGED_DENSE_NOTE = ("speedup is blank: the dense row's latency is flagged (spread or busy machine, see its "
-                      "warnings); rerun its timing on an idle machine")
-FLAGGED_NOTE = "speedup is blank where the latency is flagged (spread or busy machine, see the rows' warnings): "
+FLAGGED_DENSE_NOTE = ("speedup is blank: the dense row's latency is flagged (spread, busy machine or shared device, see "
+                      "its warnings); rerun its timing on an idle machine, or python -m bench.latency_pass over the rows")
+FLAGGED_NOTE = ("speedup is blank where the latency is flagged (spread, busy machine or shared device, see the rows' "
+                "warnings): ")
 NO_DENSE_NOTE = ("speedup is blank: this group has no dense row with a latency on the same device, mode, dtype and batch "
                  "to divide by (the figure uses keep MACs instead)")
 LAUNCH_NOTE = ("speedup is blank: the dense forward takes {ms:.3g} ms on {device}, under {limit:g} ms, so the GPU mostly "
@@ -61,9 +62,10 @@ LAUNCH_NOTE = ("speedup is blank: the dense forward takes {ms:.3g} ms on {device
 INDIST_NOTE = "≈1: the speedup's 95% interval contains 1; the timings cannot tell it from the dense model"
 INTRO = ("Cells are mean ± std over seeds (sample std; omitted for one seed), or with one seed a metric's own 95% "
          "bootstrap interval [lo, hi] where it has one. ↑/↓ = better direction.")
-PASS_NOTE = ("speedup: dense and every architecture timed interleaved in one process (bench.latency_pass, {device}, "
-             "{date}); a line's speedup is the geometric mean of its rows' paired ratios (dense / pruned), its "
-             "interval the envelope [min lo, max hi] of their 95% intervals")
+PASS_NOTE = ("latency and speedup: dense and every architecture timed interleaved in one process (bench.latency_pass, "
+             "{device}, {date}); a line's latency is the mean of its rows' medians there, its speedup the geometric "
+             "mean of their paired ratios (dense / pruned), its interval the envelope [min lo, max hi] of their 95% "
+             "intervals")
 PASS_SKIPPED_NOTE = "lines the pass did not time keep their rows' separate-run speedup: "
 SPEEDUP_TEXT = ("speedup = dense latency / latency within one group (same device, mode, dtype, batch), with its 95% "
                 "interval from the rows' repeated timings; ≈1 marks an interval that contains 1; a GPU group whose dense "
@@ -228,7 +230,8 @@ def summarize(g: pd.DataFrame, latency_pass: dict | None = None) -> tuple[pd.Dat
 def pass_speedups(lines: pd.DataFrame, g: pd.DataFrame, keys: list[str], latency_pass: dict | None
                    ) -> tuple[pd.DataFrame, pd.Series, dict[str, list[str]]]:
     """(lines, which lines the pass timed, {reason: lines it did not time}): a line whose every row has
-    a record in the latency pass takes speedup = the geometric mean of the rows' paired ratios,
+    a record in the latency pass takes latency_ms = the mean of the rows' medians there (pruned_ms) and
+    speedup = the geometric mean of the rows' paired ratios,
     speedup_lo / _hi = the envelope [min lo, max hi] of their intervals, "≈1" when that contains 1; the
     dense line 1. lines.attrs["pass_dense_ms"]: the median dense forward the pass timed (launch-bound rule)."""
     covered = pd.Series(False, index=lines.index)
@@ -248,6 +251,11 @@ def pass_speedups(lines: pd.DataFrame, g: pd.DataFrame, keys: list[str], latency
             continue
         covered[i] = True
         dense_ms += [q["dense_ms"] for q in got]
+        if all(q.get("pruned_ms") is not None for q in got):
+            ms = [q["pruned_ms"] for q in got]
+            lines.at[i, "latency_ms"] = statistics.fmean(ms)
+            if "latency_ms_std" in lines.columns:
+                lines.at[i, "latency_ms_std"] = statistics.stdev(ms) if len(ms) > 1 else float("nan")
         if r["method"] == DENSE:
             s, lo, hi = 1.0, float("nan"), float("nan")
         else:

@@ -122,7 +122,7 @@ class Row:
     finetune_compile: bool = False
     eval_precision: str = "fp32"
     eval_compile: bool = False
-    latency_flags: list[str] = field(default_factory=list)  # "spread" / "busy": no speedup from this latency
+    latency_flags: list[str] = field(default_factory=list)  # "spread" / "busy" / "shared": no speedup from it
     latency_others_cores: float | None = None  # CPU cores other processes used while it was timed (None: unknown)
     warnings: list[str] = field(default_factory=list)  # protocol caveats, e.g. Inception n < 10k (also in log.jsonl)
     # sha256 of the dense weights every method started from (model.ckpt's file, or the final.pt of the

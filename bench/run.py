@@ -204,7 +204,7 @@ def cost(net, cfg: dict, device: str) -> dict:
 
 def latency_warnings(c: dict) -> list[str]:
     """The row's words for a timing that cannot be trusted (bench.metrics.cost.latency_flags)."""
-    from bench.metrics.cost import SPREAD_MAX, busy_cores_max
+    from bench.metrics.cost import SPREAD_MAX, busy_cores_max, shared_device
 
     out = []
     if "spread" in c["flags"]:
@@ -214,6 +214,10 @@ def latency_warnings(c: dict) -> list[str]:
         out.append(f"latency busy: other processes used {c['others_cores']:.2g} cores while it was timed "
                    f"(> {busy_cores_max():.2g}); rerun the timing on an idle machine (delete row.json: only "
                    "scoring and timing are redone); no speedup is computed from it")
+    if "shared" in c["flags"]:
+        out.append(f"latency shared: timed while {shared_device()} workers shared the device "
+                   "(BENCH_SHARED_DEVICE); no speedup is computed from it: python -m bench.latency_pass times every "
+                   "row's architecture in one process")
     return out
 
 

@@ -443,7 +443,7 @@ def test_speedups_from_a_latency_pass_record(report):
     are named; a GPU group whose dense forward in the pass is launch-bound gets none."""
     _, _, df = report
     ok = df[(df.status == "ok") & (df.device == "cpu")]
-    runs = {r: {"speedup": s, "lo": lo, "hi": hi, "dense_ms": 9.0}
+    runs = {r: {"speedup": s, "lo": lo, "hi": hi, "dense_ms": 9.0, "pruned_ms": 9.0 / s}
             for r, s, lo, hi in [("dense-1.0-s0-cpu", 1.0, 1.0, 1.0), ("magnitude-0.5-s0-cpu", 1.8, 1.7, 1.9),
                                  ("magnitude-0.5-s1-cpu", 2.0, 1.9, 2.1), ("magnitude-0.5-s2-cpu", 2.2, 2.1, 2.3),
                                  ("taylor-0.75-s0-cpu", 1.01, 0.95, 1.08)]}
@@ -455,6 +455,11 @@ def test_speedups_from_a_latency_pass_record(report):
     assert t.loc[("magnitude", 0.5), "speedup"] == pytest.approx((1.8 * 2.0 * 2.2) ** (1 / 3))
     assert (t.loc[("magnitude", 0.5), "speedup_lo"], t.loc[("magnitude", 0.5), "speedup_hi"]) == (1.7, 2.3)
     assert t.loc[("taylor", 0.75), "speedup_note"] == "≈1" and t.loc[("dense", 1.0), "speedup"] == 1.0
+    # the latency column comes from the pass too (the mean of the rows' medians there), not from the rows' runs
+    ms = [9.0 / 1.8, 9.0 / 2.0, 9.0 / 2.2]
+    assert t.loc[("magnitude", 0.5), "latency_ms"] == pytest.approx(sum(ms) / 3) and t.loc[("dense", 1.0), "latency_ms"] == 9.0
+    assert t.loc[("magnitude", 0.5), "latency_ms_std"] == pytest.approx(pd.Series(ms).std())
+    assert t.loc[("magnitude", 0.75), "latency_ms"] == b.loc[("magnitude", 0.75), "latency_ms"]  # not in the pass
     for line in [("taylor", 0.5), ("magnitude", 0.75)]:  # not in the record: the rows' own speedups
         assert t.loc[line, "speedup"] == b.loc[line, "speedup"] and t.loc[line, "speedup_lo"] == b.loc[line, "speedup_lo"]
     assert "bench.latency_pass, cpu, 2026-12-07T10:00:00Z" in note and "envelope [min lo, max hi]" in note

@@ -180,6 +180,26 @@ def test_a_timing_on_a_busy_machine_is_flagged(one_thread):
     assert busy["others_cores"] > busy_cores_max()
 
 
+def test_a_timing_on_a_device_shared_by_design_is_flagged(monkeypatch):
+    """BENCH_SHARED_DEVICE=2 (bench/gpu/tier.sh's TIER_WORKERS=2: two workers on one GPU, a load no CPU
+    probe sees): the record says 'shared' and the row's warning names the latency pass; a value that is not
+    a count stops with the fix."""
+    from bench.api import BenchError
+    from bench.metrics.cost import benchmark_forward
+    from bench.run import latency_warnings
+
+    lin, x = torch.nn.Linear(8, 8), (torch.randn(2, 8),)
+    assert "shared" not in benchmark_forward(lin, x, "cpu", warmup=1, reps=20)["flags"]
+    monkeypatch.setenv("BENCH_SHARED_DEVICE", "2")
+    rec = benchmark_forward(lin, x, "cpu", warmup=1, reps=20)
+    assert "shared" in rec["flags"] and rec["shared_device"] == 2
+    words = latency_warnings({"flags": ["shared"]})
+    assert len(words) == 1 and "2 workers shared the device" in words[0] and "bench.latency_pass" in words[0]
+    monkeypatch.setenv("BENCH_SHARED_DEVICE", "two")
+    with pytest.raises(BenchError, match="number of processes sharing the device"):
+        benchmark_forward(lin, x, "cpu", warmup=1, reps=20)
+
+
 def _row(method, keep, seed, latency, flags=(), steps=80, run=None):
     from bench.results import Row
     return Row(run=run or f"m/{method}/{keep}-s{seed}-{steps}", config_sha=f"{method}{keep}{seed}{steps}", model="M",

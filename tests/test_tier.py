@@ -255,3 +255,26 @@ def test_the_inception_weights_travel_in_three_parts_and_join_to_the_same_file(t
     assert "joined" in sh("inception_stage")
     assert [p.name for p in (tmp_path / "gpu").iterdir()] == ["default_1.pt"]
     assert assets.sha256_file(tmp_path / "gpu" / "default_1.pt") == assets.get("fid-helper-inception").sha256
+
+
+def test_workers_share_every_run_once_and_keep_their_split_when_the_list_grows():
+    """tier.sh TIER_WORKERS=2: the workers' shares of the tier's commands and the runs that go alone after them
+    (Diff-ES: routed, which the latency pass cannot retime) cover every run exactly once, each worker gets about
+    half, and a command's split does not change when the CED screen's winner joins the list."""
+    from collections import Counter
+
+    from bench.gpu import tier
+
+    def runs(commands):  # each run as its overrides (the last value of a key wins, as in hydra)
+        return Counter(frozenset(dict(o.split("=", 1) for o in job).items()) for cmd in commands for job in tier.jobs(cmd))
+
+    base = tier.sweeps(None)
+    shares = [tier.share(base, 2, w) for w in (0, 1)]
+    everything, got, solo = runs(base), [runs(s) for s in shares], runs(tier.alone(base))
+    assert sum(everything.values()) == 133 and got[0] + got[1] + solo == everything
+    assert not set(got[0]) & set(got[1]) and {dict(r)["method"] for r in solo} == {"diffes"} and len(solo) == 6
+    assert abs(sum(got[0].values()) - sum(got[1].values())) <= 12
+    assert tier.share(base, 1, 0) == base
+    grown = tier.sweeps(["method.outputs=x0"])
+    for w in (0, 1):
+        assert all(c in tier.share(grown, 2, w) for c in shares[w])  # what a worker had, it keeps

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -64,6 +65,61 @@ def commands() -> list[list[str]]:
     """The tier's commands as they stand now (the best CED variant's once the screen is done)."""
     best = ced_best()
     return sweeps(best["overrides"] if best else None)
+
+
+def jobs(cmd: list[str]) -> list[list[str]]:
+    """The runs of one command as bench.run -m would sweep them (each run's overrides), from one compose."""
+    from bench.cost import sweep_jobs
+
+    return sweep_jobs([*cmd, *BASE])[3]
+
+
+def method_of(job: list[str]) -> str:
+    return [o.split("=", 1)[1] for o in job if o.startswith("method=")][-1]
+
+
+@lru_cache(maxsize=None)
+def runs_alone(method: str) -> bool:
+    """Rows that keep their own latency timing, because bench.latency_pass cannot retime their models: the
+    routed, stage-wise ones (granularity "stage": Diff-ES). With several workers they run alone, after the
+    workers' shares (`alone`)."""
+    from bench import registry
+
+    cls = registry.method_class(registry.load(method).get("_target_"))
+    return cls is not None and cls.granularity == "stage"
+
+
+def share(commands: list[list[str]], workers: int, worker: int) -> list[list[str]]:
+    """Worker `worker`'s share of the commands when `workers` processes run the tier together on one GPU
+    (tier.sh TIER_WORKERS): each command's methods are dealt out in turn (a `method=a,c,...` override), a
+    one-method command goes whole, and where the dealing starts is a function of the command's text only, so
+    a command keeps its split when the list grows (the CED screen's winner joins at seeds 1 and 2). Methods
+    that run alone (`runs_alone`) are in no share."""
+    import zlib
+
+    if workers == 1:
+        return [list(c) for c in commands]
+    out = []
+    for cmd in commands:
+        start = zlib.crc32(" ".join(cmd).encode()) % workers
+        methods = [m for m in dict.fromkeys(method_of(job) for job in jobs(cmd)) if not runs_alone(m)]
+        if any(o.startswith("method=") for o in cmd):
+            out += [list(cmd)] if methods and start == worker else []
+            continue
+        mine = [m for i, m in enumerate(methods) if (start + i) % workers == worker]
+        out += [[*cmd, "method=" + ",".join(mine)]] if mine else []
+    return out
+
+
+def alone(commands: list[list[str]]) -> list[list[str]]:
+    """The commands' runs of the methods that run alone (`runs_alone`), in order: one process, after the
+    workers' shares."""
+    out = []
+    for cmd in commands:
+        methods = [m for m in dict.fromkeys(method_of(job) for job in jobs(cmd)) if runs_alone(m)]
+        if methods:
+            out.append(list(cmd) if any(o.startswith("method=") for o in cmd) else [*cmd, "method=" + ",".join(methods)])
+    return out
 
 
 def ced_best() -> dict | None:
@@ -370,7 +426,10 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("status")
     sub.add_parser("teacher-dir")
-    sub.add_parser("commands", help="the bench.run -m overrides of the tier's commands, one line each, in run order")
+    p = sub.add_parser("commands", help="the bench.run -m overrides of the tier's commands, one line each, in run order")
+    p.add_argument("--workers", type=int, default=1, help="processes that run the tier together on one GPU")
+    p.add_argument("--worker", type=int, default=0, help="this worker's index, 0 .. workers - 1: its share")
+    p.add_argument("--alone", action="store_true", help="the runs that keep their own latency (after the workers)")
     p = sub.add_parser("plan")
     p.add_argument("--timings", help="a tier_measure.json (from `measure`) instead of the estimates")
     p.add_argument("--cfg-scale", type=float, default=None, help="project another guidance scale (1.5: twice the NFE)")
@@ -405,7 +464,10 @@ def main(argv=None) -> int:
         elif a.cmd == "teacher-dir":
             print(teacher_dir())
         elif a.cmd == "commands":
-            print("\n".join(" ".join(c) for c in commands()))
+            if not 0 <= a.worker < a.workers:
+                raise BenchError(f"--worker {a.worker} of --workers {a.workers}: give 0 <= worker < workers")
+            cmds = alone(commands()) if a.alone else share(commands(), a.workers, a.worker)
+            print("\n".join(" ".join(c) for c in cmds))
         elif a.cmd == "plan":
             t = json.loads(Path(a.timings).read_text())["timings"] if a.timings else None
             print(plan_text(project(t, a.cfg_scale)))

@@ -19,6 +19,13 @@
 #                                     best variant at seeds 1, 2: python -m bench.gpu.tier commands) until
 #                                     the call's time is up; once `status` says every row is done, the
 #                                     latency pass (as `latency`) when its record is missing or older than a row
+#                                     TIER_WORKERS=N: N processes share the GPU, each with its share of every
+#                                     command's methods (python -m bench.gpu.tier commands --workers N --worker
+#                                     i), so one's CPU work (start, planning, scoring statistics) and launch
+#                                     gaps overlap the other's kernels; their rows' own latencies are flagged
+#                                     "shared" (BENCH_SHARED_DEVICE), and the latency pass gives the table's
+#                                     latencies and speedups; rows it cannot retime (routed: Diff-ES) run alone
+#                                     after the workers (--alone). Default 1 (one row at a time, in order)
 #   bash bench/gpu/tier.sh latency    GPU: python -m bench.latency_pass over the rows: dense and every row's
 #                                     architecture timed interleaved in one process -> <rows>/latency_pass.json,
 #                                     which the report's speedups then come from (packed with the rows)
@@ -57,6 +64,7 @@ STAGE=${TIER_STAGE:-/tmp/tier}        # a warm machine keeps this between calls
 RESULTS=${TIER_RESULTS:-results/gpu/tier}  # the checkout's rows: what a call carries in and packs
 ROWS=${TIER_ROWS:-$STAGE/rows}           # where the runs write: kept between warm calls
 DEVICE=${TIER_DEVICE:-cuda}
+WORKERS=${TIER_WORKERS:-1}               # bench.run processes sharing the GPU (rows at once; see the header)
 read -r -a EXTRA <<< "${TIER_OVERRIDES:-}"  # extra overrides of every run (a CPU smoke test shrinks the model)
 PARTS=${TIER_PARTS:-results/gpu/tier_teacher}  # the committed teacher parts (tracked: they travel as code)
 WHEELS="hydra-core==1.3.8 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 tabulate==0.10.0 torch-fidelity==0.4.0
@@ -159,6 +167,23 @@ teacher_rows() {  # the teacher (trained by the first command, resumable) and it
   run_timed experiment=gpu_tier method=dense budget.keep=1.0 finetune.steps=0 seed=0 eval.cfg_scale=1.5 || return 124
 }
 
+tier_worker() {  # $1 = "--worker I" (worker I's share of the tier's commands: all of them with one worker) or
+  # "--alone" (the runs that keep their own latency), in order, until the call's time is up (1); pass 2 takes
+  # what the CED screen added meanwhile
+  local which ran=$'\n' pass line cmds ov
+  read -r -a which <<< "$1"
+  shift
+  for pass in 1 2; do
+    mapfile -t cmds < <("$PY" -m bench.gpu.tier commands --workers "$WORKERS" "${which[@]}")
+    for line in "${cmds[@]}"; do
+      case "$ran" in *$'\n'"$line"$'\n'*) continue ;; esac
+      read -r -a ov <<< "$line"
+      run_timed -m "${ov[@]}" "$@" || return 1
+      ran+="$line"$'\n'
+    done
+  done
+}
+
 latency() {  # the one-process latency pass over the rows (bench.latency_pass), in the time left
   local left=$((DEADLINE - $(date +%s)))
   if [ "$left" -lt 90 ]; then log "no time left for the latency pass: run \`bash bench/gpu/tier.sh latency\`"; return 124; fi
@@ -219,16 +244,17 @@ case "$CMD" in
   tier)
     ready || exit 1
     teacher_rows || exit 0
-    ran=$'\n'
-    for pass in 1 2; do  # the list as it stands (bench.gpu.tier commands); pass 2: what the CED screen added
-      mapfile -t cmds < <("$PY" -m bench.gpu.tier commands)
-      for line in "${cmds[@]}"; do
-        case "$ran" in *$'\n'"$line"$'\n'*) continue ;; esac
-        read -r -a ov <<< "$line"
-        run_timed -m "${ov[@]}" "$@" || exit 0
-        ran+="$line"$'\n'
+    if [ "$WORKERS" = 1 ]; then
+      tier_worker "--worker 0" "$@" || exit 0
+    else  # rows at once on the one GPU; their own latencies are flagged "shared", the latency pass replaces them
+      pids=()
+      for w in $(seq 0 $((WORKERS - 1))); do
+        ( export BENCH_SHARED_DEVICE=$WORKERS; tier_worker "--worker $w" "$@" 2>&1 | sed -u "s/^/[worker $w] /" ) &
+        pids+=($!)
       done
-    done
+      for p in "${pids[@]}"; do wait "$p"; done
+      tier_worker --alone "$@" || exit 0  # routed models (Diff-ES), which the latency pass cannot retime: alone
+    fi
     st=$("$PY" -m bench.gpu.tier status)
     echo "$st" | tail -3
     if echo "$st" | grep -qE '^rows done: ([0-9]+) of \1;' && latency_stale; then

@@ -366,6 +366,7 @@ def benchmark_forward(fn: Callable | torch.nn.Module, example_inputs: tuple, dev
         "mode": mode, "dtype": dtype, "device": device_name(device), "device_type": device.type,
         "torch": torch.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
         "others_cores": load.cores,
+        "shared_device": shared_device(),
     }
     rec["flags"] = latency_flags(rec)
     if device.type == "cuda":
@@ -421,15 +422,30 @@ class OtherLoad:
         return t.user + t.system
 
 
+def shared_device() -> int:
+    """How many processes share this device by design ($BENCH_SHARED_DEVICE: bench/gpu/tier.sh's
+    TIER_WORKERS runs rows concurrently on one GPU); 1 when unset."""
+    from bench.api import BenchError
+
+    v = os.environ.get("BENCH_SHARED_DEVICE", "1")
+    try:
+        return max(1, int(v))
+    except ValueError:
+        raise BenchError(f"BENCH_SHARED_DEVICE={v!r}: give the number of processes sharing the device (1: none)") from None
+
+
 def latency_flags(rec: dict) -> list[str]:
-    """Why a timing cannot be trusted: "spread" (IQR / median > SPREAD_MAX) and/or "busy" (other
-    processes used more than busy_cores_max() cores while it ran). Reports compute no speedup from
-    a flagged timing."""
+    """Why a timing cannot be trusted: "spread" (IQR / median > SPREAD_MAX), "busy" (other processes
+    used more than busy_cores_max() cores while it ran) and/or "shared" (taken while other workers
+    shared the device by design: BENCH_SHARED_DEVICE > 1, whose load on the GPU no CPU probe sees).
+    Reports compute no speedup from a flagged timing (the one-process latency pass replaces it)."""
     flags = []
     if rec["median_ms"] > 0 and rec["iqr_ms"] / rec["median_ms"] > SPREAD_MAX:
         flags.append("spread")
     if rec.get("others_cores") is not None and rec["others_cores"] > busy_cores_max():
         flags.append("busy")
+    if (rec.get("shared_device") or 1) > 1:
+        flags.append("shared")
     return flags
 
 
