@@ -109,7 +109,7 @@ fi
 for keep in 0.75 0.5; do sweep "$keep" "$@"; done
 
 # 3. EntPruner's own plots (CED per block and noise bin, depth over steps), then tables, figures and
-#    the HTML page from every row (the page inlines every reports/figures/$NAME_*.png, these too).
+#    the HTML page from every row (the page inlines its own figure and reports/figures/$NAME_entpruner_*.png).
 #    EntPruner removes blocks during fine-tuning, so its plan.json keeps them all: the bar chart's
 #    kept/removed colours come from the final model (bench.results final-plan: row, log surgery events).
 plans=$(mktemp -d)

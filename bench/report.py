@@ -540,8 +540,9 @@ def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list
     for path, text in texts.items():
         atomic_write_text(path, text)
     figs = plot(groups, out / "figures" / f"{name}_quality_vs_speedup")
-    # the page inlines this figure and every other <name>_*.png in <out>/figures (EntPruner's plots)
-    pngs = [figs[0]] + sorted(p for p in (out / "figures").glob(f"{name}_*.png") if p != figs[0])
+    # the page inlines this figure and EntPruner's plots of these rows (run_all.sh: <name>_entpruner_*.png), not
+    # the figures of another report whose name starts with this one's (gpu_tier's beside gpu's)
+    pngs = [figs[0]] + sorted((out / "figures").glob(f"{name}_entpruner_*.png"))
     page = out / f"{name}.html"
     atomic_write_text(page, render_html(prov, name, df, groups, group_rows, failed, page, pngs, INTRO + " " + SPEEDUP_TEXT,
                                         apart, skipped or [], paper=comp))

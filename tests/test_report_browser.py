@@ -69,7 +69,8 @@ def driver():
 @pytest.fixture(scope="module")
 def page(tmp_path_factory) -> Path:
     """The report of tests/test_report.py's rows, with a second figure beside the report's own (as
-    EntPruner's plots are), so the page inlines two."""
+    EntPruner's plots are), so the page inlines two; a figure of another report whose name starts with this
+    one's is not inlined."""
     from matplotlib.figure import Figure
 
     from bench.report import build_report
@@ -89,6 +90,7 @@ def page(tmp_path_factory) -> Path:
     fig.subplots().plot([0, 1], [1, 0])
     (out / "figures").mkdir()
     fig.savefig(out / "figures" / "t_entpruner_blocks0.5_ced.png")
+    fig.savefig(out / "figures" / "t_tier_quality_vs_speedup.png")  # report "t_tier"'s figure
     paths = build_report(load_rows(runs), out, "t")
     return next(p for p in paths if p.suffix == ".html")
 
