@@ -51,7 +51,7 @@ COSTS = {"params_M": "params (M)", "macs_G": "MACs (G)", "keep_macs": "keep MACs
 QUALITY_PREF = figures.QUALITY_PREF  # y axis of the figure: real FID when every line has it
 PROXY_NOTE = "classifier-feature Frechet distance, not Inception FID"
 FLAGGED_DENSE_NOTE = ("speedup is blank: the dense row's latency is flagged (spread, busy machine or shared device, see "
-                      "its warnings); rerun its timing on an idle machine, or python -m bench.latency_pass over the rows")
+                      "its warnings); rerun its timing on an idle machine, or time every row in one process (the latency pass)")
 FLAGGED_NOTE = ("speedup is blank where the latency is flagged (spread, busy machine or shared device, see the rows' "
                 "warnings): ")
 NO_DENSE_NOTE = ("speedup is blank: this group has no dense row with a latency on the same device, mode, dtype and batch "

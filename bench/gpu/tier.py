@@ -69,9 +69,14 @@ def commands() -> list[list[str]]:
 
 def jobs(cmd: list[str]) -> list[list[str]]:
     """The runs of one command as bench.run -m would sweep them (each run's overrides), from one compose."""
+    return [list(j) for j in _jobs(tuple(cmd))]
+
+
+@lru_cache(maxsize=None)
+def _jobs(cmd: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
     from bench.cost import sweep_jobs
 
-    return sweep_jobs([*cmd, *BASE])[3]
+    return tuple(tuple(j) for j in sweep_jobs([*cmd, *BASE])[3])
 
 
 def method_of(job: list[str]) -> str:

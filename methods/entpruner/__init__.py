@@ -117,7 +117,8 @@ On the GPU tier (DiT-D28/2 Fashion-MNIST teacher, H100, seed 0, 2026-12-06; resu
 vote made 15 of 17 decisions (19 of the 21 blocks removed; `python -m methods.entpruner results/gpu/tier`), so
 the schedule adapts; FID 29.8 at keep 0.75 and 65.9 at 0.5 against one-shot CED's 24.8 / 46.4 and last_k's
 16.2 / 19.7. CED removes early and middle blocks (0.75: 3, 5, 6, 11, 13, 14, 16) where the best baselines drop
-the last ones. What the default CED measures there (methods.entpruner.inspect, results/gpu/tier/ced_inspect):
+the last ones. What the default CED measures there (methods.entpruner.inspect; the first teacher's
+results/gpu/tier_archive/teacher-4ead973a/ced_inspect):
 on eps outputs every Ledoit-Wolf intensity is 1.000, H equals the isotropic Gaussian's of the same total
 variance and that of the same estimator on N(0, I) noise (81.55 vs 82.03 nats), and CED follows the share of
 total variance a bypass changes (Spearman 0.99): a log ratio of total variances. On x0 outputs the estimator
@@ -132,7 +133,7 @@ cause) to <run_dir>/entpruner_decisions.jsonl; ``replay(path)`` rebuilds the fin
 methods/plots.py. ``python -m methods.entpruner.inspect --out DIR <bench.run overrides>`` shows what CED measures
 on a trained teacher (H against N(0, I) and the isotropic Gaussian of the same size and total variance, the
 Ledoit-Wolf intensity, every outputs x condition x estimator variant's CED, one-shot removals and rank
-correlations; the GPU tier's teacher: results/gpu/tier/ced_inspect).
+correlations; the GPU tier's first teacher: results/gpu/tier_archive/teacher-4ead973a/ced_inspect).
 Backbone-specific only through its adaptive schedule's proxies (methods.proxies: NTK and ZiCo over
 ``net.backbone``'s layers); CED and the removals use protocol members only.
 
