@@ -256,8 +256,38 @@ def ranking_markdown(rows: pd.DataFrame, metric: str = "fid", baselines=None, le
                       ("yes" if r["differs"] else "no") if pd.notna(r["p"]) else "",
                       ("yes" if r["holm"] else "no") if pd.notna(r["p"]) else ""]
             out.append("| " + " | ".join(map(str, cells)) + " |")
-        out.append("")
+        out += ["", *verdicts(lines, metric, level), ""]
     return "\n".join(out)
+
+
+def verdicts(lines: pd.DataFrame, metric: str = "fid", level: float = 0.95) -> list[str]:
+    """One line per budget fraction of `rank`'s lines: which methods the paired test separates from the best
+    baseline, or that none is and why (every Δ interval contains 0; the nearest miss, and the seeds behind it)."""
+    low, pct, out = LOWER_IS_BETTER.get(metric, True), f"{level:.0%}", []
+    for keep, g in lines[lines["method"] != DENSE].groupby("budget_keep", sort=False):
+        best = g["best_baseline"].dropna()
+        tested = g[g["p"].notna()]
+        head = f"- **budget {keep:g}**"
+        if best.empty or tested.empty:
+            out.append(f"{head}: no paired test (no baseline, or fewer than 2 seeds in common with it).")
+            continue
+        sep = tested[tested["differs"]]
+        if len(sep):
+            words = [f"{r['method']}{' (' + r['method_variant'] + ')' if r.get('method_variant') else ''} "
+                     f"{'better' if (r['diff'] < 0) == low else 'worse'} (Δ {_num(r['diff'])} [{_num(r['diff_lo'])}, "
+                     f"{_num(r['diff_hi'])}], p {_p(r['p'])}{', Holm too' if r['holm'] else ''})" for _, r in sep.iterrows()]
+            out.append(f"{head}: {len(sep)} of {len(tested)} methods differ from the best baseline {best.iloc[0]} at "
+                       f"{pct}: " + "; ".join(words) + ".")
+            continue
+        half = (tested["diff_hi"] - tested["diff_lo"]) / 2
+        near = tested.loc[(tested["diff"].abs() / half).idxmax()]
+        n = int(near["n_paired"])
+        out.append(f"{head}: none of {len(tested)} methods differs from the best baseline {best.iloc[0]} at {pct}: "
+                   f"every Δ interval contains 0. The nearest is {near['method']} (Δ {_num(near['diff'])} "
+                   f"[{_num(near['diff_lo'])}, {_num(near['diff_hi'])}] over {n} seeds): with {n} seeds a mean "
+                   f"difference must exceed {t_quantile(level, max(n - 1, 1)):.2f} standard errors of the per-seed "
+                   f"differences, and the seed-to-seed spread of these differences is larger than that allows.")
+    return out
 
 
 def has_seeds_to_compare(rows: pd.DataFrame) -> bool:

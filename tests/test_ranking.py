@@ -124,3 +124,20 @@ def test_bench_report_writes_the_ranking_beside_the_tables(tmp_path):
     paths = build_report(load_rows(tmp_path / "runs"), tmp_path / "out", "tier")
     rank_md = tmp_path / "out" / "tables" / "tier_ranking.md"
     assert rank_md in paths and "| blocks 0.5 | good | method |" in rank_md.read_text()
+
+
+def test_each_budget_says_which_methods_are_separated_or_that_none_is_and_why():
+    """Under each table, one line per budget: the methods the paired test separates from the best baseline
+    (better or worse), or, when none is, that every Δ interval contains 0, the nearest miss and the t it needs."""
+    from bench.ranking import verdicts
+
+    got = verdicts(rank(synthetic(), "fid", BASELINES), "fid")
+    half = next(v for v in got if v.startswith("- **budget 0.5**"))
+    assert "2 of 4 methods differ from the best baseline shortgpt at 95%" in half
+    assert "good better (Δ -2.00" in half and "magnitude_l1 worse (Δ 5.00" in half and "noisy" not in half
+    assert any(v.startswith("- **budget 0.75**: 1 of 1 methods differ") for v in got)
+    close = rows_of({"shortgpt": [20.0, 20.2, 19.8], "noisy": [17.0, 24.0, 16.0]})
+    [none] = verdicts(rank(pd.DataFrame(close), "fid", BASELINES), "fid")
+    assert none.startswith("- **budget 0.5**: none of 1 methods differs from the best baseline shortgpt at 95%")
+    assert "The nearest is noisy (Δ -1.00" in none and "exceed 4.30 standard errors" in none
+    assert "none of" in ranking_markdown(pd.DataFrame(close), "fid", BASELINES)
