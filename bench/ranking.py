@@ -128,11 +128,13 @@ def _is_baseline(name: str) -> bool:
 
 
 # ---------------------------------------------------------------- the ranking of one protocol group
-def rank(rows: pd.DataFrame, metric: str = "fid", baselines=None, level: float = 0.95) -> pd.DataFrame:
+def rank(rows: pd.DataFrame, metric: str = "fid", baselines=None, level: float = 0.95,
+         latency_pass: dict | None = None) -> pd.DataFrame:
     """One line per (method, budget, variant) of rows that share one protocol: mean and interval of
     `metric` (and of SHOWN), the seeds, the best baseline of its budget and the paired test against
-    it. `baselines`: method names (None: from the configs). Sorted by budget (largest first), then
-    by the mean, best first."""
+    it. `baselines`: method names (None: from the configs). The speedup: from the one-process latency
+    pass (bench.latency_pass.load) where it timed every row of the line, else the rows' own timings
+    (a flagged one gives none). Sorted by budget (largest first), then by the mean, best first."""
     col = f"m_{metric}"
     if col not in rows.columns:
         raise ValueError(f"no rows carry metric {metric!r}; metrics present: "
@@ -151,7 +153,10 @@ def rank(rows: pd.DataFrame, metric: str = "fid", baselines=None, level: float =
         for m in dict.fromkeys([metric, *SHOWN]):
             if f"m_{m}" in g.columns:
                 rec[m], rec[f"{m}_ci"], _ = mean_ci(g.loc[~dup, f"m_{m}"], level)
-        if "latency_ms" in g.columns and pd.notna(dense_ms):
+        timed = (latency_pass or {}).get("runs", {})
+        if timed and "run" in g.columns and g.loc[~dup, "run"].isin(list(timed)).all():
+            rec["speedup"], rec["speedup_ci"], _ = mean_ci([timed[r]["speedup"] for r in g.loc[~dup, "run"]], level)
+        elif "latency_ms" in g.columns and pd.notna(dense_ms):
             sp = dense_ms / g.loc[~dup, "latency_ms"]
             if "latency_flags" in g.columns:  # a flagged timing gives no speedup (bench.report)
                 sp = sp[~g.loc[~dup, "latency_flags"].map(lambda f: isinstance(f, list) and len(f) > 0)]
@@ -215,7 +220,8 @@ def _p(p) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def ranking_markdown(rows: pd.DataFrame, metric: str = "fid", baselines=None, level: float = 0.95) -> str:
+def ranking_markdown(rows: pd.DataFrame, metric: str = "fid", baselines=None, level: float = 0.95,
+                     latency_pass: dict | None = None) -> str:
     """One markdown table per protocol group of the ok rows (status 'ok' or no status column)."""
     ok = rows[rows["status"].eq("ok")] if "status" in rows.columns else rows
     keys = [k for k in PROTOCOL_KEYS if k in ok.columns]
@@ -230,7 +236,7 @@ def ranking_markdown(rows: pd.DataFrame, metric: str = "fid", baselines=None, le
     for gkey, g in ok.groupby(keys, dropna=False, sort=True):
         if metric not in [c[2:] for c in g.columns if c.startswith("m_") and g[c].notna().any()]:
             continue
-        lines = rank(g, metric, baselines, level)
+        lines = rank(g, metric, baselines, level, latency_pass)
         if lines.empty:
             continue
         k = dict(zip(keys, gkey if isinstance(gkey, tuple) else (gkey,)))
@@ -300,16 +306,17 @@ def has_seeds_to_compare(rows: pd.DataFrame) -> bool:
     return bool((n[n >= 2].groupby(level=0).size() >= 2).any())
 
 
-def ranking_files(rows: pd.DataFrame, path, metric: str | None = None) -> dict:
+def ranking_files(rows: pd.DataFrame, path, metric: str | None = None, latency_pass: dict | None = None) -> dict:
     """bench.report's hook: {path: markdown} when the rows hold seeds to compare, else {}. The metric:
-    Inception FID where the rows have it, else the classifier-feature distance."""
+    Inception FID where the rows have it, else the classifier-feature distance. `latency_pass`: the
+    rows folder's one-process latency record, whose speedups the lines take."""
     if not has_seeds_to_compare(rows):
         return {}
     if metric is None:
         metric = "fid" if "m_fid" in rows.columns and rows["m_fid"].notna().any() else "fd_clf"
     if f"m_{metric}" not in rows.columns:
         return {}
-    return {Path(path): ranking_markdown(rows, metric) + "\n"}
+    return {Path(path): ranking_markdown(rows, metric, latency_pass=latency_pass) + "\n"}
 
 
 def main(argv=None) -> int:
@@ -326,8 +333,10 @@ def main(argv=None) -> int:
     if df.empty:
         print(f"error: no readable row.json under {args.runs}", file=sys.stderr)
         return 1
+    from bench.latency_pass import load as load_latency_pass
+
     try:
-        text = ranking_markdown(df, args.metric, level=args.level) + "\n"
+        text = ranking_markdown(df, args.metric, level=args.level, latency_pass=load_latency_pass(args.runs)) + "\n"
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -531,7 +531,8 @@ def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list
     # ---- hook: ranking with confidence over seeds (bench.ranking, the GPU tier's module): <name>_ranking.md,
     # written only when two or more methods share a budget with >= 2 seeds each
     from bench.ranking import ranking_files
-    texts.update(ranking_files(df[df["status"].eq("ok")], out / "tables" / f"{name}_ranking.md"))
+    texts.update(ranking_files(df[df["status"].eq("ok")], out / "tables" / f"{name}_ranking.md",
+                               latency_pass=latency_pass))
     # ---- paper column (bench/paper.py): every number of results/paper.csv beside ours, in files of its own
     from bench import paper
     comp = paper.comparison(df)

@@ -141,3 +141,15 @@ def test_each_budget_says_which_methods_are_separated_or_that_none_is_and_why():
     assert none.startswith("- **budget 0.5**: none of 1 methods differs from the best baseline shortgpt at 95%")
     assert "The nearest is noisy (Δ -1.00" in none and "exceed 4.30 standard errors" in none
     assert "none of" in ranking_markdown(pd.DataFrame(close), "fid", BASELINES)
+
+
+def test_the_speedup_column_comes_from_the_latency_pass_where_it_timed_the_rows():
+    """Rows timed while workers shared the GPU are flagged (no speedup from them); the one-process latency
+    pass's paired ratios give the line's speedup instead, where it timed every row of the line."""
+    rows = synthetic().assign(latency_flags=[["shared"]] * len(synthetic()))
+    rows["run"] = [f"{m}-{k}-s{s}" for m, k, s in zip(rows["method"], rows["budget_keep"], rows["seed"])]
+    assert rank(rows, "fid", BASELINES)["speedup"].isna().all()  # flagged: none from the rows' own timings
+    timed = {r: {"speedup": 1.9 + 0.1 * s} for r, s in zip(rows["run"], rows["seed"]) if r.startswith("good-")}
+    lines = rank(rows, "fid", BASELINES, latency_pass={"runs": timed}).set_index("method")
+    assert lines.loc["good", "speedup"] == pytest.approx(2.0) and lines.loc["good", "speedup_ci"] > 0
+    assert math.isnan(lines.loc["noisy", "speedup"])  # not in the pass
