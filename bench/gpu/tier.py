@@ -107,8 +107,8 @@ def share(commands: list[list[str]], workers: int, worker: int) -> list[list[str
     out = []
     for cmd in commands:
         start = zlib.crc32(" ".join(cmd).encode()) % workers
-        methods = [m for m in dict.fromkeys(method_of(job) for job in jobs(cmd)) if not runs_alone(m)]
-        if any(o.startswith("method=") for o in cmd):
+        methods, whole = _methods(cmd, alone=False)
+        if whole:
             out += [list(cmd)] if methods and start == worker else []
             continue
         mine = [m for i, m in enumerate(methods) if (start + i) % workers == worker]
@@ -121,10 +121,17 @@ def alone(commands: list[list[str]]) -> list[list[str]]:
     workers' shares."""
     out = []
     for cmd in commands:
-        methods = [m for m in dict.fromkeys(method_of(job) for job in jobs(cmd)) if runs_alone(m)]
+        methods, whole = _methods(cmd, alone=True)
         if methods:
-            out.append(list(cmd) if any(o.startswith("method=") for o in cmd) else [*cmd, "method=" + ",".join(methods)])
+            out.append(list(cmd) if whole else [*cmd, "method=" + ",".join(methods)])
     return out
+
+
+def _methods(cmd: list[str], alone: bool) -> tuple[list[str], bool]:
+    """(the command's methods that run alone, or the others, in sweep order; whether the command names its
+    method itself, so that it goes whole)."""
+    methods = [m for m in dict.fromkeys(method_of(job) for job in jobs(cmd)) if runs_alone(m) == alone]
+    return methods, any(o.startswith("method=") for o in cmd)
 
 
 def ced_best() -> dict | None:

@@ -256,7 +256,7 @@ case "$CMD" in
       tier_worker --alone "$@" || exit 0  # routed models (Diff-ES), which the latency pass cannot retime: alone
     fi
     st=$("$PY" -m bench.gpu.tier status)
-    echo "$st" | tail -3
+    echo "$st" | grep -E '^(rows done|stale|CED screen|GPU time)'
     if echo "$st" | grep -qE '^rows done: ([0-9]+) of \1;' && latency_stale; then
       latency || log "latency pass: exit $? (the rows are packed anyway; rerun it: bash bench/gpu/tier.sh latency)"
     fi ;;
