@@ -113,8 +113,9 @@ def _panel(ax, pts: pd.DataFrame, x: str, style: dict, y_lower_better: bool, why
     f = d.iloc[front]
     ax.plot(f[x], f["y"], linestyle="--", color="0.4", linewidth=1, drawstyle="steps-pre" if x == "speedup"
             else "steps-post", zorder=2, gid="pareto")
-    for _, r in f.iterrows():
-        ax.annotate(r["label"], (r[x], r["y"]), textcoords="offset points", xytext=(4, 4), fontsize=6.5, color="0.2")
+    for (px, py), same in f.groupby([x, "y"], sort=False):  # methods at one point (one plan): one label
+        ax.annotate(" = ".join(same["label"]), (px, py), textcoords="offset points", xytext=(4, 4), fontsize=6.5,
+                    color="0.2")
 
 
 def quality_figure(groups: list, label=lambda c: c):

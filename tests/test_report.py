@@ -282,6 +282,23 @@ def test_figure_plots_one_point_per_line_with_the_pareto_front(report):
     assert _collections(cuda_m) == {"taylor": [[0.5, 28.0]]}
 
 
+def test_methods_at_one_point_share_one_label():
+    """Methods whose plans coincide (shortgpt, flux_lite and sensitivity pick the same blocks) sit on one
+    point: the front labels it once with every name, not with labels drawn over each other."""
+    from matplotlib.figure import Figure
+
+    from bench import figures
+
+    pts = pd.DataFrame({"method": ["dense", "shortgpt", "flux_lite", "taylor"],
+                        "label": ["dense", "shortgpt 0.5", "flux_lite 0.5", "taylor 0.5"],
+                        "speedup": [1.0, 1.9, 1.9, 1.5], "speedup_lo": math.nan, "speedup_hi": math.nan,
+                        "speedup_note": None, "keep_macs": [1.0, 0.5, 0.5, 0.6],
+                        "y": [20.0, 25.0, 25.0, 30.0], "y_lo": [20.0, 25.0, 25.0, 30.0], "y_hi": [20.0, 25.0, 25.0, 30.0]})
+    ax = Figure().subplots()
+    figures._panel(ax, pts, "speedup", figures._styles([(None, pts, None, None)]), True, None)
+    assert sorted(t.get_text() for t in ax.texts) == ["dense", "shortgpt 0.5 = flux_lite 0.5"]
+
+
 def _gpu_rows(dense_ms, lat=None, iqr=0.05):
     lat = lat or {0.5: dense_ms / 1.9}
     rows = [row("dense", 1.0, 0, 20.0, 90.0, dense_ms, 1.0, device="NVIDIA H100", latency_iqr_ms=iqr)]
