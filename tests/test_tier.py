@@ -106,6 +106,37 @@ def test_the_teacher_travels_in_checked_parts(tmp_path, monkeypatch):
         tier.import_teacher(tmp_path / "out")
 
 
+def test_a_teacher_cut_short_comes_back_as_its_resume_point(tmp_path, monkeypatch):
+    """A session whose GPU time ends between the teacher's two calls keeps its steps: export-resume packs
+    last.pt (when there is no final.pt), import-resume joins it on the next machine, checked, and never
+    over a teacher or a resume point at least as far along."""
+    import torch
+
+    from bench.api import BenchError
+    from bench.gpu import tier
+
+    monkeypatch.setenv("BENCH_ARTIFACTS", str(tmp_path / "art"))
+    monkeypatch.setattr(tier, "PART_BYTES", 1000)
+    tdir = tier.teacher_dir()
+    assert tier.export_resume(tmp_path / "out") is None  # not started
+    tdir.mkdir(parents=True)
+    torch.save({"step": 4000, "model": torch.arange(600.0)}, tdir / "last.pt")
+    rec = tier.export_resume(tmp_path / "out")
+    assert rec["step"] == 4000 and len(rec["parts"]) > 1 and rec["folder"] == f"teachers/{tdir.name}"
+    data = (tdir / "last.pt").read_bytes()
+    (tdir / "last.pt").unlink()  # a fresh machine
+    (tmp_path / "out" / "teacher-resume.part-01").write_bytes(b"x")  # damaged in transit
+    with pytest.raises(BenchError, match="do not give the sha256"):
+        tier.import_resume(tmp_path / "out")
+    tier._split(data, tmp_path / "out", "teacher-resume")
+    assert tier.import_resume(tmp_path / "out") == tdir / "last.pt" and (tdir / "last.pt").read_bytes() == data
+    torch.save({"step": 4500}, tdir / "last.pt")  # this machine trained further: kept
+    assert tier.import_resume(tmp_path / "out") is None and torch.load(tdir / "last.pt")["step"] == 4500
+    (tdir / "final.pt").write_bytes(b"done")
+    assert tier.export_resume(tmp_path / "out2") is None and tier.import_resume(tmp_path / "out") is None
+    assert tier.import_resume(tmp_path / "nothing") is None
+
+
 def test_the_tier_gpu_time_is_the_sum_of_the_calls_in_the_ledger(tmp_path):
     import json
 

@@ -8,6 +8,8 @@ transport between machines, its cost.
     python -m bench.gpu.tier export-teacher --out DIR   sha256 + teacher.json, final.pt split into < 16 MiB parts
     python -m bench.gpu.tier import-teacher [DIR]       join the parts (results/gpu/tier_teacher), check the
                                                         sha256, put final.pt in place
+    python -m bench.gpu.tier export-resume --out DIR    a teacher cut short: last.pt (its resume point) in parts
+    python -m bench.gpu.tier import-resume DIR          join them into the teacher folder's last.pt
 
 Rows: three commands of bench.run, in this order (a chunk that runs out of time leaves every finished
 row behind and the next chunk skips it): the teacher rows (dense, fine-tuned 0 steps: the teacher's
@@ -191,15 +193,8 @@ def export_teacher(out: Path, if_new: bool = False) -> dict | None:
             hashlib.sha256(data).hexdigest():
         return None
     cfg = cells([TEACHER_ROWS[0]])[0].cfg
-    parts = []
-    out.mkdir(parents=True, exist_ok=True)
-    for i in range(0, len(data), PART_BYTES):
-        name = f"teacher.part-{i // PART_BYTES:02d}"
-        (out / name).write_bytes(data[i:i + PART_BYTES])
-        parts.append({"name": name, "bytes": len(data[i:i + PART_BYTES]),
-                      "sha256": hashlib.sha256(data[i:i + PART_BYTES]).hexdigest()})
     rec = {"file": "final.pt", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-           "folder": f"teachers/{tdir.name}", "parts": parts,
+           "folder": f"teachers/{tdir.name}", "parts": _split(data, out, "teacher"),
            "config": {k: cfg[k] for k in TEACHER_KEYS}}
     log = tdir / "log.jsonl"  # the teacher's training log (loss, seconds per logged step)
     if log.is_file():
@@ -209,6 +204,66 @@ def export_teacher(out: Path, if_new: bool = False) -> dict | None:
     TEACHER_JSON.write_text(text)  # comes back with the rows; commit it
     (out / "teacher.json").write_text(text)
     return rec
+
+
+def _split(data: bytes, out: Path, stem: str) -> list[dict]:
+    """data into out/<stem>.part-00, -01, ... of at most PART_BYTES; their names, sizes and sha256."""
+    out.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i in range(0, len(data), PART_BYTES):
+        name, chunk = f"{stem}.part-{i // PART_BYTES:02d}", data[i:i + PART_BYTES]
+        (out / name).write_bytes(chunk)
+        parts.append({"name": name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
+    return parts
+
+
+def export_resume(out: Path) -> dict | None:
+    """A teacher cut short (no final.pt yet): its resume point (last.pt: weights, EMA, AdamW state, step) in
+    parts into out/ (teacher-resume.part-*, teacher-resume.json), so that a session whose GPU time or machine
+    ends between the teacher's two calls keeps the steps it trained. None when there is nothing to export."""
+    tdir = teacher_dir()
+    last = tdir / "last.pt"
+    if (tdir / "final.pt").is_file() or not last.is_file():
+        return None
+    import torch
+
+    data = last.read_bytes()
+    step = int(torch.load(last, map_location="cpu", weights_only=False)["step"])
+    rec = {"file": "last.pt", "step": step, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+           "folder": f"teachers/{tdir.name}", "parts": _split(data, out, "teacher-resume")}
+    (out / "teacher-resume.json").write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+    return rec
+
+
+def import_resume(src: Path) -> Path | None:
+    """Join teacher-resume.part-* from src into the teacher folder's last.pt (checked against src's
+    teacher-resume.json) unless the folder has a teacher or a resume point at least as far along."""
+    from bench.api import BenchError
+    from bench.io import atomic_write
+
+    meta = src / "teacher-resume.json"
+    if not meta.is_file():
+        return None
+    rec = json.loads(meta.read_text())
+    tdir = teacher_dir()
+    if f"teachers/{tdir.name}" != rec["folder"]:
+        raise BenchError(f"{meta} is for {rec['folder']}, the tier's teacher folder is teachers/{tdir.name}: the "
+                         "model, data or teacher config changed since; delete the resume parts")
+    dest = tdir / "last.pt"
+    if (tdir / "final.pt").is_file():
+        return None
+    if dest.is_file():
+        import torch
+
+        if int(torch.load(dest, map_location="cpu", weights_only=False)["step"]) >= rec["step"]:
+            return None
+    data = b"".join((src / p["name"]).read_bytes() for p in rec["parts"] if (src / p["name"]).is_file())
+    if hashlib.sha256(data).hexdigest() != rec["sha256"]:
+        raise BenchError(f"the resume parts in {src} do not give the sha256 {rec['sha256'][:12]}... of {meta.name}; "
+                         f"carry all of {[p['name'] for p in rec['parts']]}")
+    tdir.mkdir(parents=True, exist_ok=True)
+    atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
+    return dest
 
 
 def import_teacher(src: Path) -> Path | None:
@@ -453,6 +508,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("export-teacher")
     p.add_argument("--out", required=True)
     p.add_argument("--if-new", action="store_true", help="nothing when teacher.json already records this teacher")
+    p = sub.add_parser("export-resume", help="a teacher cut short: its resume point in parts (teacher-resume.*)")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("import-resume", help="join carried teacher-resume.* into the teacher's last.pt")
+    p.add_argument("src")
     p = sub.add_parser("import-teacher")
     p.add_argument("src", nargs="?", default=str(TEACHER_PARTS), help="folder of teacher.part-* (default: %(default)s)")
     a = ap.parse_args(argv)
@@ -490,6 +549,14 @@ def main(argv=None) -> int:
             print("teacher: recorded in results/gpu/tier/teacher.json already" if rec is None else
                   f"teacher {rec['folder']}/final.pt sha256 {rec['sha256']} ({rec['bytes']} bytes) -> "
                   f"{', '.join(p['name'] for p in rec['parts'])} + teacher.json in {a.out}")
+        elif a.cmd == "export-resume":
+            rec = export_resume(Path(a.out))
+            print("teacher resume: nothing to export (trained, or not started)" if rec is None else
+                  f"teacher resume point at step {rec['step']} ({rec['bytes']} bytes) -> "
+                  f"{', '.join(p['name'] for p in rec['parts'])} + teacher-resume.json in {a.out}")
+        elif a.cmd == "import-resume":
+            dest = import_resume(Path(a.src))
+            print(f"teacher resume: {dest} (sha256 checked)" if dest else "teacher resume: nothing to import")
         elif a.cmd == "import-teacher":
             dest = import_teacher(Path(a.src))
             print(f"teacher: {dest} (sha256 checked)" if dest else "teacher: nothing to import (in place, or no parts)")

@@ -13,7 +13,10 @@
 #   bash bench/gpu/tier.sh measure    GPU: time the tier model's steps (~2-3 min) -> $OUT/tier_measure.json
 #   bash bench/gpu/tier.sh teacher    GPU: train the teacher (resumes), its rows at cfg 1 and 1.5, then
 #                                     $OUT/teacher.part-00, -01 + teacher.json (sha256): commit the parts in
-#                                     results/gpu/tier_teacher/ AT ONCE (a lost teacher means every row again)
+#                                     results/gpu/tier_teacher/ AT ONCE (a lost teacher means every row again).
+#                                     A teacher cut short (its second call never came) returns its resume point
+#                                     instead, $OUT/teacher-resume/: put that folder at .gpuassets/teacher-resume
+#                                     and carry it in a stage call of the next machine (prep says so)
 #   bash bench/gpu/tier.sh tier       GPU: the tier's rows in order (teacher rows, then seed 0, 1, 2 of
 #                                     dense + gpu_tier + gpu_tier_width, the CED screen after seed 0 and its
 #                                     best variant at seeds 1, 2: python -m bench.gpu.tier commands) until
@@ -67,6 +70,7 @@ DEVICE=${TIER_DEVICE:-cuda}
 WORKERS=${TIER_WORKERS:-1}               # bench.run processes sharing the GPU (rows at once; see the header)
 read -r -a EXTRA <<< "${TIER_OVERRIDES:-}"  # extra overrides of every run (a CPU smoke test shrinks the model)
 PARTS=${TIER_PARTS:-results/gpu/tier_teacher}  # the committed teacher parts (tracked: they travel as code)
+RESUME=.gpuassets/teacher-resume         # a teacher cut short: its resume point as a call returned it (ignored)
 WHEELS="hydra-core==1.3.8 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 tabulate==0.10.0 torch-fidelity==0.4.0
 torch-pruning==1.6.1 pytorch-msssim==1.0.0 importlib-metadata==10.2.0"  # pyproject's pins; what the GPU image lacks
 FMNIST="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz"
@@ -102,6 +106,9 @@ prep() {  # on this machine: what the GPU calls will carry
     log "no teacher parts in $PARTS: the first call trains the teacher (~15 GPU-min in two back-to-back calls);" \
         "then commit its teacher.part-* there"
   fi
+  [ -f "$RESUME/teacher-resume.json" ] && log "a teacher cut short: its resume point $(grep -o '"step": [0-9]*' \
+    "$RESUME/teacher-resume.json") ($(mb "$RESUME")) travels in its own call before the teacher call:" \
+    "carry [\"$RESUME\"] command \`bash bench/gpu/tier.sh stage\`"
   local code
   code=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | awk '{printf "%.1f MB", $1/1e6}')
   log "tracked code travels in every call: $code"
@@ -124,11 +131,14 @@ stage() {  # on the GPU machine: keep what this call carried under /tmp, join wh
       "$STAGE"/wheels/*.whl && touch "$STAGE/wheels.done" && log "installed $(ls "$STAGE"/wheels | wc -l) wheels"
   fi
   ls "$PARTS"/teacher.part-* >/dev/null 2>&1 && cp "$PARTS"/teacher.part-* "$STAGE/tier-teacher/"
+  [ -f "$RESUME/teacher-resume.json" ] && mkdir -p "$STAGE/teacher-resume" && cp "$RESUME"/teacher-resume.* "$STAGE/teacher-resume/"
   [ -f "$INCEPTION_DIR/default_1.pt" ] && export BENCH_ASSETS=${BENCH_ASSETS:-$INCEPTION_DIR}
   export BENCH_ARTIFACTS=${BENCH_ARTIFACTS:-$STAGE/artifacts} PYTHONUNBUFFERED=1 TIER_RESULTS=$ROWS TIER_DEVICE=$DEVICE
   export PYTHONPATH=$STAGE/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
   if deps; then
     "$PY" -m bench.gpu.tier import-teacher "$STAGE/tier-teacher" || log "teacher parts not usable (see above)"
+    [ -d "$STAGE/teacher-resume" ] && { "$PY" -m bench.gpu.tier import-resume "$STAGE/teacher-resume" ||
+      log "teacher resume parts not usable (see above)"; }
   fi
   log "ready: inception=$(inception && echo yes || echo no)" \
       "data=$(ls data/fashion-mnist/*.gz 2>/dev/null | wc -l)/4 deps=$(deps && echo yes || echo no)" \
@@ -208,7 +218,10 @@ ledger() {  # one line per call in $ROWS/calls.jsonl: the tier's GPU time is the
 export_teacher() {  # a teacher trained in this call comes back at once (parts + teacher.json), also when its
   # row ran out of time: a machine that goes cold before the next call takes everything under /tmp with it
   [ -n "${OUT:-}" ] && deps || return 0
-  [ -f "$("$PY" -m bench.gpu.tier teacher-dir)/final.pt" ] || return 0
+  if [ ! -f "$("$PY" -m bench.gpu.tier teacher-dir)/final.pt" ]; then  # cut short: its resume point comes back
+    "$PY" -m bench.gpu.tier export-resume --out "$OUT/teacher-resume" || log "export-resume failed (see above)"
+    return 0
+  fi
   "$PY" -m bench.gpu.tier export-teacher --out "$OUT" --if-new || log "export-teacher failed (see above)"
 }
 
