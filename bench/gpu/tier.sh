@@ -51,7 +51,11 @@
 # results/gpu/tier_teacher/ and commit them with results/gpu/tier/teacher.json (tracked: an ignored copy was
 # lost once with a session's machine, and with it the teacher of 19 finished rows). Rows of another teacher
 # than teacher.json's are stale (`status` says how many); bench.run moves each aside and redoes it.
-# Environment: TIER_CHUNK_S (default 540: the call's work, packing included), BENCH_PYTHON (python3),
+# One GPU model: a row's device is part of its table's protocol (bench.report groups by it, and the latency pass
+# times the rows of its own device only), so rows made on an H200 would form a second, incomplete table. Every
+# call but `stage` refuses another GPU than TIER_GPU (default the H100 of the first teacher's rows): name kind
+# nvidia-h100-x1 in every call of the device tool (a call without a kind may get an H200).
+# Environment: TIER_GPU, TIER_CHUNK_S (default 540: the call's work, packing included), BENCH_PYTHON (python3),
 # BENCH_ARTIFACTS (/tmp/tier/artifacts), FASHION_MNIST_SRC (prep: the Debian folder), TIER_OVERRIDES (extra
 # overrides of every run), TIER_DEVICE (cuda), TIER_RESULTS, TIER_ROWS ($STAGE/rows), TIER_STAGE, TIER_PARTS
 # (tests).
@@ -67,6 +71,7 @@ STAGE=${TIER_STAGE:-/tmp/tier}        # a warm machine keeps this between calls
 RESULTS=${TIER_RESULTS:-results/gpu/tier}  # the checkout's rows: what a call carries in and packs
 ROWS=${TIER_ROWS:-$STAGE/rows}           # where the runs write: kept between warm calls
 DEVICE=${TIER_DEVICE:-cuda}
+GPU=${TIER_GPU:-NVIDIA H100 80GB HBM3}    # every row-making call runs on this GPU model (any: no check)
 WORKERS=${TIER_WORKERS:-1}               # bench.run processes sharing the GPU (rows at once; see the header)
 read -r -a EXTRA <<< "${TIER_OVERRIDES:-}"  # extra overrides of every run (a CPU smoke test shrinks the model)
 PARTS=${TIER_PARTS:-results/gpu/tier_teacher}  # the committed teacher parts (tracked: they travel as code)
@@ -247,6 +252,12 @@ case "$CMD" in
           "$PY" -m bench.gpu.tier status; exit $? ;;
 esac
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+GOT=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+if [ "$CMD" != stage ] && [ "$DEVICE" = cuda ] && [ "$GPU" != any ] && [ "$GOT" != "$GPU" ]; then
+  log "this call got \"${GOT:-no GPU}\"; the tier's rows are made and grouped on \"$GPU\" (a row's device is part of" \
+      "its table's protocol): call with kind nvidia-h100-x1, or TIER_GPU=any to start a tier on another GPU"
+  exit 3
+fi
 stage
 trap pack EXIT
 case "$CMD" in
