@@ -106,30 +106,55 @@ def test_the_teacher_travels_in_checked_parts(tmp_path, monkeypatch):
         tier.import_teacher(tmp_path / "out")
 
 
+def _resume_point(step: int):
+    import torch
+
+    net = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    for _ in range(3):
+        net(torch.randn(8, 64)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return {"step": step, "model": net.state_dict(), "ema": net.state_dict(), "opt": opt.state_dict(),
+            "kept_blocks": list(range(4)), "callback": None, "plans": []}
+
+
 def test_a_teacher_cut_short_comes_back_as_its_resume_point(tmp_path, monkeypatch):
-    """A session whose GPU time ends between the teacher's two calls keeps its steps: export-resume packs
-    last.pt (when there is no final.pt), import-resume joins it on the next machine, checked, and never
-    over a teacher or a resume point at least as far along."""
+    """A session whose GPU time ends between the teacher's two calls keeps its steps: export-resume packs a
+    compact last.pt (when there is no final.pt) small enough to come back and to travel, import-resume
+    restores it on the next machine, checked, and never over a teacher or a resume point further along."""
     import torch
 
     from bench.api import BenchError
     from bench.gpu import tier
 
     monkeypatch.setenv("BENCH_ARTIFACTS", str(tmp_path / "art"))
-    monkeypatch.setattr(tier, "PART_BYTES", 1000)
+    monkeypatch.setattr(tier, "PART_BYTES", 10_000)
     tdir = tier.teacher_dir()
     assert tier.export_resume(tmp_path / "out") is None  # not started
     tdir.mkdir(parents=True)
-    torch.save({"step": 4000, "model": torch.arange(600.0)}, tdir / "last.pt")
+    state = _resume_point(4000)
+    torch.save(state, tdir / "last.pt")
+    full = (tdir / "last.pt").stat().st_size
     rec = tier.export_resume(tmp_path / "out")
     assert rec["step"] == 4000 and len(rec["parts"]) > 1 and rec["folder"] == f"teachers/{tdir.name}"
-    data = (tdir / "last.pt").read_bytes()
+    assert rec["bytes"] < 0.7 * full  # weights + EMA + bf16 second moment of 4 fp32 tensors' worth
     (tdir / "last.pt").unlink()  # a fresh machine
+    good = (tmp_path / "out" / "teacher-resume.part-01").read_bytes()
     (tmp_path / "out" / "teacher-resume.part-01").write_bytes(b"x")  # damaged in transit
     with pytest.raises(BenchError, match="do not give the sha256"):
         tier.import_resume(tmp_path / "out")
-    tier._split(data, tmp_path / "out", "teacher-resume")
-    assert tier.import_resume(tmp_path / "out") == tdir / "last.pt" and (tdir / "last.pt").read_bytes() == data
+    (tmp_path / "out" / "teacher-resume.part-01").write_bytes(good)
+    assert tier.import_resume(tmp_path / "out") == tdir / "last.pt"
+    got = torch.load(tdir / "last.pt", weights_only=False)
+    assert got["step"] == 4000 and "compact" not in got and got["kept_blocks"] == [0, 1, 2, 3]
+    assert all(torch.equal(got["model"][k], v) and torch.equal(got["ema"][k], v) for k, v in state["model"].items())
+    for k, st in state["opt"]["state"].items():  # the second moment to bf16 precision, the first restarts at 0
+        g = got["opt"]["state"][k]
+        assert g["exp_avg_sq"].dtype == torch.float32 and torch.allclose(g["exp_avg_sq"], st["exp_avg_sq"], rtol=1e-2)
+        assert not g["exp_avg"].any() and torch.equal(g["step"], st["step"])
+    opt = torch.optim.AdamW(torch.nn.Linear(64, 64).parameters(), lr=1e-3)
+    opt.load_state_dict(got["opt"])  # bench.finetune's resume loads it as it is
     torch.save({"step": 4500}, tdir / "last.pt")  # this machine trained further: kept
     assert tier.import_resume(tmp_path / "out") is None and torch.load(tdir / "last.pt")["step"] == 4500
     (tdir / "final.pt").write_bytes(b"done")

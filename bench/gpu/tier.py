@@ -217,29 +217,58 @@ def _split(data: bytes, out: Path, stem: str) -> list[dict]:
     return parts
 
 
+def compact_resume(state: dict) -> dict:
+    """A fine-tune resume point (bench.finetune's last.pt) small enough to travel: weights and EMA as they
+    are, AdamW's second moment in bf16 and its first moment left out (76.5 MB -> ~48 MB for the tier's
+    teacher; a call returns at most 64 MiB and carries 64 MiB with the code). expand_resume restores it."""
+    import torch
+
+    opt = {**state["opt"], "state": {k: {n: v for n, v in st.items() if n != "exp_avg"} | (
+        {"exp_avg_sq": st["exp_avg_sq"].to(torch.bfloat16)} if "exp_avg_sq" in st else {})
+        for k, st in state["opt"]["state"].items()}}
+    return {**state, "opt": opt, "compact": True}
+
+
+def expand_resume(state: dict) -> dict:
+    """compact_resume's inverse, as far as it goes: the second moment back in fp32, the first moment zero
+    (AdamW rebuilds it within ~10 steps at beta1 = 0.9; the step count, and so its bias correction, is kept).
+    So a resume across machines continues the run closely but not bit-identically (a resume on the same
+    machine, from the full last.pt, is exact)."""
+    import torch
+
+    opt = {**state["opt"], "state": {k: {**st, "exp_avg_sq": st["exp_avg_sq"].float(),
+                                         "exp_avg": torch.zeros_like(st["exp_avg_sq"], dtype=torch.float32)}
+                                     for k, st in state["opt"]["state"].items()}}
+    return {k: v for k, v in state.items() if k != "compact"} | {"opt": opt}
+
+
 def export_resume(out: Path) -> dict | None:
-    """A teacher cut short (no final.pt yet): its resume point (last.pt: weights, EMA, AdamW state, step) in
-    parts into out/ (teacher-resume.part-*, teacher-resume.json), so that a session whose GPU time or machine
-    ends between the teacher's two calls keeps the steps it trained. None when there is nothing to export."""
+    """A teacher cut short (no final.pt yet): its resume point (compact_resume of last.pt) in parts into out/
+    (teacher-resume.part-*, teacher-resume.json), so that a session whose GPU time or machine ends between
+    the teacher's two calls keeps the steps it trained. None when there is nothing to export."""
     tdir = teacher_dir()
     last = tdir / "last.pt"
     if (tdir / "final.pt").is_file() or not last.is_file():
         return None
+    import io
+
     import torch
 
-    data = last.read_bytes()
-    step = int(torch.load(last, map_location="cpu", weights_only=False)["step"])
-    rec = {"file": "last.pt", "step": step, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-           "folder": f"teachers/{tdir.name}", "parts": _split(data, out, "teacher-resume")}
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    buf = io.BytesIO()
+    torch.save(compact_resume(state), buf)
+    data = buf.getvalue()
+    rec = {"file": "last.pt", "compact": True, "step": int(state["step"]), "sha256": hashlib.sha256(data).hexdigest(),
+           "bytes": len(data), "folder": f"teachers/{tdir.name}", "parts": _split(data, out, "teacher-resume")}
     (out / "teacher-resume.json").write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
     return rec
 
 
 def import_resume(src: Path) -> Path | None:
-    """Join teacher-resume.part-* from src into the teacher folder's last.pt (checked against src's
-    teacher-resume.json) unless the folder has a teacher or a resume point at least as far along."""
+    """Join teacher-resume.part-* from src (checked against src's teacher-resume.json) into the teacher
+    folder's last.pt (expand_resume), unless the folder has a teacher or a resume point at least as far along."""
     from bench.api import BenchError
-    from bench.io import atomic_write
+    from bench.io import atomic_torch_save
 
     meta = src / "teacher-resume.json"
     if not meta.is_file():
@@ -252,17 +281,18 @@ def import_resume(src: Path) -> Path | None:
     dest = tdir / "last.pt"
     if (tdir / "final.pt").is_file():
         return None
-    if dest.is_file():
-        import torch
+    import io
 
-        if int(torch.load(dest, map_location="cpu", weights_only=False)["step"]) >= rec["step"]:
-            return None
+    import torch
+
+    if dest.is_file() and int(torch.load(dest, map_location="cpu", weights_only=False)["step"]) >= rec["step"]:
+        return None
     data = b"".join((src / p["name"]).read_bytes() for p in rec["parts"] if (src / p["name"]).is_file())
     if hashlib.sha256(data).hexdigest() != rec["sha256"]:
         raise BenchError(f"the resume parts in {src} do not give the sha256 {rec['sha256'][:12]}... of {meta.name}; "
                          f"carry all of {[p['name'] for p in rec['parts']]}")
     tdir.mkdir(parents=True, exist_ok=True)
-    atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_torch_save(expand_resume(torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)), dest)
     return dest
 
 
