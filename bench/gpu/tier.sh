@@ -42,6 +42,9 @@
 #   4.   carry ["data"]   command `bash bench/gpu/tier.sh tier` (or teacher): Fashion-MNIST (30.5 MB) and the
 #        wheels (0.6 MB); the committed teacher parts travel as code
 #   5+   carry []         command `bash bench/gpu/tier.sh tier`   until `status` says every row is done
+# Prefix every row-making command with BENCH_GIT_SHA=<git rev-parse --short=12 HEAD, here>: the machine's copy of
+# the tree has a .git of the session's first commit (the rows of 2026-12-06 recorded it, "-dirty"), and rows name
+# the commit their code came from (bench.results.git_info). `prep` prints the prefix.
 # data/ and .gpuassets/ are ignored by git (.gitignore); prep writes both.
 # Rows are written under $STAGE/rows, which a warm machine keeps between calls (the checkout is a fresh copy
 # at every call), merged with the rows the call carried in results/gpu/tier (the machine's copy wins) and
@@ -116,7 +119,8 @@ prep() {  # on this machine: what the GPU calls will carry
     "carry [\"$RESUME\"] command \`bash bench/gpu/tier.sh stage\`"
   local code
   code=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | awk '{printf "%.1f MB", $1/1e6}')
-  log "tracked code travels in every call: $code"
+  log "tracked code travels in every call: $code; prefix row-making commands with" \
+      "BENCH_GIT_SHA=$(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD -- . ':(exclude)results' ':(exclude)reports' || echo -dirty)"
   log "calls 1-3: $(inception_carries | tr '\n' ' ')($(mb .gpuassets/i1) each at most)   call 4: carry [\"data\"]" \
       "$(mb data)   (limit 64 MiB = 67.1 MB with the code)"
   [ "$ok" = 1 ]
@@ -217,7 +221,7 @@ ledger() {  # one line per call in $ROWS/calls.jsonl: the tier's GPU time is the
   gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
   rows=$(find "$ROWS" -name row.json | wc -l)
   printf '{"command": "%s", "start": %s, "wall_s": %s, "device": "%s", "git": "%s", "rows_done": %s}\n' \
-    "$CMD" "$START" "$(($(date +%s) - START))" "${gpu:-$DEVICE}" "$(git rev-parse --short=12 HEAD 2>/dev/null || echo "${BENCH_GIT_SHA:-}")" "$rows" >> "$ROWS/calls.jsonl"
+    "$CMD" "$START" "$(($(date +%s) - START))" "${gpu:-$DEVICE}" "${BENCH_GIT_SHA:-$(git rev-parse --short=12 HEAD 2>/dev/null)}" "$rows" >> "$ROWS/calls.jsonl"
 }
 
 export_teacher() {  # a teacher trained in this call comes back at once (parts + teacher.json), also when its
@@ -253,6 +257,9 @@ case "$CMD" in
 esac
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 GOT=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+[ -n "${BENCH_GIT_SHA:-}" ] || [ "$CMD" = stage ] ||
+  log "warning: no BENCH_GIT_SHA: rows record this copy's git ($(git rev-parse --short=12 HEAD 2>/dev/null)), which on" \
+      "the device machine may be an older commit (prep prints the prefix)"
 if [ "$CMD" != stage ] && [ "$DEVICE" = cuda ] && [ "$GPU" != any ] && [ "$GOT" != "$GPU" ]; then
   log "this call got \"${GOT:-no GPU}\"; the tier's rows are made and grouped on \"$GPU\" (a row's device is part of" \
       "its table's protocol): call with kind nvidia-h100-x1, or TIER_GPU=any to start a tier on another GPU"
