@@ -407,8 +407,20 @@ def test_the_vote_fires_when_both_proxies_propose_a_removal_and_only_then(calib,
     assert len(net.kept_blocks) == 2 and replay(tmp_path / "p" / LOG_NAME).keep["blocks"] == net.kept_blocks
     s = summarize(tmp_path / "p" / LOG_NAME)
     assert (s["adaptive"], s["decisions"], s["paced"], s["idle"], s["removed_by_vote"], s["removed"]) == (1, 4, 1, 2, 1, 2)
-    assert main([str(tmp_path / "p")]) == 0
+    assert main([str(tmp_path / "p" / LOG_NAME)]) == 0  # a log named on its own: read as it is
     assert "adaptive decisions: 1 of 4 (paced 1, idle 2); blocks removed by the vote 1 of 2" in capsys.readouterr().out
+    # a folder: finished runs only (row.json), never an unfinished run or one set aside in a hidden folder
+    runs = tmp_path / "runs"
+    for d in ("m/done", "m/cut", ".m.teacher-0123456789ab/done"):
+        (runs / d).mkdir(parents=True)
+        (runs / d / LOG_NAME).write_text((tmp_path / "p" / LOG_NAME).read_text())
+    (runs / "m/done/row.json").write_text("{}")
+    (runs / ".m.teacher-0123456789ab/done/row.json").write_text("{}")
+    assert main([str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("adaptive decisions: 1 of 4") == 1 and "m/done" in out and "total over" not in out
+    assert "left out: 1 unfinished (no row.json), 1 set aside (a hidden folder: another teacher's)" in out
+    assert main([str(runs / "m/cut")]) == 2  # nothing finished there
     # combine=max: one proxy is enough, so SPLIT removes the second block by vote and nothing is forced
     _, log = scripted_run(calib, tmp_path / "max", [NO, YES, SPLIT], combine="max")
     assert [d["cause"] for d in log] == ["none", "vote", "vote"]

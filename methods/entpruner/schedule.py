@@ -328,9 +328,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m methods.entpruner.schedule", description=main.__doc__.splitlines()[0])
     ap.add_argument("paths", nargs="+", help="entpruner_decisions.jsonl files or folders holding them")
     args = ap.parse_args(argv)
-    logs = [q for p in map(Path, args.paths) for q in ([p] if p.is_file() else sorted(p.rglob(LOG_NAME)))]
+    logs, left = [], {"unfinished (no row.json)": 0, "set aside (a hidden folder: another teacher's)": 0}
+    for p in map(Path, args.paths):
+        if p.is_file():  # a log named on its own is read as it is
+            logs.append(p)
+            continue
+        for q in sorted(p.rglob(LOG_NAME)):  # a folder: the finished runs' logs only
+            if any(part.startswith(".") for part in q.relative_to(p).parts):
+                left["set aside (a hidden folder: another teacher's)"] += 1
+            elif not (q.parent / "row.json").is_file():
+                left["unfinished (no row.json)"] += 1
+            else:
+                logs.append(q)
     if not logs:
-        print(f"error: no {LOG_NAME} under {' '.join(args.paths)}", file=sys.stderr)
+        print(f"error: no {LOG_NAME} of a finished run under {' '.join(args.paths)}", file=sys.stderr)
         return 2
     try:
         sums = [summarize(q) for q in logs]
@@ -345,6 +356,8 @@ def main(argv=None) -> int:
         print(f"total over {len(sums)} runs: adaptive decisions: {tot['adaptive']} of {tot['decisions']} (paced "
               f"{tot['paced']}, idle {tot['idle']}); blocks removed by the vote {tot['removed_by_vote']} of "
               f"{tot['removed']}")
+    if any(left.values()):
+        print("left out: " + ", ".join(f"{n} {why}" for why, n in left.items() if n))
     return 0
 
 
