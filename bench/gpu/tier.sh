@@ -28,7 +28,11 @@
 #                                     gaps overlap the other's kernels; their rows' own latencies are flagged
 #                                     "shared" (BENCH_SHARED_DEVICE), and the latency pass gives the table's
 #                                     latencies and speedups; rows it cannot retime (routed: Diff-ES) run alone
-#                                     after the workers (--alone). Default 1 (one row at a time, in order)
+#                                     after the workers (--alone). Default 1 (one row at a time, in order):
+#                                     measured on an H100 (2026-12-06, calls.jsonl's third call), 2 workers
+#                                     made dense-ft and entpruner 0.75 in 94 s together, what one worker takes
+#                                     for them one after the other (45 + 51 s): the GPU is the bottleneck here,
+#                                     so N > 1 gains nothing on this model
 #   bash bench/gpu/tier.sh latency    GPU: python -m bench.latency_pass over the rows: dense and every row's
 #                                     architecture timed interleaved in one process -> <rows>/latency_pass.json,
 #                                     which the report's speedups then come from (packed with the rows)
