@@ -53,8 +53,8 @@ class Rule:
         """Why `v` breaks the rule, or None."""
         if v is None:
             return None if self.nullable or (self.options and None in self.options) else "must be set (not null)"
-        if self.options is not None:
-            return None if v in self.options else "must be one of " + ", ".join(_fmt(o) for o in self.options)
+        if self.options is not None:  # exact: 1 is no option where true is (1 == True in Python)
+            return None if any(v == o and type(v) is type(o) for o in self.options) else "must be one of " + ", ".join(_fmt(o) for o in self.options)
         if self.kind == "bool":
             return None if isinstance(v, bool) else "must be true or false"
         if self.kind == "str":
@@ -96,6 +96,9 @@ def Bool(eg=False):
     return Rule("bool", eg)
 
 
+COMPILE = Rule("compile", False, options=(False, True, "blocks"))  # bench.models.denoiser.compile_mode
+
+
 def OneOf(*options, eg=None):
     return Rule("str", options[0] if eg is None else eg, options=tuple(options))
 
@@ -109,7 +112,7 @@ _TRAIN = {
     "steps": Int(0, eg=80), "batch": Int(1, eg=32), "lr": Num(5e-4, lo=0, lo_open=True),
     "weight_decay": Num(0.0, lo=0), "grad_clip": Num(1.0, lo=0), "ema_decay": Num(0.99, lo=0, hi=1),
     "ema_warmup": Bool(True), "ckpt_every": Int(1, eg=50), "log_every": Int(1, eg=50),
-    "distill": Num(0.7, lo=0, hi=1), "precision": OneOf(None, "fp32", "tf32", "bf16", eg="bf16"), "compile": Bool(),
+    "distill": Num(0.7, lo=0, hi=1), "precision": OneOf(None, "fp32", "tf32", "bf16", eg="bf16"), "compile": COMPILE,
 }
 
 # group -> key -> rule. A group listed here has exactly these keys.
@@ -125,7 +128,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "steps": Int(1, eg=25), "skip": OneOf("uniform", "uniform_real", "quad", "respace"), "eta": Num(0.0, lo=0),
         "cfg_scale": Num(1.5, lo=0), "cfg_convention": OneOf("all", "dit3"), "labels": OneOf("balanced", "random"),
         "seed": Int(0, eg=0), "scorer": OneOf("classifier", "none", None, eg="classifier"), "ssim_teacher": Bool(True),
-        "precision": OneOf(None, "fp32", "tf32", "bf16", eg="bf16"), "compile": Bool(),
+        "precision": OneOf(None, "fp32", "tf32", "bf16", eg="bf16"), "compile": COMPILE,
         "latency": None, "inception": None,  # sub-groups, below
     },
     "eval.latency": {

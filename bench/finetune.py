@@ -37,6 +37,7 @@ from bench.api import BenchError, Plan
 from bench.io import atomic_torch_save, atomic_write_text, read_state
 from bench.loader import NOISE, batches, derived_generator
 from bench.metrics.cost import resolve_precision, tf32
+from bench.models.denoiser import REGIONAL, compile_mode, regional_call
 from bench.results import append_log
 
 
@@ -53,7 +54,8 @@ class FinetuneConfig:
     log_every: int = 50
     distill: float = 0.0           # > 0: weight of the teacher-output MSE (Diff-Pruning KD: 0.7); needs the teacher
     precision: str | None = None   # fp32 | tf32 | bf16 (autocast; fp32 master weights, optimizer, EMA); null: tf32 on CUDA (DiT's train.py), fp32 elsewhere
-    compile: bool = False          # torch.compile the backbone's forward (recompiled after a progressive surgery)
+    compile: bool | str = False    # torch.compile the backbone's forward (recompiled after a progressive surgery);
+    #                                "blocks": regional, every block through one compiled call (bench.models.denoiser)
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
@@ -156,6 +158,8 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
             if done == abort_at:
                 os._exit(137)  # like SIGKILL: no cleanup, no final save
     net.forward_fn = None
+    if getattr(net.net, "block_fn", None) is not None:
+        net.net.block_fn = None  # compile=blocks: eager again after the loop
 
     net.net.load_state_dict(ema.state_dict())
     net.net.eval()
@@ -184,15 +188,23 @@ def _restore_callback_log(state: dict, run_dir) -> None:
         atomic_write_text(Path(run_dir) / kept["name"], kept["text"])
 
 
-def _forward(backbone, compile: bool, device):
+def _forward(backbone, compile: bool | str, device):
     """The training forward: DistributedDataParallel around the backbone when a process group is
     active (gradients averaged over ranks during backward), then torch.compile of that when asked
-    (compile(DDP(model)): DDP's optimizer splits the graph at its gradient buckets)."""
+    (compile(DDP(model)): DDP's optimizer splits the graph at its gradient buckets). compile=blocks
+    (regional) instead routes the backbone's blocks through one compiled call (block_fn, which the
+    loop clears at its end); a surgery keeps it (the call takes any block)."""
     fwd = backbone
     if dist.active():
         from torch.nn.parallel import DistributedDataParallel
         dev = torch.device(device)
         fwd = DistributedDataParallel(backbone, device_ids=[torch.cuda.current_device()] if dev.type == "cuda" else None)
+    if compile_mode(compile) == REGIONAL:
+        if not hasattr(backbone, "block_fn"):
+            raise BenchError(f"finetune.compile={REGIONAL} needs a DiT or SiT backbone; {type(backbone).__name__} "
+                             "has no block_fn: use finetune.compile=true or false")
+        backbone.block_fn = regional_call()
+        return fwd
     return torch.compile(fwd) if compile else fwd
 
 

@@ -119,9 +119,9 @@ class Row:
     # how the fine-tune and the sampler ran (rows before these fields: fp32, eager); a table never
     # puts two sampling precisions in one quality column (bench.report groups by eval_precision)
     finetune_precision: str = "fp32"
-    finetune_compile: bool = False
+    finetune_compile: bool | str = False  # false | true | "blocks" (regional: bench.models.denoiser.compile_mode)
     eval_precision: str = "fp32"
-    eval_compile: bool = False
+    eval_compile: bool | str = False
     latency_flags: list[str] = field(default_factory=list)  # "spread" / "busy" / "shared": no speedup from it
     latency_others_cores: float | None = None  # CPU cores other processes used while it was timed (None: unknown)
     warnings: list[str] = field(default_factory=list)  # protocol caveats, e.g. Inception n < 10k (also in log.jsonl)

@@ -477,6 +477,8 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
     if earlier := earlier_attempts_wall_s(run_dir):  # killed, requeued or stop_after attempts cost device time too
         wall["earlier_attempts"] = earlier
     total_s, n_devices = sum(wall.values()), devices_held(device)  # 1, or the SLURM job's GPUs
+    from bench.models.denoiser import compile_mode
+
     row = Row(
         run=rel, config_sha=config_hash(cfg)[:16], model=cfg["model"]["name"], dataset=cfg["data"]["name"],
         process=net.process.kind, method=cfg["method_name"], method_version=type(method).version,
@@ -493,8 +495,8 @@ def _stages(cfg: dict, wall: dict[str, float], budget: Budget, method: Method, d
         nfe=shards.nfe() or net.process.nfe(sampler, ev["steps"], ev["skip"]) * (2 if ev["cfg_scale"] != 1.0 else 1),
         sampler=sampler, cfg_scale=ev["cfg_scale"], cfg_convention=ev["cfg_convention"],
         finetune_steps=ft.steps, finetune_precision=resolve_precision(ft.precision, device),
-        finetune_compile=bool(ft.compile), eval_precision=resolve_precision(ev.get("precision"), device),
-        eval_compile=bool(ev.get("compile", False)), metrics=metrics, metric_n=int(ev["n"]), metric_ref=ref, metric_impl=impl,
+        finetune_compile=compile_mode(ft.compile), eval_precision=resolve_precision(ev.get("precision"), device),
+        eval_compile=compile_mode(ev.get("compile", False)), metrics=metrics, metric_n=int(ev["n"]), metric_ref=ref, metric_impl=impl,
         device=device_name(device), teacher_sha256=assets.sha256_file(teacher_weights(cfg)), git_sha=sha, git_dirty=dirty,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), versions=library_versions(),
         wall_s={k: round(v, 3) for k, v in wall.items()}, device_hours=total_s * n_devices / 3600,

@@ -162,6 +162,38 @@ def test_a_teacher_cut_short_comes_back_as_its_resume_point(tmp_path, monkeypatc
     assert tier.import_resume(tmp_path / "nothing") is None
 
 
+def test_measure_regional_gives_the_gains_the_projection_uses(tmp_path, monkeypatch):
+    """measure --regional times eager and compile=blocks on a row's fine-tune and sampling (faked here: the GPU
+    measures); the projection divides a row's fine-tune / sampling by the measured gain only where the config
+    compiles its blocks, and adds the per-row compile warm-up."""
+    import json
+
+    from bench import steptime
+    from bench.gpu import tier
+
+    def fake(path, per_step, warm):
+        def step(net, batch, device, precision, mode, **kw):
+            return {"path": path, "compile": mode, "per_step_s": per_step[mode] * len(net.net.blocks) / 28,
+                    "warmup_s": warm[mode], "batch": batch}
+        return step
+
+    monkeypatch.setattr(steptime, "finetune_step_s", fake("finetune", {False: 0.071, "blocks": 0.040}, {False: 2, "blocks": 9}))
+    monkeypatch.setattr(steptime, "sample_step_s", fake("sample", {False: 0.080, "blocks": 0.064}, {False: 1, "blocks": 4}))
+    res = tier.measure_regional(tmp_path, device="cpu")
+    t = json.loads((tmp_path / "tier_measure_regional.json").read_text())["timings"]
+    assert t == res["timings"] and t["ft_regional_gain"] == pytest.approx(0.071 / 0.040)
+    assert t["sample_regional_gain"] == pytest.approx(1.25) and t["regional_row_s"] == pytest.approx(7 + 3)
+    # two commands' rows (composing all 137 takes ~20 s): a depth and a width sweep at seed 0
+    monkeypatch.setattr(tier, "sweeps", lambda best=None: [["experiment=gpu_tier", "seed=0", "method=last_k"],
+                                                            ["experiment=gpu_tier_width", "seed=0", "method=magnitude_width"]])
+    eager = tier.project(t)  # the configs keep eager: the gains do not apply
+    monkeypatch.setattr(tier, "BASE", [*tier.BASE, "finetune.compile=blocks", "eval.compile=blocks"])
+    comp = tier.project(t)
+    assert comp["tier"]["finetune_s"] == pytest.approx(eager["tier"]["finetune_s"] / t["ft_regional_gain"])
+    assert comp["tier"]["sample_s"] == pytest.approx(eager["tier"]["sample_s"] / 1.25)
+    assert comp["tier"]["overhead_s"] == pytest.approx(eager["tier"]["overhead_s"] + 10 * comp["tier"]["rows"])
+
+
 def test_the_tier_gpu_time_is_the_sum_of_the_calls_in_the_ledger(tmp_path):
     import json
 

@@ -3,7 +3,8 @@ transport between machines, its cost.
 
     python -m bench.gpu.tier status                     rows done / to do, in run order; the teacher
     python -m bench.gpu.tier plan [--timings FILE]      projected GPU minutes of the teacher and the tier
-    python -m bench.gpu.tier measure --out DIR          time the tier model's steps on this GPU (~2 min)
+    python -m bench.gpu.tier measure --out DIR          time the tier model's steps on this GPU (~2 min);
+                                                        --regional: compile=blocks against eager on a row's paths
     python -m bench.gpu.tier teacher-dir                the teacher's cache folder (under $BENCH_ARTIFACTS)
     python -m bench.gpu.tier export-teacher --out DIR   sha256 + teacher.json, final.pt split into < 16 MiB parts
     python -m bench.gpu.tier import-teacher [DIR]       join the parts (results/gpu/tier_teacher), check the
@@ -392,6 +393,10 @@ EST = {
     "row_s": 6.0,           # per row: compose + checks, data load and sha256, teacher load, calibration, latency, MACs
     "chunk_s": 40.0,        # per GPU call: staging, 2-3 bench.run starts (python, torch, CUDA, data), report, packing
     "chunk_len_s": 540.0,   # one call's work (bench/gpu/tier.sh: 9 minutes)
+    # compile=blocks (regional) in a row's fine-tune and sampling: gains over eager and the compile a row pays
+    # (the first row of a process compiles cold, later rows of the same block shapes reuse it); until
+    # `measure --regional` has run: no gain, and the configs keep eager
+    "ft_regional_gain": 1.0, "sample_regional_gain": 1.0, "regional_row_s": 0.0,
 }
 # a method's own work beyond the shared stages (plan(), or its fine-tune callback), seconds per row
 PLAN_S = {"entpruner": 35.0, "diffes": 10.0, "tinyfusion": 6.0, "ld_pruner": 6.0, "obs_diff": 5.0, "grad_flow": 10.0,
@@ -439,9 +444,13 @@ def project(t: dict | None = None, cfg_scale: float | None = None) -> dict:
         ft = d["finetune"]
         e = d["eval"]
         r_nfe = e["steps"] * (2 if (cfg if cfg_scale is not None else e["cfg_scale"]) != 1.0 else 1)
+        ft_gain = t["ft_regional_gain"] if ft.get("compile") == "blocks" else 1.0
+        s_gain = t["sample_regional_gain"] if e.get("compile") == "blocks" else 1.0
+        regional = "blocks" in (ft.get("compile"), e.get("compile"))
         rec = {"method": d["method_name"], "keep": keep, "measure": measure, "seed": d["seed"],
-               "finetune_s": ft["steps"] * ft["batch"] * fwd * t["train_factor"] * f,
-               "sample_s": e["n"] * r_nfe * fwd * f, "score_s": t["fid_s"], "row_s": t["row_s"],
+               "finetune_s": ft["steps"] * ft["batch"] * fwd * t["train_factor"] * f / ft_gain,
+               "sample_s": e["n"] * r_nfe * fwd * f / s_gain, "score_s": t["fid_s"],
+               "row_s": t["row_s"] + (t["regional_row_s"] if regional else 0.0),
                "method_s": PLAN_S.get(d["method_name"], PLAN_DEFAULT_S)}
         rec["total_s"] = sum(v for k, v in rec.items() if k.endswith("_s"))
         rows.append(rec)
@@ -518,6 +527,52 @@ def measure(out: Path, budget_s: float = 150.0, device: str = "cuda", compile_to
     return res
 
 
+def measure_regional(out: Path, device: str = "cuda") -> dict:
+    """compile=blocks (regional) against eager on the tier's own paths (bench.steptime): a fine-tune step at the
+    tier's fine-tune batch and a sampler step at its eval batch, dense (28 blocks) then half depth (14 blocks:
+    a later row of the same block shapes, whose compile the first one's cache serves), in bf16. warmup_s is
+    the untimed first run, compile included. -> out/tier_measure_regional.json, whose timings (ft_regional_gain,
+    sample_regional_gain, regional_row_s) `plan --timings` merges; then set finetune/eval compile: blocks in the
+    tier's configs if they pay."""
+    import torch
+
+    from bench import steptime
+    from bench.api import Plan
+    from bench.surgery import apply
+
+    cfg = cells([TEACHER_ROWS[0]])[0].cfg
+    ft_batch = int(cells([["experiment=gpu_tier", "method=dense", "budget.keep=1.0", "seed=0"]])[0].cfg["finetune"]["batch"])
+    recs = []
+    full = len(steptime.random_model(cfg["model"], "cpu").net.blocks)
+    for depth in (full, full // 2):
+        for mode in (False, "blocks"):
+            net = steptime.random_model(cfg["model"], device)
+            if depth < full:
+                apply(net, Plan("block", {"blocks": list(range(depth))}))
+            for r in (steptime.finetune_step_s(net, ft_batch, device, "bf16", mode, steps=(5, 20)),
+                      steptime.sample_step_s(net, cfg["eval"]["batch"], device, "bf16", mode, steps=(2, 6),
+                                             sampler="ddim", cfg_scale=1.0)):
+                recs.append({**r, "depth": depth})
+                print(json.dumps(recs[-1]), flush=True)
+
+    def get(path, depth, mode):
+        return next(r for r in recs if r["path"] == path and r["depth"] == depth and r["compile"] == mode)
+
+    gains = {p: [get(p, d, False)["per_step_s"] / get(p, d, "blocks")["per_step_s"] for d in (full, full // 2)]
+             for p in ("finetune", "sample")}
+    # a later row pays the warm-up of a cached compile: half depth's, over its eager warm-up
+    warm = sum(get(p, full // 2, "blocks")["warmup_s"] - get(p, full // 2, False)["warmup_s"] for p in ("finetune", "sample"))
+    t = {"ft_regional_gain": min(gains["finetune"]), "sample_regional_gain": min(gains["sample"]),
+         "regional_row_s": max(0.0, warm)}
+    res = {"device": torch.cuda.get_device_name(0) if device == "cuda" else device, "torch": torch.__version__,
+           "records": recs, "gains": gains, "timings": t,
+           "cold_compile_s": {p: get(p, full, "blocks")["warmup_s"] for p in ("finetune", "sample")}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tier_measure_regional.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps({k: res[k] for k in ("gains", "timings", "cold_compile_s")}))
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu.tier", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -528,13 +583,16 @@ def main(argv=None) -> int:
     p.add_argument("--worker", type=int, default=0, help="this worker's index, 0 .. workers - 1: its share")
     p.add_argument("--alone", action="store_true", help="the runs that keep their own latency (after the workers)")
     p = sub.add_parser("plan")
-    p.add_argument("--timings", help="a tier_measure.json (from `measure`) instead of the estimates")
+    p.add_argument("--timings", action="append", default=[], help="a tier_measure.json (from `measure`) instead of "
+                   "the estimates; again for tier_measure_regional.json (measure --regional)")
     p.add_argument("--cfg-scale", type=float, default=None, help="project another guidance scale (1.5: twice the NFE)")
     p = sub.add_parser("measure")
     p.add_argument("--out", required=True)
     p.add_argument("--budget-s", type=float, default=150.0)
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled teacher step")
+    p.add_argument("--regional", action="store_true", help="instead: compile=blocks against eager on a row's "
+                   "fine-tune and sampling (-> tier_measure_regional.json)")
     p = sub.add_parser("export-teacher")
     p.add_argument("--out", required=True)
     p.add_argument("--if-new", action="store_true", help="nothing when teacher.json already records this teacher")
@@ -570,10 +628,13 @@ def main(argv=None) -> int:
             cmds = alone(commands()) if a.alone else share(commands(), a.workers, a.worker)
             print("\n".join(" ".join(c) for c in cmds))
         elif a.cmd == "plan":
-            t = json.loads(Path(a.timings).read_text())["timings"] if a.timings else None
+            t = {k: v for f in a.timings for k, v in json.loads(Path(f).read_text())["timings"].items()} or None
             print(plan_text(project(t, a.cfg_scale)))
         elif a.cmd == "measure":
-            measure(Path(a.out), a.budget_s, a.device, not a.no_compile)
+            if a.regional:
+                measure_regional(Path(a.out), a.device)
+            else:
+                measure(Path(a.out), a.budget_s, a.device, not a.no_compile)
         elif a.cmd == "export-teacher":
             rec = export_teacher(Path(a.out), a.if_new)
             print("teacher: recorded in results/gpu/tier/teacher.json already" if rec is None else

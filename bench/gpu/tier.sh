@@ -10,7 +10,11 @@
 #                                     Inception parts (.gpuassets/i1-3), checks the committed teacher parts,
 #                                     prints each call's carry and size
 #   bash bench/gpu/tier.sh stage      GPU: take in what this call carried (nothing else)
-#   bash bench/gpu/tier.sh measure    GPU: time the tier model's steps (~2-3 min) -> $OUT/tier_measure.json
+#   bash bench/gpu/tier.sh measure    GPU: time the tier model's steps (~2-3 min) -> $OUT/tier_measure.json;
+#                                     `measure --regional`: compile=blocks (regional) against eager on a row's
+#                                     fine-tune and sampling -> $OUT/tier_measure_regional.json (python -m
+#                                     bench.gpu.tier plan --timings <both files> projects the tier with it; set
+#                                     finetune/eval compile: blocks in the gpu_tier configs where it pays)
 #   bash bench/gpu/tier.sh teacher    GPU: train the teacher (resumes), its rows at cfg 1 and 1.5, then
 #                                     $OUT/teacher.part-00, -01 + teacher.json (sha256): commit the parts in
 #                                     results/gpu/tier_teacher/ AT ONCE (a lost teacher means every row again).

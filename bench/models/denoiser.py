@@ -14,6 +14,48 @@ import torch.nn as nn
 from bench.api import BenchError
 
 
+REGIONAL = "blocks"  # compile=blocks: regional compilation (below)
+
+
+def compile_mode(value) -> bool | str:
+    """A `compile` setting: false (eager), true (torch.compile of the whole backbone: one graph of every
+    block, ~1 min cold for DiT-D28 and again for every new shape) or "blocks" (regional: the blocks share one
+    compiled call, so a cold compile traces one block and a pruned model of the same block shapes reuses it)."""
+    if value is None or value is False or value is True or value == REGIONAL:
+        return bool(value) if value in (None, False, True) else REGIONAL
+    raise BenchError(f"compile={value!r}: give false, true (the whole backbone) or {REGIONAL} (each block, regional)")
+
+
+def _call_block(block, h, c):
+    return block(h, c)
+
+
+_BLOCK_CALL = None  # one compiled function for the process: dynamo's cache (per block shape) outlives a model
+
+
+def regional_call():
+    """The compiled call(block, h, c) of regional compilation. The block is an argument, not a closure:
+    a deepcopy of a model (EMA, a method's candidate) that carries it runs its own weights through it."""
+    global _BLOCK_CALL
+    if _BLOCK_CALL is None:
+        _BLOCK_CALL = torch.compile(_call_block)
+    return _BLOCK_CALL
+
+
+@contextlib.contextmanager
+def regional(backbone: nn.Module):
+    """Every block of `backbone` through regional_call() for the duration (backbones with a `block_fn`:
+    DiT and SiT); a routed model (Diff-ES' stage router) runs its own loop and stays eager."""
+    if not hasattr(backbone, "block_fn"):
+        raise BenchError(f"compile={REGIONAL} needs a backbone whose blocks share one signature (DiT, SiT); "
+                         f"{type(backbone).__name__} has none: use compile=true or false")
+    backbone.block_fn = regional_call()
+    try:
+        yield
+    finally:
+        backbone.block_fn = None
+
+
 class Denoiser:
     def __init__(self, net: nn.Module, process, name: str, num_classes: int, null_label: int | None = None):
         self.net, self.process, self.name = net, process, name
@@ -34,11 +76,17 @@ class Denoiser:
         return (self.net if self.forward_fn is None else self.forward_fn)(x_t, t, y, **kw)
 
     @contextlib.contextmanager
-    def compiled(self, enabled: bool = True):
-        """Run the block with `self(...)` and `loss()` through torch.compile of the backbone (static
-        shapes; one graph per batch shape). The parameters are shared, nothing is copied."""
-        if not enabled:
+    def compiled(self, mode: bool | str = True):
+        """Run the block with `self(...)` and `loss()` compiled (compile_mode): true, torch.compile of the
+        backbone (static shapes; one graph per batch shape); "blocks", each block through one compiled call
+        (regional). The parameters are shared, nothing is copied."""
+        mode = compile_mode(mode)
+        if not mode:
             yield
+            return
+        if mode == REGIONAL:
+            with regional(self.net):
+                yield
             return
         self.forward_fn = torch.compile(self.net)
         try:

@@ -191,6 +191,8 @@ class DiT(nn.Module):
     ``learn_sigma`` the output has 2*in_channels channels (prediction, variance interpolation)."""
 
     stage_router = None  # stage-wise plans: a bench.routing.StageRouter picks each stage's blocks
+    block_fn = None      # regional compile (compile=blocks, bench.models.denoiser.regional): a compiled
+    #                      call(block, h, c) that every block runs through; None: the blocks run eagerly
 
     def __init__(
         self,
@@ -269,7 +271,7 @@ class DiT(nn.Module):
             h = self.stage_router.run(self, h, c, t, hidden if return_hidden else None)
         else:
             for block in self.blocks:
-                h = block(h, c)
+                h = block(h, c) if self.block_fn is None else self.block_fn(block, h, c)
                 if return_hidden:
                     hidden.append(h)
         out = self.unpatchify(self.final_layer(h, c))
