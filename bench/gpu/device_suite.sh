@@ -7,6 +7,8 @@
 # bench.assets checks the joined file's sha256. Rows and reports are packed into $OUT.
 #   bash bench/gpu/device_suite.sh [hydra overrides...]      e.g. eval=inception
 # run_all.sh sees device=cuda and runs one phase with the same eval for every row.
+# Prefix the command with BENCH_GIT_SHA=<git rev-parse --short=12 HEAD, here>: the machine's copy of the tree has
+# a .git of the session's first commit, and rows name the commit their code came from (bench.results.git_info).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . bench/gpu/wheels.sh  # the carried wheels into /tmp/site, on PYTHONPATH
@@ -17,6 +19,7 @@ inception_stage
   log "no Inception weights in $INCEPTION_DIR (calls with $(inception_carries | paste -sd, -) first): eval=inception will stop" >&2
 export BENCH_ASSETS=$INCEPTION_DIR
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+[ -n "${BENCH_GIT_SHA:-}" ] || log "warning: no BENCH_GIT_SHA: rows record this copy's git, which may be an older commit"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 export BENCH_PYTHON=python3 BENCH_RESULTS=${BENCH_RESULTS:-results/gpu/runs} BENCH_REPORT=${BENCH_REPORT:-gpu}
 export BENCH_ARTIFACTS=${BENCH_ARTIFACTS:-/tmp/bench-artifacts}
