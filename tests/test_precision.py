@@ -63,12 +63,16 @@ def test_bf16_finetune_keeps_fp32_master_weights_and_ema(tmp_path):
     assert 0 < moved < 1e-2  # the same updates up to bfloat16 rounding of the forward
 
 
-def test_rows_record_precision_and_compile(tiny_cfg):
+def test_rows_record_precision_and_compile(tiny_cfg, monkeypatch):
+    from bench.models import denoiser
     from bench.run import execute
 
     row = execute(tiny_cfg("first_k", ["finetune.precision=bf16", "eval.precision=bf16"]))
     assert (row.finetune_precision, row.eval_precision, row.finetune_compile, row.eval_compile) == \
         ("bf16", "bf16", False, False)
+    monkeypatch.setattr(denoiser, "_BLOCK_CALL", lambda block, h, c: block(h, c))  # no inductor on the CPU here
+    row = execute(tiny_cfg("last_k", ["finetune.compile=blocks", "eval.compile=blocks"]))
+    assert (row.finetune_compile, row.eval_compile) == ("blocks", "blocks")
     default = execute(tiny_cfg("first_k"))
     assert (default.finetune_precision, default.eval_precision) == ("fp32", "fp32")  # null on the CPU: fp32
 
@@ -83,13 +87,15 @@ def test_resolve_precision_defaults_to_tf32_on_cuda_only():
 
 
 @pytest.mark.slow
-def test_compiled_sampling_equals_eager(request):
-    """torch.compile of the backbone: the same samples within float tolerance (CPU inductor, slow)."""
+@pytest.mark.parametrize("mode", [True, "blocks"])
+def test_compiled_sampling_equals_eager(request, mode):
+    """torch.compile of the backbone (true) or of each block (blocks, regional): the same samples within
+    float tolerance (CPU inductor, slow)."""
     if not request.config.getoption("-m") or "slow" not in request.config.getoption("-m"):
         pytest.skip("torch.compile on the CPU takes ~40 s cold; run with -m slow")
     net = _net()
     a, _ = generate(net, 4, 0, 4, "ddpm", 3, 1.5)
-    b, _ = generate(net, 4, 0, 4, "ddpm", 3, 1.5, compile=True)
+    b, _ = generate(net, 4, 0, 4, "ddpm", 3, 1.5, compile=mode)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -135,14 +141,3 @@ def test_the_compile_setting_is_checked_early():
 
     assert [COMPILE.problem(v) for v in (False, True, "blocks")] == [None] * 3
     assert all(COMPILE.problem(v) for v in ("block", 1, 0, "true"))
-
-
-@pytest.mark.slow
-def test_regionally_compiled_sampling_equals_eager(request):
-    """compile=blocks with the real torch.compile (CPU inductor, slow): the same samples within float tolerance."""
-    if not request.config.getoption("-m") or "slow" not in request.config.getoption("-m"):
-        pytest.skip("torch.compile on the CPU takes ~40 s cold; run with -m slow")
-    net = _net()
-    a, _ = generate(net, 4, 0, 4, "ddpm", 3, 1.5)
-    b, _ = generate(net, 4, 0, 4, "ddpm", 3, 1.5, compile="blocks")
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
