@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from bench.api import BenchError, Budget
+from bench.models.denoiser import REGIONAL
 
 _MISSING = object()
 
@@ -96,7 +97,7 @@ def Bool(eg=False):
     return Rule("bool", eg)
 
 
-COMPILE = Rule("compile", False, options=(False, True, "blocks"))  # bench.models.denoiser.compile_mode
+COMPILE = Rule("compile", False, options=(False, True, REGIONAL))  # bench.models.denoiser.compile_mode
 
 
 def OneOf(*options, eg=None):

@@ -37,7 +37,7 @@ from bench.api import BenchError, Plan
 from bench.io import atomic_torch_save, atomic_write_text, read_state
 from bench.loader import NOISE, batches, derived_generator
 from bench.metrics.cost import resolve_precision, tf32
-from bench.models.denoiser import REGIONAL, compile_mode, regional_call
+from bench.models.denoiser import REGIONAL, compile_mode, use_regional
 from bench.results import append_log
 
 
@@ -200,10 +200,7 @@ def _forward(backbone, compile: bool | str, device):
         dev = torch.device(device)
         fwd = DistributedDataParallel(backbone, device_ids=[torch.cuda.current_device()] if dev.type == "cuda" else None)
     if compile_mode(compile) == REGIONAL:
-        if not hasattr(backbone, "block_fn"):
-            raise BenchError(f"finetune.compile={REGIONAL} needs a DiT or SiT backbone; {type(backbone).__name__} "
-                             "has no block_fn: use finetune.compile=true or false")
-        backbone.block_fn = regional_call()
+        use_regional(backbone)
         return fwd
     return torch.compile(fwd) if compile else fwd
 

@@ -265,33 +265,44 @@ def export_resume(out: Path) -> dict | None:
     return rec
 
 
+def _joined(rec: dict, files: list[Path], record: Path, what: str) -> bytes:
+    """The bytes of `files` once `rec` (the record at `record`) is for this tier's teacher folder and their
+    sha256 is the one it records: import-teacher's and import-resume's one check."""
+    from bench.api import BenchError
+
+    tdir = teacher_dir()
+    if f"teachers/{tdir.name}" != rec["folder"]:
+        raise BenchError(f"{record} is for {rec['folder']}, the tier's teacher folder is teachers/{tdir.name}: the "
+                         "model, data or teacher config changed since it was trained")
+    data = b"".join(f.read_bytes() for f in files)
+    if hashlib.sha256(data).hexdigest() != rec["sha256"]:
+        where = files[0].parent if files else record.parent
+        raise BenchError(f"the {what} parts in {where} ({len(files)} files, {len(data)} bytes) do not give the sha256 "
+                         f"{rec['sha256'][:12]}... of {record.name}; carry all of {[p['name'] for p in rec['parts']]}")
+    return data
+
+
 def import_resume(src: Path) -> Path | None:
     """Join teacher-resume.part-* from src (checked against src's teacher-resume.json) into the teacher
     folder's last.pt (expand_resume), unless the folder has a teacher or a resume point at least as far along."""
-    from bench.api import BenchError
+    import io
+
+    import torch
+
     from bench.io import atomic_torch_save
 
     meta = src / "teacher-resume.json"
     if not meta.is_file():
         return None
     rec = json.loads(meta.read_text())
+    files = [src / p["name"] for p in rec["parts"] if (src / p["name"]).is_file()]
+    data = _joined(rec, files, meta, "resume")
     tdir = teacher_dir()
-    if f"teachers/{tdir.name}" != rec["folder"]:
-        raise BenchError(f"{meta} is for {rec['folder']}, the tier's teacher folder is teachers/{tdir.name}: the "
-                         "model, data or teacher config changed since; delete the resume parts")
     dest = tdir / "last.pt"
     if (tdir / "final.pt").is_file():
         return None
-    import io
-
-    import torch
-
     if dest.is_file() and int(torch.load(dest, map_location="cpu", weights_only=False)["step"]) >= rec["step"]:
         return None
-    data = b"".join((src / p["name"]).read_bytes() for p in rec["parts"] if (src / p["name"]).is_file())
-    if hashlib.sha256(data).hexdigest() != rec["sha256"]:
-        raise BenchError(f"the resume parts in {src} do not give the sha256 {rec['sha256'][:12]}... of {meta.name}; "
-                         f"carry all of {[p['name'] for p in rec['parts']]}")
     tdir.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(expand_resume(torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)), dest)
     return dest
@@ -313,13 +324,7 @@ def import_teacher(src: Path) -> Path | None:
         raise BenchError(f"teacher parts in {src} but no {TEACHER_JSON} to check them against; "
                          "commit the teacher.json that came back with them")
     rec = json.loads(TEACHER_JSON.read_text())
-    if f"teachers/{dest.parent.name}" != rec["folder"]:
-        raise BenchError(f"{TEACHER_JSON} is for {rec['folder']}, the tier's teacher folder is "
-                         f"teachers/{dest.parent.name}: the model, data or teacher config changed since it was trained")
-    data = b"".join(p.read_bytes() for p in parts)
-    if hashlib.sha256(data).hexdigest() != rec["sha256"]:
-        raise BenchError(f"the teacher parts in {src} ({len(parts)} files, {len(data)} bytes) do not give the sha256 "
-                         f"{rec['sha256'][:12]}... of teacher.json; carry all of {[p['name'] for p in rec['parts']]}")
+    data = _joined(rec, parts, TEACHER_JSON, "teacher")
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
     (dest.parent / "teacher.json").write_text(json.dumps(rec["config"], indent=1, sort_keys=True))

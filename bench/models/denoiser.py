@@ -21,8 +21,10 @@ def compile_mode(value) -> bool | str:
     """A `compile` setting: false (eager), true (torch.compile of the whole backbone: one graph of every
     block, ~1 min cold for DiT-D28 and again for every new shape) or "blocks" (regional: the blocks share one
     compiled call, so a cold compile traces one block and a pruned model of the same block shapes reuses it)."""
-    if value is None or value is False or value is True or value == REGIONAL:
-        return bool(value) if value in (None, False, True) else REGIONAL
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if value == REGIONAL:
+        return REGIONAL
     raise BenchError(f"compile={value!r}: give false, true (the whole backbone) or {REGIONAL} (each block, regional)")
 
 
@@ -42,14 +44,20 @@ def regional_call():
     return _BLOCK_CALL
 
 
-@contextlib.contextmanager
-def regional(backbone: nn.Module):
-    """Every block of `backbone` through regional_call() for the duration (backbones with a `block_fn`:
-    DiT and SiT); a routed model (Diff-ES' stage router) runs its own loop and stays eager."""
+def use_regional(backbone: nn.Module) -> None:
+    """Route every block of `backbone` through regional_call() until its block_fn is set back to None
+    (backbones with a `block_fn`: DiT and SiT; a routed model, Diff-ES' stage router, runs its own loop
+    and stays eager)."""
     if not hasattr(backbone, "block_fn"):
         raise BenchError(f"compile={REGIONAL} needs a backbone whose blocks share one signature (DiT, SiT); "
                          f"{type(backbone).__name__} has none: use compile=true or false")
     backbone.block_fn = regional_call()
+
+
+@contextlib.contextmanager
+def regional(backbone: nn.Module):
+    """use_regional for the duration of the block."""
+    use_regional(backbone)
     try:
         yield
     finally:
