@@ -332,6 +332,12 @@ def final_plan(run_dir: str | Path) -> dict:
     return plan
 
 
+def set_aside(path: Path, root: Path) -> bool:
+    """Whether `path` lies in a hidden folder under `root` (a name starting with '.'): where
+    bench.run.current_row moves a stale run; no reader of a results folder takes it as a run."""
+    return any(part.startswith(".") for part in Path(path).relative_to(root).parts)
+
+
 def load_rows(root: str | Path = "results/runs", skipped: list[str] | None = None):
     """All row.json files under root -> a pandas DataFrame, metrics flattened to `m_<name>` columns,
     plus the error.json of runs that failed (status "failed"). A file that does not parse (cut
@@ -342,10 +348,9 @@ def load_rows(root: str | Path = "results/runs", skipped: list[str] | None = Non
     import pandas as pd
 
     recs, root = [], Path(root)
-    visible = lambda p: not any(part.startswith(".") for part in p.relative_to(root).parts)  # noqa: E731
-    rows = [p for p in sorted(root.rglob("row.json")) if visible(p)]
+    rows = [p for p in sorted(root.rglob("row.json")) if not set_aside(p, root)]
     done = {p.parent for p in rows}
-    failed = [p for p in sorted(root.rglob(ERROR_FILE)) if p.parent not in done and visible(p)]
+    failed = [p for p in sorted(root.rglob(ERROR_FILE)) if p.parent not in done and not set_aside(p, root)]
     for p in rows + failed:  # failed runs (status "failed", error) are listed by the report, never averaged
         try:
             d = asdict(parse_row(p)) if p.name == "row.json" else json.loads(p.read_text())

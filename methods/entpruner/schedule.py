@@ -325,6 +325,8 @@ def main(argv=None) -> int:
     (folders are searched for entpruner_decisions.jsonl), then the total over all of them."""
     import argparse
 
+    from bench.results import set_aside
+
     ap = argparse.ArgumentParser(prog="python -m methods.entpruner.schedule", description=main.__doc__.splitlines()[0])
     ap.add_argument("paths", nargs="+", help="entpruner_decisions.jsonl files or folders holding them")
     args = ap.parse_args(argv)
@@ -334,7 +336,7 @@ def main(argv=None) -> int:
             logs.append(p)
             continue
         for q in sorted(p.rglob(LOG_NAME)):  # a folder: the finished runs' logs only
-            if any(part.startswith(".") for part in q.relative_to(p).parts):
+            if set_aside(q, p):
                 left["set aside (a hidden folder: another teacher's)"] += 1
             elif not (q.parent / "row.json").is_file():
                 left["unfinished (no row.json)"] += 1
