@@ -93,10 +93,21 @@ def test_compiled_sampling_equals_eager(request, mode):
     float tolerance (CPU inductor, slow)."""
     if not request.config.getoption("-m") or "slow" not in request.config.getoption("-m"):
         pytest.skip("torch.compile on the CPU takes ~40 s cold; run with -m slow")
+    from torch._dynamo.utils import counters
+
+    from bench.api import Plan
+    from bench.surgery import apply
+
     net = _net()
     a, _ = generate(net, 4, 0, 4, "ddpm", 3, 1.5)
+    counters.clear()
     b, _ = generate(net, 4, 0, 4, "ddpm", 3, 1.5, compile=mode)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    if mode == "blocks":  # one graph serves every block, and a depth-pruned model compiles nothing new
+        assert counters["stats"]["unique_graphs"] == 1
+        apply(net, Plan("block", {"blocks": [0, 2]}))
+        generate(net, 4, 0, 4, "ddpm", 3, 1.5, compile=mode)
+        assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_regional_compile_routes_every_block_through_one_call(monkeypatch, tmp_path):
