@@ -365,3 +365,38 @@ def test_workers_share_every_run_once_and_keep_their_split_when_the_list_grows()
     grown = tier.sweeps(["method.outputs=x0"])
     for w in (0, 1):
         assert all(c in tier.share(grown, 2, w) for c in shares[w])  # what a worker had, it keeps
+
+
+def test_rows_of_an_older_tier_config_are_obsolete_and_archive_moves_them_out(tmp_path, monkeypatch):
+    """A row whose run folder no planned run names (the tier's config changed: another hash) is obsolete:
+    status lists it, `archive` moves it with its path kept to results/gpu/tier_archive/NAME/, a planned
+    row stays, and an archive name already used is refused."""
+    import json
+
+    import pytest
+
+    from bench.api import BenchError
+    from bench.gpu import tier
+    from bench.results import run_relpath
+
+    monkeypatch.setattr(tier, "RESULTS", str(tmp_path / "tier"))
+    monkeypatch.setattr(tier, "ROOT", tmp_path)
+    monkeypatch.setattr(tier, "TEACHER_JSON", tmp_path / "tier" / "teacher.json")
+    monkeypatch.setattr(tier, "TEACHER_PARTS", tmp_path / "parts")
+    monkeypatch.setattr(tier, "commands", lambda: [])  # the teacher rows alone are planned: a quick expansion
+    planned = run_relpath(tier.cells([tier.TEACHER_ROWS[0]])[0].cfg)
+    old = planned.rsplit("-", 1)[0] + "-0123abcd"
+    for rel in (planned, old):
+        (tmp_path / "tier" / rel).mkdir(parents=True)
+        (tmp_path / "tier" / rel / "row.json").write_text(json.dumps({"metrics": {"fid": 14.5}}))
+    assert tier.status()["obsolete"] == [old]
+    moved = tier.archive("eager-eval")
+    assert moved == [tmp_path / "results" / "gpu" / "tier_archive" / "eager-eval" / old]
+    assert (moved[0] / "row.json").is_file() and not (tmp_path / "tier" / old).exists()
+    assert (tmp_path / "tier" / planned / "row.json").is_file() and tier.obsolete() == []
+    (tmp_path / "tier" / old).mkdir(parents=True)
+    (tmp_path / "tier" / old / "row.json").write_text("{}")
+    with pytest.raises(BenchError, match="exists"):
+        tier.archive("eager-eval")
+    with pytest.raises(BenchError, match="plain folder name"):
+        tier.archive("../x")

@@ -11,6 +11,8 @@ transport between machines, its cost.
                                                         sha256, put final.pt in place
     python -m bench.gpu.tier export-resume --out DIR    a teacher cut short: last.pt (its resume point) in parts
     python -m bench.gpu.tier import-resume DIR          join them into the teacher folder's last.pt
+    python -m bench.gpu.tier archive --to NAME          move the rows of no planned run (an older config of
+                                                        the tier) to results/gpu/tier_archive/NAME/
 
 Rows: three commands of bench.run, in this order (a chunk that runs out of time leaves every finished
 row behind and the next chunk skips it): the teacher rows (dense, fine-tuned 0 steps: the teacher's
@@ -22,6 +24,9 @@ call returned them, are committed in results/gpu/tier_teacher/ (tracked, so they
 outlive every machine; results/gpu/tier/teacher.json records their sha256, checked before a fresh machine
 uses them). A row made from another teacher (row.json's teacher_sha256) is stale: `status` counts it as not
 done and bench.run moves it aside and redoes it once this teacher is in place (bench.run.current_row).
+A row of no planned run (its config hash is not a cell's: the tier's configs changed since) is obsolete:
+`status` counts it, and `archive` moves it out of the tier's folder so the report does not set it beside
+the current rows.
 """
 from __future__ import annotations
 
@@ -368,7 +373,39 @@ def status() -> dict:
                       "parts_committed": sorted(p.name for p in TEACHER_PARTS.glob("teacher.part-*"))}
     out["gpu_time"] = gpu_time(TEACHER_JSON.parent / "calls.jsonl")
     out["ced_best"] = ced_best()
+    out["obsolete"] = obsolete(seen)
     return out
+
+
+def obsolete(planned: set[str] | None = None) -> list[str]:
+    """The run folders under the tier's rows (row.json or error.json, not set aside) that no planned run
+    names (`planned`: those run folders, when the caller has them): rows of an older config of the tier,
+    which its report would otherwise set beside the current ones."""
+    from bench.results import ERROR_FILE, run_relpath, set_aside
+
+    root = ROOT / RESULTS
+    if planned is None:
+        planned = {run_relpath(c.cfg) for c in cells([*TEACHER_ROWS, *commands()])}
+    found = {p.parent for name in ("row.json", ERROR_FILE) for p in root.rglob(name) if not set_aside(p, root)}
+    return sorted(r for r in (str(f.relative_to(root)) for f in found) if r not in planned)
+
+
+def archive(name: str) -> list[Path]:
+    """Move the obsolete run folders to results/gpu/tier_archive/<name>/, keeping their paths; a name
+    already used is refused (nothing is overwritten)."""
+    from bench.api import BenchError
+
+    if not name or "/" in name or name.startswith("."):
+        raise BenchError(f"archive --to {name!r}: give a plain folder name, e.g. eager-eval")
+    dest = ROOT / "results" / "gpu" / "tier_archive" / name
+    runs = obsolete()
+    if runs and dest.exists():
+        raise BenchError(f"{dest} exists: give another --to name")
+    moved = []
+    for rel in runs:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        moved.append((ROOT / RESULTS / rel).rename(dest / rel))
+    return moved
 
 
 def gpu_time(ledger: Path) -> dict:
@@ -605,6 +642,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p = sub.add_parser("import-resume", help="join carried teacher-resume.* into the teacher's last.pt")
     p.add_argument("src")
+    p = sub.add_parser("archive", help="move rows of no planned run to results/gpu/tier_archive/NAME/")
+    p.add_argument("--to", required=True, help="the archive folder's name (say what changed: eager-eval)")
     p = sub.add_parser("import-teacher")
     p.add_argument("src", nargs="?", default=str(TEACHER_PARTS), help="folder of teacher.part-* (default: %(default)s)")
     a = ap.parse_args(argv)
@@ -619,6 +658,9 @@ def main(argv=None) -> int:
             if s["stale"]:
                 print(f"stale: {s['stale']} rows were made from another teacher than teacher.json's; "
                       "bench.run moves them aside and redoes them once that teacher is in place")
+            if s["obsolete"]:
+                print(f"obsolete: {len(s['obsolete'])} rows of no planned run (an older config), e.g. "
+                      f"{s['obsolete'][0]}; move them out with `python -m bench.gpu.tier archive --to NAME`")
             b = s["ced_best"]
             print("CED screen: " + (f"best {' '.join(b['variant'])} (geometric mean FID {b['geomean_fid']})" if b
                                     else "not done; its winner runs at seeds 1 and 2 after it"))
@@ -653,6 +695,9 @@ def main(argv=None) -> int:
         elif a.cmd == "import-resume":
             dest = import_resume(Path(a.src))
             print(f"teacher resume: {dest} (sha256 checked)" if dest else "teacher resume: nothing to import")
+        elif a.cmd == "archive":
+            moved = archive(a.to)
+            print(f"archived {len(moved)} obsolete rows to results/gpu/tier_archive/{a.to}/")
         elif a.cmd == "import-teacher":
             dest = import_teacher(Path(a.src))
             print(f"teacher: {dest} (sha256 checked)" if dest else "teacher: nothing to import (in place, or no parts)")
