@@ -121,6 +121,8 @@ RULES: dict[str, dict[str, Rule]] = {
     "": {"seed": Int(0, eg=0), "progress": Bool(), "stop_after": OneOf(None, "finetune", "sample", eg="sample"),
            "sample_part": Str("0/4", nullable=True)},
     "calib": {"n": Int(1, eg=256), "seed": Int(0, eg=0), "bins": Int(1, eg=8)},
+    # measure and keep: bench.api.Budget; round_to (optional): the channel multiple of every width method
+    "budget": {"measure": None, "keep": None, "round_to": Int(1, eg=8)},
     "finetune": _TRAIN,
     "teacher": {**_TRAIN, "steps": Int(1, eg=1500), "seed": Int(0, eg=0)},
     "eval": {

@@ -41,6 +41,8 @@ CASES = [
     ("keep-above-one", ["budget.keep=1.5"], "dense", "budget.keep"),
     ("measure-unknown", ["budget.measure=flops"], "dense", "budget.measure"),
     ("keep-infeasible", ["budget.keep=0.01"], "shortgpt", "budget.keep"),
+    ("round-to-zero", ["+budget.round_to=0", "budget.measure=macs"], "magnitude_width", "budget.round_to"),
+    ("budget-key-unknown", ["+budget.kep=0.5"], "dense", "budget.kep"),
     # top level
     ("seed-negative", ["seed=-1"], "dense", "seed"),
     ("device-unknown", ["device=gpu"], "dense", "device"),

@@ -25,6 +25,7 @@ def test_the_tier_sweeps_every_method_at_two_budgets_and_three_seeds():
         d, sweep = hydra_compose([f"experiment={exp}"])
         assert set(sweep["method"].split(",")) == methods
         assert sweep["budget.keep"] == "0.75,0.5" and sweep["seed"] == "0,1,2" and d["budget"]["measure"] == measure
+        assert d["budget"].get("round_to") == (8 if measure == "macs" else None)  # width: channels in multiples of 8
         assert len(sweep_points(sweep)) == len(methods) * 6
         assert d["model"]["name"] == "DiT-D28/2" and d["data"]["kind"] == "fashion_mnist" and d["device"] == "cuda"
         assert (d["eval"]["n"], d["eval"]["sampler"], d["eval"]["steps"], d["eval"]["cfg_scale"]) == (10000, "ddim", 20, 1.0)
@@ -40,6 +41,8 @@ def test_the_tier_sweeps_every_method_at_two_budgets_and_three_seeds():
     # a width method's point passes the run's own checks on the tier model (MAC budget)
     d, _ = hydra_compose(["experiment=gpu_tier_width", "method=magnitude_width", "budget.keep=0.5", "seed=2"])
     check_run_config(d)
+    assert d["method"]["round_to"] == 8  # the budget's channel multiple reaches the method
+    assert hydra_compose(["experiment=default_suite_width", "method=magnitude_width"])[0]["method"]["round_to"] == 1
 
 
 @pytest.mark.filterwarnings("ignore:Inception metrics from n=4", "ignore:invalid value encountered")  # 4 samples: FID biased, KID bootstrap NaN
