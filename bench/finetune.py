@@ -59,9 +59,13 @@ class FinetuneConfig:
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
+    """ema = decay * ema + (1 - decay) * model, in two multi-tensor kernels (one launch per op for all
+    weights, not two per weight: the fine-tune of a small model on a GPU is launch-bound); the same
+    arithmetic as the per-weight mul_/add_ it replaces, value for value."""
     with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters()):
-            pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+        pe, pm = list(ema.parameters()), [p.detach() for p in model.parameters()]
+        torch._foreach_mul_(pe, decay)
+        torch._foreach_add_(pe, pm, alpha=1 - decay)
 
 
 def _make_opt(net, cfg: FinetuneConfig):

@@ -213,3 +213,24 @@ def test_adaptive_sampler_row_records_the_measured_nfe(tiny_cfg, capsys):
     (Path(cfg["paths"]["results"]) / run_relpath(cfg) / "row.json").unlink()  # score and time again, samples kept
     again = execute(cfg)
     assert "sampling" not in capsys.readouterr().out and again.nfe == row.nfe
+
+
+def test_the_ema_update_is_the_per_weight_average_value_for_value():
+    """bench.finetune._ema_update (multi-tensor) gives exactly decay * ema + (1 - decay) * model for
+    every weight, as the per-weight loop it replaced did."""
+    import copy
+
+    import torch
+
+    from bench.finetune import _ema_update
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.LayerNorm(13), torch.nn.Linear(13, 3))
+    ema = copy.deepcopy(model)
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p))
+    want = [pe.detach().clone().mul_(0.9993).add_(pm.detach(), alpha=1 - 0.9993)
+            for pe, pm in zip(ema.parameters(), model.parameters())]
+    _ema_update(ema, model, 0.9993)
+    assert all(torch.equal(pe, w) for pe, w in zip(ema.parameters(), want))
+    assert not any(p.grad is not None for p in ema.parameters())
