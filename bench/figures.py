@@ -41,12 +41,14 @@ def quality_column(lines: pd.DataFrame) -> str | None:
 def figure_points(lines: pd.DataFrame, q: str) -> pd.DataFrame:
     """One point per line: method, label, x values (speedup with its interval and note, keep_macs)
     and y with its error-bar ends (y_lo <= y <= y_hi)."""
-    from bench.report import VARIANT_KEYS, variant_suffix  # here: bench.report imports this module
+    from bench.report import VARIANT_KEYS, usual_variants, variant_suffix  # here: bench.report imports this module
 
     variants = [k for k in VARIANT_KEYS if k in lines.columns and lines[k].nunique(dropna=False) > 1]
+    usual = usual_variants(lines, variants)
     pts = pd.DataFrame({
         "method": lines["method"].astype(str),
-        "label": [f"{r['method']} {r['budget_keep']:g}" + variant_suffix(r, variants) for _, r in lines.iterrows()],
+        "label": [f"{r['method']} {r['budget_keep']:g}" + variant_suffix(r, variants, usual)
+                  for _, r in lines.iterrows()],
         "budget_keep": lines["budget_keep"].astype(float),
         "keep_macs": lines["keep_macs"].astype(float),
         "speedup": lines.get("speedup", pd.Series(np.nan, index=lines.index)).astype(float),

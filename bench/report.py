@@ -223,6 +223,8 @@ def summarize(g: pd.DataFrame, latency_pass: dict | None = None) -> tuple[pd.Dat
     if (lines["speedup_note"] == sp.INDISTINGUISHABLE).any():
         notes.append(INDIST_NOTE + ".")
     lines = lines.drop(columns=["_order", "_flagged"]).reset_index(drop=True)
+    if unsuffixed := usual_note(lines, keys[len(LINE_KEYS):]):
+        notes.append(unsuffixed)
     lines.attrs["speedup_why"] = why
     return lines, vcols, " ".join(notes) or None
 
@@ -359,20 +361,42 @@ def fmt_speedup(r) -> str:
     return f"{fmt_num(s)} [{fmt_num(lo)}, {fmt_num(hi)}]" + (f" {note}" if note else "")
 
 
-def variant_suffix(r, variants: list[str]) -> str:
-    """What tells a line from the method's other lines: " (finetune_steps 80)", and a method.* variant as
-    itself, " (outputs=x0)" (none for the method as configured)."""
-    return "".join((f" ({r[k]})" if r[k] else "") if k == "method_variant" else f" ({k} {r[k]})" for k in variants)
+def usual_variants(lines: pd.DataFrame, variants: list[str]) -> dict:
+    """Each variant key's most common value over a table's lines (the smallest on a tie): the setting
+    of most lines, which their names leave out (a tier's 300 fine-tune steps; its teacher rows, at 0
+    steps, are named so)."""
+    return {k: lines[k].mode(dropna=False).sort_values().iloc[0] for k in variants if k != "method_variant"}
 
 
-def line_name(r, variants: list[str]) -> str:
-    return r["method"] + variant_suffix(r, variants)
+def variant_suffix(r, variants: list[str], usual: dict | None = None) -> str:
+    """What tells a line from the method's other lines: " (finetune_steps 80)" where it differs from the
+    table's usual value (usual_variants; none given: always), and a method.* variant as itself,
+    " (outputs=x0)" (none for the method as configured)."""
+    usual = usual or {}
+    return "".join((f" ({r[k]})" if r[k] else "") if k == "method_variant" else
+                   ("" if k in usual and _same(r[k], usual[k]) else f" ({k} {r[k]})") for k in variants)
+
+
+def _same(a, b) -> bool:
+    return bool(a == b) or (pd.isna(a) and pd.isna(b))
+
+
+def usual_note(lines: pd.DataFrame, variants: list[str]) -> str | None:
+    """What a line without a suffix has, when some line of the table carries one."""
+    usual = usual_variants(lines, variants)
+    named = [k for k, v in usual.items() if not all(_same(x, v) for x in lines[k])]
+    return ("A line without a suffix has " + ", ".join(f"{k} {usual[k]}" for k in named) + ".") if named else None
+
+
+def line_name(r, variants: list[str], usual: dict | None = None) -> str:
+    return r["method"] + variant_suffix(r, variants, usual)
 
 
 def cells(lines: pd.DataFrame, vcols: list[str]) -> tuple[list[str], list[list[str]]]:
     head = ["method", "budget", "n_seeds"] + [label(c) for c in vcols] + [label("speedup")]
     variants = [k for k in VARIANT_KEYS if k in lines.columns]
-    body = [[line_name(r, variants), f"{r['budget_measure']} {r['budget_keep']:g}", str(int(r["n_seeds"]))]
+    usual = usual_variants(lines, variants)
+    body = [[line_name(r, variants, usual), f"{r['budget_measure']} {r['budget_keep']:g}", str(int(r["n_seeds"]))]
             + [fmt_cell(r, c) for c in vcols] + [fmt_speedup(r)]
             for _, r in lines.iterrows()]
     return head, body

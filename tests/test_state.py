@@ -250,7 +250,9 @@ def test_rows_that_differ_in_finetune_steps_are_lines_of_their_own(tmp_path):
             _row("c", 0.5, 0, 5.0, run="p/c1"), _row("c", 0.5, 0, 5.0, run="p/c2")], tmp_path / "runs")
     assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--name", "t"]) == 0
     md = (tmp_path / "rep" / "tables" / "t.md").read_text()
-    assert "a (finetune_steps 80)" in md and "a (finetune_steps 300)" in md
+    # most lines have 80 steps: their names leave it out, and the table says so
+    assert "| a (finetune_steps 300)" in md and "| a  " in md and "| dense  " in md and "(finetune_steps 80)" not in md
+    assert "A line without a suffix has finetune_steps 80." in md
     assert "Runs set apart" in md and "p/c1" in md and "p/c2" in md
     assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--name", "w",
                  "--where", "finetune_steps=300"]) == 0

@@ -189,8 +189,10 @@ def test_measure_regional_gives_the_gains_the_projection_uses(tmp_path, monkeypa
     # two commands' rows (composing all 137 takes ~20 s): a depth and a width sweep at seed 0
     monkeypatch.setattr(tier, "sweeps", lambda best=None: [["experiment=gpu_tier", "seed=0", "method=last_k"],
                                                             ["experiment=gpu_tier_width", "seed=0", "method=magnitude_width"]])
-    eager = tier.project(t)  # the configs keep eager: the gains do not apply
-    monkeypatch.setattr(tier, "BASE", [*tier.BASE, "finetune.compile=blocks", "eval.compile=blocks"])
+    base = tier.BASE
+    monkeypatch.setattr(tier, "BASE", [*base, "finetune.compile=false", "eval.compile=false"])
+    eager = tier.project(t)  # eager configs: the gains do not apply
+    monkeypatch.setattr(tier, "BASE", [*base, "finetune.compile=blocks", "eval.compile=blocks"])
     comp = tier.project(t)
     assert comp["tier"]["finetune_s"] == pytest.approx(eager["tier"]["finetune_s"] / t["ft_regional_gain"])
     assert comp["tier"]["sample_s"] == pytest.approx(eager["tier"]["sample_s"] / 1.25)
