@@ -60,6 +60,7 @@ LAUNCH_NOTE = ("speedup is blank: the dense forward takes {ms:.3g} ms on {device
                "waits on kernel launches and a ratio measures launch overhead, not the work pruning removed "
                "(bench/speedup.py); time at a larger eval.latency.batch or compiled, and read keep MACs meanwhile")
 INDIST_NOTE = "≈1: the speedup's 95% interval contains 1; the timings cannot tell it from the dense model"
+SAME_NOTE = "Lines with every metric equal (one pruned model: the methods chose the same units): "
 INTRO = ("Cells are mean ± std over seeds (sample std; omitted for one seed), or with one seed a metric's own 95% "
          "bootstrap interval [lo, hi] where it has one. ↑/↓ = better direction.")
 PASS_NOTE = ("latency and speedup: dense and every architecture timed interleaved in one process (bench.latency_pass, "
@@ -225,8 +226,23 @@ def summarize(g: pd.DataFrame, latency_pass: dict | None = None) -> tuple[pd.Dat
     lines = lines.drop(columns=["_order", "_flagged"]).reset_index(drop=True)
     if unsuffixed := usual_note(lines, keys[len(LINE_KEYS):]):
         notes.append(unsuffixed)
+    if same := identical_lines(lines, metric_cols(g)):
+        notes.append(SAME_NOTE + "; ".join(same) + ".")
     lines.attrs["speedup_why"] = why
     return lines, vcols, " ".join(notes) or None
+
+
+def identical_lines(lines: pd.DataFrame, mcols: list[str]) -> list[str]:
+    """Lines of one budget and seed count whose every metric mean is equal ("a = b at 0.75"): the same
+    pruned model reached by two methods, which a ranking must not count as two findings."""
+    out = []
+    if not mcols:
+        return out
+    for (keep, _), g in lines.groupby(["budget_keep", "n_seeds"], sort=False):
+        for _, same in g.groupby([g[c].round(12) for c in mcols], sort=False, dropna=False):
+            if len(same) > 1 and same[mcols].notna().all(axis=None):
+                out.append(" = ".join(same["method"]) + f" at {keep:g}")
+    return out
 
 
 def pass_speedups(lines: pd.DataFrame, g: pd.DataFrame, keys: list[str], latency_pass: dict | None

@@ -362,3 +362,17 @@ def test_a_row_of_another_teacher_is_moved_aside_and_redone(tmp_path, artifacts,
     assert comparable(execute(cfg)) == comparable(second)
     # nothing else moved aside (a second move would add a -<date> sibling; the sha in the name may hold "-2")
     assert [p.name for p in run_dir.parent.glob(f".{run_dir.name}*")] == [hidden.name]
+
+
+def test_lines_of_one_model_are_named_as_one(tmp_path):
+    """Two methods whose rows agree in every metric (they chose the same units) are named together in the
+    table's note; a line that differs in one metric is not, nor is a line of another budget."""
+    from bench.report import main
+
+    rows = [_row("dense", 1.0, 0, 10.0), _row("a", 0.5, 0, 5.0), _row("b", 0.5, 0, 5.0), _row("c", 0.5, 0, 5.0),
+            _row("d", 0.75, 0, 5.0)]
+    rows[3].metrics = {"fd_clf": 11.5}
+    _write(rows, tmp_path / "runs")
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--name", "t"]) == 0
+    md = (tmp_path / "rep" / "tables" / "t.md").read_text()
+    assert "the methods chose the same units): a = b at 0.5." in md
