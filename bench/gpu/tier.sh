@@ -61,7 +61,10 @@
 # row so far) in the checkout and commit results/gpu/tier; after the teacher call put its teacher.part-* into
 # results/gpu/tier_teacher/ and commit them with results/gpu/tier/teacher.json (tracked: an ignored copy was
 # lost once with a session's machine, and with it the teacher of 19 finished rows). Rows of another teacher
-# than teacher.json's are stale (`status` says how many); bench.run moves each aside and redoes it.
+# than teacher.json's are stale (`status` says how many); bench.run moves each aside and redoes it. Rows of a
+# config the tier no longer plans (a tier config changed: another hash) are obsolete: `status` lists them, and
+# `python -m bench.gpu.tier archive --to NAME` moves them to results/gpu/tier_archive/NAME/ (a warm machine
+# still holds them under $STAGE/rows and packs them again: archive after every unpack until it goes cold).
 # One GPU model: a row's device is part of its table's protocol (bench.report groups by it, and the latency pass
 # times the rows of its own device only), so rows made on an H200 would form a second, incomplete table. Every
 # call but `stage` refuses another GPU than TIER_GPU (default the H100 of the first teacher's rows): name kind
