@@ -378,15 +378,16 @@ def status() -> dict:
 
 
 def obsolete(planned: set[str] | None = None) -> list[str]:
-    """The run folders under the tier's rows (row.json or error.json, not set aside) that no planned run
-    names (`planned`: those run folders, when the caller has them): rows of an older config of the tier,
-    which its report would otherwise set beside the current ones."""
-    from bench.results import ERROR_FILE, run_relpath, set_aside
+    """The run folders under the tier's rows (<model>/<method>/<run>, finished, failed or cut short; not
+    set aside) that no planned run names (`planned`: those run folders, when the caller has them): runs of
+    an older config of the tier, which its report would otherwise set beside the current ones and which no
+    call will finish."""
+    from bench.results import run_relpath, set_aside
 
     root = ROOT / RESULTS
     if planned is None:
         planned = {run_relpath(c.cfg) for c in cells([*TEACHER_ROWS, *commands()])}
-    found = {p.parent for name in ("row.json", ERROR_FILE) for p in root.rglob(name) if not set_aside(p, root)}
+    found = [f for f in root.glob("*/*/*") if f.is_dir() and not set_aside(f, root)]
     return sorted(r for r in (str(f.relative_to(root)) for f in found) if r not in planned)
 
 
