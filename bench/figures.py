@@ -129,6 +129,8 @@ def quality_figure(groups: list, label=lambda c: c):
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter
 
+    from bench.report import scored  # here: bench.report imports this module
+
     style = _styles(groups)
     with mpl.style.context("default"):  # ignore the user's matplotlibrc: same bytes everywhere
         n = max(len(groups), 1)
@@ -139,9 +141,9 @@ def quality_figure(groups: list, label=lambda c: c):
             for ax in axes[0]:
                 ax.set_axis_off()
         for (ax_s, ax_m), (key, lines, _, note) in zip(axes, groups):
-            head = (f"{key['model']} {key['dataset']} {key['process']}, NFE {key['nfe']}, {key['metric_impl']} "
-                    f"n={key['metric_n']}\n{key['device']}, {key['latency_mode']} {key['latency_dtype']}, "
-                    f"batch {key['latency_batch']}")
+            scorer = f", {key['metric_impl']} n={key['metric_n']}" if scored(key) else ""  # none: Inception only
+            head = (f"{key['model']} {key['dataset']} {key['process']}, NFE {key['nfe']}{scorer}\n"
+                    f"{key['device']}, {key['latency_mode']} {key['latency_dtype']}, batch {key['latency_batch']}")
             ax_s.set_title(head, fontsize=8)
             ax_m.set_title(head, fontsize=8)
             q = quality_column(lines)

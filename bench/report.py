@@ -304,11 +304,17 @@ def add_speedup_intervals(lines: pd.DataFrame, g: pd.DataFrame, keys: list[str])
     return lines.assign(speedup_lo=lo, speedup_hi=hi, speedup_note=note)
 
 
+def scored(key: dict) -> bool:
+    """Whether a group has a classifier scorer's protocol to name; not one scored by Inception alone
+    (eval.scorer=none: its protocol is in the group's Inception note)."""
+    return str(key["metric_impl"]) not in ("none", "None", "nan", "")
+
+
 def title(key: dict) -> str:
+    scorer = f"{key['metric_impl']}, n={key['metric_n']}, ref {key['metric_ref']}" if scored(key) else ""
     return (f"{key['model']} · {key['dataset']} · {key['process']} — {key['sampler']}, NFE {key['nfe']}, "
-            f"cfg {key['cfg_scale']:g}, sampled in {key['eval_precision']} — {key['metric_impl']}, n={key['metric_n']}, "
-            f"ref {key['metric_ref']} "
-            f"— {key['device']}, {key['latency_mode']}, {key['latency_dtype']}, batch {key['latency_batch']}")
+            f"cfg {key['cfg_scale']:g}, sampled in {key['eval_precision']} " + (f"— {scorer} " if scorer else "")
+            + f"— {key['device']}, {key['latency_mode']}, {key['latency_dtype']}, batch {key['latency_batch']}")
 
 
 def proxy_note(key: dict, vcols: list[str]) -> str | None:

@@ -516,3 +516,16 @@ def test_a_method_override_is_a_variant_with_its_own_line_in_the_report_and_the_
     assert sorted(row[0] for row in cells(lines, [])[1]) == ["entpruner_oneshot", "entpruner_oneshot (outputs=x0)"]
     ranked = rank(df[df["status"].eq("ok")].assign(m_fid=[10.0, 12.0]), "fid", baselines=[])
     assert sorted(ranked["method_variant"]) == ["", "outputs=x0"] and list(ranked["seeds"]) == [[0], [0]]
+
+
+def test_a_group_scored_by_inception_alone_has_no_classifier_protocol_in_its_title():
+    """eval.scorer=none (the GPU tier): the title leaves out the scorer's "none, n=…, ref none"; a classifier-
+    scored group keeps its protocol."""
+    from bench.report import title
+
+    key = {"model": "DiT-D28/2", "dataset": "fashion-mnist", "process": "ddpm", "sampler": "ddim", "nfe": 20,
+           "cfg_scale": 1.0, "eval_precision": "bf16", "metric_impl": "none", "metric_n": 10000, "metric_ref": "none",
+           "device": "H100", "latency_mode": "eager", "latency_dtype": "bf16", "latency_batch": 512}
+    assert title(key) == "DiT-D28/2 · fashion-mnist · ddpm — ddim, NFE 20, cfg 1, sampled in bf16 — H100, eager, bf16, batch 512"
+    key.update(metric_impl="smallcnn-abc", metric_n=256, metric_ref="digits-all")
+    assert "— smallcnn-abc, n=256, ref digits-all —" in title(key)
