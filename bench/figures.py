@@ -142,7 +142,7 @@ def quality_figure(groups: list, label=lambda c: c):
                 ax.set_axis_off()
         for (ax_s, ax_m), (key, lines, _, note) in zip(axes, groups):
             scorer = f", {key['metric_impl']} n={key['metric_n']}" if scored(key) else ""  # none: Inception only
-            head = (f"{key['model']} {key['dataset']} {key['process']}, NFE {key['nfe']}{scorer}\n"
+            head = (f"{key['model']} {key['dataset']} {key['process']}, NFE {key['nfe']}, cfg {key['cfg_scale']:g}{scorer}\n"
                     f"{key['device']}, {key['latency_mode']} {key['latency_dtype']}, batch {key['latency_batch']}")
             ax_s.set_title(head, fontsize=8)
             ax_m.set_title(head, fontsize=8)

@@ -229,7 +229,7 @@ def summarize(g: pd.DataFrame, latency_pass: dict | None = None) -> tuple[pd.Dat
     if same := identical_lines(lines, metric_cols(g)):
         notes.append(SAME_NOTE + "; ".join(same) + ".")
     lines.attrs["speedup_why"] = why
-    return lines, vcols, " ".join(notes) or None
+    return lines, vcols, " ".join(n if n.endswith(".") else n + "." for n in notes) or None
 
 
 def identical_lines(lines: pd.DataFrame, mcols: list[str]) -> list[str]:
@@ -487,7 +487,7 @@ def render_tex(prov: str, groups: list, failed: pd.DataFrame) -> str:
     out = [f"% {prov}", "% one table per protocol group; needs \\usepackage{booktabs}", ""]
     for key, lines, vcols, note in groups:
         head, body = cells(lines, vcols)
-        caption = " ".join(n for n in (title(key) + ".", proxy_note(key, vcols), note and note + ".") if n)
+        caption = " ".join(n for n in (title(key) + ".", proxy_note(key, vcols), note) if n)
         out += ["\\begin{table}[ht]", "\\centering", f"\\caption{{{tex_escape(caption)}}}",
                 "\\begin{tabular}{ll" + "r" * (len(head) - 2) + "}", "\\toprule",
                 " & ".join(map(tex_escape, head)) + " \\\\", "\\midrule"]

@@ -317,7 +317,7 @@ def test_launch_bound_gpu_speedups_are_left_out():
     lines, vcols, note = summarize(fast)
     assert lines["speedup"].isna().all() and "launch" in note and "5.71 ms" in note and "20 ms" in note
     assert [r[-1] for r in cells(lines, vcols)[1]] == ["", ""]
-    fig = figures.quality_figure([({"model": "m", "dataset": "d", "process": "p", "nfe": 1, "metric_impl": "i",
+    fig = figures.quality_figure([({"model": "m", "dataset": "d", "process": "p", "nfe": 1, "cfg_scale": 1.0, "metric_impl": "i",
                                     "metric_n": 1, "device": "NVIDIA H100", "latency_mode": "eager",
                                     "latency_dtype": "bf16", "latency_batch": 64}, lines, vcols, note)], label=label)
     ax_s, ax_m = fig.axes[:2]
@@ -344,7 +344,7 @@ def test_speedup_whose_interval_contains_one_is_marked():
     assert "contains 1" in note
     speed = {r[1]: r[-1] for r in cells(lines, vcols)[1]}
     assert speed["blocks 0.75"].endswith(" ≈1") and speed["blocks 0.5"].startswith("1.67 [")
-    fig = figures.quality_figure([({"model": "m", "dataset": "d", "process": "p", "nfe": 1, "metric_impl": "i",
+    fig = figures.quality_figure([({"model": "m", "dataset": "d", "process": "p", "nfe": 1, "cfg_scale": 1.0, "metric_impl": "i",
                                     "metric_n": 1, "device": "NVIDIA H100", "latency_mode": "eager",
                                     "latency_dtype": "bf16", "latency_batch": 64}, lines, vcols, note)], label=label)
     pts, = [c for c in fig.axes[0].collections if c.get_gid() == "points:taylor"]
@@ -529,3 +529,20 @@ def test_a_group_scored_by_inception_alone_has_no_classifier_protocol_in_its_tit
     assert title(key) == "DiT-D28/2 · fashion-mnist · ddpm — ddim, NFE 20, cfg 1, sampled in bf16 — H100, eager, bf16, batch 512"
     key.update(metric_impl="smallcnn-abc", metric_n=256, metric_ref="digits-all")
     assert "— smallcnn-abc, n=256, ref digits-all —" in title(key)
+
+
+def test_the_figure_heads_name_the_guidance_scale_and_leave_out_an_absent_scorer():
+    """Two groups that differ in cfg (the tier's teacher at cfg 1 and 1.5) have heads that say so; a group
+    scored by Inception alone has no "none n=…" in its head."""
+    import pandas as pd
+
+    from bench import figures
+    from bench.report import label
+
+    lines = pd.DataFrame({"method": ["dense"], "budget_measure": ["blocks"], "budget_keep": [1.0], "n_seeds": [1],
+                          "keep_macs": [1.0], "m_fid": [12.0], "speedup": [1.0], "latency_ms": [40.0]})
+    key = {"model": "m", "dataset": "d", "process": "p", "nfe": 40, "cfg_scale": 1.5, "metric_impl": "none",
+           "metric_n": 10000, "device": "H100", "latency_mode": "eager", "latency_dtype": "bf16", "latency_batch": 512}
+    fig = figures.quality_figure([(key, lines, ["m_fid"], None)], label=label)
+    head = fig.axes[0].get_title()
+    assert head == "m d p, NFE 40, cfg 1.5\nH100, eager bf16, batch 512"
