@@ -390,11 +390,10 @@ def usual_variants(lines: pd.DataFrame, variants: list[str]) -> dict:
     return {k: lines[k].mode(dropna=False).sort_values().iloc[0] for k in variants if k != "method_variant"}
 
 
-def variant_suffix(r, variants: list[str], usual: dict | None = None) -> str:
+def variant_suffix(r, variants: list[str], usual: dict) -> str:
     """What tells a line from the method's other lines: " (finetune_steps 80)" where it differs from the
-    table's usual value (usual_variants; none given: always), and a method.* variant as itself,
-    " (outputs=x0)" (none for the method as configured)."""
-    usual = usual or {}
+    table's usual value (usual_variants), and a method.* variant as itself, " (outputs=x0)" (none for
+    the method as configured)."""
     return "".join((f" ({r[k]})" if r[k] else "") if k == "method_variant" else
                    ("" if k in usual and _same(r[k], usual[k]) else f" ({k} {r[k]})") for k in variants)
 
@@ -410,7 +409,7 @@ def usual_note(lines: pd.DataFrame, variants: list[str]) -> str | None:
     return ("A line without a suffix has " + ", ".join(f"{k} {usual[k]}" for k in named) + ".") if named else None
 
 
-def line_name(r, variants: list[str], usual: dict | None = None) -> str:
+def line_name(r, variants: list[str], usual: dict) -> str:
     return r["method"] + variant_suffix(r, variants, usual)
 
 
