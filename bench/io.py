@@ -10,6 +10,9 @@ errors in words. One helper per job; nothing else in the tree opens a temp file 
     sha256_file(path)             hex digest, streamed
     read_state(path, load, what)  stored state, or None (missing; unreadable: moved aside, redone)
     move_aside(path)              keep an unreadable file for a post-mortem under another name
+    gzip_file(path)               replace a file by its deterministic `<name>.gz` (a record that is done)
+    read_text(path)               a text file, or its `<name>.gz` where gzip_file compressed it
+    stored(path)                  the path as stored: itself, else its `<name>.gz`, else None
 
 A reader never sees half a file: the content goes to a temp file in the same folder and is
 renamed onto the target (POSIX rename is atomic). A failed write removes its temp file and raises
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 
 import errno
+import gzip
 import hashlib
 import os
 import shutil
@@ -213,3 +217,37 @@ def read_state(path, load: Callable[[Path], T], what: str, on_moved: Callable[[P
         if on_moved:
             on_moved(path, dest)
         return None
+
+
+def gzip_file(path) -> Path:
+    """Replace `path` by `<path>.gz` (atomic; mtime 0 and no name in the header, so the same file always
+    gives the same bytes and a re-run changes nothing in git). Returns the new path."""
+    path = Path(path)
+    data = path.read_bytes()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
+            f.write(data)
+
+    out = atomic_write(path.with_name(path.name + ".gz"), write)
+    path.unlink()
+    return out
+
+
+def stored(path) -> Path | None:
+    """`path` where it exists, else its gzip_file'd `<name>.gz`, else None."""
+    path = Path(path)
+    for p in (path, path.with_name(path.name + ".gz")):
+        if p.is_file():
+            return p
+    return None
+
+
+def read_text(path) -> str:
+    """The text of `path`, or of its `<name>.gz` (a `.gz` path is decompressed too). FileNotFoundError
+    names `path` when neither exists."""
+    p = stored(path)
+    if p is None:
+        raise FileNotFoundError(errno.ENOENT, "no such file (nor a .gz of it)", str(path))
+    return gzip.decompress(p.read_bytes()).decode() if p.suffix == ".gz" else p.read_text()
+

@@ -69,9 +69,10 @@ def structure_of(row: dict) -> tuple[dict | None, str]:
     if isinstance(row.get("stage_latency_ms"), list) and row["stage_latency_ms"]:
         return None, ("routed (stage-wise) model: its latency is a mean over timestep stages, which the pass does "
                       "not time (its row's own stage timings stay)")
-    path = Path(row["path"]) / STRUCTURE
-    if path.is_file():
-        return json.loads(path.read_text()), STRUCTURE
+    from bench.io import read_text, stored
+
+    if path := stored(Path(row["path"]) / STRUCTURE):
+        return json.loads(read_text(path)), STRUCTURE
     if row.get("granularity") == "block" and isinstance(row.get("kept_blocks"), list) and row["kept_blocks"]:
         return {"plans": [], "kept_blocks": row["kept_blocks"]}, "kept_blocks"
     return None, (f"no {STRUCTURE} (a row from before runs recorded it) and a {row.get('granularity')} plan, which "

@@ -93,8 +93,10 @@ def _href(path: Path, page_dir: Path) -> str:
 def _links(run_dir: str | None, page_dir: Path, files=RUN_FILES) -> str:
     if not run_dir:
         return ""
+    from bench.io import stored
+
     d = Path(run_dir)
-    return " ".join(f'<a href="{_href(d / f, page_dir)}">{_e(f.split(".")[0])}</a>' for f in files if (d / f).exists())
+    return " ".join(f'<a href="{_href(p, page_dir)}">{_e(f.split(".")[0])}</a>' for f in files if (p := stored(d / f)))
 
 
 def _run_links(line, rows: pd.DataFrame, keys: list[str], page_dir: Path) -> tuple[str, str]:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.io import atomic_write_text, slug
+from bench.io import atomic_write_text, gzip_file, read_text, slug, stored
 
 SCHEMA = 1
 # config keys that do not change a run's results (where files go, how it is launched)
@@ -309,8 +309,8 @@ def final_kept_blocks(run_dir: str | Path) -> list[int] | None:
         stepped = [e for e in events if "step" in e]
         if stepped or events:
             kept = (stepped or events)[-1]["kept_blocks"]
-    if kept is None and (plan := run_dir / "plan.json").exists():
-        kept = json.loads(plan.read_text()).get("keep", {}).get("blocks")
+    if kept is None and (plan := stored(run_dir / "plan.json")):
+        kept = json.loads(read_text(plan)).get("keep", {}).get("blocks")
     if kept is None or ("depth" in row and len(kept) != int(row["depth"])):
         return None
     return [int(i) for i in kept]
@@ -321,7 +321,7 @@ def final_plan(run_dir: str | Path) -> dict:
     (final_kept_blocks), so a plot of kept and removed blocks shows what the model ended with;
     meta["kept_blocks_source"] says so. Raises ValueError when the final blocks are unknown."""
     run_dir = Path(run_dir)
-    plan = json.loads((run_dir / "plan.json").read_text())
+    plan = json.loads(read_text(run_dir / "plan.json"))
     kept = final_kept_blocks(run_dir)
     if kept is None:
         raise ValueError(f"{run_dir}: the final model's blocks are unknown (no row kept_blocks, no surgery event "
@@ -330,6 +330,27 @@ def final_plan(run_dir: str | Path) -> dict:
         plan.setdefault("meta", {})["kept_blocks_source"] = "final model (row / log.jsonl surgery events)"
     plan.setdefault("keep", {})["blocks"] = kept
     return plan
+
+
+# A finished run's records above this size are kept gzip-compressed (<name>.gz; bench.io.read_text reads
+# either): a width method's per-channel plan, structure and decision log run to megabytes of JSON, and the
+# committed GPU rows travel with every device call (64 MiB in all). Never the files a later pass appends to
+# or rewrites (row.json, log.jsonl) nor the config.
+COMPACT_BYTES = 256_000
+COMPACT_SUFFIXES = (".json", ".jsonl")
+NEVER_COMPACT = ("row.json", "log.jsonl", "config.yaml")
+
+
+def compact(run_dir: str | Path, limit: int = COMPACT_BYTES, unfinished: bool = False) -> list[Path]:
+    """gzip the finished run's JSON records above `limit` bytes (COMPACT_SUFFIXES, not NEVER_COMPACT);
+    a run without row.json (running, cut short, failed: a resume reads its records) is left as it is unless
+    `unfinished` (an archived run, never resumed). Returns the new .gz paths."""
+    run_dir = Path(run_dir)
+    if not unfinished and not (run_dir / "row.json").is_file():
+        return []
+    return [gzip_file(f) for f in sorted(run_dir.iterdir())
+            if f.is_file() and f.suffix in COMPACT_SUFFIXES and f.name not in NEVER_COMPACT
+            and f.stat().st_size > limit]
 
 
 def set_aside(path: Path, root: Path) -> bool:

@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.api import BenchError, Plan  # noqa: E402
+from bench.io import read_text  # noqa: E402
 from methods.entpruner.schedule import read_log  # noqa: E402
 
 
@@ -21,7 +22,7 @@ def _ced_data(src) -> tuple[list[float], list[list[float]] | None, list[int] | N
     """(scores, per-bin scores or None, kept blocks or None) from a Plan, a plan.json path, a
     ced_scores() dict or a plain list of scores."""
     if isinstance(src, (str, Path)):
-        src = Plan.from_json(Path(src).read_text())
+        src = Plan.from_json(read_text(src))
     if isinstance(src, Plan):
         return src.scores["blocks"], src.meta.get("scores_per_bin"), src.keep.get("blocks")
     if isinstance(src, dict):

@@ -376,3 +376,46 @@ def test_lines_of_one_model_are_named_as_one(tmp_path):
     assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--name", "t"]) == 0
     md = (tmp_path / "rep" / "tables" / "t.md").read_text()
     assert "the methods chose the same units): a = b at 0.5." in md
+
+
+def test_compact_gzips_a_finished_runs_large_records_and_every_reader_takes_them(tmp_path, capsys):
+    """bench.results.compact replaces a finished run's JSON records above the limit by deterministic .gz
+    files (row.json, log.jsonl and config.yaml never; an unfinished run not at all), and the readers of
+    those records (final plan, latency-pass structure, report links, EntPruner's decision summary) give the
+    same as from the plain files."""
+    import gzip
+    import shutil
+
+    from bench.latency_pass import structure_of
+    from bench.report_html import _links
+    from bench.results import compact, final_plan
+    from methods.entpruner.schedule import main as summarize_logs
+
+    log = next((ROOT / "results" / "gpu" / "tier").rglob("entpruner_decisions.jsonl"))
+    run, plain = tmp_path / "run", tmp_path / "plain"
+    run.mkdir()
+    plan = {"granularity": "block", "keep": {"blocks": [0, 2]}, "scores": {"blocks": [0.5] * 2000}, "meta": {}}
+    (run / "plan.json").write_text(json.dumps(plan))
+    (run / "structure.json").write_text(json.dumps({"plans": [], "kept_blocks": [0, 2], "pad": "x" * 6000}))
+    shutil.copy(log, run / log.name)
+    (run / "log.jsonl").write_text("{}\n" * 3000)
+    (run / "config.yaml").write_text("a: 1\n" * 3000)
+    assert compact(run, limit=5000) == []  # no row.json: a resume still reads these
+    (run / "row.json").write_text(json.dumps({"depth": 2, "kept_blocks": [0, 2], "path": str(run)}))
+    shutil.copytree(run, plain)
+    before = (final_plan(run), structure_of({"path": str(run)}))
+    summarize_logs([str(plain)])
+    summary = capsys.readouterr().out.replace(str(plain), "RUN")
+    done = compact(run, limit=5000)
+    assert sorted(p.name for p in done) == ["entpruner_decisions.jsonl.gz", "plan.json.gz", "structure.json.gz"]
+    assert not (run / "plan.json").exists() and (run / "log.jsonl").is_file() and (run / "config.yaml").is_file()
+    assert gzip.decompress((run / "plan.json.gz").read_bytes()) == (plain / "plan.json").read_bytes()
+    again = tmp_path / "again"
+    shutil.copytree(plain, again)
+    compact(again, limit=5000)
+    assert (again / "plan.json.gz").read_bytes() == (run / "plan.json.gz").read_bytes()  # deterministic bytes
+    assert (final_plan(run), structure_of({"path": str(run)})) == before
+    assert 'href="run/plan.json.gz"' in _links(str(run), tmp_path)
+    summarize_logs([str(run)])
+    assert capsys.readouterr().out.replace(str(run), "RUN").replace(".jsonl.gz", ".jsonl") == summary
+    assert compact(run, limit=5000) == []  # nothing left to do

@@ -397,10 +397,12 @@ def test_rows_of_an_older_tier_config_are_obsolete_and_archive_moves_them_out(tm
     cut = planned.rsplit("-", 1)[0] + "-4567cdef"  # an older config's run cut short: no row, never finished
     (tmp_path / "tier" / cut).mkdir(parents=True)
     (tmp_path / "tier" / cut / "log.jsonl").write_text("{}\n")
+    (tmp_path / "tier" / cut / "plan.json").write_text(json.dumps({"scores": [0.25] * 100_000}))  # > 256 kB
     assert tier.status()["obsolete"] == [old, cut]
     moved = tier.archive("eager-eval")
     assert moved == [tmp_path / "results" / "gpu" / "tier_archive" / "eager-eval" / r for r in (old, cut)]
     assert (moved[0] / "row.json").is_file() and not (tmp_path / "tier" / old).exists()
+    assert (moved[1] / "plan.json.gz").is_file() and not (moved[1] / "plan.json").exists()  # archived: compacted
     assert (tmp_path / "tier" / planned / "row.json").is_file() and tier.obsolete() == []
     (tmp_path / "tier" / old).mkdir(parents=True)
     (tmp_path / "tier" / old / "row.json").write_text("{}")

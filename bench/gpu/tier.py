@@ -392,8 +392,8 @@ def obsolete(planned: set[str] | None = None) -> list[str]:
 
 
 def archive(name: str) -> list[Path]:
-    """Move the obsolete run folders to results/gpu/tier_archive/<name>/, keeping their paths; a name
-    already used is refused (nothing is overwritten)."""
+    """Move the obsolete run folders to results/gpu/tier_archive/<name>/, keeping their paths, their large
+    records compacted (compact_runs); a name already used is refused (nothing is overwritten)."""
     from bench.api import BenchError
 
     if not name or "/" in name or name.startswith("."):
@@ -406,7 +406,17 @@ def archive(name: str) -> list[Path]:
     for rel in runs:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         moved.append((ROOT / RESULTS / rel).rename(dest / rel))
+    compact_runs(dest, unfinished=True)
     return moved
+
+
+def compact_runs(root: Path, unfinished: bool = False) -> list[Path]:
+    """bench.results.compact on every run folder <model>/<method>/<run> under `root` (the tier's finished
+    rows before they are packed; every run of an archive, `unfinished`): the committed rows travel with
+    every GPU call."""
+    from bench.results import compact
+
+    return [p for d in sorted(root.glob("*/*/*")) if d.is_dir() for p in compact(d, unfinished=unfinished)]
 
 
 def gpu_time(ledger: Path) -> dict:
@@ -645,6 +655,9 @@ def main(argv=None) -> int:
     p.add_argument("src")
     p = sub.add_parser("archive", help="move rows of no planned run to results/gpu/tier_archive/NAME/")
     p.add_argument("--to", required=True, help="the archive folder's name (say what changed: eager-eval)")
+    p = sub.add_parser("compact", help="gzip the finished rows' records above 256 kB (bench.results.compact)")
+    p.add_argument("root", nargs="?", default=str(RESULTS), help="folder of <model>/<method>/<run> (default: %(default)s)")
+    p.add_argument("--unfinished", action="store_true", help="also runs without row.json (an archive: never resumed)")
     p = sub.add_parser("import-teacher")
     p.add_argument("src", nargs="?", default=str(TEACHER_PARTS), help="folder of teacher.part-* (default: %(default)s)")
     a = ap.parse_args(argv)
@@ -699,6 +712,9 @@ def main(argv=None) -> int:
         elif a.cmd == "archive":
             moved = archive(a.to)
             print(f"archived {len(moved)} obsolete rows to results/gpu/tier_archive/{a.to}/")
+        elif a.cmd == "compact":
+            done = compact_runs(Path(a.root), a.unfinished)
+            print(f"compacted {len(done)} records under {a.root}" + "".join(f"\n  {p}" for p in done))
         elif a.cmd == "import-teacher":
             dest = import_teacher(Path(a.src))
             print(f"teacher: {dest} (sha256 checked)" if dest else "teacher: nothing to import (in place, or no parts)")

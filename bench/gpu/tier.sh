@@ -95,6 +95,7 @@ torch-pruning==1.6.1 pytorch-msssim==1.0.0 importlib-metadata==10.2.0"  # pyproj
 FMNIST="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz"
 log() { echo "[tier] $*"; }
 . bench/gpu/inception.sh
+CARRY_LIMIT=67108864  # 64 MiB: what one device call may carry, the tracked tree included
 mb() { du -cb "$@" 2>/dev/null | tail -1 | awk '{printf "%.1f MB", $1/1e6}'; }
 
 prep() {  # on this machine: what the GPU calls will carry
@@ -128,8 +129,16 @@ prep() {  # on this machine: what the GPU calls will carry
   [ -f "$RESUME/teacher-resume.json" ] && log "a teacher cut short: its resume point $(grep -o '"step": [0-9]*' \
     "$RESUME/teacher-resume.json") ($(mb "$RESUME")) travels in its own call before the teacher call:" \
     "carry [\"$RESUME\"] command \`bash bench/gpu/tier.sh stage\`"
-  local code
-  code=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | awk '{printf "%.1f MB", $1/1e6}')
+  local code bytes c
+  bytes=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+  code=$(echo "$bytes" | awk '{printf "%.1f MB", $1/1e6}')
+  for c in .gpuassets/i* data; do  # each call carries one of these with the whole tracked tree
+    [ -e "$c" ] || continue
+    if [ $(( bytes + $(du -sb "$c" | cut -f1) )) -gt $CARRY_LIMIT ]; then
+      log "carry [\"$c\"] with the tracked tree ($code) is over the device's 64 MiB: compact the rows" \
+          "(python -m bench.gpu.tier compact), archive old ones, or carry less"; ok=0
+    fi
+  done
   log "tracked code travels in every call: $code; prefix row-making commands with" \
       "BENCH_GIT_SHA=$(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD -- . ':(exclude)results' ':(exclude)reports' || echo -dirty)"
   log "calls 1-3: $(inception_carries | tr '\n' ' ')($(mb .gpuassets/i1) each at most)   call 4: carry [\"data\"]" \
@@ -253,6 +262,7 @@ pack() {  # whatever finished comes back, also after a failure or a time-out
   fi
   [ -n "${OUT:-}" ] || return 0
   if [ -d "$RESULTS" ]; then
+    "$PY" -m bench.gpu.tier compact "$RESULTS" >/dev/null || log "compact failed (the rows are packed as they are)"
     "$PY" -m methods.entpruner "$RESULTS" > "$RESULTS/entpruner_summary.txt" 2>&1 || true
     "$PY" -m bench.report --runs "$RESULTS" --out reports --name gpu_tier >/dev/null 2>&1 || log "report failed (rows are packed anyway)"
     tar czf "$OUT/tier_rows.tgz" "$RESULTS" reports/tables/gpu_tier* reports/figures/gpu_tier_* reports/gpu_tier_runs.csv \

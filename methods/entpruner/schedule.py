@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench.api import BenchError, Budget, Plan
+from bench.io import read_text, stored
 from bench.surgery import blocks_to_keep, measure
 from methods import proxies
 from methods.decision_log import LoggedSchedule
@@ -233,11 +234,11 @@ class AdaptiveSchedule(LoggedSchedule):
 def read_log(decisions_path) -> tuple[dict, list[dict]]:
     """(start record, decisions in order) of an EntPruner decision log; a decision logged again
     after a resume supersedes the ones at its step and later."""
-    p = Path(decisions_path)
-    if not p.is_file():
-        raise BenchError(f"no EntPruner decision log at {p}")
+    p = stored(decisions_path)
+    if p is None:
+        raise BenchError(f"no EntPruner decision log at {decisions_path}")
     start, decisions = None, []
-    for line in p.read_text().splitlines():
+    for line in read_text(p).splitlines():
         if not line.strip():
             continue
         r = json.loads(line)
@@ -335,7 +336,7 @@ def main(argv=None) -> int:
         if p.is_file():  # a log named on its own is read as it is
             logs.append(p)
             continue
-        for q in sorted(p.rglob(LOG_NAME)):  # a folder: the finished runs' logs only
+        for q in sorted([*p.rglob(LOG_NAME), *p.rglob(LOG_NAME + ".gz")]):  # a folder: finished runs' logs only
             if set_aside(q, p):
                 left["set aside (a hidden folder: another teacher's)"] += 1
             elif not (q.parent / "row.json").is_file():
