@@ -174,8 +174,10 @@ stage() {  # on the GPU machine: keep what this call carried under /tmp, join wh
       "teacher=$(deps && [ -f "$("$PY" -m bench.gpu.tier teacher-dir 2>/dev/null)/final.pt" ] && echo yes || echo no)"
 }
 
-deps() {  # our Python dependencies: the carried wheels, or an environment that has them
-  [ -f "$STAGE/wheels.done" ] || "$PY" -c "import hydra, omegaconf, torch_pruning, tabulate" 2>/dev/null
+DEPS_OK=""
+deps() {  # our Python dependencies: the carried wheels, or an environment that has them (asked once a call)
+  [ -f "$STAGE/wheels.done" ] || [ -n "$DEPS_OK" ] ||
+    { "$PY" -c "import hydra, omegaconf, torch_pruning, tabulate" 2>/dev/null && DEPS_OK=1; }
 }
 
 inception() {  # the offline Inception weights: joined here, or found by bench.assets
@@ -262,9 +264,11 @@ pack() {  # whatever finished comes back, also after a failure or a time-out
   fi
   [ -n "${OUT:-}" ] || return 0
   if [ -d "$RESULTS" ]; then
-    "$PY" -m bench.gpu.tier compact "$RESULTS" >/dev/null || log "compact failed (the rows are packed as they are)"
-    "$PY" -m methods.entpruner "$RESULTS" > "$RESULTS/entpruner_summary.txt" 2>&1 || true
-    "$PY" -m bench.report --runs "$RESULTS" --out reports --name gpu_tier >/dev/null 2>&1 || log "report failed (rows are packed anyway)"
+    if [ -n "$(find "$RESULTS" -name row.json -print -quit)" ]; then  # rows: compacted, summed up, reported
+      "$PY" -m bench.gpu.tier compact "$RESULTS" >/dev/null || log "compact failed (the rows are packed as they are)"
+      "$PY" -m methods.entpruner "$RESULTS" > "$RESULTS/entpruner_summary.txt" 2>&1 || true
+      "$PY" -m bench.report --runs "$RESULTS" --out reports --name gpu_tier >/dev/null 2>&1 || log "report failed (rows are packed anyway)"
+    fi
     tar czf "$OUT/tier_rows.tgz" "$RESULTS" reports/tables/gpu_tier* reports/figures/gpu_tier_* reports/gpu_tier_runs.csv \
       reports/gpu_tier.html 2>/dev/null || true
     log "packed $(tar tzf "$OUT/tier_rows.tgz" 2>/dev/null | grep -c 'row.json$') rows into \$OUT/tier_rows.tgz"
