@@ -264,7 +264,7 @@ pack() {  # whatever finished comes back, also after a failure or a time-out
   fi
   [ -n "${OUT:-}" ] || return 0
   if [ -d "$RESULTS" ]; then
-    if [ -n "$(find "$RESULTS" -name row.json -print -quit)" ]; then  # rows: compacted, summed up, reported
+    if deps && [ -n "$(find "$RESULTS" -name row.json -print -quit)" ]; then  # rows: compacted, summed up, reported
       "$PY" -m bench.gpu.tier compact "$RESULTS" >/dev/null || log "compact failed (the rows are packed as they are)"
       "$PY" -m methods.entpruner "$RESULTS" > "$RESULTS/entpruner_summary.txt" 2>&1 || true
       "$PY" -m bench.report --runs "$RESULTS" --out reports --name gpu_tier >/dev/null 2>&1 || log "report failed (rows are packed anyway)"
