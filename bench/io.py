@@ -250,4 +250,3 @@ def read_text(path) -> str:
     if p is None:
         raise FileNotFoundError(errno.ENOENT, "no such file (nor a .gz of it)", str(path))
     return gzip.decompress(p.read_bytes()).decode() if p.suffix == ".gz" else p.read_text()
-
