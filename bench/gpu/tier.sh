@@ -42,8 +42,9 @@
 #                                     which the report's speedups then come from (packed with the rows)
 #   bash bench/gpu/tier.sh status     anywhere: rows done per command, the teacher
 #
-# What travels (64 MiB a call, the tracked tree included: ~9 MB of code and reports, + 19.2 MB once the
-# teacher's parts are committed). A fresh machine keeps nothing, so it takes four calls before the rows run;
+# What travels (64 MiB a call, the tracked tree included: 32 MB in Dec 2026, 19.2 MB of it the teacher's
+# committed parts; the rows' records over 256 kB are packed gzip-compressed, `python -m bench.gpu.tier compact`,
+# and `prep` refuses a carry that would go over). A fresh machine keeps nothing, so it takes four calls before the rows run;
 # a warm one keeps everything under /tmp/tier and /tmp/assets:
 #   1-3. carry [".gpuassets/i1"], then [".gpuassets/i2"], then [".gpuassets/i3"]   command
 #        `bash bench/gpu/tier.sh stage`: the Inception weights in three parts of <= 30 MB (bench/gpu/inception.sh)
