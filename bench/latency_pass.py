@@ -14,7 +14,10 @@ modules and tensors) interleaved in one process, group by group, with the speedu
 intervals). A group is one table of the report (bench.report.report_groups: same device, latency
 mode, dtype, batch and quality protocol); every group gets an equal share of what is left of
 --budget-s. Groups are timed only on the device their rows name (bench.metrics.cost.device_name);
-the pass refuses to run when no group was timed on this one.
+the pass refuses to run when no group was timed on this one. `--also GPU` (repeatable) pools the rows
+made on another GPU model into this device's tables (`pool_devices`): a tier whose quality rows were made on
+either of two GPUs whose samples agree (results/gpu/tier_h200: H100 and H200 sample and score alike to 5
+digits) gets every latency and speedup from this one process, and the report names where each row was made.
 
 Skipped, with the reason in the record (their report lines keep the separate-run speedup): rows of a
 routed (stage-wise, Diff-ES) model, whose latency is a mean over timestep stages; rows whose folder
@@ -24,8 +27,8 @@ the architecture); rows set apart by the report; rows of another device.
 Output: <runs>/latency_pass.json (atomically): per run (Row.run, its relpath) the paired speedup
 (dense / pruned), its 95 % interval lo / hi, dense_ms and pruned_ms (medians of the interleaved
 calls), rounds and the structure key; per group its key, device, mode, dtype, batch, rounds and
-seconds; the commit, torch version, command and date; the skipped runs with their reasons.
-bench.report reads it (`load`) and takes each line's speedup from it. Exit status: 0 written,
+seconds; the commit, torch version, command and date; `also`, the GPU models it pooled; the skipped runs
+with their reasons. bench.report reads it (`load`, then `pooled`) and takes each line's speedup from it. Exit status: 0 written,
 2 bad input (a line naming the fix: a device mismatch, a rebuilt model whose cost differs from its row).
 """
 from __future__ import annotations
@@ -60,6 +63,27 @@ def load(runs: str | Path) -> dict | None:
         raise ValueError(f"{path}: not a latency pass record of schema {SCHEMA}; rerun python -m bench.latency_pass "
                          f"--runs {runs}")
     return rec
+
+
+def pool_devices(df, device: str, also, timed: dict | None = None):
+    """The rows made on a GPU model of `also` as rows of `device`: their `device` becomes `device` (the
+    report groups by it) and `made_on` keeps where they were made. Their own latencies were measured on that
+    other GPU, so with `timed` (a pass's runs) a pooled row the pass did not retime (a routed model) loses its
+    latency: no speedup divides one GPU's time by another's."""
+    foreign = df["device"].astype(str).isin([str(d) for d in also]) & df["device"].astype(str).ne(device)
+    if not foreign.any():
+        return df
+    df = df.assign(made_on=df["device"].astype(str), device=df["device"].astype(str).where(~foreign, device))
+    if timed is not None and "latency_ms" in df.columns:
+        df.loc[foreign & ~df["run"].isin(list(timed)), "latency_ms"] = float("nan")
+    return df
+
+
+def pooled(df, rec: dict | None):
+    """`df` as a latency pass record sees it: the rows of the GPUs it pooled (`--also`) counted as its own."""
+    if not rec or not rec.get("also"):
+        return df
+    return pool_devices(df, str(rec["device"]), rec["also"], rec.get("runs") or {})
 
 
 def structure_of(row: dict) -> tuple[dict | None, str]:
@@ -108,7 +132,8 @@ def _check_cost(net, row: dict, what: str) -> None:
 
 
 def run(runs: str | Path, device: str = "cuda", budget_s: float = 300.0, reps: int = 5, min_rounds: int = 10,
-        max_rounds: int = 400, rel_tol: float = 0.01, command: str = "", log=print) -> dict:
+        max_rounds: int = 400, rel_tol: float = 0.01, command: str = "", log=print, also: tuple[str, ...] = ()
+        ) -> dict:
     """Rebuild, check and time every row of `runs` (module docstring); returns the record."""
     import torch
 
@@ -126,6 +151,7 @@ def run(runs: str | Path, device: str = "cuda", budget_s: float = 300.0, reps: i
         raise BenchError(f"--device {device} but no CUDA device is visible; run the pass on the GPU the rows were "
                          "timed on, or give --device cpu for rows timed on the CPU")
     this = device_name(device)
+    df = pool_devices(df, this, also)
     groups, group_rows, apart, _ = report_groups(df)
     skipped = {r["run"]: "set apart by the report (shares method, budget and seed with another run)"
                for _, r in apart.iterrows()}
@@ -213,7 +239,7 @@ def run(runs: str | Path, device: str = "cuda", budget_s: float = 300.0, reps: i
     return {"schema": SCHEMA, "tool": "bench.latency_pass", "command": command,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "device": this,
             "torch": str(torch.__version__), "cuda": torch.version.cuda if is_cuda else None,
-            "commit": sha, "git_dirty": dirty,
+            "commit": sha, "git_dirty": dirty, "also": sorted(set(also) - {this}),
             "settings": {"budget_s": budget_s, "reps_per_round": reps, "min_rounds": min_rounds,
                          "max_rounds": max_rounds, "rel_tol": rel_tol, "match_rel": MATCH_REL},
             "elapsed_s": round(time.perf_counter() - t_start, 3), "groups": out_groups, "runs": out_runs,
@@ -234,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.latency_pass", description=__doc__.splitlines()[0])
     ap.add_argument("--runs", required=True, help="the results folder (searched for **/row.json); the record goes there")
     ap.add_argument("--device", default=None, help="cuda | cpu | cuda:1 (default: cuda when visible, else cpu)")
+    ap.add_argument("--also", action="append", default=[], metavar="GPU",
+                    help="pool the rows made on this GPU model (its name as the rows give it, e.g. 'NVIDIA H200') "
+                         "into this device's tables and time them here (repeatable)")
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="wall seconds for the timing; each group gets an equal share of what is left")
     ap.add_argument("--reps", type=int, default=5, help="timed calls of each model per round")
@@ -253,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError("--reps >= 1, --min-rounds >= 2 (an interval needs two rounds), --max-rounds >= "
                              "--min-rounds and 0 < --rel-tol < 1")
         rec = run(a.runs, device, a.budget_s, a.reps, a.min_rounds, a.max_rounds, a.rel_tol, command,
-                  log=lambda m: print(m, file=sys.stderr, flush=True))
+                  log=lambda m: print(m, file=sys.stderr, flush=True), also=tuple(a.also))
     except (BenchError, ValueError, OSError) as e:  # bad input, rows the report refuses to group, a missing file
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -223,6 +223,9 @@ def _p(p) -> str:
 def ranking_markdown(rows: pd.DataFrame, metric: str = "fid", baselines=None, level: float = 0.95,
                      latency_pass: dict | None = None) -> str:
     """One markdown table per protocol group of the ok rows (status 'ok' or no status column)."""
+    from bench.latency_pass import pooled
+
+    rows = pooled(rows, latency_pass)  # rows of the GPUs the pass pooled (--also) rank with its device's
     ok = rows[rows["status"].eq("ok")] if "status" in rows.columns else rows
     keys = [k for k in PROTOCOL_KEYS if k in ok.columns]
     pct = f"{level:.0%}"

@@ -317,6 +317,16 @@ def title(key: dict) -> str:
             + f"— {key['device']}, {key['latency_mode']}, {key['latency_dtype']}, batch {key['latency_batch']}")
 
 
+def made_on_note(g: pd.DataFrame) -> str | None:
+    """Where a group's rows were made, when the latency pass pooled another GPU's rows into it
+    (bench.latency_pass.pool_devices): their quality is this table's, their latencies the pass's."""
+    if "made_on" not in g.columns or g["made_on"].isna().all():
+        return None
+    made = g["made_on"].fillna(g["device"]).astype(str).value_counts()
+    return ("Rows made on " + ", ".join(f"{d} ({n})" for d, n in sorted(made.items())) + f"; every latency and "
+            f"speedup is from the latency pass on {g['device'].iloc[0]} (bench.latency_pass --also).")
+
+
 def proxy_note(key: dict, vcols: list[str]) -> str | None:
     if not str(key["metric_impl"]).startswith("smallcnn"):
         return None
@@ -541,6 +551,9 @@ def report_groups(df: pd.DataFrame, latency_pass: dict | None = None
     """(groups, their rows, rows set apart, failed rows) of a results set: one (key, lines, value
     columns, note) per protocol group, as every renderer and the figure take them; `latency_pass`:
     the record of bench.latency_pass over these rows (bench.latency_pass.load), or None."""
+    from bench.latency_pass import pooled
+
+    df = pooled(df, latency_pass)  # rows of the GPUs the pass pooled (--also) join its device's tables
     bad = df["status"].ne("ok")  # failed (or unfinished) rows are listed, never averaged
     ok, failed = df[~bad], df[bad].sort_values(["run"], kind="mergesort")
     if "sampler" in ok.columns and ok["sampler"].isin(ADAPTIVE).any():  # an adaptive solver's measured NFE
@@ -552,7 +565,7 @@ def report_groups(df: pd.DataFrame, latency_pass: dict | None = None
         if g.empty:
             continue
         lines, vcols, note = summarize(g, latency_pass)
-        note = " ".join(n for n in (inception_note(g), teacher_note(g), note) if n)
+        note = " ".join(n for n in (inception_note(g), teacher_note(g), made_on_note(g), note) if n)
         groups.append((dict(zip(GROUP_KEYS, key)), lines, vcols, note))
         group_rows.append(g)
     apart = pd.concat(apart).sort_values(["run"], kind="mergesort") if apart else ok.iloc[:0]

@@ -175,3 +175,53 @@ def test_a_row_whose_structure_does_not_give_its_cost_is_refused(runs, tmp_path,
     assert latency_pass.main(["--runs", str(root), *FAST]) == 2
     err = capsys.readouterr().err
     assert f"run {r['run']}" in err and "macs_G" in err and not (root / latency_pass.FILE).exists()
+
+
+def _made_on(root: Path, method: str, gpu: str) -> str:
+    """Say that a row was made on another GPU model (as bench.metrics.cost.device_name names it)."""
+    r = _rows(root)[method]
+    path = Path(r["path"]) / "row.json"
+    d = json.loads(path.read_text())
+    d["device"] = gpu
+    path.write_text(json.dumps(d))
+    return r["run"]
+
+
+def test_also_pools_another_gpus_rows_into_the_pass_and_the_report_says_where_each_was_made(runs, tmp_path, capsys):
+    from bench.ranking import ranking_markdown
+
+    root = _copy(runs, tmp_path)
+    other = _made_on(root, "magnitude_width", "NVIDIA H200")
+    # without --also: that row is another device's, skipped, and its own table has no dense row
+    assert latency_pass.main(["--runs", str(root), *FAST]) == 0
+    rec = latency_pass.load(root)
+    assert other not in rec["runs"] and "timed on NVIDIA H200" in rec["skipped"][other] and rec["also"] == []
+    groups, *_ = report_groups(load_rows(root), rec)
+    assert sorted(str(k["device"]) for k, *_ in groups) == sorted([rec["device"], "NVIDIA H200"])
+    # with --also: one table on the pass's device, every row retimed there, the note names where rows were made
+    assert latency_pass.main(["--runs", str(root), *FAST, "--also", "NVIDIA H200"]) == 0
+    rec = latency_pass.load(root)
+    assert rec["also"] == ["NVIDIA H200"] and other in rec["runs"] and rec["skipped"] == {}
+    [(key, lines, _, note)], *_ = report_groups(load_rows(root), rec)
+    assert key["device"] == rec["device"]
+    assert f"Rows made on NVIDIA H200 (1), {rec['device']} (3)" in note and "latency pass on" in note
+    width = lines.set_index("method").loc["magnitude_width"]
+    q = rec["runs"][other]
+    assert (width["speedup"], width["latency_ms"]) == pytest.approx((q["speedup"], q["pruned_ms"]))
+    # the ranking pools them the same way: one protocol group on the pass's device, not one per GPU
+    heads = [t for t in ranking_markdown(load_rows(root), "fd_clf", latency_pass=rec).splitlines() if t.startswith("## ")]
+    assert len(heads) == 1 and heads[0].endswith(rec["device"])
+    assert sum(t.startswith("## ") for t in ranking_markdown(load_rows(root), "fd_clf").splitlines()) == 2
+
+
+def test_a_pooled_row_the_pass_did_not_retime_loses_its_own_latency():
+    """A row made on another GPU (a routed Diff-ES model, which the pass does not time) must not give a speedup
+    that divides that GPU's time by the pass device's dense time."""
+    import pandas as pd
+
+    df = pd.DataFrame({"run": ["a", "b", "c"], "device": ["H100", "H200", "H200"], "latency_ms": [10.0, 8.0, 9.0]})
+    out = latency_pass.pool_devices(df, "H100", ["H200"], timed={"a": {}, "b": {}})
+    assert list(out["device"]) == ["H100"] * 3 and list(out["made_on"]) == ["H100", "H200", "H200"]
+    assert out["latency_ms"].tolist()[:2] == [10.0, 8.0] and math.isnan(out["latency_ms"].iloc[2])
+    assert latency_pass.pool_devices(df, "H100", []) is df  # nothing pooled: the rows as they are
+    assert latency_pass.pooled(df, {"device": "H100", "also": [], "runs": {}}) is df

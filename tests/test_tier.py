@@ -411,3 +411,42 @@ def test_rows_of_an_older_tier_config_are_obsolete_and_archive_moves_them_out(tm
         tier.archive("eager-eval")
     with pytest.raises(BenchError, match="plain folder name"):
         tier.archive("../x")
+
+
+def test_tier_sh_takes_either_gpu_model_and_its_latency_pass_pools_the_other(tmp_path):
+    """tier.sh makes rows on an H100 or an H200 (results/gpu/tier_h200: their rows agree) and refuses any other
+    GPU; its latency pass runs on the call's GPU and pools the other model's rows into its tables (--also)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    py = fake / "py"  # records the latency pass's arguments; anything else goes to the real python
+    py.write_text(f'#!/bin/bash\nif [ "$2" = bench.latency_pass ]; then printf "%s\\n" "$@" > {tmp_path}/pass.txt; '
+                  f'exit 0; fi\nexec {sys.executable} "$@"\n')
+    py.chmod(0o755)
+
+    def call(gpu: str):
+        smi = fake / "nvidia-smi"
+        smi.write_text(f'#!/bin/bash\necho "{gpu}"\n')
+        smi.chmod(0o755)
+        env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "BENCH_PYTHON": str(py), "TIER_DEVICE": "cuda",
+               "TIER_STAGE": str(tmp_path / "stage"), "TIER_RESULTS": str(tmp_path / "results"),
+               "TIER_PARTS": str(tmp_path / "parts"), "INCEPTION_DIR": str(tmp_path / "assets"), "TIER_CHUNK_S": "300"}
+        env.pop("OUT", None)
+        env.pop("TIER_GPU", None)
+        return subprocess.run(["bash", "bench/gpu/tier.sh", "latency"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    r = call("NVIDIA A100-SXM4-80GB")
+    assert r.returncode == 3 and '"NVIDIA H100 80GB HBM3" or "NVIDIA H200"' in r.stdout, r.stdout + r.stderr
+    assert not (tmp_path / "pass.txt").exists()
+    for gpu, other in (("NVIDIA H200", "NVIDIA H100 80GB HBM3"), ("NVIDIA H100 80GB HBM3", "NVIDIA H200")):
+        r = call(gpu)
+        assert r.returncode == 0, r.stdout + r.stderr
+        args = (tmp_path / "pass.txt").read_text().splitlines()
+        assert args[args.index("--device") + 1] == "cuda" and args[args.index("--also") + 1] == other
+        assert args.count("--also") == 1
