@@ -92,11 +92,6 @@ def ddim_timesteps(num_timesteps: int, count: int, skip: str = "uniform") -> lis
     return sorted(set(steps))
 
 
-def _extract(arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    out = torch.from_numpy(arr).to(t.device)[t].float()
-    return out.reshape(-1, *([1] * (ndim - 1)))
-
-
 def normal_kl(mean1, logvar1, mean2, logvar2):
     # KL(N1 || N2) between diagonal Gaussians, elementwise (nats)
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
@@ -140,6 +135,22 @@ class _Schedule:
         self.posterior_log_variance_clipped = np.log(np.append(pv[1], pv[1:])) if len(pv) > 1 else np.log(b)
         self.posterior_mean_coef1 = b * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(1.0 - b) / (1.0 - self.alphas_cumprod)
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)  # q(x_t | x_0), DDPM Eq. 4
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.log_betas = np.log(b)  # the learned range's upper end (Improved DDPM Eq. 15)
+        # the fixed-large variance: beta_t, with the posterior's at t = 1 (DDPM's sigma^2 = beta)
+        self.log_variance_large = np.log(np.append(pv[1], b[1:])) if len(b) > 1 else np.log(b)
+        self._on: dict = {}  # (array name, device) -> that array as a tensor there
+
+    def at(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """The array `name` at step indices t, float32, shaped (N, 1, ...) to broadcast over a batch of `ndim`
+        dims, on t's device. Each array goes to a device once: a host-to-device copy from pageable memory
+        waits for the device's queue, so copying at every call synchronised every training and sampler step
+        with the GPU (and cannot be recorded in a CUDA graph: bench.graphed). Same values as the copy."""
+        key = (name, t.device)
+        if (arr := self._on.get(key)) is None:
+            arr = self._on[key] = torch.from_numpy(getattr(self, name)).to(t.device)
+        return arr[t].float().reshape(-1, *([1] * (ndim - 1)))
 
 
 class GaussianDiffusion:
@@ -173,8 +184,7 @@ class GaussianDiffusion:
 
     def q_sample(self, x0, t, noise):
         s = self.base
-        return (_extract(np.sqrt(s.alphas_cumprod), t, x0.ndim) * x0
-                + _extract(np.sqrt(1.0 - s.alphas_cumprod), t, x0.ndim) * noise)
+        return s.at("sqrt_alphas_cumprod", t, x0.ndim) * x0 + s.at("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * noise
 
     # ---- training loss ---------------------------------------------------------------------
     def training_loss(self, model_fn, x0, t, noise, reduction: str = "mean"):
@@ -192,8 +202,8 @@ class GaussianDiffusion:
         return loss.mean() if reduction == "mean" else loss
 
     def _vb_terms_bpd(self, out, x0, x_t, t, s: _Schedule):
-        true_mean = _extract(s.posterior_mean_coef1, t, x0.ndim) * x0 + _extract(s.posterior_mean_coef2, t, x0.ndim) * x_t
-        true_logvar = _extract(s.posterior_log_variance_clipped, t, x0.ndim)
+        true_mean = s.at("posterior_mean_coef1", t, x0.ndim) * x0 + s.at("posterior_mean_coef2", t, x0.ndim) * x_t
+        true_logvar = s.at("posterior_log_variance_clipped", t, x0.ndim)
         mean, _, logvar, _ = self._p_mean_variance(out, x_t, t, s, clip=False)
         kl = normal_kl(true_mean, true_logvar, mean, logvar).mean(dim=tuple(range(1, x0.ndim))) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).mean(dim=tuple(range(1, x0.ndim))) / math.log(2.0)
@@ -206,18 +216,17 @@ class GaussianDiffusion:
         eps = out[:, :C]
         if self.var_type == "learned_range":
             frac = (out[:, C:2 * C] + 1) / 2  # Improved DDPM Eq. 15
-            min_log = _extract(s.posterior_log_variance_clipped, i, x_t.ndim)
-            max_log = _extract(np.log(s.betas), i, x_t.ndim)
+            min_log = s.at("posterior_log_variance_clipped", i, x_t.ndim)
+            max_log = s.at("log_betas", i, x_t.ndim)
             logvar = frac * max_log + (1 - frac) * min_log
         elif self.var_type == "fixed_large":
-            lv = np.log(np.append(s.posterior_variance[1], s.betas[1:])) if s.num_timesteps > 1 else np.log(s.betas)
-            logvar = _extract(lv, i, x_t.ndim) * torch.ones_like(x_t)
+            logvar = s.at("log_variance_large", i, x_t.ndim) * torch.ones_like(x_t)
         else:
-            logvar = _extract(s.posterior_log_variance_clipped, i, x_t.ndim) * torch.ones_like(x_t)
-        pred_x0 = _extract(s.sqrt_recip_alphas_cumprod, i, x_t.ndim) * x_t - _extract(s.sqrt_recipm1_alphas_cumprod, i, x_t.ndim) * eps
+            logvar = s.at("posterior_log_variance_clipped", i, x_t.ndim) * torch.ones_like(x_t)
+        pred_x0 = s.at("sqrt_recip_alphas_cumprod", i, x_t.ndim) * x_t - s.at("sqrt_recipm1_alphas_cumprod", i, x_t.ndim) * eps
         if clip:
             pred_x0 = pred_x0.clamp(-1, 1)
-        mean = _extract(s.posterior_mean_coef1, i, x_t.ndim) * pred_x0 + _extract(s.posterior_mean_coef2, i, x_t.ndim) * x_t
+        mean = s.at("posterior_mean_coef1", i, x_t.ndim) * pred_x0 + s.at("posterior_mean_coef2", i, x_t.ndim) * x_t
         return mean, torch.exp(logvar), logvar, pred_x0
 
     def respaced(self, count: int) -> _Schedule:
