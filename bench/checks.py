@@ -123,7 +123,7 @@ RULES: dict[str, dict[str, Rule]] = {
     "calib": {"n": Int(1, eg=256), "seed": Int(0, eg=0), "bins": Int(1, eg=8)},
     # measure and keep: bench.api.Budget; round_to (optional): the channel multiple of every width method
     "budget": {"measure": None, "keep": None, "round_to": Int(1, eg=8)},
-    "finetune": _TRAIN,
+    "finetune": {**_TRAIN, "graph": Bool()},  # graph: CUDA graphs of the step (bench.graphed)
     "teacher": {**_TRAIN, "steps": Int(1, eg=1500), "seed": Int(0, eg=0)},
     "eval": {
         "n": Int(1, eg=256), "batch": Int(1, eg=256),

@@ -56,6 +56,9 @@ class FinetuneConfig:
     precision: str | None = None   # fp32 | tf32 | bf16 (autocast; fp32 master weights, optimizer, EMA); null: tf32 on CUDA (DiT's train.py), fp32 elsewhere
     compile: bool | str = False    # torch.compile the backbone's forward (recompiled after a progressive surgery);
     #                                "blocks": regional, every block through one compiled call (bench.models.denoiser)
+    graph: bool = False            # CUDA: the loss's forward and backward recorded once as CUDA graphs and replayed
+    #                                (bench.graphed: the same kernels without the host's launch cost; where it
+    #                                applies). How a step runs, not what it computes: not in the run's config hash
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
@@ -130,6 +133,14 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
     abort_at = int(os.environ.get("BENCH_TEST_ABORT_AT_STEP", "-1"))  # tests: simulate a kill
     prec = resolve_precision(cfg.precision, device)
     rows = (rank * cfg.batch // world, (rank + 1) * cfg.batch // world)  # this rank's part of every batch
+    graphed = None
+    if cfg.graph:
+        from bench import graphed as cuda_graph
+
+        why = cuda_graph.why_not(device, callback, cfg.distill, cfg.compile)
+        graphed = None if why else cuda_graph.GraphedLoss(net, prec)
+        if run_dir:
+            append_log(run_dir, "finetune_graph", used=why is None, **({"why": why} if why else {}))
     t0 = time.time()
     data_it = batches(data, cfg.batch, None, seed, start=step, steps=cfg.steps, device=device, rank=rank,
                       world=world)  # data.workers, .hflip
@@ -138,7 +149,7 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
         for step in (progress(it) if progress else it):
             if net.forward_fn is None and (cfg.compile or dist.active()):  # first step, or the structure changed
                 net.forward_fn = _forward(net.net, cfg.compile, device)
-            loss = _step(net, data_it, cfg, seed, rows, device, prec, callback, teacher, step)
+            loss = _step(net, data_it, cfg, seed, rows, device, prec, callback, teacher, step, graphed)
             _update(net, ema, opt, loss, cfg, step)
             logging = step % cfg.log_every == 0 or step == cfg.steps - 1  # the same on every rank: mean() is collective
             value = dist.mean(loss.detach()) if (logging or callback is not None) else None  # the global batch's
@@ -235,22 +246,31 @@ def _agreed_plan(callback, plan: Plan | None, step: int, run_dir) -> Plan | None
 
 
 def _step(net, data_it, cfg: FinetuneConfig, seed: int, rows: tuple[int, int], device, prec: str, callback,
-          teacher, step: int) -> torch.Tensor:
+          teacher, step: int, graphed=None) -> torch.Tensor:
     """This rank's loss of step `step`: its rows of the global batch (bench.loader) and of the batch's
     draws (timesteps, noise, dropped labels: Denoiser.draws from a generator seeded by (seed, step),
     drawn for the whole global batch, so they do not depend on the number of ranks). The forward runs
-    under the configured precision (bf16 autocast keeps fp32 weights)."""
+    under the configured precision (bf16 autocast keeps fp32 weights); `graphed` (bench.graphed) replays
+    the recorded forward and backward instead."""
     x0, y = next(data_it)
     x0, y = x0.to(device), y.to(device)
     draws = net.draws((cfg.batch, *x0.shape[1:]), derived_generator(seed, step, NOISE), device).part(*rows)
+    if graphed is not None:
+        loss = graphed(x0, y, draws)
+    else:
+        loss = _eager_loss(net, x0, y, draws, cfg, prec, callback, teacher, device)
+    if not torch.isfinite(loss):
+        raise BenchError(f"loss is {loss.item()} at fine-tune step {step}; lower finetune.lr "
+                         "or check the data (values must be finite, pixels in [-1, 1])")
+    return loss
+
+
+def _eager_loss(net, x0, y, draws, cfg: FinetuneConfig, prec: str, callback, teacher, device) -> torch.Tensor:
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=prec == "bf16"):
         if callback is not None and hasattr(callback, "loss"):  # a method's own recovery loss (TinyFusion masked KD)
             loss = callback.loss(net, x0, y, draws, teacher)
         else:
             loss = net.loss(x0, y, draws=draws, teacher=teacher, distill=cfg.distill)
-    if not torch.isfinite(loss):
-        raise BenchError(f"loss is {loss.item()} at fine-tune step {step}; lower finetune.lr "
-                         "or check the data (values must be finite, pixels in [-1, 1])")
     return loss
 
 

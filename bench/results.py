@@ -24,8 +24,16 @@ SCHEMA = 1
 NON_RESULT_KEYS = ("paths", "cluster", "hydra", "progress", "stop_after", "sample_part", "method_overrides")
 
 
+# settings of a group that change how a result is computed, not what it is: not hashed either (a run made with
+# finetune.graph on or off is one run: bench.graphed replays the eager step's kernels)
+EXECUTION_KEYS = {"finetune": ("graph",)}
+
+
 def config_hash(cfg: dict) -> str:
     clean = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
+    for group, keys in EXECUTION_KEYS.items():
+        if isinstance(clean.get(group), dict):
+            clean[group] = {k: v for k, v in clean[group].items() if k not in keys}
     return hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()
 
 

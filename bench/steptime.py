@@ -142,7 +142,8 @@ def sample_step_s(net, batch: int, device, precision: str, compile: bool, steps:
 
 
 def finetune_step_s(net, batch: int, device, precision: str, compile: bool, steps: tuple[int, int] = (4, 14),
-                    callback=None, teacher=None, distill: float = 0.0, lr: float = 1e-4, repeats: int = 1) -> dict:
+                    callback=None, teacher=None, distill: float = 0.0, lr: float = 1e-4, repeats: int = 1,
+                    graph: bool = False) -> dict:
     """One step of the shared fine-tune loop at `batch` on `net` (trained in place: a few steps of
     random data change no timing). `callback` (a method's recovery objective) and `teacher` (the
     frozen dense model) are passed on as bench.run does. Under a process group (bench.dist) every
@@ -155,7 +156,7 @@ def finetune_step_s(net, batch: int, device, precision: str, compile: bool, step
 
     def run(s):
         cfg = FinetuneConfig(steps=s, batch=batch, lr=lr, ema_decay=0.9999, ckpt_every=10 ** 9, log_every=10 ** 9,
-                             distill=distill, precision=precision, compile=compile)
+                             distill=distill, precision=precision, compile=compile, graph=graph)
         with tempfile.TemporaryDirectory(dir=scratch) as d:
             return slowest(lambda: synced(lambda: finetune(net, data, cfg, Path(d), device=device, callback=callback,
                                                            teacher=teacher)))
@@ -164,7 +165,7 @@ def finetune_step_s(net, batch: int, device, precision: str, compile: bool, step
     net.net.eval()
     macs = macs_per_image(net)
     t_macs = macs_per_image(teacher) if teacher is not None else 0
-    return {"path": "finetune", "precision": precision, "compile": compile, **rec, "batch": batch,
+    return {"path": "finetune", "precision": precision, "compile": compile, "graph": graph, **rec, "batch": batch,
             "teacher": teacher is not None, "callback": type(callback).__name__ if callback is not None else None,
             "macs_per_image": macs, "work_macs": batch * (TRAIN_FACTOR * macs + t_macs), **_shape(net)}
 

@@ -152,3 +152,46 @@ def test_the_compile_setting_is_checked_early():
 
     assert [COMPILE.problem(v) for v in (False, True, "blocks")] == [None] * 3
     assert all(COMPILE.problem(v) for v in ("block", 1, 0, "true"))
+
+
+def test_finetune_graph_says_where_it_does_not_apply_and_runs_the_eager_step(tmp_path):
+    """finetune.graph (bench.graphed) needs CUDA, one process, no callback, no distillation, no compile; elsewhere
+    the loop runs the eager step (the same weights as without the switch) and its log says why. The recorded
+    graphs themselves need a GPU: `python -m bench.gpu.tier measure --graph` compares them with eager there."""
+    import json
+
+    from bench import graphed
+
+    data = _data()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    on = finetune(_net(), data, FinetuneConfig(steps=3, batch=8, graph=True), tmp_path / "a", run_dir=run_dir)
+    off = finetune(_net(), data, FinetuneConfig(steps=3, batch=8), tmp_path / "b")
+    assert all(torch.equal(a, b) for a, b in zip(on.net.state_dict().values(), off.net.state_dict().values()))
+    [ev] = [e for e in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if e["event"] == "finetune_graph"]
+    assert ev["used"] is False and "not CUDA" in ev["why"]
+    assert graphed.why_not("cuda", None, 0.0, False) is None
+    assert "callback" in graphed.why_not("cuda", object(), 0.0, False)
+    assert "distillation" in graphed.why_not("cuda", None, 0.7, False)
+    assert "compile" in graphed.why_not("cuda", None, 0.0, "blocks")
+
+
+def test_finetune_graph_is_not_in_the_runs_config_hash():
+    """How a step runs is not what it computes: a run made with finetune.graph on or off is one run (its folder
+    and the tier's done rows stay), while a setting that changes the result changes the hash."""
+    from bench.results import config_hash
+
+    cfg = {"seed": 0, "finetune": {"steps": 300, "lr": 5e-4, "graph": False}}
+    assert config_hash(cfg) == config_hash({**cfg, "finetune": {**cfg["finetune"], "graph": True}})
+    assert config_hash(cfg) == config_hash({**cfg, "finetune": {"steps": 300, "lr": 5e-4}})
+    assert config_hash(cfg) != config_hash({**cfg, "finetune": {**cfg["finetune"], "lr": 1e-4}})
+
+
+def test_graph_agreement_compares_whole_fine_tunes_weight_for_weight():
+    """bench.gpu.tier's check of finetune.graph: on the CPU both runs are eager, so every weight is equal."""
+    from bench.gpu.tier import graph_agreement
+
+    net = _net()
+    got = graph_agreement(net, _data(), FinetuneConfig(batch=8, precision="fp32"), "cpu", steps=2)
+    n = len(net.net.state_dict())
+    assert got["eager_vs_eager"] == got["graph_vs_eager"] == {"equal": n, "of": n, "max_abs_diff": 0.0}

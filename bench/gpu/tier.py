@@ -626,6 +626,77 @@ def measure_regional(out: Path, device: str = "cuda") -> dict:
     return res
 
 
+def graph_agreement(net, data, cfg, device, steps: int = 20) -> dict:
+    """Fine-tune copies of `net` for `steps` steps from the same weights and seed: eager twice (the GPU's own
+    run-to-run spread) and with finetune.graph (bench.graphed). Per pair: weight tensors bitwise equal, of
+    how many, and the largest absolute difference of the final (EMA) weights."""
+    import copy
+    import dataclasses
+    import tempfile
+
+    import torch
+
+    from bench.finetune import finetune
+
+    def run(graph: bool):
+        m = copy.deepcopy(net)
+        with tempfile.TemporaryDirectory() as d:
+            finetune(m, data, dataclasses.replace(cfg, steps=steps, graph=graph, ckpt_every=10 ** 9,
+                                                   log_every=10 ** 9), Path(d), device=device)
+        return {k: v.detach().float().cpu() for k, v in m.net.state_dict().items()}
+
+    def compare(a, b):
+        return {"equal": sum(bool(torch.equal(a[k], b[k])) for k in a), "of": len(a),
+                "max_abs_diff": max(float((a[k] - b[k]).abs().max()) for k in a)}
+
+    eager = run(False)
+    return {"steps": steps, "eager_vs_eager": compare(eager, run(False)), "graph_vs_eager": compare(run(True), eager)}
+
+
+def measure_graph(out: Path, device: str = "cuda") -> dict:
+    """finetune.graph (bench.graphed) against eager on the tier's fine-tune (its batch, bf16, this model): the
+    step time (bench.steptime, S1/S2 difference) and whether a graphed fine-tune gives the eager one's weights
+    (graph_agreement), at 28 and 14 blocks and at 0.5 of the MACs in width (heads and MLP channels halved,
+    rounded to 8). -> out/tier_measure_graph.json. Set finetune.graph: true in bench/conf/finetune/gpu_tier.yaml
+    when graph_vs_eager is as close as eager_vs_eager and the step is faster."""
+    import dataclasses
+
+    import torch
+
+    from bench import steptime
+    from bench.api import Plan
+    from bench.finetune import FinetuneConfig
+    from bench.surgery import apply
+    from bench.width import width_groups
+
+    cfg = cells([["experiment=gpu_tier", "method=dense", "budget.keep=1.0", "seed=0"]])[0].cfg
+    ft = dataclasses.replace(FinetuneConfig(**cfg["finetune"]), graph=False)
+    full = len(steptime.random_model(cfg["model"], "cpu").net.blocks)
+    recs = []
+    for shape in ("blocks 1.0", "blocks 0.5", "width 0.5"):
+        net = steptime.random_model(cfg["model"], device)
+        if shape == "blocks 0.5":
+            apply(net, Plan("block", {"blocks": list(range(full // 2))}))
+        elif shape == "width 0.5":
+            keep = {name: list(range(max(1, (g.size // 2) // 8 * 8 if g.size >= 16 else g.size // 2)))
+                    for name, g in width_groups(net).items()}
+            apply(net, Plan("width", keep))
+        data = steptime.random_data(net, 4 * ft.batch)
+        agree = graph_agreement(net, data, ft, device)
+        for graph in (False, True):
+            r = steptime.finetune_step_s(net, ft.batch, device, "bf16", False, steps=(10, 40), lr=ft.lr, graph=graph)
+            recs.append({**r, "shape": shape, **({"agreement": agree} if graph else {})})
+            print(json.dumps(recs[-1]), flush=True)
+    gains = {r["shape"]: next(q for q in recs if q["shape"] == r["shape"] and not q["graph"])["per_step_s"]
+             / r["per_step_s"] for r in recs if r["graph"]}
+    res = {"device": torch.cuda.get_device_name(0) if device == "cuda" else device, "torch": torch.__version__,
+           "records": recs, "graph_gain": gains}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tier_measure_graph.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps({"graph_gain": gains, "agreement": {r["shape"]: r["agreement"] for r in recs if r["graph"]}}))
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu.tier", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -646,6 +717,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the compiled teacher step")
     p.add_argument("--regional", action="store_true", help="instead: compile=blocks against eager on a row's "
                    "fine-tune and sampling (-> tier_measure_regional.json)")
+    p.add_argument("--graph", action="store_true", help="instead: finetune.graph (CUDA graphs) against eager on a "
+                   "row's fine-tune: step time and the weights it ends at (-> tier_measure_graph.json)")
     p = sub.add_parser("export-teacher")
     p.add_argument("--out", required=True)
     p.add_argument("--if-new", action="store_true", help="nothing when teacher.json already records this teacher")
@@ -692,7 +765,9 @@ def main(argv=None) -> int:
             t = {k: v for f in a.timings for k, v in json.loads(Path(f).read_text())["timings"].items()} or None
             print(plan_text(project(t, a.cfg_scale)))
         elif a.cmd == "measure":
-            if a.regional:
+            if a.graph:
+                measure_graph(Path(a.out), a.device)
+            elif a.regional:
                 measure_regional(Path(a.out), a.device)
             else:
                 measure(Path(a.out), a.budget_s, a.device, not a.no_compile)

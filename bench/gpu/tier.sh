@@ -14,7 +14,9 @@
 #                                     `measure --regional`: compile=blocks (regional) against eager on a row's
 #                                     fine-tune and sampling -> $OUT/tier_measure_regional.json (python -m
 #                                     bench.gpu.tier plan --timings <both files> projects the tier with it; set
-#                                     finetune/eval compile: blocks in the gpu_tier configs where it pays)
+#                                     finetune/eval compile: blocks in the gpu_tier configs where it pays);
+#                                     `measure --graph`: finetune.graph (CUDA graphs, bench.graphed) against eager
+#                                     on a row's fine-tune, step time and final weights -> $OUT/tier_measure_graph.json
 #   bash bench/gpu/tier.sh teacher    GPU: train the teacher (resumes), its rows at cfg 1 and 1.5, then
 #                                     $OUT/teacher.part-00, -01 + teacher.json (sha256): commit the parts in
 #                                     results/gpu/tier_teacher/ AT ONCE (a lost teacher means every row again).
