@@ -138,7 +138,7 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
         from bench import graphed as cuda_graph
 
         why = cuda_graph.why_not(device, callback, cfg.distill, cfg.compile)
-        graphed = None if why else cuda_graph.GraphedLoss(net, prec)
+        graphed = None if why else cuda_graph.GraphedStep(net, prec)
         if run_dir:
             append_log(run_dir, "finetune_graph", used=why is None, **({"why": why} if why else {}))
     t0 = time.time()
@@ -150,7 +150,7 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
             if net.forward_fn is None and (cfg.compile or dist.active()):  # first step, or the structure changed
                 net.forward_fn = _forward(net.net, cfg.compile, device)
             loss = _step(net, data_it, cfg, seed, rows, device, prec, callback, teacher, step, graphed)
-            _update(net, ema, opt, loss, cfg, step)
+            _update(net, ema, opt, loss, cfg, step, backward=graphed is None)  # a replayed step ran its backward
             logging = step % cfg.log_every == 0 or step == cfg.steps - 1  # the same on every rank: mean() is collective
             value = dist.mean(loss.detach()) if (logging or callback is not None) else None  # the global batch's
             if logging and run_dir:
@@ -251,7 +251,7 @@ def _step(net, data_it, cfg: FinetuneConfig, seed: int, rows: tuple[int, int], d
     draws (timesteps, noise, dropped labels: Denoiser.draws from a generator seeded by (seed, step),
     drawn for the whole global batch, so they do not depend on the number of ranks). The forward runs
     under the configured precision (bf16 autocast keeps fp32 weights); `graphed` (bench.graphed) replays
-    the recorded forward and backward instead."""
+    the recorded forward and backward instead (the gradients are then in place)."""
     x0, y = next(data_it)
     x0, y = x0.to(device), y.to(device)
     draws = net.draws((cfg.batch, *x0.shape[1:]), derived_generator(seed, step, NOISE), device).part(*rows)
@@ -274,10 +274,12 @@ def _eager_loss(net, x0, y, draws, cfg: FinetuneConfig, prec: str, callback, tea
     return loss
 
 
-def _update(net, ema, opt, loss: torch.Tensor, cfg: FinetuneConfig, step: int) -> None:
-    """Backward, clip, optimizer step and EMA update (all in fp32: master weights, AdamW state, EMA)."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+def _update(net, ema, opt, loss: torch.Tensor, cfg: FinetuneConfig, step: int, backward: bool = True) -> None:
+    """Backward, clip, optimizer step and EMA update (all in fp32: master weights, AdamW state, EMA).
+    backward=False: the gradients are in place already (a replayed CUDA graph wrote them: bench.graphed)."""
+    if backward:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(net.net.parameters(), cfg.grad_clip)
     opt.step()
