@@ -449,3 +449,39 @@ def test_tier_sh_takes_either_gpu_model_and_its_latency_pass_pools_the_other(tmp
     args = (tmp_path / "pass.txt").read_text().splitlines()
     assert args[args.index("--device") + 1] == "cuda" and args[args.index("--also") + 1] == "NVIDIA H100 80GB HBM3"
     assert args.count("--also") == 1
+
+
+def test_graph_decision_turns_cuda_graphs_on_only_when_they_match_eager_and_pay(capsys):
+    """TIER_GRAPH=check (tier.sh): finetune.graph goes on when the graphed fine-tune ends at eager's weights (no
+    farther than eager from itself) and every shape's step is faster; otherwise the rows run eagerly."""
+    from bench.gpu import tier
+
+    def rec(diff=0.0, eager_diff=0.0, gain=4.0):
+        agree = {"steps": 20, "eager_vs_eager": {"equal": 9, "of": 9, "max_abs_diff": eager_diff},
+                 "graph_vs_eager": {"equal": 9 if diff == 0 else 5, "of": 9, "max_abs_diff": diff}}
+        return {"device": "NVIDIA H100 80GB HBM3", "graph_gain": {"blocks 1.0": gain, "width 0.5": 3.0},
+                "records": [{"shape": s, "graph": g, **({"agreement": agree} if g else {})}
+                            for s in ("blocks 1.0", "width 0.5") for g in (False, True)]}
+
+    on, why = tier.graph_decision(rec())
+    assert on and "blocks 1.0 4.00x" in why and "H100" in why
+    assert tier.graph_decision(rec(diff=1e-3, eager_diff=2e-3))[0]  # eager is not bitwise repeatable here: as close
+    on, why = tier.graph_decision(rec(diff=1e-6))
+    assert not on and "differ from eager by up to 1e-06" in why
+    on, why = tier.graph_decision(rec(gain=1.1))
+    assert not on and "only 1.10x" in why
+
+
+def test_graph_decision_command_prints_on_or_off(tmp_path, capsys):
+    """`python -m bench.gpu.tier graph-decision RECORD`: tier.sh reads 'on' or 'off'; the reason goes to stderr."""
+    import json
+
+    from bench.gpu import tier
+
+    agree = {"eager_vs_eager": {"max_abs_diff": 0.0}, "graph_vs_eager": {"max_abs_diff": 0.0}}
+    path = tmp_path / "tier_measure_graph.json"
+    path.write_text(json.dumps({"device": "NVIDIA H200", "graph_gain": {"blocks 1.0": 3.0},
+                                "records": [{"shape": "blocks 1.0", "graph": True, "agreement": agree}]}))
+    assert tier.main(["graph-decision", str(path)]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == "on" and "finetune.graph on" in out.err

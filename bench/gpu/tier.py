@@ -697,6 +697,25 @@ def measure_graph(out: Path, device: str = "cuda") -> dict:
     return res
 
 
+GRAPH_MIN_GAIN = 1.2  # finetune.graph goes on only where it makes every measured shape's step this much faster
+
+
+def graph_decision(rec: dict) -> tuple[bool, str]:
+    """(on, why) from a tier_measure_graph.json record: on when, at every measured shape, the graphed fine-tune
+    ends no farther from eager than a second eager run does (bitwise equal where eager repeats itself bitwise)
+    and the step is at least GRAPH_MIN_GAIN times faster."""
+    for r in (q for q in rec["records"] if q.get("graph")):
+        a = r["agreement"]
+        if a["graph_vs_eager"]["max_abs_diff"] > a["eager_vs_eager"]["max_abs_diff"]:
+            return False, (f"{r['shape']}: the graphed fine-tune's weights differ from eager by up to "
+                           f"{a['graph_vs_eager']['max_abs_diff']:.3g}, more than eager from itself "
+                           f"({a['eager_vs_eager']['max_abs_diff']:.3g})")
+        if rec["graph_gain"][r["shape"]] < GRAPH_MIN_GAIN:
+            return False, f"{r['shape']}: the graphed step is only {rec['graph_gain'][r['shape']]:.2f}x faster"
+    gains = ", ".join(f"{k} {v:.2f}x" for k, v in rec["graph_gain"].items())
+    return True, f"as eager, weight for weight, and faster ({gains}) on {rec['device']}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu.tier", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -719,6 +738,9 @@ def main(argv=None) -> int:
                    "fine-tune and sampling (-> tier_measure_regional.json)")
     p.add_argument("--graph", action="store_true", help="instead: finetune.graph (CUDA graphs) against eager on a "
                    "row's fine-tune: step time and the weights it ends at (-> tier_measure_graph.json)")
+    p = sub.add_parser("graph-decision", help="'on' or 'off' for finetune.graph from a tier_measure_graph.json, "
+                       "with the reason on stderr")
+    p.add_argument("record")
     p = sub.add_parser("export-teacher")
     p.add_argument("--out", required=True)
     p.add_argument("--if-new", action="store_true", help="nothing when teacher.json already records this teacher")
@@ -771,6 +793,10 @@ def main(argv=None) -> int:
                 measure_regional(Path(a.out), a.device)
             else:
                 measure(Path(a.out), a.budget_s, a.device, not a.no_compile)
+        elif a.cmd == "graph-decision":
+            on, why = graph_decision(json.loads(Path(a.record).read_text()))
+            print("on" if on else "off")
+            print(f"finetune.graph {'on' if on else 'off'}: {why}", file=sys.stderr)
         elif a.cmd == "export-teacher":
             rec = export_teacher(Path(a.out), a.if_new)
             print("teacher: recorded in results/gpu/tier/teacher.json already" if rec is None else

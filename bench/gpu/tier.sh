@@ -16,7 +16,11 @@
 #                                     bench.gpu.tier plan --timings <both files> projects the tier with it; set
 #                                     finetune/eval compile: blocks in the gpu_tier configs where it pays);
 #                                     `measure --graph`: finetune.graph (CUDA graphs, bench.graphed) against eager
-#                                     on a row's fine-tune, step time and final weights -> $OUT/tier_measure_graph.json
+#                                     on a row's fine-tune, step time and final weights -> $OUT/tier_measure_graph.json;
+#                                     TIER_GRAPH=check makes `tier` measure that first (once: the record stays with the
+#                                     rows, results/gpu/tier/tier_measure_graph.json) and run every row with
+#                                     finetune.graph=true when `python -m bench.gpu.tier graph-decision` says on (the
+#                                     same weights as eager and faster); a row is the same run either way (not hashed)
 #   bash bench/gpu/tier.sh teacher    GPU: train the teacher (resumes), its rows at cfg 1 and 1.5, then
 #                                     $OUT/teacher.part-00, -01 + teacher.json (sha256): commit the parts in
 #                                     results/gpu/tier_teacher/ AT ONCE (a lost teacher means every row again).
@@ -77,7 +81,7 @@
 # the latency pass (`latency`, after the last row) retimes every row on the GPU of its call, pooling the other
 # model's rows into its tables (bench.latency_pass --also), and the report names where each row was made. Rows
 # the pass cannot retime (routed: Diff-ES) keep a speedup only from the rows made on the pass's GPU.
-# Environment: TIER_GPU, TIER_CHUNK_S (default 540: the call's work, packing included), BENCH_PYTHON (python3),
+# Environment: TIER_GPU, TIER_GRAPH (check: see measure), TIER_CHUNK_S (default 540: the call's work, packing included), BENCH_PYTHON (python3),
 # BENCH_ARTIFACTS (/tmp/tier/artifacts), FASHION_MNIST_SRC (prep: the Debian folder), TIER_OVERRIDES (extra
 # overrides of every run), TIER_DEVICE (cuda), TIER_RESULTS, TIER_ROWS ($STAGE/rows), TIER_STAGE, TIER_PARTS
 # (tests).
@@ -247,6 +251,18 @@ latency() {  # the one-process latency pass over the rows (bench.latency_pass), 
     "${also[@]}"
 }
 
+graph_check() {  # TIER_GRAPH=check: finetune.graph=true for every run when the measured record says on
+  [ "${TIER_GRAPH:-}" = check ] || return 0
+  local rec=$ROWS/tier_measure_graph.json on
+  if [ ! -f "$rec" ]; then
+    log "measuring finetune.graph against eager (once; ~2-3 min)"
+    timeout $((DEADLINE - $(date +%s))) "$PY" -m bench.gpu.tier measure --graph --out "$ROWS" >/dev/null ||
+      { log "measure --graph failed or ran out of time: the rows run eagerly"; return 0; }
+  fi
+  on=$("$PY" -m bench.gpu.tier graph-decision "$rec") || return 0
+  [ "$on" = on ] && EXTRA+=(finetune.graph=true)
+}
+
 latency_stale() {  # no latency record yet, or a row newer than it
   [ ! -f "$ROWS/latency_pass.json" ] || [ -n "$(find "$ROWS" -name row.json -newer "$ROWS/latency_pass.json" | head -1)" ]
 }
@@ -313,6 +329,7 @@ case "$CMD" in
   teacher) ready || exit 1; teacher_rows; exit 0 ;;
   tier)
     ready || exit 1
+    graph_check
     teacher_rows || exit 0
     if [ "$WORKERS" = 1 ]; then
       tier_worker "--worker 0" "$@" || exit 0
