@@ -115,9 +115,31 @@ def _panel(ax, pts: pd.DataFrame, x: str, style: dict, y_lower_better: bool, why
     f = d.iloc[front]
     ax.plot(f[x], f["y"], linestyle="--", color="0.4", linewidth=1, drawstyle="steps-pre" if x == "speedup"
             else "steps-post", zorder=2, gid="pareto")
+    placed: list[tuple[float, float]] = []
     for (px, py), same in f.groupby([x, "y"], sort=False):  # methods at one point (one plan): one label
-        ax.annotate(" = ".join(same["label"]), (px, py), textcoords="offset points", xytext=(4, 4), fontsize=6.5,
-                    color="0.2")
+        pos = _unit(px, d[x]), _unit(py, d["y"], log=_log_axis(d["y"]))
+        near = sum(abs(pos[0] - a) < LABEL_NEAR[0] and abs(pos[1] - b) < LABEL_NEAR[1] for a, b in placed)
+        placed.append(pos)  # a label near an earlier one goes one line lower per such neighbour (no overlap)
+        ax.annotate(" = ".join(same["label"]), (px, py), textcoords="offset points", xytext=(4, 4 - 9 * near),
+                    fontsize=6.5, color="0.2")
+
+
+LABEL_NEAR = (0.12, 0.05)  # two front labels closer than this (fractions of the panel's data span) would overlap
+
+
+def _log_axis(v) -> bool:
+    """The quality axis is logarithmic when its positive values span LOG_SPAN or more (quality_figure's rule)."""
+    v = np.asarray(v, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    return len(v) > 0 and v.max() / v.min() >= LOG_SPAN
+
+
+def _unit(value: float, values, log: bool = False) -> float:
+    """value's place in the span of `values`, 0..1 (log scale when asked); 0 for a span of one value."""
+    v = np.asarray(values, dtype=float)
+    f = np.log if log else (lambda a: a)
+    lo, hi = f(np.nanmin(v)), f(np.nanmax(v))
+    return 0.0 if hi <= lo else float((f(value) - lo) / (hi - lo))
 
 
 def quality_figure(groups: list, label=lambda c: c):

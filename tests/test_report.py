@@ -299,6 +299,28 @@ def test_methods_at_one_point_share_one_label():
     assert sorted(t.get_text() for t in ax.texts) == ["dense", "shortgpt 0.5 = flux_lite 0.5"]
 
 
+def test_front_labels_of_nearby_points_go_one_line_apart():
+    """Two front points close together (last_k and shortgpt at 0.75 of the GPU tier: speedup 1.31 vs 1.34,
+    FID 15.8 vs 15.8 drew over each other) get labels on different lines; points far from the others keep
+    the usual place."""
+    from matplotlib.figure import Figure
+
+    from bench import figures
+
+    pts = pd.DataFrame({"method": ["dense", "last_k", "shortgpt", "diffes"],
+                        "label": ["dense", "last_k 0.75", "shortgpt 0.75", "diffes 0.5"],
+                        "speedup": [1.0, 1.31, 1.34, 1.95], "speedup_lo": math.nan, "speedup_hi": math.nan,
+                        "speedup_note": None, "keep_macs": [1.0, 0.75, 0.75, 0.5],
+                        "y": [14.8, 15.7, 15.8, 19.7], "y_lo": math.nan, "y_hi": math.nan})
+    pts[["y_lo", "y_hi"]] = pts[["y", "y"]].to_numpy()
+    ax = Figure().subplots()
+    figures._panel(ax, pts, "speedup", figures._styles([(None, pts, None, None)]), True, None)
+    at = {t.get_text(): tuple(t.xyann) for t in ax.texts}
+    assert set(at) == {"dense", "last_k 0.75", "shortgpt 0.75", "diffes 0.5"}  # all four on the front
+    assert at["last_k 0.75"] == (4, 4) and at["shortgpt 0.75"] == (4, -5)  # the second one line lower
+    assert at["dense"] == (4, 4) and at["diffes 0.5"] == (4, 4)
+
+
 def _gpu_rows(dense_ms, lat=None, iqr=0.05):
     lat = lat or {0.5: dense_ms / 1.9}
     rows = [row("dense", 1.0, 0, 20.0, 90.0, dense_ms, 1.0, device="NVIDIA H100", latency_iqr_ms=iqr)]
