@@ -19,8 +19,9 @@
 #                                     on a row's fine-tune, step time and final weights -> $OUT/tier_measure_graph.json;
 #                                     TIER_GRAPH=check makes `tier` measure that first (once: the record stays with the
 #                                     rows, results/gpu/tier/tier_measure_graph.json) and run every row with
-#                                     finetune.graph=true when `python -m bench.gpu.tier graph-decision` says on (the
-#                                     weights of eager within its own run-to-run spread, and faster); a row is the same run either way (not hashed)
+#                                     finetune.graph=true when `python -m bench.gpu.tier graph-decision` says on
+#                                     (eager's weights within eager's own run-to-run spread, and faster); a row is
+#                                     the same run either way (not hashed)
 #   bash bench/gpu/tier.sh teacher    GPU: train the teacher (resumes), its rows at cfg 1 and 1.5, then
 #                                     $OUT/teacher.part-00, -01 + teacher.json (sha256): commit the parts in
 #                                     results/gpu/tier_teacher/ AT ONCE (a lost teacher means every row again).
