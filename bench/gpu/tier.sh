@@ -243,7 +243,7 @@ latency() {  # the one-process latency pass over the rows (bench.latency_pass), 
   if [ "$left" -lt 90 ]; then log "no time left for the latency pass: run \`bash bench/gpu/tier.sh latency\`"; return 124; fi
   local budget=$((left - 60 < 300 ? left - 60 : 300))  # timing seconds; building and checking the models take the rest
   local also=() g
-  if [ "$GPU" != any ]; then  # the other GPU models' rows join this GPU's tables and are timed here
+  if [ "$GPU" != any ] && [ "$DEVICE" = cuda ]; then  # the other GPU models' rows join this GPU's tables, timed here
     IFS='|' read -r -a gpus <<< "$GPU"
     for g in "${gpus[@]}"; do [ "$g" = "$GOT" ] || also+=(--also "$g"); done
   fi
