@@ -137,7 +137,7 @@ def finetune(net, data, cfg: FinetuneConfig, ckpt_dir: Path, seed: int = 0, call
     if cfg.graph:
         from bench import graphed as cuda_graph
 
-        why = cuda_graph.why_not(device, callback, cfg.distill, cfg.compile)
+        why = cuda_graph.why_not(device, callback, cfg.distill, cfg.compile, net)
         graphed = None if why else cuda_graph.GraphedStep(net, prec)
         if run_dir:
             append_log(run_dir, "finetune_graph", used=why is None, **({"why": why} if why else {}))

@@ -15,10 +15,11 @@ and the loop does not set them to None. Clipping, AdamW and the EMA stay eager: 
 dozen launches.
 
 Where it applies (`why_not`): CUDA, one process, no method callback (a progressive method changes the
-model between steps, and TinyFusion's recovery loss is its own), no distillation (the teacher's forward is
-not recorded), no torch.compile. Elsewhere the loop runs eagerly, and the run's log says why
-(`finetune_graph` event). Inside, autocast's weight cache is off, as recording requires; that cache only
-saves casting a weight twice, and the cast values are the same.
+model between steps, and TinyFusion's recovery loss is its own), no stage-routed model (Diff-ES: the route
+is read on the host), no distillation (the teacher's forward is not recorded), no torch.compile. Elsewhere
+the loop runs eagerly, and the run's log says why (`finetune_graph` event). Inside, autocast's weight cache
+is off, as recording requires; that cache only saves casting a weight twice, and the cast values are the
+same.
 """
 from __future__ import annotations
 
@@ -28,10 +29,14 @@ from bench import dist
 from bench.api import BenchError, Draws
 
 
-def why_not(device, callback, distill: float, compile) -> str | None:
+def why_not(device, callback, distill: float, compile, net=None) -> str | None:
     """Why the fine-tune cannot replay its step as a CUDA graph here, or None when it can."""
+    from bench.routing import is_routed
+
     if torch.device(device).type != "cuda":
         return f"device {device} is not CUDA"
+    if net is not None and is_routed(net):
+        return "a stage-routed model (Diff-ES) picks its blocks per sample's timestep on the host"
     if dist.active():
         return "several processes (DistributedDataParallel's gradient hooks are not recorded)"
     if callback is not None:

@@ -432,3 +432,14 @@ def test_routing_speed_width_smoke(tmp_path):
     res = routing_speed.main(["--smoke", "--width", "0.5,0.25", "--budget-s", "0", "--out", str(tmp_path / "b0")])
     assert res["skipped"] and not any(r.get("routed_ms") for r in res["stages"])
     assert len(res["check"]) == 2 and "Not measured" in (tmp_path / "b0.md").read_text()
+
+
+def test_a_routed_model_fine_tunes_without_cuda_graphs():
+    """finetune.graph (bench.graphed) cannot record a routed forward: its route is read on the host, per
+    sample's timestep. The loop says so and runs the eager step."""
+    from bench import graphed
+
+    net = make_net()
+    routed = surgery.apply(copy.deepcopy(net), stage_plan([[0, 1], [2], [3], [1, 3]]))
+    assert "stage-routed" in graphed.why_not("cuda", None, 0.0, False, routed)
+    assert graphed.why_not("cuda", None, 0.0, False, net) is None
