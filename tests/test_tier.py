@@ -312,45 +312,6 @@ def test_tier_sh_sends_a_new_teacher_back_and_a_fresh_machine_takes_it_in(tmp_pa
     assert not list((tmp_path / "machine2_out").glob("teacher.part-*"))  # recorded already: not sent again
 
 
-def test_the_inception_weights_travel_in_three_parts_and_join_to_the_same_file(tmp_path):
-    """bench/gpu/inception.sh: prep splits the installed default_1.pt into parts of <= 30 MB (each fits one GPU
-    call beside the tracked tree), one folder per carry; the GPU side joins them only once all have come, into
-    the byte-identical file."""
-    import os
-    import subprocess
-    import sys
-
-    from bench import assets
-    from tests.conftest import ROOT
-
-    src = assets.resolve("fid-helper-inception")
-    env = {**os.environ, "BENCH_PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "INCEPTION_DIR": str(tmp_path / "gpu")}
-
-    def sh(cmd):
-        r = subprocess.run(["bash", "-c", f"set -uo pipefail; log() {{ echo \"$*\"; }}; . {ROOT}/bench/gpu/inception.sh; {cmd}"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stdout + r.stderr
-        return r.stdout
-
-    sh("inception_split")
-    parts = sorted((tmp_path / ".gpuassets").glob("i*/inception.part-*"))
-    assert [p.relative_to(tmp_path / ".gpuassets").as_posix() for p in parts] == \
-        [f"i{k}/inception.part-{k}-of-3" for k in (1, 2, 3)]
-    assert max(p.stat().st_size for p in parts) <= 30_000_000 and sum(p.stat().st_size for p in parts) == src.stat().st_size
-    assert sh("inception_carries").split("\n")[:3] == [f'carry [".gpuassets/i{k}"]' for k in (1, 2, 3)]
-    hidden = tmp_path / "later"
-    hidden.mkdir()
-    (tmp_path / ".gpuassets" / "i3").rename(hidden / "i3")  # the third call has not come yet
-    sh("inception_stage")
-    assert not (tmp_path / "gpu" / "default_1.pt").exists() and len(list((tmp_path / "gpu").iterdir())) == 2
-    for k in (1, 2):
-        (tmp_path / ".gpuassets" / f"i{k}" / f"inception.part-{k}-of-3").unlink()  # each call carries one folder
-    (hidden / "i3").rename(tmp_path / ".gpuassets" / "i3")
-    assert "joined" in sh("inception_stage")
-    assert [p.name for p in (tmp_path / "gpu").iterdir()] == ["default_1.pt"]
-    assert assets.sha256_file(tmp_path / "gpu" / "default_1.pt") == assets.get("fid-helper-inception").sha256
-
-
 def test_workers_share_every_run_once_and_keep_their_split_when_the_list_grows():
     """tier.sh TIER_WORKERS=2: the workers' shares of the tier's commands and the runs that go alone after them
     (Diff-ES: routed, which the latency pass cannot retime) cover every run exactly once, each worker gets about

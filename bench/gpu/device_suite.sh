@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Run the embedded default suite on a GPU machine that has torch but none of our other deps.
 # Wheels come in ./.whl (README: the wheel recipe); the offline Inception file (87 MB, over one
-# transfer with the tree) comes in the parts of bench/gpu/inception.sh, carried by earlier calls
-# (`bash bench/gpu/tier.sh prep` writes them; carry [".gpuassets/i1"], [".gpuassets/i2"], [".gpuassets/i3"]
-# with `bash bench/gpu/tier.sh stage`, then this script with carry [".whl"]), joined in /tmp/assets;
-# bench.assets checks the joined file's sha256. Rows and reports are packed into $OUT.
+# transfer with the tree) comes in the GPU tier's payload parts (bench/gpu/payload.sh), carried by earlier
+# calls (`bash bench/gpu/tier.sh prep` writes them and prints their carries, each with the command
+# `bash bench/gpu/tier.sh stage`; then this script with carry [".whl"]), joined and checked in /tmp/tier and
+# put in /tmp/assets; bench.assets checks the file's sha256 again. Rows and reports are packed into $OUT.
 #   bash bench/gpu/device_suite.sh [hydra overrides...]      e.g. eval=inception
 # run_all.sh sees device=cuda and runs one phase with the same eval for every row.
 # Prefix the command with BENCH_GIT_SHA=<git rev-parse --short=12 HEAD, here>: the machine's copy of the tree has
@@ -13,10 +13,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . bench/gpu/wheels.sh  # the carried wheels into /tmp/site, on PYTHONPATH
 log() { echo "[device_suite] $*"; }
-. bench/gpu/inception.sh
-inception_stage
+. bench/gpu/payload.sh
+STAGE=${TIER_STAGE:-/tmp/tier} payload_stage || true  # parts carried by this call; tier.sh stage took the earlier ones
 [ -f "$INCEPTION_DIR/default_1.pt" ] ||
-  log "no Inception weights in $INCEPTION_DIR (calls with $(inception_carries | paste -sd, -) first): eval=inception will stop" >&2
+  log "no Inception weights in $INCEPTION_DIR (the stage calls that \`bash bench/gpu/tier.sh prep\` prints, first): eval=inception will stop" >&2
 export BENCH_ASSETS=$INCEPTION_DIR
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 [ -n "${BENCH_GIT_SHA:-}" ] || log "warning: no BENCH_GIT_SHA: rows record this copy's git, which may be an older commit"

@@ -1,7 +1,8 @@
 # What the GPU tier needs beyond the tracked tree (the Inception weights, Fashion-MNIST's four files, the
 # wheels: ~119 MB) travels as one tar in parts, each small enough to ride in one device call beside the
 # tracked tree (64 MiB a call, the tree included: the tree grows with the committed rows, so the parts
-# shrink and their number grows). Sourced by bench/gpu/tier.sh (the caller defines `log`).
+# shrink and their number grows). Sourced by bench/gpu/tier.sh and bench/gpu/device_suite.sh (the caller
+# defines `log`). It replaced the three fixed 30 MB Inception parts, which stopped fitting once the tree passed 37 MB.
 #   payload_split ROOM NAME=PATH...  HERE: a tar of the PATHs under their NAMEs, cut into parts of at most ROOM
 #                                    bytes, $PAYLOAD_DIR/p<k>/payload.part-<k>-of-<n>, with the tar's sha256
 #                                    beside part 1; older parts are removed (.gpuassets/ is ignored by git)
@@ -11,6 +12,7 @@
 #                                    fashion-mnist/* -> $STAGE/fashion-mnist, wheels/* -> $STAGE/wheels
 #   payload_carries                  the calls' carry lists, one line each
 PAYLOAD_DIR=${PAYLOAD_DIR:-.gpuassets}
+INCEPTION_DIR=${INCEPTION_DIR:-/tmp/assets}  # where the joined Inception weights go (BENCH_ASSETS points here)
 
 payload_split() {
   local room=$1 e tmp size n k

@@ -60,7 +60,6 @@
 #        the last one joins, checks and unpacks them. The committed teacher parts travel as code
 #   N+1  carry []         command `bash bench/gpu/tier.sh tier` (or teacher), again until `status` says every
 #        row is done
-# (The older carries, .gpuassets/i1-3 then ["data"], still stage; they stop fitting once the tree passes ~35 MB.)
 # Prefix every row-making command with BENCH_GIT_SHA=<git rev-parse --short=12 HEAD, here>: the machine's copy of
 # the tree has a .git of the session's first commit (the rows of 2026-12-06 recorded it, "-dirty"), and rows name
 # the commit their code came from (bench.results.git_info). `prep` prints the prefix.
@@ -110,7 +109,6 @@ WHEELS="hydra-core==1.3.8 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 tabulat
 torch-pruning==1.6.1 pytorch-msssim==1.0.0 importlib-metadata==10.2.0"  # pyproject's pins; what the GPU image lacks
 FMNIST="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz"
 log() { echo "[tier] $*"; }
-. bench/gpu/inception.sh
 . bench/gpu/payload.sh
 CARRY_LIMIT=67108864  # 64 MiB: what one device call may carry, the tracked tree included
 PAYLOAD_MARGIN=2000000  # of a call's room left free beside the tree and a payload part (untracked files travel too)
@@ -168,7 +166,6 @@ stage() {  # on the GPU machine: keep what this call carried under /tmp, join wh
   mkdir -p "$STAGE/fashion-mnist" "$STAGE/wheels" "$STAGE/tier-teacher" "$ROWS"
   [ -d "$RESULTS" ] && cp -rn "$RESULTS"/. "$ROWS"/  # the carried rows; the machine's own copy of a row wins
   payload_stage  # the carried payload parts (prep): Inception, fashion-mnist and the wheels once all have come
-  inception_stage  # the older carries (.gpuassets/i1-3, data) still work
   if [ -d data/fashion-mnist ] && [ ! -L data/fashion-mnist ]; then cp data/fashion-mnist/*.gz "$STAGE/fashion-mnist/" 2>/dev/null; fi
   if [ ! -e data/fashion-mnist ] && ls "$STAGE"/fashion-mnist/*.gz >/dev/null 2>&1; then
     mkdir -p data && ln -s "$STAGE/fashion-mnist" data/fashion-mnist  # the run's data.root stays data/fashion-mnist
