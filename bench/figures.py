@@ -118,9 +118,10 @@ def _panel(ax, pts: pd.DataFrame, x: str, style: dict, y_lower_better: bool, why
     placed: list[tuple[float, float]] = []
     for (px, py), same in f.groupby([x, "y"], sort=False):  # methods at one point (one plan): one label
         pos = _unit(px, d[x]), _unit(py, d["y"], log=_log_axis(d["y"]))
-        near = sum(abs(pos[0] - a) < LABEL_NEAR[0] and abs(pos[1] - b) < LABEL_NEAR[1] for a, b in placed)
-        placed.append(pos)  # a label near an earlier one goes one line lower per such neighbour (no overlap)
-        ax.annotate(" = ".join(same["label"]), (px, py), textcoords="offset points", xytext=(4, 4 - 9 * near),
+        near = [b for a, b in placed if abs(pos[0] - a) < LABEL_NEAR[0] and abs(pos[1] - b) < LABEL_NEAR[1]]
+        placed.append(pos)  # a label near earlier ones moves a line per neighbour, away from the first (no overlap)
+        away = (1 if pos[1] >= near[0] else -1) if near else 0
+        ax.annotate(" = ".join(same["label"]), (px, py), textcoords="offset points", xytext=(4, 4 + 9 * away * len(near)),
                     fontsize=6.5, color="0.2")
 
 

@@ -301,8 +301,8 @@ def test_methods_at_one_point_share_one_label():
 
 def test_front_labels_of_nearby_points_go_one_line_apart():
     """Two front points close together (last_k and shortgpt at 0.75 of the GPU tier: speedup 1.31 vs 1.34,
-    FID 15.8 vs 15.8 drew over each other) get labels on different lines; points far from the others keep
-    the usual place."""
+    FID 15.8 vs 15.8 drew over each other) get labels on different lines, the later one moved away from the
+    earlier (up when its point is higher, down when lower); points far from the others keep the usual place."""
     from matplotlib.figure import Figure
 
     from bench import figures
@@ -317,7 +317,17 @@ def test_front_labels_of_nearby_points_go_one_line_apart():
     figures._panel(ax, pts, "speedup", figures._styles([(None, pts, None, None)]), True, None)
     at = {t.get_text(): tuple(t.xyann) for t in ax.texts}
     assert set(at) == {"dense", "last_k 0.75", "shortgpt 0.75", "diffes 0.5"}  # all four on the front
-    assert at["last_k 0.75"] == (4, 4) and at["shortgpt 0.75"] == (4, -5)  # the second one line lower
+    assert at["last_k 0.75"] == (4, 4) and at["shortgpt 0.75"] == (4, 13)  # the second a line away, on its side
+    # the MACs panel walks its front from cheap to costly, so there the later of two near points is the lower
+    # one (random at 0.752 of the MACs after random_width at 0.749, the default suite's figure): a line lower
+    near = pd.DataFrame({"method": ["random_width", "random", "dense"],
+                         "label": ["random_width 0.75", "random 0.75", "dense"], "speedup": math.nan,
+                         "speedup_lo": math.nan, "speedup_hi": math.nan, "speedup_note": None,
+                         "keep_macs": [0.749, 0.752, 1.0], "y": [49.16, 48.75, 62.0]})
+    near["y_lo"], near["y_hi"] = near["y"], near["y"]
+    ax = Figure().subplots()
+    figures._panel(ax, near, "keep_macs", figures._styles([(None, near, None, None)]), True, None)
+    assert {t.get_text(): tuple(t.xyann) for t in ax.texts} == {"random_width 0.75": (4, 4), "random 0.75": (4, -5)}
     assert at["dense"] == (4, 4) and at["diffes 0.5"] == (4, 4)
 
 
