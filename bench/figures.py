@@ -129,10 +129,10 @@ LABEL_NEAR = (0.12, 0.05)  # two front labels closer than this (fractions of the
 
 
 def _log_axis(v) -> bool:
-    """The quality axis is logarithmic when its positive values span LOG_SPAN or more (quality_figure's rule)."""
+    """The quality axis is logarithmic when its values are all positive and span LOG_SPAN or more."""
     v = np.asarray(v, dtype=float)
-    v = v[np.isfinite(v) & (v > 0)]
-    return len(v) > 0 and v.max() / v.min() >= LOG_SPAN
+    v = v[np.isfinite(v)]
+    return len(v) > 0 and v.min() > 0 and v.max() / v.min() >= LOG_SPAN
 
 
 def _unit(value: float, values, log: bool = False) -> float:
@@ -188,7 +188,7 @@ def quality_figure(groups: list, label=lambda c: c):
             for ax in (ax_s, ax_m):
                 ax.set_ylabel(label(q))
                 ax.grid(alpha=0.3, which="both")
-                if len(y) and y.min() > 0 and y.max() / y.min() >= LOG_SPAN and ax.has_data():
+                if _log_axis(y) and ax.has_data():
                     ax.set_yscale("log")  # a few collapsed models would squeeze every other point flat
                     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))

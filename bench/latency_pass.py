@@ -28,8 +28,8 @@ Output: <runs>/latency_pass.json (atomically): per run (Row.run, its relpath) th
 (dense / pruned), its 95 % interval lo / hi, dense_ms and pruned_ms (medians of the interleaved
 calls), rounds and the structure key; per group its key, device, mode, dtype, batch, rounds and
 seconds; the commit, torch version, command and date; `also`, the GPU models it pooled; the skipped runs
-with their reasons. bench.report reads it (`load`, then `pooled`) and takes each line's speedup from it. Exit status: 0 written,
-2 bad input (a line naming the fix: a device mismatch, a rebuilt model whose cost differs from its row).
+with their reasons. bench.report reads it (`load`, then `pooled`) and takes each line's speedup from it.
+Exit status: 0 written, 2 bad input (a line naming the fix: a device mismatch, a rebuilt model whose cost differs from its row).
 """
 from __future__ import annotations
 
