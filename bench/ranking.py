@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report import LINE_KEYS as _REPORT_LINE_KEYS, VARIANT_KEYS
+from bench.report import LINE_KEYS as _REPORT_LINE_KEYS, VARIANT_KEYS, line_name, usual_variants, variant_keys
 
 # what makes two rows' numbers incomparable (bench.report.GROUP_KEYS): one ranking per such group
 PROTOCOL_KEYS = ["model", "dataset", "process", "device", "latency_mode", "latency_dtype", "latency_batch", "sampler",
@@ -250,12 +250,12 @@ def ranking_markdown(rows: pd.DataFrame, metric: str = "fid", baselines=None, le
         head = ["budget", "method", "kind", "seeds"] + shown + (["speedup"] if "speedup" in lines.columns else []) \
             + ["best baseline", f"Δ {metric} [{pct}]", "p", "differs", "Holm"]
         out += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+        name_of = _namer(lines)
         for _, r in lines.iterrows():
             kind = "dense" if r["method"] == DENSE else ("baseline" if r["baseline"] else "method")
             budget = "1" if r["method"] == DENSE else f"{r['budget_measure']} {r['budget_keep']:g}"
             seeds = ",".join(str(int(s)) for s in r["seeds"]) + (" (dup!)" if r["duplicate_seeds"] else "")
-            name = r["method"] + (f" ({r['method_variant']})" if r.get("method_variant") else "")  # a method.* variant
-            cells = [budget, name, kind, seeds] + [_pm(r[m], r[f"{m}_ci"]) for m in shown]
+            cells = [budget, name_of(r), kind, seeds] + [_pm(r[m], r[f"{m}_ci"]) for m in shown]
             if "speedup" in lines.columns:
                 cells.append(_pm(r["speedup"], r["speedup_ci"]))
             is_best = r["best_baseline"] == r["method"]
@@ -269,10 +269,19 @@ def ranking_markdown(rows: pd.DataFrame, metric: str = "fid", baselines=None, le
     return "\n".join(out)
 
 
+def _namer(lines: pd.DataFrame):
+    """A line's name as bench.report's table gives it: the method, its method.* variant, and a variant key on which
+    one method's lines differ (bench.report.variant_keys: fine-tune steps, method version) where the line differs
+    from the table's usual value: "dense (finetune_steps 0)" beside "dense"."""
+    variants = variant_keys(lines)
+    usual = usual_variants(lines, variants)
+    return lambda r: line_name(r, variants, usual)
+
+
 def verdicts(lines: pd.DataFrame, metric: str = "fid", level: float = 0.95) -> list[str]:
     """One line per budget fraction of `rank`'s lines: which methods the paired test separates from the best
     baseline, or that none is and why (every Δ interval contains 0; the nearest miss, and the seeds behind it)."""
-    low, pct, out = LOWER_IS_BETTER.get(metric, True), f"{level:.0%}", []
+    low, pct, out, name_of = LOWER_IS_BETTER.get(metric, True), f"{level:.0%}", [], _namer(lines)
     for keep, g in lines[lines["method"] != DENSE].groupby("budget_keep", sort=False):
         best = g["best_baseline"].dropna()
         tested = g[g["p"].notna()]
@@ -282,7 +291,7 @@ def verdicts(lines: pd.DataFrame, metric: str = "fid", level: float = 0.95) -> l
             continue
         sep = tested[tested["differs"]]
         if len(sep):
-            words = [f"{r['method']}{' (' + r['method_variant'] + ')' if r.get('method_variant') else ''} "
+            words = [f"{name_of(r)} "
                      f"{'better' if (r['diff'] < 0) == low else 'worse'} (Δ {_num(r['diff'])} [{_num(r['diff_lo'])}, "
                      f"{_num(r['diff_hi'])}], p {_p(r['p'])}{', Holm too' if r['holm'] else ''})" for _, r in sep.iterrows()]
             out.append(f"{head}: {len(sep)} of {len(tested)} methods differ from the best baseline {best.iloc[0]} at "
@@ -292,7 +301,7 @@ def verdicts(lines: pd.DataFrame, metric: str = "fid", level: float = 0.95) -> l
         near = tested.loc[(tested["diff"].abs() / half).idxmax()]
         n = int(near["n_paired"])
         out.append(f"{head}: none of {len(tested)} methods differs from the best baseline {best.iloc[0]} at {pct}: "
-                   f"every Δ interval contains 0. The nearest is {near['method']} (Δ {_num(near['diff'])} "
+                   f"every Δ interval contains 0. The nearest is {name_of(near)} (Δ {_num(near['diff'])} "
                    f"[{_num(near['diff_lo'])}, {_num(near['diff_hi'])}] over {n} seeds): with {n} seeds a mean "
                    f"difference must exceed {t_quantile(level, max(n - 1, 1)):.2f} standard errors of the per-seed "
                    f"differences, and the seed-to-seed spread of these differences is larger than that allows.")

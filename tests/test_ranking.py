@@ -153,3 +153,14 @@ def test_the_speedup_column_comes_from_the_latency_pass_where_it_timed_the_rows(
     lines = rank(rows, "fid", BASELINES, latency_pass={"runs": timed}).set_index("method")
     assert lines.loc["good", "speedup"] == pytest.approx(2.0) and lines.loc["good", "speedup_ci"] > 0
     assert math.isnan(lines.loc["noisy", "speedup"])  # not in the pass
+
+
+def test_a_line_of_other_fine_tune_steps_is_named_as_the_report_names_it():
+    """The teacher's rows (dense at 0 fine-tune steps) and the fine-tuned dense rows are two lines; the ranking names
+    them as bench.report's table does, "dense (finetune_steps 0)" and "dense", not "dense" twice."""
+    teacher = [dict(BASE, method="dense", budget_measure="blocks", budget_keep=1.0, seed=0, m_fid=9.0, m_kid=0.009,
+                    latency_ms=10.0, finetune_steps=0)]
+    md = ranking_markdown(pd.concat([synthetic(), pd.DataFrame(teacher)], ignore_index=True), "fid", BASELINES)
+    dense = [ln.split(" | ")[1] for ln in md.splitlines() if ln.startswith("| 1 | dense")]
+    assert sorted(dense) == ["dense", "dense (finetune_steps 0)"]
+    assert "| blocks 0.5 | good | method |" in md  # lines at the usual steps carry no suffix

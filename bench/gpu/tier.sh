@@ -22,7 +22,8 @@
 #                                     rows, results/gpu/tier/tier_measure_graph.json) and run every row with
 #                                     finetune.graph=true when `python -m bench.gpu.tier graph-decision` says on
 #                                     (eager's weights within eager's own run-to-run spread, and faster); a row is
-#                                     the same run either way (not hashed)
+#                                     the same run either way (not hashed). Measured on an H100 on 2026-12-07
+#                                     (bitwise equal, 1.43-1.82x): finetune/gpu_tier.yaml now has graph: true
 #   bash bench/gpu/tier.sh teacher    GPU: train the teacher (resumes), its rows at cfg 1 and 1.5, then
 #                                     $OUT/teacher.part-00, -01 + teacher.json (sha256): commit the parts in
 #                                     results/gpu/tier_teacher/ AT ONCE (a lost teacher means every row again).
