@@ -270,6 +270,32 @@ def test_rows_of_another_teacher_are_stale_not_done(tmp_path, monkeypatch):
     assert tier.tier_row(rel)[0] == "done"
 
 
+def test_commands_todo_leaves_out_the_commands_whose_rows_are_all_done(tmp_path, monkeypatch, capsys):
+    """`commands --todo` (what tier.sh starts): a command is left out once every one of its runs has a row of
+    the recorded teacher; a stale row (another teacher) or a missing one keeps it in."""
+    import json
+
+    from bench.gpu import tier
+    from bench.results import run_relpath
+
+    monkeypatch.setattr(tier, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(tier, "TEACHER_JSON", tmp_path / "teacher.json")
+    (tmp_path / "teacher.json").write_text(json.dumps({"sha256": "b" * 64}))
+
+    def todo_lines():
+        assert tier.main(["commands", "--teacher", "--todo"]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line]
+
+    assert todo_lines() == [" ".join(c) for c in tier.TEACHER_ROWS]  # no rows yet: both
+    rel = run_relpath(tier.cells([tier.TEACHER_ROWS[0]])[0].cfg)
+    (tmp_path / rel).mkdir(parents=True)
+    (tmp_path / rel / "row.json").write_text(json.dumps({"teacher_sha256": "a" * 64}))
+    assert todo_lines() == [" ".join(c) for c in tier.TEACHER_ROWS]  # stale: redone
+    (tmp_path / rel / "row.json").write_text(json.dumps({"teacher_sha256": "b" * 64}))
+    assert todo_lines() == [" ".join(tier.TEACHER_ROWS[1])]
+    assert tier.todo([tier.TEACHER_ROWS[0]]) == []
+
+
 def test_tier_sh_sends_a_new_teacher_back_and_a_fresh_machine_takes_it_in(tmp_path):
     """tier.sh on the CPU: a call that ends with a trained teacher that teacher.json does not record packs
     its parts + teacher.json into $OUT (whatever the call's rows did); on a fresh machine (empty stage and

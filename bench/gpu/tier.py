@@ -135,6 +135,16 @@ def alone(commands: list[list[str]]) -> list[list[str]]:
     return out
 
 
+def todo(commands: list[list[str]]) -> list[list[str]]:
+    """The commands that still have a run to do: a command whose every run has a row of the recorded teacher
+    (`tier_row` "done") is left out, the others go unchanged (bench.run skips their finished runs itself). Each
+    bench.run -m starts a process and composes its sweep (~7 s on the GPU machine) even when all its runs are
+    done: a call that skips them reaches its first new row a minute sooner."""
+    from bench.results import run_relpath
+
+    return [cmd for cmd in commands if any(tier_row(run_relpath(c.cfg))[0] != "done" for c in cells([cmd]))]
+
+
 def _methods(cmd: list[str], alone: bool) -> tuple[list[str], bool]:
     """(the command's methods that run alone, or the others, in sweep order; whether the command names its
     method itself, so that it goes whole)."""
@@ -728,6 +738,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="processes that run the tier together on one GPU")
     p.add_argument("--worker", type=int, default=0, help="this worker's index, 0 .. workers - 1: its share")
     p.add_argument("--alone", action="store_true", help="the runs that keep their own latency (after the workers)")
+    p.add_argument("--teacher", action="store_true", help="instead: the teacher's rows (dense, no fine-tune)")
+    p.add_argument("--todo", action="store_true", help="only the commands with a run still to do (`todo`)")
     p = sub.add_parser("plan")
     p.add_argument("--timings", action="append", default=[], help="a tier_measure.json (from `measure`) instead of "
                    "the estimates; again for tier_measure_regional.json (measure --regional)")
@@ -784,7 +796,11 @@ def main(argv=None) -> int:
         elif a.cmd == "commands":
             if not 0 <= a.worker < a.workers:
                 raise BenchError(f"--worker {a.worker} of --workers {a.workers}: give 0 <= worker < workers")
-            cmds = alone(commands()) if a.alone else share(commands(), a.workers, a.worker)
+            if a.teacher:
+                cmds = [list(c) for c in TEACHER_ROWS]
+            else:
+                cmds = alone(commands()) if a.alone else share(commands(), a.workers, a.worker)
+            cmds = todo(cmds) if a.todo else cmds
             print("\n".join(" ".join(c) for c in cmds))
         elif a.cmd == "plan":
             t = {k: v for f in a.timings for k, v in json.loads(Path(f).read_text())["timings"].items()} or None

@@ -2,7 +2,8 @@
 # The GPU tier (experiment=gpu_tier + gpu_tier_width: Fashion-MNIST teacher, every method at 2 budgets x 3
 # seeds, Inception metrics at n = 10,000) on a GPU machine that has torch but none of our other deps, in
 # calls of at most ~9 minutes: every call runs what fits (each command under `timeout`), every run resumes
-# (fine-tune checkpoints, sample shards), finished rows are skipped, and whatever finished comes back in
+# (fine-tune checkpoints, sample shards), finished rows are skipped (a command whose rows are all done is not
+# started: `bench.gpu.tier commands --todo`), and whatever finished comes back in
 # $OUT/tier_rows.tgz (rows, report, ranking).
 #
 #   bash bench/gpu/tier.sh prep       HERE, once: data/fashion-mnist (the Debian package's four .gz files),
@@ -220,9 +221,14 @@ run_timed() {  # bench.run with the time left in this call; 124: out of time
   return 0
 }
 
-teacher_rows() {  # the teacher (trained by the first command, resumable) and its FID at cfg 1 and 1.5
-  run_timed experiment=gpu_tier method=dense budget.keep=1.0 finetune.steps=0 seed=0 || return 124
-  run_timed experiment=gpu_tier method=dense budget.keep=1.0 finetune.steps=0 seed=0 eval.cfg_scale=1.5 || return 124
+teacher_rows() {  # the teacher (trained by the first command, resumable) and its FID at cfg 1 and 1.5; once
+  # their rows are in, nothing (no process is started for them)
+  local line ov
+  while read -r line; do
+    [ -n "$line" ] || continue
+    read -r -a ov <<< "$line"
+    run_timed "${ov[@]}" || return 124
+  done < <("$PY" -m bench.gpu.tier commands --teacher --todo)
 }
 
 tier_worker() {  # $1 = "--worker I" (worker I's share of the tier's commands: all of them with one worker) or
@@ -232,8 +238,9 @@ tier_worker() {  # $1 = "--worker I" (worker I's share of the tier's commands: a
   read -r -a which <<< "$1"
   shift
   for pass in 1 2; do
-    mapfile -t cmds < <("$PY" -m bench.gpu.tier commands --workers "$WORKERS" "${which[@]}")
+    mapfile -t cmds < <("$PY" -m bench.gpu.tier commands --todo --workers "$WORKERS" "${which[@]}")
     for line in "${cmds[@]}"; do
+      [ -n "$line" ] || continue  # every row done: an empty list
       case "$ran" in *$'\n'"$line"$'\n'*) continue ;; esac
       read -r -a ov <<< "$line"
       run_timed -m "${ov[@]}" "$@" || return 1
