@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The suite in one command.
 #   ./run_all.sh              install what is missing, run the embedded default suite, write tables + plots
-#   ./run_all.sh test [ARGS]  install what is missing, run the test suite (ARGS go to pytest)
+#   ./run_all.sh test [ARGS]  install what is missing, run the test suite (ARGS go to pytest; files in
+#                             parallel workers, BENCH_TEST_WORKERS below)
 #   ./run_all.sh [OVERRIDES]  extra hydra overrides go to every run, e.g. ./run_all.sh device=cuda eval=inception
 # Environment: BENCH_PYTHON (use this interpreter, install nothing), BENCH_RESULTS (rows folder),
 # BENCH_REPORT (report name), BENCH_JOBS (parallel sweep workers on the CPU; default 2),
@@ -33,9 +34,16 @@ install() {
 [ -n "${BENCH_PYTHON:-}" ] || install
 
 # ---- Tests -----------------------------------------------------------------------------------
+# Test files run in parallel processes (pytest-xdist, --dist loadfile: a file's tests, and its module
+# fixtures such as the SLURM cluster, stay in one process): min(cores, 4) workers; BENCH_TEST_WORKERS=N
+# chooses, 1 runs them in this one process; a -n of your own wins (it comes later).
 if [ "${1:-}" = "test" ]; then
   shift
-  exec "$PY" -m pytest -q "$@"
+  workers=${BENCH_TEST_WORKERS:-$(n=$(nproc 2>/dev/null || echo 1); echo $((n < 4 ? n : 4)))}
+  case "$workers" in ''|*[!0-9]*) echo "BENCH_TEST_WORKERS=$workers: give a whole number (1: no parallel workers)" >&2; exit 2 ;; esac
+  par=()
+  [ "$workers" -le 1 ] || par=(-n "$workers" --dist loadfile)
+  exec "$PY" -m pytest -q ${par[@]+"${par[@]}"} "$@"
 fi
 
 # ---- The embedded default suite --------------------------------------------------------------
