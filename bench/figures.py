@@ -3,7 +3,8 @@
 One row of two panels per protocol group (axes never mix protocols): quality vs speedup (dense
 latency / latency) and quality vs keep MACs (measured, fraction of the dense model; axis reversed,
 so cheaper is to the right in both panels). One point per table line (method x budget x variant),
-coloured by method; the dense model is the black star. Error bars: quality = std over seeds, or with
+coloured by method (a method's variant, method.k=v: its colour, a marker of its own, its own legend entry); the
+dense model is the black star. Error bars: quality = std over seeds, or with
 one seed the metric's own bootstrap interval where the row has one (Inception FID/KID); speedup = its
 95 % interval (bench.speedup). A speedup whose interval contains 1 is drawn hollow; launch-bound or
 flagged speedups are left out of the speedup panel (which says why), never out of the MACs panel.
@@ -31,6 +32,7 @@ from bench.speedup import INDISTINGUISHABLE
 QUALITY_PREF = ["m_fid", "m_fd_clf"]  # y axis: real FID when every line has it
 DENSE = "dense"
 MARKERS = "osD^v<>ph"
+VARIANT_MARKERS = "XPd8"  # a method's variants: its colour, one of these markers (none of MARKERS)
 LOG_SPAN = 5.0  # quality values spanning this factor or more get a log axis
 
 
@@ -41,14 +43,11 @@ def quality_column(lines: pd.DataFrame) -> str | None:
 def figure_points(lines: pd.DataFrame, q: str) -> pd.DataFrame:
     """One point per line: method, label, x values (speedup with its interval and note, keep_macs)
     and y with its error-bar ends (y_lo <= y <= y_hi)."""
-    from bench.report import VARIANT_KEYS, usual_variants, variant_suffix  # here: bench.report imports this module
-
-    variants = [k for k in VARIANT_KEYS if k in lines.columns and lines[k].nunique(dropna=False) > 1]
-    usual = usual_variants(lines, variants)
+    suffix = _suffixes(lines)
     pts = pd.DataFrame({
         "method": lines["method"].astype(str),
-        "label": [f"{r['method']} {r['budget_keep']:g}" + variant_suffix(r, variants, usual)
-                  for _, r in lines.iterrows()],
+        "series": [f"{m}{sfx}" for m, sfx in zip(lines["method"].astype(str), suffix)],
+        "label": [f"{r['method']} {r['budget_keep']:g}{sfx}" for (_, r), sfx in zip(lines.iterrows(), suffix)],
         "budget_keep": lines["budget_keep"].astype(float),
         "keep_macs": lines["keep_macs"].astype(float),
         "speedup": lines.get("speedup", pd.Series(np.nan, index=lines.index)).astype(float),
@@ -68,6 +67,15 @@ def figure_points(lines: pd.DataFrame, q: str) -> pd.DataFrame:
     return pts.reset_index(drop=True)
 
 
+def _suffixes(lines: pd.DataFrame) -> list[str]:
+    """Each line's variant suffix as the table writes it (" (condition=bin outputs=x0)"; "" for the usual)."""
+    from bench.report import VARIANT_KEYS, usual_variants, variant_suffix  # here: bench.report imports this module
+
+    variants = [k for k in VARIANT_KEYS if k in lines.columns and lines[k].nunique(dropna=False) > 1]
+    usual = usual_variants(lines, variants)
+    return [variant_suffix(r, variants, usual) for _, r in lines.iterrows()]
+
+
 def pareto_front(x, y, x_higher_better: bool, y_lower_better: bool) -> list[int]:
     """Indices of the points no other point dominates (at least as good in both, better in one),
     sorted by x ascending. NaN points take no part."""
@@ -80,12 +88,20 @@ def pareto_front(x, y, x_higher_better: bool, y_lower_better: bool) -> list[int]
 
 
 def _styles(groups: list) -> dict:
+    """(colour, marker) per series: a method's usual line, and each of its variants (method.k=v overrides,
+    e.g. the GPU tier's entpruner (condition=bin outputs=x0)) in the method's colour with a marker of its
+    own (VARIANT_MARKERS), so that the legend tells them apart; the dense model's lines are black stars."""
     import matplotlib as mpl
 
     methods = sorted({m for _, lines, _, _ in groups for m in lines["method"] if m != DENSE})
     colors = mpl.colormaps["tab20"] if len(methods) > 10 else mpl.colormaps["tab10"]
     style = {m: (colors(i % colors.N), MARKERS[i % len(MARKERS)]) for i, m in enumerate(methods)}
     style[DENSE] = ("black", "*")
+    series = sorted({(f"{m}{sfx}", m) for _, lines, _, _ in groups
+                     for m, sfx in zip(lines["method"].astype(str), _suffixes(lines)) if sfx})
+    for m in sorted({m for _, m in series}):
+        for k, name in enumerate(n for n, mm in series if mm == m):
+            style[name] = (style[m][0], "*" if m == DENSE else VARIANT_MARKERS[k % len(VARIANT_MARKERS)])
     return style
 
 
@@ -98,7 +114,7 @@ def _panel(ax, pts: pd.DataFrame, x: str, style: dict, y_lower_better: bool, why
         ax.set_xticks([])
         ax.set_yticks([])
         return
-    for m, g in d.groupby("method", sort=True):
+    for m, g in d.groupby("series" if "series" in d else "method", sort=True):  # a variant: its own series
         c, mk = style[m]
         xerr = None
         if x == "speedup" and g["speedup_lo"].notna().any():
@@ -109,7 +125,7 @@ def _panel(ax, pts: pd.DataFrame, x: str, style: dict, y_lower_better: bool, why
         ax.errorbar(g[x], g["y"], xerr=xerr, yerr=yerr, fmt="none", ecolor=c, elinewidth=0.8, capsize=2,
                     alpha=0.8, label=f"_err:{m}")
         hollow = (g["speedup_note"] == INDISTINGUISHABLE) if x == "speedup" else pd.Series(False, index=g.index)
-        ax.scatter(g[x], g["y"], marker=mk, s=120 if m == DENSE else 36, zorder=3, linewidths=1.2,
+        ax.scatter(g[x], g["y"], marker=mk, s=120 if g["method"].iloc[0] == DENSE else 36, zorder=3, linewidths=1.2,
                    facecolors=["none" if h else c for h in hollow], edgecolors=[c] * len(g), gid=f"points:{m}")
     front = pareto_front(d[x], d["y"], x_higher_better=(x == "speedup"), y_lower_better=y_lower_better)
     f = d.iloc[front]
@@ -192,8 +208,8 @@ def quality_figure(groups: list, label=lambda c: c):
                     ax.set_yscale("log")  # a few collapsed models would squeeze every other point flat
                     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        present = [m for m in [DENSE] + sorted(k for k in style if k != DENSE)
-                   if any(m in set(lines["method"]) for _, lines, _, _ in groups)]
+        shown = {f"{m}{sfx}" for _, lines, _, _ in groups for m, sfx in zip(lines["method"].astype(str), _suffixes(lines))}
+        present = [m for m in [DENSE] + sorted(k for k in style if k != DENSE) if m in shown]
         handles = [Line2D([], [], color=style[m][0], marker=style[m][1], linestyle="none", label=m) for m in present]
         handles += [Line2D([], [], color="0.3", marker="o", markerfacecolor="none", linestyle="none",
                            label="hollow: speedup ≈1\n(interval contains 1)"),

@@ -331,6 +331,37 @@ def test_front_labels_of_nearby_points_go_one_line_apart():
     assert at["dense"] == (4, 4) and at["diffes 0.5"] == (4, 4)
 
 
+def test_a_variant_has_its_methods_colour_a_marker_of_its_own_and_a_legend_entry():
+    """A method's variant (the GPU tier's entpruner with method.condition=bin method.outputs=x0) is a series of
+    its own: the method's colour, another marker, its own legend entry, so that it can be told from the
+    method's usual point where no front label names it."""
+    from matplotlib.colors import to_rgba
+
+    from bench import figures
+
+    lines = pd.DataFrame({"method": ["dense", "entpruner", "entpruner", "last_k"], "budget_keep": [1.0, 0.75, 0.75, 0.75],
+                          "method_variant": ["", "", "condition=bin outputs=x0", ""], "keep_macs": [1.0, 0.76, 0.76, 0.76],
+                          "n_seeds": 2, "m_fid": [16.0, 30.7, 19.1, 16.1], "m_fid_std": 0.5,
+                          "speedup": [1.0, 1.29, 1.28, 1.30]})
+    pts = figures.figure_points(lines, "m_fid")
+    variant = "entpruner (condition=bin outputs=x0)"
+    assert list(pts["series"]) == ["dense", "entpruner", variant, "last_k"]
+    assert pts.loc[2, "label"] == "entpruner 0.75 (condition=bin outputs=x0)"
+    key = {"model": "m", "dataset": "d", "process": "ddpm", "nfe": 20, "cfg_scale": 1.0, "metric_impl": "none",
+           "metric_n": 0, "device": "H100", "latency_mode": "eager", "latency_dtype": "bf16", "latency_batch": 512}
+    fig = figures.quality_figure([(key, lines, [], None)], label=lambda c: "FID ↓")
+    ax_s = fig.axes[0]
+    drawn = {c.get_gid(): c for c in ax_s.collections if str(c.get_gid()).startswith("points:")}
+    usual, var = drawn["points:entpruner"], drawn[f"points:{variant}"]
+    assert [tuple(o) for o in usual.get_offsets()] == [(1.29, 30.7)] and [tuple(o) for o in var.get_offsets()] == [(1.28, 19.1)]
+    assert to_rgba(usual.get_edgecolor()[0]) == to_rgba(var.get_edgecolor()[0])  # one colour
+    style = figures._styles([(key, lines, [], None)])
+    assert style[variant][0] == style["entpruner"][0] and style[variant][1] != style["entpruner"][1]
+    assert style[variant][1] in figures.VARIANT_MARKERS
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "entpruner" in legend and variant in legend
+
+
 def _gpu_rows(dense_ms, lat=None, iqr=0.05):
     lat = lat or {0.5: dense_ms / 1.9}
     rows = [row("dense", 1.0, 0, 20.0, 90.0, dense_ms, 1.0, device="NVIDIA H100", latency_iqr_ms=iqr)]
