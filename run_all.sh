@@ -36,13 +36,17 @@ install() {
 # ---- Tests -----------------------------------------------------------------------------------
 # Test files run in parallel processes (pytest-xdist, --dist loadfile: a file's tests, and its module
 # fixtures such as the SLURM cluster, stay in one process): min(cores, 4) workers; BENCH_TEST_WORKERS=N
-# chooses, 1 runs them in this one process; a -n of your own wins (it comes later).
+# chooses, 1 runs them in this one process (so does an interpreter without pytest-xdist, BENCH_PYTHON);
+# a -n of your own wins (it comes later).
 if [ "${1:-}" = "test" ]; then
   shift
   workers=${BENCH_TEST_WORKERS:-$(n=$(nproc 2>/dev/null || echo 1); echo $((n < 4 ? n : 4)))}
   case "$workers" in ''|*[!0-9]*) echo "BENCH_TEST_WORKERS=$workers: give a whole number (1: no parallel workers)" >&2; exit 2 ;; esac
   par=()
-  [ "$workers" -le 1 ] || par=(-n "$workers" --dist loadfile)
+  if [ "$workers" -gt 1 ]; then
+    if "$PY" -c "import xdist" 2>/dev/null; then par=(-n "$workers" --dist loadfile)
+    else echo "[run_all] no pytest-xdist in $PY: the tests run in one process (pip install pytest-xdist==3.8.0)" >&2; fi
+  fi
   exec "$PY" -m pytest -q ${par[@]+"${par[@]}"} "$@"
 fi
 
