@@ -223,22 +223,25 @@ run_timed() {  # bench.run with the time left in this call; 124: out of time
 
 teacher_rows() {  # the teacher (trained by the first command, resumable) and its FID at cfg 1 and 1.5; once
   # their rows are in, nothing (no process is started for them)
-  local line ov
+  local line ov todo
+  todo=$("$PY" -m bench.gpu.tier commands --teacher --todo) || { log "bench.gpu.tier commands failed"; return 124; }
   while read -r line; do
     [ -n "$line" ] || continue
     read -r -a ov <<< "$line"
     run_timed "${ov[@]}" || return 124
-  done < <("$PY" -m bench.gpu.tier commands --teacher --todo)
+  done <<< "$todo"
 }
 
 tier_worker() {  # $1 = "--worker I" (worker I's share of the tier's commands: all of them with one worker) or
   # "--alone" (the runs that keep their own latency), in order, until the call's time is up (1); pass 2 takes
   # what the CED screen added meanwhile
-  local which ran=$'\n' pass line cmds ov
+  local which ran=$'\n' pass line cmds ov todo
   read -r -a which <<< "$1"
   shift
   for pass in 1 2; do
-    mapfile -t cmds < <("$PY" -m bench.gpu.tier commands --todo --workers "$WORKERS" "${which[@]}")
+    todo=$("$PY" -m bench.gpu.tier commands --todo --workers "$WORKERS" "${which[@]}") ||
+      { log "bench.gpu.tier commands failed"; return 1; }
+    mapfile -t cmds <<< "$todo"
     for line in "${cmds[@]}"; do
       [ -n "$line" ] || continue  # every row done: an empty list
       case "$ran" in *$'\n'"$line"$'\n'*) continue ;; esac
