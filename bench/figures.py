@@ -46,7 +46,7 @@ def figure_points(lines: pd.DataFrame, q: str) -> pd.DataFrame:
     suffix = _suffixes(lines)
     pts = pd.DataFrame({
         "method": lines["method"].astype(str),
-        "series": [f"{m}{sfx}" for m, sfx in zip(lines["method"].astype(str), suffix)],
+        "series": [f"{m}{sfx}" for m, sfx in zip(lines["method"].astype(str), suffix)],  # _series, suffixes once
         "label": [f"{r['method']} {r['budget_keep']:g}{sfx}" for (_, r), sfx in zip(lines.iterrows(), suffix)],
         "budget_keep": lines["budget_keep"].astype(float),
         "keep_macs": lines["keep_macs"].astype(float),
@@ -65,6 +65,11 @@ def figure_points(lines: pd.DataFrame, q: str) -> pd.DataFrame:
     pts["y_lo"] = np.where(use_ci, lo, np.where(use_std, pts["y"] - std, pts["y"]))
     pts["y_hi"] = np.where(use_ci, hi, np.where(use_std, pts["y"] + std, pts["y"]))
     return pts.reset_index(drop=True)
+
+
+def _series(lines: pd.DataFrame) -> list[str]:
+    """Each line's series: its method, with its variant suffix when it is not the usual variant."""
+    return [f"{m}{sfx}" for m, sfx in zip(lines["method"].astype(str), _suffixes(lines))]
 
 
 def _suffixes(lines: pd.DataFrame) -> list[str]:
@@ -97,8 +102,8 @@ def _styles(groups: list) -> dict:
     colors = mpl.colormaps["tab20"] if len(methods) > 10 else mpl.colormaps["tab10"]
     style = {m: (colors(i % colors.N), MARKERS[i % len(MARKERS)]) for i, m in enumerate(methods)}
     style[DENSE] = ("black", "*")
-    series = sorted({(f"{m}{sfx}", m) for _, lines, _, _ in groups
-                     for m, sfx in zip(lines["method"].astype(str), _suffixes(lines)) if sfx})
+    series = sorted({(name, m) for _, lines, _, _ in groups
+                     for name, m in zip(_series(lines), lines["method"].astype(str)) if name != m})
     for m in sorted({m for _, m in series}):
         for k, name in enumerate(n for n, mm in series if mm == m):
             style[name] = (style[m][0], "*" if m == DENSE else VARIANT_MARKERS[k % len(VARIANT_MARKERS)])
@@ -208,7 +213,7 @@ def quality_figure(groups: list, label=lambda c: c):
                     ax.set_yscale("log")  # a few collapsed models would squeeze every other point flat
                     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        shown = {f"{m}{sfx}" for _, lines, _, _ in groups for m, sfx in zip(lines["method"].astype(str), _suffixes(lines))}
+        shown = {name for _, lines, _, _ in groups for name in _series(lines)}
         present = [m for m in [DENSE] + sorted(k for k in style if k != DENSE) if m in shown]
         handles = [Line2D([], [], color=style[m][0], marker=style[m][1], linestyle="none", label=m) for m in present]
         handles += [Line2D([], [], color="0.3", marker="o", markerfacecolor="none", linestyle="none",
