@@ -43,11 +43,12 @@ def quality_column(lines: pd.DataFrame) -> str | None:
 def figure_points(lines: pd.DataFrame, q: str) -> pd.DataFrame:
     """One point per line: method, label, x values (speedup with its interval and note, keep_macs)
     and y with its error-bar ends (y_lo <= y <= y_hi)."""
-    suffix = _suffixes(lines)
+    series = _series(lines)
     pts = pd.DataFrame({
         "method": lines["method"].astype(str),
-        "series": [f"{m}{sfx}" for m, sfx in zip(lines["method"].astype(str), suffix)],  # _series, suffixes once
-        "label": [f"{r['method']} {r['budget_keep']:g}{sfx}" for (_, r), sfx in zip(lines.iterrows(), suffix)],
+        "series": series,
+        "label": [f"{r['method']} {r['budget_keep']:g}{name[len(str(r['method'])):]}"  # method keep (variant)
+                  for (_, r), name in zip(lines.iterrows(), series)],
         "budget_keep": lines["budget_keep"].astype(float),
         "keep_macs": lines["keep_macs"].astype(float),
         "speedup": lines.get("speedup", pd.Series(np.nan, index=lines.index)).astype(float),
@@ -68,17 +69,10 @@ def figure_points(lines: pd.DataFrame, q: str) -> pd.DataFrame:
 
 
 def _series(lines: pd.DataFrame) -> list[str]:
-    """Each line's series: its method, with its variant suffix when it is not the usual variant."""
-    return [f"{m}{sfx}" for m, sfx in zip(lines["method"].astype(str), _suffixes(lines))]
+    """Each line's series: its name as the table gives it (the method, with its variant's suffix)."""
+    from bench.report import line_suffixes  # here: bench.report imports this module
 
-
-def _suffixes(lines: pd.DataFrame) -> list[str]:
-    """Each line's variant suffix as the table writes it (" (condition=bin outputs=x0)"; "" for the usual)."""
-    from bench.report import VARIANT_KEYS, usual_variants, variant_suffix  # here: bench.report imports this module
-
-    variants = [k for k in VARIANT_KEYS if k in lines.columns and lines[k].nunique(dropna=False) > 1]
-    usual = usual_variants(lines, variants)
-    return [variant_suffix(r, variants, usual) for _, r in lines.iterrows()]
+    return [f"{m}{sfx}" for m, sfx in zip(lines["method"].astype(str), line_suffixes(lines))]
 
 
 def pareto_front(x, y, x_higher_better: bool, y_lower_better: bool) -> list[int]:

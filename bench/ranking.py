@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report import LINE_KEYS as _REPORT_LINE_KEYS, VARIANT_KEYS, line_name, usual_variants, variant_keys
+from bench.report import LINE_KEYS as _REPORT_LINE_KEYS, VARIANT_KEYS, line_suffixes
 
 # what makes two rows' numbers incomparable (bench.report.GROUP_KEYS): one ranking per such group
 PROTOCOL_KEYS = ["model", "dataset", "process", "device", "latency_mode", "latency_dtype", "latency_batch", "sampler",
@@ -270,12 +270,11 @@ def ranking_markdown(rows: pd.DataFrame, metric: str = "fid", baselines=None, le
 
 
 def _namer(lines: pd.DataFrame):
-    """A line's name as bench.report's table gives it: the method, its method.* variant, and a variant key on which
-    one method's lines differ (bench.report.variant_keys: fine-tune steps, method version) where the line differs
-    from the table's usual value: "dense (finetune_steps 0)" beside "dense"."""
-    variants = variant_keys(lines)
-    usual = usual_variants(lines, variants)
-    return lambda r: line_name(r, variants, usual)
+    """A line's name as bench.report's table gives it (bench.report.line_suffixes): the method, its method.*
+    variant, and a variant key where the line differs from the table's usual value: "dense (finetune_steps 0)"
+    beside "dense". Called with a row of `lines` (its index label)."""
+    names = {i: r["method"] + sfx for (i, r), sfx in zip(lines.iterrows(), line_suffixes(lines))}
+    return lambda r: names[r.name]
 
 
 def verdicts(lines: pd.DataFrame, metric: str = "fid", level: float = 0.95) -> list[str]:

@@ -419,17 +419,19 @@ def usual_note(lines: pd.DataFrame, variants: list[str]) -> str | None:
     return ("A line without a suffix has " + ", ".join(f"{k} {usual[k]}" for k in named) + ".") if named else None
 
 
-def line_name(r, variants: list[str], usual: dict) -> str:
-    return r["method"] + variant_suffix(r, variants, usual)
+def line_suffixes(lines: pd.DataFrame) -> list[str]:
+    """Each line's variant suffix as the table names it (a line's name is method + suffix; "" for the method as usual):
+    the one naming rule of the table, the ranking (bench.ranking) and the figure's series (bench.figures)."""
+    variants = variant_keys(lines)  # the keys on which one method's lines at one budget differ (not method_version 2)
+    usual = usual_variants(lines, variants)
+    return [variant_suffix(r, variants, usual) for _, r in lines.iterrows()]
 
 
 def cells(lines: pd.DataFrame, vcols: list[str]) -> tuple[list[str], list[list[str]]]:
     head = ["method", "budget", "n_seeds"] + [label(c) for c in vcols] + [label("speedup")]
-    variants = [k for k in VARIANT_KEYS if k in lines.columns]
-    usual = usual_variants(lines, variants)
-    body = [[line_name(r, variants, usual), f"{r['budget_measure']} {r['budget_keep']:g}", str(int(r["n_seeds"]))]
+    body = [[r["method"] + sfx, f"{r['budget_measure']} {r['budget_keep']:g}", str(int(r["n_seeds"]))]
             + [fmt_cell(r, c) for c in vcols] + [fmt_speedup(r)]
-            for _, r in lines.iterrows()]
+            for (_, r), sfx in zip(lines.iterrows(), line_suffixes(lines))]
     return head, body
 
 

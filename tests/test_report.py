@@ -339,7 +339,8 @@ def test_a_variant_has_its_methods_colour_a_marker_of_its_own_and_a_legend_entry
 
     from bench import figures
 
-    lines = pd.DataFrame({"method": ["dense", "entpruner", "entpruner", "last_k"], "budget_keep": [1.0, 0.75, 0.75, 0.75],
+    lines = pd.DataFrame({"method": ["dense", "entpruner", "entpruner", "last_k"], "budget_measure": "blocks",
+                          "budget_keep": [1.0, 0.75, 0.75, 0.75],
                           "method_variant": ["", "", "condition=bin outputs=x0", ""], "keep_macs": [1.0, 0.76, 0.76, 0.76],
                           "n_seeds": 2, "m_fid": [16.0, 30.7, 19.1, 16.1], "m_fid_std": 0.5,
                           "speedup": [1.0, 1.29, 1.28, 1.30]})
