@@ -2,6 +2,7 @@
 
     python -m bench.latency_pass --runs results/gpu/tier --device cuda [--budget-s 300]
     python -m bench.latency_pass --runs /tmp/runs --device cpu --budget-s 20      # the CPU suite, seconds
+    python -m bench.latency_pass --runs results/gpu/tier --check    # CPU: every row rebuilds? (no timing)
 
 Each row of a results set timed its own pruned model in its own run (bench.run `cost`), so a speedup
 the report divides out of two rows holds whatever changed between their processes (clocks, heat,
@@ -131,6 +132,85 @@ def _check_cost(net, row: dict, what: str) -> None:
                          "or move it out of the results set")
 
 
+def finished_rows(runs: Path):
+    """The rows of a results folder (bench.results.load_rows); bad input when none finished."""
+    from bench.results import load_rows
+
+    df = load_rows(runs)
+    if df.empty or not df["status"].eq("ok").any():
+        raise BenchError(f"no finished row.json under {runs}; point --runs at a results folder")
+    return df
+
+
+def by_model(rows: list[dict]) -> tuple[dict[str, dict], list[list[dict]]]:
+    """(each row's config.yaml by run, the rows grouped by their model config): one dense model per model
+    config (a table's rows share it; bench.report groups by the model's name)."""
+    cfgs = {r["run"]: json.loads((Path(r["path"]) / "config.yaml").read_text()) for r in rows}
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        arch = {k: v for k, v in cfgs[r["run"]]["model"].items() if k != "ckpt"}
+        groups.setdefault(json.dumps(arch, sort_keys=True), []).append(r)
+    return cfgs, list(groups.values())
+
+
+def rebuild(mrows: list[dict], cfgs: dict[str, dict], device: str, skipped: dict[str, str]):
+    """(dense, nets, members, refs) for the rows of one model config: the dense model with random weights,
+    every distinct final architecture the rows rebuild to (by arch_key), the rows of each with where their
+    structure came from, and the dense rows; each model's params and MACs checked against its row
+    (_check_cost: bad input names the row); rows that cannot be rebuilt go to `skipped` with the reason."""
+    from bench.run import build_dense, build_final
+
+    cfg = cfgs[mrows[0]["run"]]
+    dense = build_dense({**cfg, "model": {**cfg["model"], "ckpt": None}})
+    dense.net.to(device).eval()
+    nets, members, refs = {}, {}, []
+    for r in mrows:
+        if r["method"] == DENSE:
+            _check_cost(dense, r, "dense model")
+            refs.append(r)
+            continue
+        structure, source = structure_of(r)
+        if structure is None:
+            skipped[r["run"]] = source
+            continue
+        try:
+            net = build_final(cfgs[r["run"]], structure)
+        except BenchError as e:
+            raise BenchError(f"run {r['run']}: its structure does not rebuild ({e})") from None
+        net.net.to(device).eval()
+        _check_cost(net, r, "model")
+        k = arch_key(net)
+        nets.setdefault(k, net)
+        members.setdefault(k, []).append((r, source))
+    return dense, nets, members, refs
+
+
+def check(runs: str | Path, log=print) -> dict:
+    """The pass without its timing, on the CPU, over every device's rows: rebuild every row's final
+    architecture and check its params and MACs against the row (what the pass does before it times), so
+    that a results set is known to rebuild before GPU time is spent on it. Returns per table (report group)
+    its device, rows, distinct architectures and rebuilt rows, and the skipped runs with the reason."""
+    from bench.report import report_groups
+
+    runs = Path(runs)
+    groups, group_rows, apart, _ = report_groups(finished_rows(runs))
+    skipped = {r["run"]: "set apart by the report (shares method, budget and seed with another run)"
+               for _, r in apart.iterrows()}
+    out = []
+    for (key, *_), g in zip(groups, group_rows):
+        rows = [{c: _plain(v) for c, v in r.items()} for _, r in g.iterrows()]
+        cfgs, models = by_model(rows)
+        archs = rebuilt = 0
+        for mrows in models:
+            _, nets, members, refs = rebuild(mrows, cfgs, "cpu", skipped)
+            archs += len(nets)
+            rebuilt += sum(len(v) for v in members.values()) + len(refs)
+        out.append({"device": str(key["device"]), "rows": len(rows), "architectures": archs, "rebuilt": rebuilt})
+        log(f"[latency_pass --check] {key['device']}: {rebuilt} of {len(rows)} rows rebuild to their params and "
+            f"MACs ({archs} architectures beside the dense model)")
+    return {"groups": out, "skipped": dict(sorted(skipped.items()))}
+
+
 def run(runs: str | Path, device: str = "cuda", budget_s: float = 300.0, reps: int = 5, min_rounds: int = 10,
         max_rounds: int = 400, rel_tol: float = 0.01, command: str = "", log=print, also: tuple[str, ...] = ()
         ) -> dict:
@@ -140,13 +220,10 @@ def run(runs: str | Path, device: str = "cuda", budget_s: float = 300.0, reps: i
     from bench.gate import measure_group
     from bench.metrics.cost import device_name
     from bench.report import GROUP_KEYS, report_groups
-    from bench.results import git_info, load_rows
-    from bench.run import build_dense, build_final
+    from bench.results import git_info
 
     runs = Path(runs)
-    df = load_rows(runs)
-    if df.empty or not df["status"].eq("ok").any():
-        raise BenchError(f"no finished row.json under {runs}; point --runs at a results folder")
+    df = finished_rows(runs)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"--device {device} but no CUDA device is visible; run the pass on the GPU the rows were "
                          "timed on, or give --device cpu for rows timed on the CPU")
@@ -170,43 +247,18 @@ def run(runs: str | Path, device: str = "cuda", budget_s: float = 300.0, reps: i
     out_groups: list[dict] = []
     for gi, (key, g) in enumerate(mine):
         rows = [{c: _plain(v) for c, v in r.items()} for _, r in g.iterrows()]
-        cfgs = {r["run"]: json.loads((Path(r["path"]) / "config.yaml").read_text()) for r in rows}
-        # one dense model per model config (a table's rows share it; bench.report groups by the model's name)
-        by_model: dict[str, list[dict]] = {}
-        for r in rows:
-            arch = {k: v for k, v in cfgs[r["run"]]["model"].items() if k != "ckpt"}
-            by_model.setdefault(json.dumps(arch, sort_keys=True), []).append(r)
-        for mi, mrows in enumerate(by_model.values()):
+        cfgs, models = by_model(rows)
+        for mi, mrows in enumerate(models):
             cfg = cfgs[mrows[0]["run"]]
-            dense = build_dense({**cfg, "model": {**cfg["model"], "ckpt": None}})
-            dense.net.to(device).eval()
+            dense, nets, members, refs = rebuild(mrows, cfgs, device, skipped)
             dense_key = arch_key(dense)
-            nets, members, refs = {}, {}, []
-            for r in mrows:
-                if r["method"] == DENSE:
-                    _check_cost(dense, r, "dense model")
-                    refs.append(r)
-                    continue
-                structure, source = structure_of(r)
-                if structure is None:
-                    skipped[r["run"]] = source
-                    continue
-                try:
-                    net = build_final(cfgs[r["run"]], structure)
-                except BenchError as e:
-                    raise BenchError(f"run {r['run']}: its structure does not rebuild ({e})") from None
-                net.net.to(device).eval()
-                _check_cost(net, r, "model")
-                k = arch_key(net)
-                nets.setdefault(k, net)
-                members.setdefault(k, []).append((r, source))
             if not nets:
                 log(f"[latency_pass] group {gi}: nothing to time beside the dense model")
                 continue
             lat = cfg["eval"]["latency"]
             mode, dtype, batch = str(key["latency_mode"]), str(key["latency_dtype"]), int(key["latency_batch"])
             left = len(mine) - gi
-            share = max(0.0, budget_s - (time.perf_counter() - t_start)) / left / (len(by_model) - mi)
+            share = max(0.0, budget_s - (time.perf_counter() - t_start)) / left / (len(models) - mi)
             log(f"[latency_pass] {this} {mode} {dtype} batch {batch}: dense + {len(nets)} architectures of "
                 f"{sum(len(v) for v in members.values())} rows ({share:.0f} s)")
             t0 = time.perf_counter()
@@ -270,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-rounds", type=int, default=400)
     ap.add_argument("--rel-tol", type=float, default=0.01,
                     help="stop a group once every speedup's 95%% interval is within +- this fraction")
+    ap.add_argument("--check", action="store_true",
+                    help="no timing and no record: rebuild every row (any device's) on the CPU and check its params "
+                         "and MACs, before GPU time is spent on the pass")
     a = ap.parse_args(argv)
     import torch
 
@@ -277,6 +332,18 @@ def main(argv: list[str] | None = None) -> int:
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     command = "python -m bench.latency_pass " + " ".join(sys.argv[1:] if argv is None else argv)
+    if a.check:
+        try:
+            res = check(a.runs, log=lambda m: print(m, file=sys.stderr, flush=True))
+        except (BenchError, ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for run_, why in res["skipped"].items():
+            print(f"would skip {run_}: {why}")
+        print(f"check: {sum(g['rebuilt'] for g in res['groups'])} of {sum(g['rows'] for g in res['groups'])} rows "
+              f"rebuild to their params and MACs in {len(res['groups'])} tables; {len(res['skipped'])} would be "
+              "skipped")
+        return 0
     try:
         if a.reps < 1 or a.min_rounds < 2 or a.max_rounds < a.min_rounds or not 0 < a.rel_tol < 1:
             raise BenchError("--reps >= 1, --min-rounds >= 2 (an interval needs two rounds), --max-rounds >= "

@@ -225,3 +225,20 @@ def test_a_pooled_row_the_pass_did_not_retime_loses_its_own_latency():
     assert out["latency_ms"].tolist()[:2] == [10.0, 8.0] and math.isnan(out["latency_ms"].iloc[2])
     assert latency_pass.pool_devices(df, "H100", []) is df  # nothing pooled: the rows as they are
     assert latency_pass.pooled(df, {"device": "H100", "also": [], "runs": {}}) is df
+
+
+def test_check_rebuilds_every_devices_rows_on_the_cpu_without_timing_or_a_record(runs, tmp_path, capsys):
+    root = _copy(runs, tmp_path)
+    _made_on(root, "shortgpt", "NVIDIA H100 80GB HBM3")  # a GPU's rows: the CPU check rebuilds them all the same
+    assert latency_pass.main(["--runs", str(root), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert f"check: {len(RUNS)} of {len(RUNS)} rows rebuild to their params and MACs in 2 tables; 0 would be skipped" in out
+    assert not (root / latency_pass.FILE).exists()  # no timing, no record: the GPU pass still owns it
+    r = _rows(root)["magnitude_width"]
+    path = Path(r["path"]) / "row.json"
+    d = json.loads(path.read_text())
+    d["params_M"] *= 1.1
+    path.write_text(json.dumps(d))
+    assert latency_pass.main(["--runs", str(root), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert f"run {r['run']}" in err and "params_M" in err and "rerun that row" in err

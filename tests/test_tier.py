@@ -204,10 +204,12 @@ def test_the_tier_gpu_time_is_the_sum_of_the_calls_in_the_ledger(tmp_path):
 
     from bench.gpu.tier import gpu_time
 
-    assert gpu_time(tmp_path / "calls.jsonl") == {"calls": 0, "minutes": 0.0, "unrecorded_calls": 0}
-    lines = [{"command": "teacher", "wall_s": 501}, {"command": "tier", "wall_s": 459}, {"command": "measure", "wall_s": None}]
+    assert gpu_time(tmp_path / "calls.jsonl") == {"calls": 0, "minutes": 0.0, "by_command": {}, "unrecorded_calls": 0}
+    lines = [{"command": "teacher", "wall_s": 501}, {"command": "tier", "wall_s": 459}, {"command": "measure", "wall_s": None},
+             {"command": "tier", "wall_s": 42}]
     (tmp_path / "calls.jsonl").write_text("".join(json.dumps(c) + "\n" for c in lines))
-    assert gpu_time(tmp_path / "calls.jsonl") == {"calls": 3, "minutes": 16.0, "unrecorded_calls": 1}
+    assert gpu_time(tmp_path / "calls.jsonl") == {"calls": 4, "minutes": 16.7, "by_command": {"teacher": 8.3, "tier": 8.3},
+                                                  "unrecorded_calls": 1}
 
 
 def test_the_ced_screen_names_its_best_variant_and_the_tier_runs_it_at_seeds_1_and_2(tmp_path, monkeypatch):
@@ -266,8 +268,11 @@ def test_rows_of_another_teacher_are_stale_not_done(tmp_path, monkeypatch):
     (tmp_path / "teacher.json").write_text(json.dumps({"sha256": "b" * 64}))
     s = tier.status()
     assert (s["done"], s["stale"], s["teacher"]["recorded"], s["total"]) == (0, 1, "b" * 64, len(tier.TEACHER_ROWS))
-    (tmp_path / rel / "row.json").write_text(json.dumps({"teacher_sha256": "b" * 64, "metrics": {"fid": 14.5}}))
+    assert s["rows_minutes"] == {}  # a stale row's time is not the tier's
+    wall = {"sample": 30.0, "score": 90.0}
+    (tmp_path / rel / "row.json").write_text(json.dumps({"teacher_sha256": "b" * 64, "metrics": {"fid": 14.5}, "wall_s": wall}))
     assert tier.tier_row(rel)[0] == "done"
+    assert tier.status()["rows_minutes"] == {"score": 1.5, "sample": 0.5}  # the done rows' own work, largest first
 
 
 def test_commands_todo_leaves_out_the_commands_whose_rows_are_all_done(tmp_path, monkeypatch, capsys):

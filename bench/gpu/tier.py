@@ -369,14 +369,21 @@ def status() -> dict:
 
     out = {"commands": [], "done": 0, "total": 0, "stale": 0}
     seen: set[str] = set()  # a run in two commands (the CED screen's default cells are gpu_tier's) counts once
+    stages: dict[str, float] = {}  # the done rows' own wall seconds per stage (row.json's wall_s)
     for cmd in [*TEACHER_ROWS, *commands()]:
         runs = [run_relpath(c.cfg) for c in cells([cmd])]
-        states = [tier_row(r)[0] for r in runs]
+        got = [tier_row(r) for r in runs]
+        states = [st for st, _ in got]
         out["commands"].append({"overrides": cmd, "done": states.count("done"), "total": len(runs)})
+        for r, (st, row) in zip(runs, got):
+            if r not in seen and st == "done":
+                for k, v in (row.get("wall_s") or {}).items():
+                    stages[k] = stages.get(k, 0.0) + float(v)
         out["done"] += sum(st == "done" for r, st in zip(runs, states) if r not in seen)
         out["stale"] += sum(st == "stale" for r, st in zip(runs, states) if r not in seen)
         out["total"] += sum(r not in seen for r in runs)
         seen.update(runs)
+    out["rows_minutes"] = {k: round(v / 60, 1) for k, v in sorted(stages.items(), key=lambda kv: -kv[1])}
     tdir = teacher_dir()
     out["teacher"] = {"folder": str(tdir), "trained_here": (tdir / "final.pt").is_file(),
                       "recorded": recorded_teacher(),
@@ -431,10 +438,14 @@ def compact_runs(root: Path, unfinished: bool = False) -> list[Path]:
 
 def gpu_time(ledger: Path) -> dict:
     """The GPU calls' wall time from tier.sh's ledger (one JSON line per call): minutes summed over the
-    calls that recorded it, and how many did not."""
+    calls that recorded it, per command (teacher, tier, measure, latency), and how many did not."""
     calls = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()] if ledger.is_file() else []
-    known = [c["wall_s"] for c in calls if c.get("wall_s") is not None]
-    return {"calls": len(calls), "minutes": round(sum(known) / 60, 1), "unrecorded_calls": len(calls) - len(known)}
+    known = [c for c in calls if c.get("wall_s") is not None]
+    by: dict[str, float] = {}
+    for c in known:
+        by[str(c.get("command"))] = by.get(str(c.get("command")), 0.0) + float(c["wall_s"])
+    return {"calls": len(calls), "minutes": round(sum(by.values()) / 60, 1),
+            "by_command": {k: round(v / 60, 1) for k, v in by.items()}, "unrecorded_calls": len(calls) - len(known)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -790,7 +801,13 @@ def main(argv=None) -> int:
                                     else "not done; its winner runs at seeds 1 and 2 after it"))
             g = s["gpu_time"]
             print(f"GPU time: {g['minutes']} min in {g['calls']} calls (calls.jsonl)"
-                  + (f", {g['unrecorded_calls']} without a wall time" if g["unrecorded_calls"] else ""))
+                  + (f", {g['unrecorded_calls']} without a wall time" if g["unrecorded_calls"] else "")
+                  + "".join(f"; {k} {v}" for k, v in g["by_command"].items()))
+            rm = s["rows_minutes"]
+            print(f"the {s['done']} done rows' own work: {round(sum(rm.values()), 1)} min ("
+                  + ", ".join(f"{k} {v}" for k, v in rm.items()) + "); the rest of the calls' time is each "
+                  "call's staging, process starts (python, torch, CUDA, data, Inception), compiles and the unused "
+                  "tail of its chunk")
         elif a.cmd == "teacher-dir":
             print(teacher_dir())
         elif a.cmd == "commands":

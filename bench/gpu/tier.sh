@@ -9,8 +9,9 @@
 #   bash bench/gpu/tier.sh prep       HERE, once: data/fashion-mnist (the Debian package's four .gz files),
 #                                     data/wheels (the few wheels the tier needs, pinned, from PyPI), and with
 #                                     the Inception weights the payload's parts (.gpuassets/p1..pN, sized to
-#                                     fit a call beside the tracked tree); checks the committed teacher parts,
-#                                     prints each call's carry
+#                                     fit a call beside the tracked tree); checks the committed teacher parts
+#                                     and that every committed row rebuilds for the latency pass (CPU,
+#                                     python -m bench.latency_pass --check), prints each call's carry
 #   bash bench/gpu/tier.sh stage      GPU: take in what this call carried (nothing else)
 #   bash bench/gpu/tier.sh measure    GPU: time the tier model's steps (~2-3 min) -> $OUT/tier_measure.json;
 #                                     `measure --regional`: compile=blocks (regional) against eager on a row's
@@ -157,6 +158,10 @@ prep() {  # on this machine: what the GPU calls will carry
   [ -f "$RESUME/teacher-resume.json" ] && log "a teacher cut short: its resume point $(grep -o '"step": [0-9]*' \
     "$RESUME/teacher-resume.json") ($(mb "$RESUME")) travels in its own call before the teacher call:" \
     "carry [\"$RESUME\"] command \`bash bench/gpu/tier.sh stage\`"
+  if ls "$RESULTS"/*/*/*/row.json >/dev/null 2>&1; then  # the latency pass after the last row rebuilds every row: check now
+    "$py" -m bench.latency_pass --runs "$RESULTS" --check 2>/dev/null | tail -1 | sed 's/^/[tier] latency pass /' ||
+      { log "latency pass check failed: python -m bench.latency_pass --runs $RESULTS --check says why; fix the rows"; ok=0; }
+  fi
   log "tracked code travels in every call: $code; prefix row-making commands with" \
       "BENCH_GIT_SHA=$(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD -- . ':(exclude)results' ':(exclude)reports' || echo -dirty)"
   log "calls 1-$(payload_carries | wc -l), each \`bash bench/gpu/tier.sh stage\`: $(payload_carries | tr '\n' ' ')" \
