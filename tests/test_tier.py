@@ -409,6 +409,7 @@ def test_rows_of_an_older_tier_config_are_obsolete_and_archive_moves_them_out(tm
 def test_tier_sh_takes_either_gpu_model_and_its_latency_pass_pools_the_other(tmp_path):
     """tier.sh makes rows on an H100 or an H200 (results/gpu/tier_h200: their rows agree) and refuses any other
     GPU; its latency pass runs on the call's GPU and pools the other model's rows into its tables (--also)."""
+    import json
     import os
     import subprocess
     import sys
@@ -443,6 +444,10 @@ def test_tier_sh_takes_either_gpu_model_and_its_latency_pass_pools_the_other(tmp
     args = (tmp_path / "pass.txt").read_text().splitlines()
     assert args[args.index("--device") + 1] == "cuda" and args[args.index("--also") + 1] == "NVIDIA H100 80GB HBM3"
     assert args.count("--also") == 1
+    # the ledger: one line per GPU call (the refused call made none), on the machine and in the checkout's rows
+    calls = [json.loads(t) for t in (tmp_path / "results" / "calls.jsonl").read_text().splitlines()]
+    assert [(c["command"], c["device"]) for c in calls] == [("latency", "NVIDIA H200")] and calls[0]["wall_s"] >= 0
+    assert (tmp_path / "stage" / "rows" / "calls.jsonl").read_text() == (tmp_path / "results" / "calls.jsonl").read_text()
 
 
 def test_graph_decision_turns_cuda_graphs_on_only_when_they_match_eager_and_pay(capsys):

@@ -287,7 +287,9 @@ latency_stale() {  # no latency record yet, or a row newer than it
   [ ! -f "$ROWS/latency_pass.json" ] || [ -n "$(find "$ROWS" -name row.json -newer "$ROWS/latency_pass.json" | head -1)" ]
 }
 
-ledger() {  # one line per call in $ROWS/calls.jsonl: the tier's GPU time is the sum of these wall times
+ledger() {  # one line per call in $ROWS/calls.jsonl: the tier's GPU time is the sum of these wall times, each
+  # from the script's start to its packing, the report included (before 2026-12-07 the line was written before
+  # the report: those calls' lines miss ~20 s each); the device's own lease also counts its start and transfers
   [ -d "$ROWS" ] || return 0
   local gpu rows
   gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
@@ -307,18 +309,24 @@ export_teacher() {  # a teacher trained in this call comes back at once (parts +
 }
 
 pack() {  # whatever finished comes back, also after a failure or a time-out
-  [ "$CMD" = stage ] || ledger
   export_teacher  # before the copy below: it writes teacher.json into the rows
+  local same=0
   if [ -d "$ROWS" ] && [ "$(cd "$ROWS" && pwd -P)" != "$(mkdir -p "$RESULTS" && cd "$RESULTS" && pwd -P)" ]; then
     cp -r "$ROWS"/. "$RESULTS"/  # the stage's rows into the checkout
+  else same=1
+  fi
+  if [ -n "${OUT:-}" ] && [ -d "$RESULTS" ] && deps && [ -n "$(find "$RESULTS" -name row.json -print -quit)" ]; then
+    # rows: compacted, summed up, reported
+    "$PY" -m bench.gpu.tier compact "$RESULTS" >/dev/null || log "compact failed (the rows are packed as they are)"
+    "$PY" -m methods.entpruner "$RESULTS" > "$RESULTS/entpruner_summary.txt" 2>&1 || true
+    "$PY" -m bench.report --runs "$RESULTS" --out reports --name gpu_tier >/dev/null 2>&1 || log "report failed (rows are packed anyway)"
+  fi
+  if [ "$CMD" != stage ]; then  # the call's line, its wall time up to here (the report included; the tar is seconds)
+    ledger
+    [ "$same" = 1 ] || { [ -f "$ROWS/calls.jsonl" ] && cp "$ROWS/calls.jsonl" "$RESULTS/"; }
   fi
   [ -n "${OUT:-}" ] || return 0
   if [ -d "$RESULTS" ]; then
-    if deps && [ -n "$(find "$RESULTS" -name row.json -print -quit)" ]; then  # rows: compacted, summed up, reported
-      "$PY" -m bench.gpu.tier compact "$RESULTS" >/dev/null || log "compact failed (the rows are packed as they are)"
-      "$PY" -m methods.entpruner "$RESULTS" > "$RESULTS/entpruner_summary.txt" 2>&1 || true
-      "$PY" -m bench.report --runs "$RESULTS" --out reports --name gpu_tier >/dev/null 2>&1 || log "report failed (rows are packed anyway)"
-    fi
     tar czf "$OUT/tier_rows.tgz" "$RESULTS" reports/tables/gpu_tier* reports/figures/gpu_tier_* reports/gpu_tier_runs.csv \
       reports/gpu_tier.html 2>/dev/null || true
     log "packed $(tar tzf "$OUT/tier_rows.tgz" 2>/dev/null | grep -c 'row.json$') rows into \$OUT/tier_rows.tgz"
