@@ -539,3 +539,93 @@ def test_the_payload_travels_in_parts_that_fit_beside_the_tree_and_joins_only_wh
     rc, out = sh(f"payload_split 1200000 {entries} && truncate -s -1 {tmp_path}/parts/p4/payload.part-4-of-4 && payload_stage")
     assert rc != 0 and "do not match payload.sha256" in out, out
     assert not (tmp_path / "assets" / "default_1.pt").exists()
+
+
+def _mini_repo(tmp_path, gpus: int) -> tuple:
+    """tier.sh run from a copy of itself in a folder with the data files it looks for, on a stand-in host of
+    `gpus` H100s (nvidia-smi); a stand-in python records each bench.run (and torchrun) with the GPUs it sees
+    and hands the rest to this python. torchrun's bench.run copies $FAKE_RUN's runs into its paths.results.
+    Returns (repo, env, the record's path)."""
+    import os
+    import shutil
+    import sys
+
+    from tests.conftest import ROOT
+
+    repo = tmp_path / "repo"
+    (repo / "bench" / "gpu").mkdir(parents=True)
+    for f in ("tier.sh", "payload.sh"):
+        shutil.copy(ROOT / "bench" / "gpu" / f, repo / "bench" / "gpu" / f)
+    (repo / "data" / "fashion-mnist").mkdir(parents=True)
+    for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        (repo / "data" / "fashion-mnist" / f).write_bytes(b"")
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "default_1.pt").write_bytes(b"")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    runs = tmp_path / "runs.txt"
+    py = fake / "py"
+    py.write_text(f'#!/bin/bash\nif [ "$2" = bench.run ] || [ "$2" = torch.distributed.run ]; then\n'
+                  f'  echo "$CUDA_VISIBLE_DEVICES|${{BENCH_SHARED_DEVICE:-}}|$*" >> {runs}\n'
+                  f'  for a in "$@"; do case "$a" in paths.results=*) mkdir -p "${{a#*=}}"; '
+                  f'[ -n "${{FAKE_RUN:-}}" ] && cp -r "$FAKE_RUN"/. "${{a#*=}}"/;; esac; done; exit 0\nfi\n'
+                  f'export PYTHONPATH={ROOT}:$PYTHONPATH\nexec {sys.executable} "$@"\n')
+    py.chmod(0o755)
+    smi = fake / "nvidia-smi"
+    smi.write_text('#!/bin/bash\nif [ "$1" = -L ]; then for i in $(seq 0 ' + str(gpus - 1) + '); do '
+                   'echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: $i)"; done; else echo "NVIDIA H100 80GB HBM3"; fi\n')
+    smi.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "BENCH_PYTHON": str(py), "TIER_DEVICE": "cuda",
+           "TIER_STAGE": str(tmp_path / "stage"), "TIER_RESULTS": str(tmp_path / "results"),
+           "TIER_PARTS": str(tmp_path / "parts"), "INCEPTION_DIR": str(tmp_path / "assets"), "TIER_CHUNK_S": "300",
+           "PAYLOAD_DIR": str(tmp_path / "payload"), "BENCH_GIT_SHA": "abc123",
+           "TIER_RANKS_OUT": str(tmp_path / "ranks_out")}
+    for k in ("OUT", "TIER_GPU", "CUDA_VISIBLE_DEVICES", "TIER_GRAPH", "TIER_WORKERS", "TIER_RANKS", "FAKE_RUN"):
+        env.pop(k, None)
+    return repo, env, runs
+
+
+def test_tier_sh_gives_each_worker_a_gpu_of_its_own_on_a_host_with_enough_gpus(tmp_path):
+    """TIER_WORKERS=2 on a host with 2 GPUs: worker w runs with CUDA_VISIBLE_DEVICES the w-th visible GPU, every
+    method is dealt out (Diff-ES too: nothing shares a GPU, so no run waits to go alone) and no row is flagged
+    shared; the ledger line counts the machine's GPUs."""
+    import json
+    import subprocess
+
+    repo, env, runs_txt = _mini_repo(tmp_path, 2)
+    r = subprocess.run(["bash", "bench/gpu/tier.sh", "tier"], cwd=repo, env={**env, "TIER_WORKERS": "2"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "2 workers, one GPU each (0 1)" in r.stdout, r.stdout + r.stderr
+    runs = [line.split("|", 2) for line in runs_txt.read_text().splitlines()]
+    tier_runs = [(gpu, shared, args) for gpu, shared, args in runs if "experiment=gpu_tier seed=0" in args]
+    assert {gpu for gpu, _, _ in tier_runs} == {"0", "1"} and {s for _, s, _ in runs} == {""}
+    dealt = [a.split("method=")[-1].split()[0].split(",") for _, _, a in tier_runs]
+    assert sorted(m for d in dealt for m in d) == sorted(set(m for d in dealt for m in d)) and "diffes" in sum(dealt, [])
+    [line] = [json.loads(t) for t in (tmp_path / "results" / "calls.jsonl").read_text().splitlines()]
+    assert (line["command"], line["gpus"], line["git"]) == ("tier", 2, "abc123")
+
+
+def test_tier_sh_ranks_runs_one_cell_on_every_gpu_and_compares_it_with_its_one_gpu_row(tmp_path):
+    """`tier.sh ranks` on a host of 4 GPUs: torchrun with 4 ranks makes the cell, bench.gpu.ranks compares it with
+    the committed one-process row of the same path and writes ranks_n4.*; on one GPU it refuses, naming why."""
+    import json
+    import subprocess
+
+    rel = "DiT-D28-2-fashion-mnist-ddpm/last_k/blocks0.5-s0-cuda-38c3ad91"
+    row = {"device": "NVIDIA H100 80GB HBM3", "metrics": {"fid": 19.7, "fid_ci_lo": 19.3, "fid_ci_hi": 20.1}}
+    for root, world, scale in ((tmp_path / "results", 1, 1.0), (tmp_path / "made", 4, 1.002)):
+        (root / rel).mkdir(parents=True)
+        (root / rel / "row.json").write_text(json.dumps(row))
+        log = [{"event": "start", "world": world}, *({"event": "finetune", "step": s, "loss": 0.05 * scale} for s in (0, 299))]
+        (root / rel / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    repo, env, runs_txt = _mini_repo(tmp_path, 4)
+    r = subprocess.run(["bash", "bench/gpu/tier.sh", "ranks"], cwd=repo, env={**env, "FAKE_RUN": str(tmp_path / "made")},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "every check passed" in r.stdout, r.stdout + r.stderr
+    [(_, _, args)] = [line.split("|", 2) for line in runs_txt.read_text().splitlines()]
+    assert "--nproc-per-node=4 -m bench.run experiment=gpu_tier method=last_k budget.keep=0.5 seed=0 device=cuda" in args
+    rec = json.loads((tmp_path / "ranks_out" / "ranks_n4.json").read_text())
+    assert rec["passed"] and list(rec["runs"]) == [rel] and rec["runs"][rel]["world"] == 4
+    repo1, env1, _ = _mini_repo(tmp_path / "one", 1)
+    r = subprocess.run(["bash", "bench/gpu/tier.sh", "ranks"], cwd=repo1, env=env1, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "ranks needs 2 or more GPUs; this call sees 1" in r.stdout, r.stdout + r.stderr

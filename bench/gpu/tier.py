@@ -102,12 +102,13 @@ def runs_alone(method: str) -> bool:
     return cls is not None and cls.granularity == "stage"
 
 
-def share(commands: list[list[str]], workers: int, worker: int) -> list[list[str]]:
-    """Worker `worker`'s share of the commands when `workers` processes run the tier together on one GPU
-    (tier.sh TIER_WORKERS): each command's methods are dealt out in turn (a `method=a,c,...` override), a
-    one-method command goes whole, and where the dealing starts is a function of the command's text only, so
-    a command keeps its split when the list grows (the CED screen's winner joins at seeds 1 and 2). Methods
-    that run alone (`runs_alone`) are in no share."""
+def share(commands: list[list[str]], workers: int, worker: int, own_device: bool = False) -> list[list[str]]:
+    """Worker `worker`'s share of the commands when `workers` processes run the tier together (tier.sh
+    TIER_WORKERS): each command's methods are dealt out in turn (a `method=a,c,...` override), a one-method
+    command goes whole, and where the dealing starts is a function of the command's text only, so a command
+    keeps its split when the list grows (the CED screen's winner joins at seeds 1 and 2). On one GPU the
+    methods that run alone (`runs_alone`) are in no share; with a GPU of its own per worker (`own_device`:
+    nothing shares a device, so every row's own latency holds) every method is dealt out."""
     import zlib
 
     if workers == 1:
@@ -115,7 +116,7 @@ def share(commands: list[list[str]], workers: int, worker: int) -> list[list[str
     out = []
     for cmd in commands:
         start = zlib.crc32(" ".join(cmd).encode()) % workers
-        methods, whole = _methods(cmd, alone=False)
+        methods, whole = _methods(cmd, alone=None if own_device else False)
         if whole:
             out += [list(cmd)] if methods and start == worker else []
             continue
@@ -145,10 +146,10 @@ def todo(commands: list[list[str]]) -> list[list[str]]:
     return [cmd for cmd in commands if any(tier_row(run_relpath(c.cfg))[0] != "done" for c in cells([cmd]))]
 
 
-def _methods(cmd: list[str], alone: bool) -> tuple[list[str], bool]:
-    """(the command's methods that run alone, or the others, in sweep order; whether the command names its
-    method itself, so that it goes whole)."""
-    methods = [m for m in dict.fromkeys(method_of(job) for job in jobs(cmd)) if runs_alone(m) == alone]
+def _methods(cmd: list[str], alone: bool | None) -> tuple[list[str], bool]:
+    """(the command's methods that run alone, or the others (alone=None: all of them), in sweep order;
+    whether the command names its method itself, so that it goes whole)."""
+    methods = [m for m in dict.fromkeys(method_of(job) for job in jobs(cmd)) if alone is None or runs_alone(m) == alone]
     return methods, any(o.startswith("method=") for o in cmd)
 
 
@@ -437,13 +438,14 @@ def compact_runs(root: Path, unfinished: bool = False) -> list[Path]:
 
 
 def gpu_time(ledger: Path) -> dict:
-    """The GPU calls' wall time from tier.sh's ledger (one JSON line per call): minutes summed over the
-    calls that recorded it, per command (teacher, tier, measure, latency), and how many did not."""
+    """The GPU time of tier.sh's calls from its ledger (one JSON line per call): wall time x the machine's GPUs,
+    in minutes, summed over the calls that recorded it, per command (teacher, tier, measure, latency), and how
+    many did not."""
     calls = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()] if ledger.is_file() else []
     known = [c for c in calls if c.get("wall_s") is not None]
     by: dict[str, float] = {}
-    for c in known:
-        by[str(c.get("command"))] = by.get(str(c.get("command")), 0.0) + float(c["wall_s"])
+    for c in known:  # a call holds every GPU of its machine (`gpus`; lines before 2026-12-07 had one)
+        by[str(c.get("command"))] = by.get(str(c.get("command")), 0.0) + float(c["wall_s"]) * int(c.get("gpus") or 1)
     return {"calls": len(calls), "minutes": round(sum(by.values()) / 60, 1),
             "by_command": {k: round(v / 60, 1) for k, v in by.items()}, "unrecorded_calls": len(calls) - len(known)}
 
@@ -746,7 +748,10 @@ def main(argv=None) -> int:
     sub.add_parser("status")
     sub.add_parser("teacher-dir")
     p = sub.add_parser("commands", help="the bench.run -m overrides of the tier's commands, one line each, in run order")
-    p.add_argument("--workers", type=int, default=1, help="processes that run the tier together on one GPU")
+    p.add_argument("--workers", type=int, default=1, help="processes that run the tier together (on one GPU, or "
+                   "one GPU each with --own-device)")
+    p.add_argument("--own-device", action="store_true", help="every worker has a GPU of its own: every method is "
+                   "dealt out, none runs alone")
     p.add_argument("--worker", type=int, default=0, help="this worker's index, 0 .. workers - 1: its share")
     p.add_argument("--alone", action="store_true", help="the runs that keep their own latency (after the workers)")
     p.add_argument("--teacher", action="store_true", help="instead: the teacher's rows (dense, no fine-tune)")
@@ -816,7 +821,7 @@ def main(argv=None) -> int:
             if a.teacher:
                 cmds = [list(c) for c in TEACHER_ROWS]
             else:
-                cmds = alone(commands()) if a.alone else share(commands(), a.workers, a.worker)
+                cmds = alone(commands()) if a.alone else share(commands(), a.workers, a.worker, a.own_device)
             cmds = todo(cmds) if a.todo else cmds
             print("\n".join(" ".join(c) for c in cmds))
         elif a.cmd == "plan":

@@ -47,10 +47,19 @@
 #                                     measured on an H100 (2026-12-06, calls.jsonl's third call), 2 workers
 #                                     made dense-ft and entpruner 0.75 in 94 s together, what one worker takes
 #                                     for them one after the other (45 + 51 s): the GPU is the bottleneck here,
-#                                     so N > 1 gains nothing on this model
+#                                     so N > 1 gains nothing on this model. On a host with N or more GPUs
+#                                     (CUDA_VISIBLE_DEVICES when set, else nvidia-smi -L) each worker gets a GPU
+#                                     of its own (worker w: the w-th), every method is dealt out (--own-device:
+#                                     nothing is shared, nothing runs alone) and its rows keep their own
+#                                     latencies: the tier on 8 GPUs is TIER_WORKERS=8 (rows at once, one per
+#                                     GPU: this 4.8M-parameter model's row is too small for data parallelism)
 #   bash bench/gpu/tier.sh latency    GPU: python -m bench.latency_pass over the rows: dense and every row's
 #                                     architecture timed interleaved in one process -> <rows>/latency_pass.json,
 #                                     which the report's speedups then come from (packed with the rows)
+#   bash bench/gpu/tier.sh ranks      GPU, several: one cell of the tier (TIER_RANKS_CELL, default last_k at keep 0.5,
+#                                     seed 0) data parallel on the call's N GPUs (TIER_RANKS=N: torchrun, NCCL) against
+#                                     its one-GPU row: python -m bench.gpu.ranks -> results/gpu/tier_ranks/ranks_n<N>.*
+#                                     (FID inside each other's interval, the fine-tune's losses within 5 %; packed)
 #   bash bench/gpu/tier.sh status     anywhere: rows done per command, the teacher
 #
 # What travels (64 MiB a call, the tracked tree included: 37 MB on 2026-12-07, 19.2 MB of it the teacher's
@@ -101,6 +110,7 @@ DEADLINE=$((START + CHUNK_S - 45))   # keep 45 s for the report and the packing
 PY=${BENCH_PYTHON:-python3}
 STAGE=${TIER_STAGE:-/tmp/tier}        # a warm machine keeps this between calls
 RESULTS=${TIER_RESULTS:-results/gpu/tier}  # the checkout's rows: what a call carries in and packs
+RANKS_OUT=${TIER_RANKS_OUT:-results/gpu/tier_ranks}  # `ranks`: the N-GPU cell against its one-GPU row
 ROWS=${TIER_ROWS:-$STAGE/rows}           # where the runs write: kept between warm calls
 DEVICE=${TIER_DEVICE:-cuda}
 GPU=${TIER_GPU:-NVIDIA H100 80GB HBM3|NVIDIA H200}  # a row-making call runs on one of these (any: no check)
@@ -244,7 +254,7 @@ tier_worker() {  # $1 = "--worker I" (worker I's share of the tier's commands: a
   read -r -a which <<< "$1"
   shift
   for pass in 1 2; do
-    todo=$("$PY" -m bench.gpu.tier commands --todo --workers "$WORKERS" "${which[@]}") ||
+    todo=$("$PY" -m bench.gpu.tier commands --todo --workers "$WORKERS" "${which[@]}" ${OWN[@]+"${OWN[@]}"}) ||
       { log "bench.gpu.tier commands failed"; return 1; }
     mapfile -t cmds <<< "$todo"
     for line in "${cmds[@]}"; do
@@ -294,8 +304,9 @@ ledger() {  # one line per call in $ROWS/calls.jsonl: the tier's GPU time is the
   local gpu rows
   gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
   rows=$(find "$ROWS" -name row.json | wc -l)
-  printf '{"command": "%s", "start": %s, "wall_s": %s, "device": "%s", "git": "%s", "rows_done": %s}\n' \
-    "$CMD" "$START" "$(($(date +%s) - START))" "${gpu:-$DEVICE}" "${BENCH_GIT_SHA:-$(git rev-parse --short=12 HEAD 2>/dev/null)}" "$rows" >> "$ROWS/calls.jsonl"
+  printf '{"command": "%s", "start": %s, "wall_s": %s, "device": "%s", "gpus": %s, "git": "%s", "rows_done": %s}\n' \
+    "$CMD" "$START" "$(($(date +%s) - START))" "${gpu:-$DEVICE}" "$(( ${#GPUS[@]} > 0 ? ${#GPUS[@]} : 1 ))" \
+    "${BENCH_GIT_SHA:-$(git rev-parse --short=12 HEAD 2>/dev/null)}" "$rows" >> "$ROWS/calls.jsonl"
 }
 
 export_teacher() {  # a teacher trained in this call comes back at once (parts + teacher.json), also when its
@@ -328,7 +339,7 @@ pack() {  # whatever finished comes back, also after a failure or a time-out
   [ -n "${OUT:-}" ] || return 0
   if [ -d "$RESULTS" ]; then
     tar czf "$OUT/tier_rows.tgz" "$RESULTS" reports/tables/gpu_tier* reports/figures/gpu_tier_* reports/gpu_tier_runs.csv \
-      reports/gpu_tier.html 2>/dev/null || true
+      reports/gpu_tier.html $( [ -d "$RANKS_OUT" ] && echo "$RANKS_OUT") 2>/dev/null || true
     log "packed $(tar tzf "$OUT/tier_rows.tgz" 2>/dev/null | grep -c 'row.json$') rows into \$OUT/tier_rows.tgz"
   fi
 }
@@ -340,6 +351,10 @@ case "$CMD" in
 esac
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 GOT=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then IFS=, read -r -a GPUS <<< "$CUDA_VISIBLE_DEVICES"  # the GPUs this call may use
+else GPUS=(); for ((i = 0; i < $(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); i++)); do GPUS+=("$i"); done
+fi
+OWN=()  # --own-device once the workers have a GPU each
 [ -n "${BENCH_GIT_SHA:-}" ] || [ "$CMD" = stage ] ||
   log "warning: no BENCH_GIT_SHA: rows record this copy's git ($(git rev-parse --short=12 HEAD 2>/dev/null)), which on" \
       "the device machine may be an older commit (prep prints the prefix)"
@@ -355,12 +370,36 @@ case "$CMD" in
   measure) deps || { log "measure needs the wheels: the payload's stage calls first (prep prints them)"; exit 1; }
            timeout $((DEADLINE - $(date +%s))) "$PY" -m bench.gpu.tier measure --out "${OUT:-/tmp/tier}" "$@" ;;
   teacher) ready || exit 1; teacher_rows; exit 0 ;;
+  ranks)  # the multi-GPU issue's check: one cell data parallel on N GPUs against the tier's one-GPU row
+    ready || exit 1
+    read -r -a cell <<< "${TIER_RANKS_CELL:-experiment=gpu_tier method=last_k budget.keep=0.5 seed=0}"
+    n=${TIER_RANKS:-${#GPUS[@]}}
+    if [ "$n" -lt 2 ]; then
+      log "ranks needs 2 or more GPUs; this call sees ${#GPUS[@]}: call it on a machine with several (TIER_RANKS=N)"; exit 2
+    fi
+    left=$((DEADLINE - $(date +%s)))
+    log "torchrun --nproc-per-node=$n bench.run ${cell[*]} (at most ${left} s)"
+    timeout --kill-after=20 "$left" "$PY" -m torch.distributed.run --standalone --nproc-per-node="$n" -m bench.run \
+      "${cell[@]}" "device=$DEVICE" "paths.results=$STAGE/ranks/n$n" ${EXTRA[@]+"${EXTRA[@]}"}
+    rc=$?
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then log "time is up: the run resumes in the next call (a warm machine)"; exit 0; fi
+    [ "$rc" = 0 ] || { log "torchrun: exit $rc"; exit 1; }
+    "$PY" -m bench.gpu.ranks --one "$ROWS" --many "$STAGE/ranks/n$n" --out "$RANKS_OUT"; exit $? ;;
   tier)
     ready || exit 1
     graph_check
     teacher_rows || exit 0
     if [ "$WORKERS" = 1 ]; then
       tier_worker "--worker 0" "$@" || exit 0
+    elif [ "$DEVICE" = cuda ] && [ "${#GPUS[@]}" -ge "$WORKERS" ]; then  # a GPU of its own per worker
+      log "$WORKERS workers, one GPU each (${GPUS[*]:0:$WORKERS})"
+      OWN=(--own-device)
+      pids=()
+      for w in $(seq 0 $((WORKERS - 1))); do
+        ( export CUDA_VISIBLE_DEVICES=${GPUS[$w]}; tier_worker "--worker $w" "$@" 2>&1 | sed -u "s/^/[worker $w] /" ) &
+        pids+=($!)
+      done
+      for p in "${pids[@]}"; do wait "$p"; done
     else  # rows at once on the one GPU; their own latencies are flagged "shared", the latency pass replaces them
       pids=()
       for w in $(seq 0 $((WORKERS - 1))); do
@@ -377,5 +416,5 @@ case "$CMD" in
     fi ;;
   latency) deps || { log "latency needs the wheels: the payload's stage calls first (prep prints them)"; exit 1; }
            latency ;;
-  *) echo "usage: bash bench/gpu/tier.sh prep|stage|measure|teacher|tier|latency|status" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu/tier.sh prep|stage|measure|teacher|tier|latency|ranks|status" >&2; exit 2 ;;
 esac
