@@ -40,6 +40,7 @@ LINE_KEYS = ["method", "budget_measure", "budget_keep"]
 # settings that make rows of one method and budget different lines (not seeds of one setting)
 VARIANT_KEYS = ["finetune_steps", "method_version", "method_variant"]
 DENSE = "dense"  # the method name of the unpruned reference; speedups are relative to it
+TEACHER_LINE_NOTE = "The dense line with finetune_steps 0 is the teacher itself: not pruned, not fine-tuned."
 # samplers whose NFE is measured per model (adaptive step size): their rows share a group whatever
 # NFE each model took (the row keeps its own)
 ADAPTIVE = ("dopri5",)
@@ -226,6 +227,8 @@ def summarize(g: pd.DataFrame, latency_pass: dict | None = None) -> tuple[pd.Dat
     lines = lines.drop(columns=["_order", "_flagged"]).reset_index(drop=True)
     if unsuffixed := usual_note(lines, keys[len(LINE_KEYS):]):
         notes.append(unsuffixed)
+    if "finetune_steps" in g and ((g["method"] == DENSE) & (g["finetune_steps"] == 0)).any():
+        notes.append(TEACHER_LINE_NOTE)
     if same := identical_lines(lines, metric_cols(g)):
         notes.append(SAME_NOTE + "; ".join(same) + ".")
     lines.attrs["speedup_why"] = why

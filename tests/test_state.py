@@ -254,6 +254,11 @@ def test_rows_that_differ_in_finetune_steps_are_lines_of_their_own(tmp_path):
     assert "| a (finetune_steps 300)" in md and "| a  " in md and "| dense  " in md and "(finetune_steps 80)" not in md
     assert "A line without a suffix has finetune_steps 80." in md
     assert "Runs set apart" in md and "p/c1" in md and "p/c2" in md
+    assert "is the teacher itself" not in md  # the dense line here was fine-tuned 80 steps
+    _write([_row("dense", 1.0, 0, 10.0, steps=0)], tmp_path / "runs")  # the teacher as it came: its own line, named
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--name", "t"]) == 0
+    md = (tmp_path / "rep" / "tables" / "t.md").read_text()
+    assert "| dense (finetune_steps 0) " in md and "The dense line with finetune_steps 0 is the teacher itself" in md
     assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--name", "w",
                  "--where", "finetune_steps=300"]) == 0
     md = (tmp_path / "rep" / "tables" / "w.md").read_text()
