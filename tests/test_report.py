@@ -13,7 +13,7 @@ from bench.results import Row, load_rows, write_row
 BASE = dict(model="dit-xs", dataset="toy", process="flow", method_version=1, granularity="block",
             keep_blocks=1.0, keep_params=1.0, depth=4, latency_batch=8, latency_dtype="fp32", latency_mode="eager", latency_iqr_ms=0.1, peak_mem_MB=None,
             throughput_img_s=100.0, nfe=10, sampler="euler", cfg_scale=1.0, cfg_convention="uncond+s*(c-u)",
-            finetune_steps=0, metric_n=256, metric_ref="train", metric_impl="smallcnn-v1", device="cpu",
+            finetune_steps=100, metric_n=256, metric_ref="train", metric_impl="smallcnn-v1", device="cpu",
             git_sha="abc123def456", config_sha="0" * 64)
 
 
