@@ -113,18 +113,26 @@ version 2, and ZiCo per layer proposed 0-2. At keep 0.75 the plan is version 2's
 yet FD (clf) is 101.6 against 78.8 (keep 0.5: [0, 5, 6, 7], 260 against 174 for [0, 3, 6, 7]): a teacher
 that differs in its last bits and one seed's fine-tune move a row that much, so rank only over seeds
 (bench.ranking; the GPU tier runs 3).
-On the GPU tier (DiT-D28/2 Fashion-MNIST teacher, H100, seed 0, 2026-12-06; results/gpu/tier): the proposals
-vote made 15 of 17 decisions (19 of the 21 blocks removed; `python -m methods.entpruner results/gpu/tier`), so
-the schedule adapts; FID 29.8 at keep 0.75 and 65.9 at 0.5 against one-shot CED's 24.8 / 46.4 and last_k's
-16.2 / 19.7. CED removes early and middle blocks (0.75: 3, 5, 6, 11, 13, 14, 16) where the best baselines drop
-the last ones. What the default CED measures there (methods.entpruner.inspect; the first teacher's
+On the GPU tier (DiT-D28/2 Fashion-MNIST teacher, H100, seeds 0-2, 2026-12-06/07; results/gpu/tier,
+reports/tables/gpu_tier_ranking.md): over 12 adaptive runs (default and CED variants) the proposals vote made
+76 of 91 decisions and removed 110 of 126 blocks (`python -m methods.entpruner results/gpu/tier`), so the
+schedule adapts. FID, mean ± std over seeds 0-2: 29.9 ± 1.9 at keep 0.75 and 59.3 ± 5.3 at 0.5, against
+one-shot CED's 22.5 ± 0.6 / 45.3 ± 0.4 and last_k's 16.2 ± 0.3 / 19.5 ± 0.6; both differ from last_k at 95 %
+(paired t-test over seeds). The adaptive schedule, which re-scores after each removal, does worse than
+removing the lowest-CED blocks at once. Default CED removes early and middle blocks (0.75, seeds 0-2: 3-6, 11,
+13, 14, 16, with small changes between seeds, since the probes are seeded) where the best baselines drop the
+last ones. What the default CED measures there (methods.entpruner.inspect; the first teacher's
 results/gpu/tier_archive/teacher-4ead973a/ced_inspect):
 on eps outputs every Ledoit-Wolf intensity is 1.000, H equals the isotropic Gaussian's of the same total
 variance and that of the same estimator on N(0, I) noise (81.55 vs 82.03 nats), and CED follows the share of
 total variance a bypass changes (Spearman 0.99): a log ratio of total variances. On x0 outputs the estimator
 sees structure (intensity 0.41), CED ranks blocks almost the other way (Spearman -0.47 with the default) and
 removes late blocks; experiment=gpu_tier_ced screens x0 per class and per noise bin on the GPU, and the tier
-runs the better one at 3 seeds beside the default.
+runs the better one at 3 seeds beside the default. The screen (seed 0) chose x0 per noise bin
+(`method.outputs=x0 method.condition=bin`: geometric mean FID 24.5 against 35.7 for x0 per class and 43.3 for
+the default). At seeds 0-1 (seed 2 to come) it gives 20.6 ± 2.1 at 0.75 and 31.2 ± 0.4 at 0.5, the best
+EntPruner line but still behind last_k. It removes middle and late blocks (0.75, seed 0: 8, 11, 12, 14, 17,
+23, 24; seed 1: 7-9, 11, 12, 19, 23).
 
 Outputs: plan.scores["blocks"] (U-Net: scores["resnets"], scores["attentions"]) = CED on the dense model, meta["scores_per_bin"] per noise bin;
 the adaptive schedule logs every decision (step, CED, candidates, proxy values, proposals, votes, choice,
