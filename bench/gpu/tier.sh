@@ -62,13 +62,13 @@
 #                                     (FID inside each other's interval, the fine-tune's losses within 5 %; packed)
 #   bash bench/gpu/tier.sh status     anywhere: rows done per command, the teacher
 #
-# What travels (64 MiB a call, the tracked tree included: 37 MB on 2026-12-07, 19.2 MB of it the teacher's
+# What travels (64 MiB a call, the tracked tree included: 43 MB with 120 rows on 2026-12-07, 19.2 MB of it the teacher's
 # committed parts, and growing with the rows; their records over 256 kB are packed gzip-compressed,
 # `python -m bench.gpu.tier compact`). A fresh machine keeps nothing; a warm one keeps everything under
 # /tmp/tier and /tmp/assets:
 #   1..N carry [".gpuassets/p1"], then p2, ... pN (prep prints them)   command `bash bench/gpu/tier.sh stage`:
 #        the payload (bench/gpu/payload.sh: the Inception weights, Fashion-MNIST's four files and the wheels,
-#        ~119 MB) in parts that each fit beside the tracked tree (5 parts of <= 27.8 MB with a 37 MB tree);
+#        ~119 MB) in parts that each fit beside the tracked tree (6 parts of <= 22.1 MB with a 43 MB tree);
 #        the last one joins, checks and unpacks them. The committed teacher parts travel as code
 #   N+1  carry []         command `bash bench/gpu/tier.sh tier` (or teacher), again until `status` says every
 #        row is done
