@@ -119,7 +119,10 @@ reports/tables/gpu_tier_ranking.md): over 12 adaptive runs (default and CED vari
 schedule adapts. FID, mean ± std over seeds 0-2: 29.9 ± 1.9 at keep 0.75 and 59.3 ± 5.3 at 0.5, against
 one-shot CED's 22.5 ± 0.6 / 45.3 ± 0.4 and last_k's 16.2 ± 0.3 / 19.5 ± 0.6; both differ from last_k at 95 %
 (paired t-test over seeds). The adaptive schedule, which re-scores after each removal, does worse than
-removing the lowest-CED blocks at once. Default CED removes early and middle blocks (0.75, seeds 0-2: 3-6, 11,
+removing the lowest-CED blocks at once: re-scored on the partly pruned model, CED ranks more early blocks
+low (keep 0.5, seed 2: the adaptive run removed blocks 2, 10 and 12 where one-shot removed 7, 23 and 25; the
+other 11 are shared), and the last removals (step 194 of 300 at most: finish_frac) get 100 steps to recover
+where one-shot's get 300. Default CED removes early and middle blocks (0.75, seeds 0-2: 3-6, 11,
 13, 14, 16, with small changes between seeds, since the probes are seeded) where the best baselines drop the
 last ones. What the default CED measures there (methods.entpruner.inspect; the first teacher's
 results/gpu/tier_archive/teacher-4ead973a/ced_inspect):
