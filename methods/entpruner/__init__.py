@@ -121,8 +121,8 @@ one-shot CED's 22.5 ± 0.6 / 45.3 ± 0.4 and last_k's 16.2 ± 0.3 / 19.5 ± 0.6;
 (paired t-test over seeds). The adaptive schedule, which re-scores after each removal, does worse than
 removing the lowest-CED blocks at once: re-scored on the partly pruned model, CED ranks more early blocks
 low (keep 0.5, seed 2: the adaptive run removed blocks 2, 10 and 12 where one-shot removed 7, 23 and 25; the
-other 11 are shared), and the last removals (step 194 of 300 at most: finish_frac) get 100 steps to recover
-where one-shot's get 300. Default CED removes early and middle blocks (0.75, seeds 0-2: 3-6, 11,
+other 11 are shared), and the last removals have less of the fine-tune to recover in (that run's last came
+at step 149 of 300; finish_frac allows up to 194) where one-shot's model has all 300 steps. Default CED removes early and middle blocks (0.75, seeds 0-2: 3-6, 11,
 13, 14, 16, with small changes between seeds, since the probes are seeded) where the best baselines drop the
 last ones. What the default CED measures there (methods.entpruner.inspect; the first teacher's
 results/gpu/tier_archive/teacher-4ead973a/ced_inspect):
