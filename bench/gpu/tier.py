@@ -374,16 +374,16 @@ def status() -> dict:
     for cmd in [*TEACHER_ROWS, *commands()]:
         runs = [run_relpath(c.cfg) for c in cells([cmd])]
         got = [tier_row(r) for r in runs]
-        states = [st for st, _ in got]
-        out["commands"].append({"overrides": cmd, "done": states.count("done"), "total": len(runs)})
+        out["commands"].append({"overrides": cmd, "done": sum(st == "done" for st, _ in got), "total": len(runs)})
         for r, (st, row) in zip(runs, got):
-            if r not in seen and st == "done":
-                for k, v in (row.get("wall_s") or {}).items():
-                    stages[k] = stages.get(k, 0.0) + float(v)
-        out["done"] += sum(st == "done" for r, st in zip(runs, states) if r not in seen)
-        out["stale"] += sum(st == "stale" for r, st in zip(runs, states) if r not in seen)
-        out["total"] += sum(r not in seen for r in runs)
-        seen.update(runs)
+            if r in seen:
+                continue
+            seen.add(r)
+            out["total"] += 1
+            out["done"] += st == "done"
+            out["stale"] += st == "stale"
+            for k, v in ((row.get("wall_s") or {}) if st == "done" else {}).items():
+                stages[k] = stages.get(k, 0.0) + float(v)
     out["rows_minutes"] = {k: round(v / 60, 1) for k, v in sorted(stages.items(), key=lambda kv: -kv[1])}
     tdir = teacher_dir()
     out["teacher"] = {"folder": str(tdir), "trained_here": (tdir / "final.pt").is_file(),
