@@ -19,9 +19,10 @@ Checks, per run:
          loss; the last attempt's value where a run resumed), |loss_N - loss_1| <= loss_rtol x loss_1. The
          default 0.05 is this choice: the step-0 loss is of the same weights and batch, so it agrees to bf16
          rounding (~1e-3); after 300 AdamW steps the weights differ by rounding only, and a logged loss is one
-         batch's, so a drift of a few per cent is rounding and a broken split (a rank's rows dropped or counted
-         twice, another batch) moves it by far more: the tier's last_k rows at keep 0.5 of two seeds differ by
-         0.21 to 0.85 at their worst logged step (tests/test_ranks.py). --loss-rtol sets it.
+         batch's, so rounding should stay within a few per cent, while a broken split (a rank's rows dropped or
+         counted twice, another batch) moves it by far more: the tier's last_k rows at keep 0.5 of two seeds
+         differ by 0.21 to 0.85 at their worst logged step (tests/test_ranks.py). How far N bf16 ranks drift
+         from one is not measured yet (no multi-GPU machine so far); --loss-rtol sets the tolerance.
 Output: <out>/ranks_n<N>.json (atomically: per run both FIDs and intervals, the loss steps, their relative
 differences and each check's verdict, the rows' devices and commits) and ranks_n<N>.md. Exit status 0 when
 every check passes, 1 when one fails (the record says which), 2 bad input (a line naming the fix).
