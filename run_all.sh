@@ -4,7 +4,8 @@
 #   ./run_all.sh test [ARGS]  install what is missing, run the test suite (ARGS go to pytest; files in
 #                             parallel workers, BENCH_TEST_WORKERS below)
 #   ./run_all.sh [OVERRIDES]  extra hydra overrides go to every run, e.g. ./run_all.sh device=cuda eval=inception
-# Environment: BENCH_PYTHON (use this interpreter, install nothing), BENCH_RESULTS (rows folder),
+# Environment: BENCH_PYTHON (use this interpreter, install nothing), BENCH_VENV (where to install;
+# default .venv), BENCH_RESULTS (rows folder),
 # BENCH_REPORT (report name), BENCH_JOBS (parallel sweep workers on the CPU; default 2),
 # BENCH_DEVICE=cuda (run on the GPU when one is visible, as if device=cuda were given),
 # BENCH_DENSE_EVAL (the dense row's extra eval overrides; default below).
@@ -19,6 +20,18 @@ install() {
   want=$(sha256sum pyproject.toml | cut -c1-16)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import bench, torch, hydra" 2>/dev/null; then
     return 0
+  fi
+  # torch's pinned x86_64 build carries CUDA: the venv takes ~6 GB. Stop before pip fills the disk.
+  local need_gb=1 free_kb
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    if [ "$(uname -m)" = "x86_64" ]; then need_gb=7; else need_gb=2; fi
+  fi
+  free_kb=$(df -Pk "$(dirname "$VENV")" | awk 'NR == 2 {print $4}')
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt $((need_gb * 1024 * 1024)) ]; then
+    echo "[run_all] only $((free_kb / 1024)) MiB free for $VENV; installing needs about $need_gb GiB:" \
+      "free disk space (old clones, /tmp/pytest-of-*, /tmp/torchinductor_*) or set BENCH_VENV to a" \
+      "folder on a larger disk" >&2
+    exit 1
   fi
   echo "[run_all] installing into $VENV (first time only, a few minutes)"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"

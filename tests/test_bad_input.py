@@ -236,3 +236,27 @@ def test_samples_that_cannot_be_meaningful_are_refused():
         check_samples(bad, cfg)
     with pytest.raises(BenchError, match="all 6 samples are the same image"):
         check_samples(ok[:1].repeat(6, 1, 1, 1), cfg)
+
+
+def test_install_stops_before_filling_the_disk(tmp_path):
+    """./run_all.sh refuses to start an install that cannot fit (a `df` on PATH reports 1 MiB free):
+    one line that names the fix, exit 1, and no half-made venv left behind."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    df = bin_ / "df"
+    df.write_text("#!/bin/sh\necho 'Filesystem 1024-blocks Used Available Capacity Mounted on'\n"
+                  "echo '/dev/x 100000000 99998976 1024 100% /'\n")
+    df.chmod(0o755)
+    venv = tmp_path / "venv"
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "BENCH_VENV": str(venv)}
+    env.pop("BENCH_PYTHON", None)
+    r = subprocess.run(["bash", str(root / "run_all.sh"), "test"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "only 1 MiB free" in r.stderr and "BENCH_VENV" in r.stderr, r.stderr
+    assert not venv.exists()
