@@ -93,8 +93,13 @@ def _styles(groups: list) -> dict:
     import matplotlib as mpl
 
     methods = sorted({m for _, lines, _, _ in groups for m in lines["method"] if m != DENSE})
-    colors = mpl.colormaps["tab20"] if len(methods) > 10 else mpl.colormaps["tab10"]
-    style = {m: (colors(i % colors.N), MARKERS[i % len(MARKERS)]) for i, m in enumerate(methods)}
+    # ten strong colours; past ten methods each block of ten takes the next marker, so two methods that
+    # share a marker have two different tab10 colours and two that share a colour have two markers
+    # (tab20's light/dark pairs made near-twins of e.g. diffes and taylor_width)
+    colors = mpl.colormaps["tab10"]
+    few = len(methods) <= colors.N
+    style = {m: (colors(i % colors.N), MARKERS[(i if few else i // colors.N) % len(MARKERS)])
+             for i, m in enumerate(methods)}
     style[DENSE] = ("black", "*")
     series = sorted({(name, m) for _, lines, _, _ in groups
                      for name, m in zip(_series(lines), lines["method"].astype(str)) if name != m})

@@ -12,8 +12,9 @@ kept blocks; bench.run.build_final) with random weights, checks that its params 
 row's, and times the dense model and every distinct architecture (deduplicated by the shapes of its
 modules and tensors) interleaved in one process, group by group, with the speedup gate's harness
 (bench.gate.measure_group: rounds of `reps` calls each, order rotated, bench.speedup.paired_ratio
-intervals). A group is one table of the report (bench.report.report_groups: same device, latency
-mode, dtype, batch and quality protocol); every group gets an equal share of what is left of
+intervals; a table of dense rows alone times the dense model against itself, for its latency). A
+group is one table of the report (bench.report.report_groups: same device, latency mode, dtype,
+batch and quality protocol); every group gets an equal share of what is left of
 --budget-s. Groups are timed only on the device their rows name (bench.metrics.cost.device_name);
 the pass refuses to run when no group was timed on this one. `--also GPU` (repeatable) pools the rows
 made on another GPU model into this device's tables (`pool_devices`): a tier whose quality rows were made on
@@ -49,6 +50,7 @@ SCHEMA = 1
 FILE = "latency_pass.json"
 MATCH_REL = 1e-6  # rebuilt params / MACs against the row's (both measured by bench.surgery.measure): relative tolerance
 DENSE = "dense"   # the reference method (bench.report.DENSE)
+SELF = "dense (self)"  # the name under which a table of dense rows alone times its dense model
 
 
 def load(runs: str | Path) -> dict | None:
@@ -252,18 +254,21 @@ def run(runs: str | Path, device: str = "cuda", budget_s: float = 300.0, reps: i
             cfg = cfgs[mrows[0]["run"]]
             dense, nets, members, refs = rebuild(mrows, cfgs, device, skipped)
             dense_key = arch_key(dense)
-            if not nets:
-                log(f"[latency_pass] group {gi}: nothing to time beside the dense model")
+            if not nets and not refs:
+                log(f"[latency_pass] group {gi}: nothing to time")
                 continue
             lat = cfg["eval"]["latency"]
             mode, dtype, batch = str(key["latency_mode"]), str(key["latency_dtype"]), int(key["latency_batch"])
             left = len(mine) - gi
             share = max(0.0, budget_s - (time.perf_counter() - t_start)) / left / (len(models) - mi)
-            log(f"[latency_pass] {this} {mode} {dtype} batch {batch}: dense + {len(nets)} architectures of "
-                f"{sum(len(v) for v in members.values())} rows ({share:.0f} s)")
+            what = (f"dense + {len(nets)} architectures of {sum(len(v) for v in members.values())} rows" if nets
+                    else f"the dense model alone ({len(refs)} dense rows)")
+            log(f"[latency_pass] {this} {mode} {dtype} batch {batch}: {what} ({share:.0f} s)")
             t0 = time.perf_counter()
-            res = measure_group(dense, nets, mode, dtype, batch, device, int(lat.get("warmup", 5)), reps, min_rounds,
-                                max_rounds, rel_tol, time.perf_counter() + share, log)
+            # a table of dense rows alone (the GPU tier's cfg-1.5 teacher line) is timed against itself, so
+            # that its latency too is this process's (a row pooled from another GPU keeps no latency of its own)
+            res = measure_group(dense, nets or {SELF: dense}, mode, dtype, batch, device, int(lat.get("warmup", 5)),
+                                reps, min_rounds, max_rounds, rel_tol, time.perf_counter() + share, log)
             seconds = time.perf_counter() - t0
             rounds = max(v["rounds"] for v in res.values())
             dense_ms = res[next(iter(res))]["dense_ms"]

@@ -214,6 +214,28 @@ def test_also_pools_another_gpus_rows_into_the_pass_and_the_report_says_where_ea
     assert sum(t.startswith("## ") for t in ranking_markdown(load_rows(root), "fd_clf").splitlines()) == 2
 
 
+def test_a_table_of_the_dense_model_alone_gets_the_pass_latency_too(runs, tmp_path):
+    """A table whose only row is dense (the GPU tier's teacher at cfg 1.5; here a dense row at another cfg
+    scale), made on another GPU and pooled
+    (--also): the pass times the dense model against itself, so the line keeps a latency of this device."""
+    root = _copy(runs, tmp_path)
+    src = Path(_rows(root)["dense"]["path"])
+    alone = src.parent / (src.name + "-cfg")
+    shutil.copytree(src, alone)
+    d = json.loads((alone / "row.json").read_text())
+    name = d["run"] + "-cfg"
+    d.update(run=name, cfg_scale=d["cfg_scale"] + 1.0, device="NVIDIA H200")
+    (alone / "row.json").write_text(json.dumps(d))
+    assert latency_pass.main(["--runs", str(root), *FAST, "--also", "NVIDIA H200"]) == 0
+    rec = latency_pass.load(root)
+    q = rec["runs"][name]
+    assert q["reference"] and q["speedup"] == 1.0 and q["pruned_ms"] == q["dense_ms"] > 0
+    assert len(rec["groups"]) == 2 and rec["groups"][q["group"]]["architectures"] == 0
+    lines = {float(k["cfg_scale"]): ln for k, ln, _, _ in report_groups(load_rows(root), rec)[0]}
+    teacher = lines[d["cfg_scale"]].set_index("method").loc[DENSE]
+    assert teacher["latency_ms"] == pytest.approx(q["pruned_ms"]) and teacher["speedup"] == 1.0
+
+
 def test_a_pooled_row_the_pass_did_not_retime_loses_its_own_latency():
     """A row made on another GPU (a routed Diff-ES model, which the pass does not time) must not give a speedup
     that divides that GPU's time by the pass device's dense time."""

@@ -610,3 +610,22 @@ def test_the_figure_heads_name_the_guidance_scale_and_leave_out_an_absent_scorer
     fig = figures.quality_figure([(key, lines, ["m_fid"], None)], label=label)
     head = fig.axes[0].get_title()
     assert head == "m d p, NFE 40, cfg 1.5\nH100, eager bf16, batch 512"
+
+
+def test_twenty_one_methods_get_styles_that_no_two_share_in_both_colour_and_marker():
+    """The GPU tier's 21 methods: two that share a marker have different tab10 colours, two that share a
+    colour have different markers, so no two legend entries look alike (tab20's light/dark pairs did)."""
+    from bench import figures
+
+    methods = [f"m{i:02d}" for i in range(21)]
+    lines = pd.DataFrame({"method": ["dense", *methods]})
+    style = figures._styles([(None, lines, [], None)])
+    assert style["dense"] == ("black", "*")
+    seen = [style[m] for m in methods]
+    assert len(set(seen)) == 21
+    for i, (ci, mi) in enumerate(seen):
+        for cj, mj in seen[i + 1:]:
+            if ci == cj:
+                assert mi != mj
+            if mi == mj:  # same marker: colours far apart (tab10's closest pair is > 0.25 apart in RGB)
+                assert sum((a - b) ** 2 for a, b in zip(ci[:3], cj[:3])) ** 0.5 > 0.25
