@@ -14,12 +14,13 @@ modules and tensors) interleaved in one process, group by group, with the speedu
 (bench.gate.measure_group: rounds of `reps` calls each, order rotated, bench.speedup.paired_ratio
 intervals; a table of dense rows alone times the dense model against itself, for its latency). A
 group is one table of the report (bench.report.report_groups: same device, latency mode, dtype,
-batch and quality protocol); every group gets an equal share of what is left of
---budget-s. Groups are timed only on the device their rows name (bench.metrics.cost.device_name);
-the pass refuses to run when no group was timed on this one. `--also GPU` (repeatable) pools the rows
-made on another GPU model into this device's tables (`pool_devices`): a tier whose quality rows were made on
-either of two GPUs whose samples agree (results/gpu/tier_h200: H100 and H200 sample and score alike to 5
-digits) gets every latency and speedup from this one process, and the report names where each row was made.
+batch and quality protocol); every group gets a share of what is left of --budget-s in proportion
+to its rows (a one-row table needs little more than its min-rounds). Groups are timed only on the
+device their rows name (bench.metrics.cost.device_name); the pass refuses to run when no group was
+timed on this one. `--also GPU` (repeatable) pools the rows made on another GPU model into this
+device's tables (`pool_devices`): a tier whose quality rows were made on either of two GPUs whose
+samples agree (results/gpu/tier_h200: H100 and H200 sample and score alike to 5 digits) gets every
+latency and speedup from this one process, and the report names where each row was made.
 
 Skipped, with the reason in the record (their report lines keep the separate-run speedup): rows of a
 routed (stage-wise, Diff-ES) model, whose latency is a mean over timestep stages; rows whose folder
@@ -247,50 +248,52 @@ def run(runs: str | Path, device: str = "cuda", budget_s: float = 300.0, reps: i
     t_start = time.perf_counter()
     out_runs: dict[str, dict] = {}
     out_groups: list[dict] = []
+    units = []  # (group index, key, configs, the rows of one model config): one timed set each
     for gi, (key, g) in enumerate(mine):
-        rows = [{c: _plain(v) for c, v in r.items()} for _, r in g.iterrows()]
-        cfgs, models = by_model(rows)
-        for mi, mrows in enumerate(models):
-            cfg = cfgs[mrows[0]["run"]]
-            dense, nets, members, refs = rebuild(mrows, cfgs, device, skipped)
-            dense_key = arch_key(dense)
-            if not nets and not refs:
-                log(f"[latency_pass] group {gi}: nothing to time")
-                continue
-            lat = cfg["eval"]["latency"]
-            mode, dtype, batch = str(key["latency_mode"]), str(key["latency_dtype"]), int(key["latency_batch"])
-            left = len(mine) - gi
-            share = max(0.0, budget_s - (time.perf_counter() - t_start)) / left / (len(models) - mi)
-            what = (f"dense + {len(nets)} architectures of {sum(len(v) for v in members.values())} rows" if nets
-                    else f"the dense model alone ({len(refs)} dense rows)")
-            log(f"[latency_pass] {this} {mode} {dtype} batch {batch}: {what} ({share:.0f} s)")
-            t0 = time.perf_counter()
-            # a table of dense rows alone (the GPU tier's cfg-1.5 teacher line) is timed against itself, so
-            # that its latency too is this process's (a row pooled from another GPU keeps no latency of its own)
-            res = measure_group(dense, nets or {SELF: dense}, mode, dtype, batch, device, int(lat.get("warmup", 5)),
-                                reps, min_rounds, max_rounds, rel_tol, time.perf_counter() + share, log)
-            seconds = time.perf_counter() - t0
-            rounds = max(v["rounds"] for v in res.values())
-            dense_ms = res[next(iter(res))]["dense_ms"]
-            gid = len(out_groups)
-            out_groups.append({"key": {k: _plain(key[k]) for k in GROUP_KEYS}, "device": this, "mode": mode,
-                               "dtype": dtype, "batch": batch, "model": cfg["model"], "rounds": rounds,
-                               "reps_per_round": reps, "seconds": round(seconds, 3), "dense_ms": dense_ms,
-                               "dense_structure": dense_key, "architectures": len(nets)})
-            for k, rs in members.items():
-                m = res[k]
-                for r, source in rs:
-                    out_runs[r["run"]] = {"group": gid, "method": r["method"], "budget_keep": r["budget_keep"],
-                                          "seed": r["seed"], "structure": k, "rebuilt_from": source,
-                                          "speedup": m["ratio"], "lo": m["lo"], "hi": m["hi"],
-                                          "dense_ms": m["dense_ms"], "pruned_ms": m["pruned_ms"],
-                                          "rounds": m["rounds"], "dir": str(Path(r["path"]).relative_to(runs))}
-            for r in refs:  # the dense rows: the reference of their group
+        cfgs, models = by_model([{c: _plain(v) for c, v in r.items()} for _, r in g.iterrows()])
+        units += [(gi, key, cfgs, mrows) for mrows in models]
+    todo = sum(len(u[3]) for u in units)  # rows not yet timed: what is left of the budget goes by rows
+    for gi, key, cfgs, mrows in units:
+        share = max(0.0, budget_s - (time.perf_counter() - t_start)) * len(mrows) / todo
+        todo -= len(mrows)
+        cfg = cfgs[mrows[0]["run"]]
+        dense, nets, members, refs = rebuild(mrows, cfgs, device, skipped)
+        dense_key = arch_key(dense)
+        if not nets and not refs:
+            log(f"[latency_pass] group {gi}: nothing to time")
+            continue
+        lat = cfg["eval"]["latency"]
+        mode, dtype, batch = str(key["latency_mode"]), str(key["latency_dtype"]), int(key["latency_batch"])
+        what = (f"dense + {len(nets)} architectures of {sum(len(v) for v in members.values())} rows" if nets
+                else f"the dense model alone ({len(refs)} dense row{'' if len(refs) == 1 else 's'})")
+        log(f"[latency_pass] {this} {mode} {dtype} batch {batch}: {what} ({share:.0f} s)")
+        t0 = time.perf_counter()
+        # a table of dense rows alone (the GPU tier's cfg-1.5 teacher line) is timed against itself, so
+        # that its latency too is this process's (a row pooled from another GPU keeps no latency of its own)
+        res = measure_group(dense, nets or {SELF: dense}, mode, dtype, batch, device, int(lat.get("warmup", 5)),
+                            reps, min_rounds, max_rounds, rel_tol, time.perf_counter() + share, log)
+        seconds = time.perf_counter() - t0
+        rounds = max(v["rounds"] for v in res.values())
+        dense_ms = res[next(iter(res))]["dense_ms"]
+        gid = len(out_groups)
+        out_groups.append({"key": {k: _plain(key[k]) for k in GROUP_KEYS}, "device": this, "mode": mode,
+                           "dtype": dtype, "batch": batch, "model": cfg["model"], "rounds": rounds,
+                           "reps_per_round": reps, "seconds": round(seconds, 3), "dense_ms": dense_ms,
+                           "dense_structure": dense_key, "architectures": len(nets)})
+        for k, rs in members.items():
+            m = res[k]
+            for r, source in rs:
                 out_runs[r["run"]] = {"group": gid, "method": r["method"], "budget_keep": r["budget_keep"],
-                                      "seed": r["seed"], "structure": dense_key, "rebuilt_from": "model config",
-                                      "speedup": 1.0, "lo": 1.0, "hi": 1.0, "dense_ms": dense_ms,
-                                      "pruned_ms": dense_ms, "rounds": rounds, "reference": True,
-                                      "dir": str(Path(r["path"]).relative_to(runs))}
+                                      "seed": r["seed"], "structure": k, "rebuilt_from": source,
+                                      "speedup": m["ratio"], "lo": m["lo"], "hi": m["hi"],
+                                      "dense_ms": m["dense_ms"], "pruned_ms": m["pruned_ms"],
+                                      "rounds": m["rounds"], "dir": str(Path(r["path"]).relative_to(runs))}
+        for r in refs:  # the dense rows: the reference of their group
+            out_runs[r["run"]] = {"group": gid, "method": r["method"], "budget_keep": r["budget_keep"],
+                                  "seed": r["seed"], "structure": dense_key, "rebuilt_from": "model config",
+                                  "speedup": 1.0, "lo": 1.0, "hi": 1.0, "dense_ms": dense_ms,
+                                  "pruned_ms": dense_ms, "rounds": rounds, "reference": True,
+                                  "dir": str(Path(r["path"]).relative_to(runs))}
     sha, dirty = git_info()
     is_cuda = torch.device(device).type == "cuda"
     return {"schema": SCHEMA, "tool": "bench.latency_pass", "command": command,

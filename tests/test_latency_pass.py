@@ -214,7 +214,7 @@ def test_also_pools_another_gpus_rows_into_the_pass_and_the_report_says_where_ea
     assert sum(t.startswith("## ") for t in ranking_markdown(load_rows(root), "fd_clf").splitlines()) == 2
 
 
-def test_a_table_of_the_dense_model_alone_gets_the_pass_latency_too(runs, tmp_path):
+def test_a_table_of_the_dense_model_alone_gets_the_pass_latency_too(runs, tmp_path, capsys):
     """A table whose only row is dense (the GPU tier's teacher at cfg 1.5; here a dense row at another cfg
     scale), made on another GPU and pooled
     (--also): the pass times the dense model against itself, so the line keeps a latency of this device."""
@@ -228,6 +228,9 @@ def test_a_table_of_the_dense_model_alone_gets_the_pass_latency_too(runs, tmp_pa
     (alone / "row.json").write_text(json.dumps(d))
     assert latency_pass.main(["--runs", str(root), *FAST, "--also", "NVIDIA H200"]) == 0
     rec = latency_pass.load(root)
+    said = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[latency_pass]")]
+    assert "dense + 2 architectures of 3 rows (4 s)" in said[0]  # the budget goes by rows: 4 of 5 rows here
+    assert "the dense model alone (1 dense row)" in said[1]
     q = rec["runs"][name]
     assert q["reference"] and q["speedup"] == 1.0 and q["pruned_ms"] == q["dense_ms"] > 0
     assert len(rec["groups"]) == 2 and rec["groups"][q["group"]]["architectures"] == 0
