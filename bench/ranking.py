@@ -220,22 +220,24 @@ def _p(p) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def ranking_markdown(rows: pd.DataFrame, metric: str = "fid", baselines=None, level: float = 0.95,
-                     latency_pass: dict | None = None) -> str:
-    """One markdown table per protocol group of the ok rows (status 'ok' or no status column)."""
+def ranking_sections(rows: pd.DataFrame, metric: str = "fid", baselines=None, level: float = 0.95,
+                     latency_pass: dict | None = None) -> tuple[str, list[dict]]:
+    """(the explanation, one section per protocol group of the ok rows): a section's title, head, cells
+    (the table's text, a list per line), keys (per cell a sort key: the number behind it, or its text)
+    and verdicts (one per budget). The one computation behind the markdown file and the HTML page."""
     from bench.latency_pass import pooled
 
     rows = pooled(rows, latency_pass)  # rows of the GPUs the pass pooled (--also) rank with its device's
     ok = rows[rows["status"].eq("ok")] if "status" in rows.columns else rows
     keys = [k for k in PROTOCOL_KEYS if k in ok.columns]
     pct = f"{level:.0%}"
-    out = [f"# Ranking with confidence ({metric}, {pct})", "",
-           f"Mean ± {pct} Student-t interval over seeds per method and budget. Each method is compared with the best "
-           f"baseline of its budget (lowest mean {metric}) by a paired t-test over the seeds both have (rows of one "
-           f"seed share the fine-tune seed, the calibration probes and the evaluation noise); Δ is method − best "
-           f"baseline with its {pct} interval; 'differs' = p < {1 - level:.2f}, uncorrected; 'Holm' = still "
-           f"significant after Holm's correction over the methods of the budget. With 3 seeds only large, "
-           f"consistent differences show; the best baseline is chosen on the same rows. bench/ranking.py says why.", ""]
+    intro = (f"Mean ± {pct} Student-t interval over seeds per method and budget. Each method is compared with the best "
+             f"baseline of its budget (lowest mean {metric}) by a paired t-test over the seeds both have (rows of one "
+             f"seed share the fine-tune seed, the calibration probes and the evaluation noise); Δ is method − best "
+             f"baseline with its {pct} interval; 'differs' = p < {1 - level:.2f}, uncorrected; 'Holm' = still "
+             f"significant after Holm's correction over the methods of the budget. With 3 seeds only large, "
+             f"consistent differences show; the best baseline is chosen on the same rows. bench/ranking.py says why.")
+    sections = []
     for gkey, g in ok.groupby(keys, dropna=False, sort=True):
         if metric not in [c[2:] for c in g.columns if c.startswith("m_") and g[c].notna().any()]:
             continue
@@ -243,30 +245,50 @@ def ranking_markdown(rows: pd.DataFrame, metric: str = "fid", baselines=None, le
         if lines.empty:
             continue
         k = dict(zip(keys, gkey if isinstance(gkey, tuple) else (gkey,)))
-        out += [f"## {k.get('model')} · {k.get('dataset')} — {k.get('sampler')}, NFE {k.get('nfe')}, cfg "
-                f"{k.get('cfg_scale')} — {k.get('fid_impl') if metric in ('fid', 'kid', 'sfid') else k.get('metric_impl')}, "
-                f"n={k.get('fid_n') if metric in ('fid', 'kid', 'sfid') else k.get('metric_n')} — {k.get('device')}", ""]
+        inception = metric in ("fid", "kid", "sfid")
+        title = (f"{k.get('model')} · {k.get('dataset')} — {k.get('sampler')}, NFE {k.get('nfe')}, cfg "
+                 f"{k.get('cfg_scale')} — {k.get('fid_impl') if inception else k.get('metric_impl')}, "
+                 f"n={k.get('fid_n') if inception else k.get('metric_n')} — {k.get('device')}")
         shown = [m for m in dict.fromkeys([metric, *SHOWN]) if m in lines.columns]
-        head = ["budget", "method", "kind", "seeds"] + shown + (["speedup"] if "speedup" in lines.columns else []) \
+        speed = ["speedup"] if "speedup" in lines.columns else []
+        head = ["budget", "method", "kind", "seeds"] + shown + speed \
             + ["best baseline", f"Δ {metric} [{pct}]", "p", "differs", "Holm"]
-        out += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
         name_of = _namer(lines)
+        cells, sort_keys = [], []
         for _, r in lines.iterrows():
             kind = "dense" if r["method"] == DENSE else ("baseline" if r["baseline"] else "method")
             budget = "1" if r["method"] == DENSE else f"{r['budget_measure']} {r['budget_keep']:g}"
             seeds = ",".join(str(int(s)) for s in r["seeds"]) + (" (dup!)" if r["duplicate_seeds"] else "")
-            cells = [budget, name_of(r), kind, seeds] + [_pm(r[m], r[f"{m}_ci"]) for m in shown]
-            if "speedup" in lines.columns:
-                cells.append(_pm(r["speedup"], r["speedup_ci"]))
             is_best = r["best_baseline"] == r["method"]
             delta = ("(best)" if is_best else
                      f"{_num(r['diff'])} [{_num(r['diff_lo'])}, {_num(r['diff_hi'])}]" if pd.notna(r["diff"]) else "")
-            cells += [r["best_baseline"] or "", delta, _p(r["p"]),
-                      ("yes" if r["differs"] else "no") if pd.notna(r["p"]) else "",
-                      ("yes" if r["holm"] else "no") if pd.notna(r["p"]) else ""]
-            out.append("| " + " | ".join(map(str, cells)) + " |")
-        out += ["", *verdicts(lines, metric, level), ""]
+            tested = pd.notna(r["p"])
+            cells.append([budget, name_of(r), kind, seeds] + [_pm(r[m], r[f"{m}_ci"]) for m in [*shown, *speed]]
+                         + [r["best_baseline"] or "", delta, _p(r["p"]),
+                            ("yes" if r["differs"] else "no") if tested else "",
+                            ("yes" if r["holm"] else "no") if tested else ""])
+            sort_keys.append([r["budget_keep"], name_of(r), kind, len(r["seeds"])] + [r[m] for m in [*shown, *speed]]
+                             + [r["best_baseline"] or "", r["diff"], r["p"], cells[-1][-2], cells[-1][-1]])
+        sections.append({"title": title, "head": head, "cells": cells, "keys": sort_keys,
+                         "verdicts": verdicts(lines, metric, level)})
+    return intro, sections
+
+
+def render_markdown(metric: str, level: float, intro: str, sections: list[dict]) -> str:
+    """The markdown of ranking_sections: one table per protocol group, its verdicts below."""
+    out = [f"# Ranking with confidence ({metric}, {level:.0%})", "", intro, ""]
+    for sec in sections:
+        out += [f"## {sec['title']}", "", "| " + " | ".join(sec["head"]) + " |",
+                "|" + "|".join(["---"] * len(sec["head"])) + "|"]
+        out += ["| " + " | ".join(map(str, c)) + " |" for c in sec["cells"]]
+        out += ["", *sec["verdicts"], ""]
     return "\n".join(out)
+
+
+def ranking_markdown(rows: pd.DataFrame, metric: str = "fid", baselines=None, level: float = 0.95,
+                     latency_pass: dict | None = None) -> str:
+    """One markdown table per protocol group of the ok rows (status 'ok' or no status column)."""
+    return render_markdown(metric, level, *ranking_sections(rows, metric, baselines, level, latency_pass))
 
 
 def _namer(lines: pd.DataFrame):
@@ -317,17 +339,21 @@ def has_seeds_to_compare(rows: pd.DataFrame) -> bool:
     return bool((n[n >= 2].groupby(level=0).size() >= 2).any())
 
 
-def ranking_files(rows: pd.DataFrame, path, metric: str | None = None, latency_pass: dict | None = None) -> dict:
-    """bench.report's hook: {path: markdown} when the rows hold seeds to compare, else {}. The metric:
-    Inception FID where the rows have it, else the classifier-feature distance. `latency_pass`: the
-    rows folder's one-process latency record, whose speedups the lines take."""
+def report_ranking(rows: pd.DataFrame, metric: str | None = None, latency_pass: dict | None = None,
+                   level: float = 0.95) -> dict | None:
+    """bench.report's hook: None when the rows hold no seeds to compare, else the ranking (metric, level,
+    intro, sections: ranking_sections; markdown) that the tables' <name>_ranking.md and the HTML page show.
+    The metric: Inception FID where the rows have it, else the classifier-feature distance.
+    `latency_pass`: the rows folder's one-process latency record, whose speedups the lines take."""
     if not has_seeds_to_compare(rows):
-        return {}
+        return None
     if metric is None:
         metric = "fid" if "m_fid" in rows.columns and rows["m_fid"].notna().any() else "fd_clf"
     if f"m_{metric}" not in rows.columns:
-        return {}
-    return {Path(path): ranking_markdown(rows, metric, latency_pass=latency_pass) + "\n"}
+        return None
+    intro, sections = ranking_sections(rows, metric, level=level, latency_pass=latency_pass)
+    return {"metric": metric, "level": level, "intro": intro, "sections": sections,
+            "markdown": render_markdown(metric, level, intro, sections) + "\n"}
 
 
 def main(argv=None) -> int:

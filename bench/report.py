@@ -591,11 +591,12 @@ def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list
              out / "tables" / f"{name}.tex": render_tex(prov, groups, failed),
              out / "tables" / f"{name}.csv": render_csv(prov, groups),
              out / f"{name}_runs.csv": runs_csv(prov, df)}
-    # ---- hook: ranking with confidence over seeds (bench.ranking, the GPU tier's module): <name>_ranking.md,
-    # written only when two or more methods share a budget with >= 2 seeds each
-    from bench.ranking import ranking_files
-    texts.update(ranking_files(df[df["status"].eq("ok")], out / "tables" / f"{name}_ranking.md",
-                               latency_pass=latency_pass))
+    # ---- hook: ranking with confidence over seeds (bench.ranking, the GPU tier's module): <name>_ranking.md and
+    # a section of the page, only when two or more methods share a budget with >= 2 seeds each
+    from bench.ranking import report_ranking
+    ranking = report_ranking(df[df["status"].eq("ok")], latency_pass=latency_pass)
+    if ranking:
+        texts[out / "tables" / f"{name}_ranking.md"] = ranking["markdown"]
     # ---- paper column (bench/paper.py): every number of results/paper.csv beside ours, in files of its own
     from bench import paper
     comp = paper.comparison(df)
@@ -609,7 +610,7 @@ def build_report(df: pd.DataFrame, out_dir, name: str = "default", skipped: list
     pngs = [figs[0]] + sorted((out / "figures").glob(f"{name}_entpruner_*.png"))
     page = out / f"{name}.html"
     atomic_write_text(page, render_html(prov, name, df, groups, group_rows, failed, page, pngs, INTRO + " " + SPEEDUP_TEXT,
-                                        apart, skipped or [], paper=comp))
+                                        apart, skipped or [], paper=comp, ranking=ranking))
     return list(texts) + figs + [page]
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import html
+import numbers
 import os
+import re
 from pathlib import Path
 from urllib.parse import quote
 
@@ -149,12 +151,27 @@ def _counts(series: pd.Series) -> str:
     return ", ".join(f"{_e(k)} ({n} row{'s' if n != 1 else ''})" for k, n in c.items())
 
 
+def _ranking_section(rk: dict) -> list[str]:
+    """bench.ranking's tables (numbers sort by the value behind the cell) and verdicts ("- **budget 0.5**: ...")."""
+    out = ['<section id="ranking">', f"<h2>Ranking with confidence ({_e(rk['metric'])}, {rk['level']:.0%})</h2>",
+           f'<p class="note">{_e(rk["intro"])}</p>']
+    for sec in rk["sections"]:
+        body = [[(_e(c), _num(k), True) if isinstance(k, numbers.Real) else (_e(c), str(k), False)
+                 for c, k in zip(cells, keys)] for cells, keys in zip(sec["cells"], sec["keys"])]
+        out += [f"<h3>{_e(sec['title'])}</h3>", _table(sec["head"], body), "<ul>"]
+        out += ["<li>" + re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", _e(v.removeprefix("- "))) + "</li>"
+                for v in sec["verdicts"]]
+        out.append("</ul>")
+    return out + ["</section>"]
+
+
 def render_html(prov: str, name: str, df: pd.DataFrame, groups: list, group_rows: list, failed: pd.DataFrame,
                 page: Path, figures: list[Path], intro: str, apart: pd.DataFrame | None = None,
-                skipped: list[str] = (), paper: pd.DataFrame | None = None) -> str:
+                skipped: list[str] = (), paper: pd.DataFrame | None = None, ranking: dict | None = None) -> str:
     """The page's text. groups: (key, lines, vcols, note) as bench.report builds them; group_rows:
     each group's rows (for the links); page: where the page will be written (links are relative to
-    its folder); figures: PNG files to inline; intro: the tables' explanation."""
+    its folder); figures: PNG files to inline; intro: the tables' explanation; ranking: bench.ranking's
+    report_ranking (a section of its own: the tables sortable, the verdicts beneath)."""
     from bench.report import title
 
     page_dir = page.parent
@@ -168,6 +185,9 @@ def render_html(prov: str, name: str, df: pd.DataFrame, groups: list, group_rows
            f"<dt>device</dt><dd>{_counts(df['device'])}</dd>",
            "<dt>protocol</dt><dd><ul>" + "".join(f'<li><a href="#g{i}">{_e(title(k))}</a></li>'
                                                for i, (k, _, _, _) in enumerate(groups)) + "</ul></dd>"]
+    if ranking:
+        out.append(f'<dt>ranking</dt><dd><a href="#ranking">{_e(ranking["metric"])} over seeds, against the best '
+                   f"baseline of each budget</a></dd>")
     if dates:
         out.append(f"<dt>rows dated</dt><dd>{_e(dates[0])} – {_e(dates[-1])}</dd>")
     out += ["</dl>", f"<p>{_e(intro)} Click a column header to sort.</p>", "</header>"]
@@ -178,6 +198,8 @@ def render_html(prov: str, name: str, df: pd.DataFrame, groups: list, group_rows
         out += [f'<section id="g{i}">', f"<h2>{_e(title(key))}</h2>"]
         out += [f'<p class="note">{_e(n)}</p>' for n in (proxy_note(key, vcols), note) if n]
         out += [_group_table(lines, vcols, rows, page_dir), "</section>"]
+    if ranking:
+        out += _ranking_section(ranking)
     if paper is not None and len(paper):  # bench.paper: every printed number of results/paper.csv beside ours
         cols = ["paper", "table", "row", "column", "method", "paper_value", "ours", "diff", "n_seeds", "status",
                 "differences"]

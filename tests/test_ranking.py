@@ -4,11 +4,12 @@ baseline's choice, the markdown and bench.report's hook."""
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 import pytest
 
-from bench.ranking import has_seeds_to_compare, holm, mean_ci, paired_test, rank, ranking_files, ranking_markdown, \
+from bench.ranking import has_seeds_to_compare, holm, mean_ci, paired_test, rank, ranking_markdown, report_ranking, \
     t_quantile, t_two_sided_p
 
 
@@ -94,7 +95,7 @@ def test_ranking_finds_the_methods_that_differ_from_the_best_baseline():
     assert order[0] == "dense" and order[1:3] == ["x_width", "magnitude_width"] and order[3] == "good"
 
 
-def test_markdown_and_the_report_hook(tmp_path):
+def test_markdown_and_the_report_hook():
     md = ranking_markdown(synthetic(), "fid", BASELINES)
     line = next(ln for ln in md.splitlines() if "| good |" in ln)
     assert line.startswith("| blocks 0.5 | good | method | 0,1,2 | 18.3 ± 9.0 | 0.01800 ± 0.00025 | 2.00 ± 0.00 |")
@@ -104,9 +105,11 @@ def test_markdown_and_the_report_hook(tmp_path):
     assert "paired t-test" in md and "DiT-D28/2 · fashion-mnist" in md
     assert has_seeds_to_compare(synthetic())
     one_seed = synthetic()[lambda d: d["seed"] == 0]
-    assert not has_seeds_to_compare(one_seed) and ranking_files(one_seed, tmp_path / "r.md") == {}
-    files = ranking_files(synthetic(), tmp_path / "r.md")
-    assert list(files) == [tmp_path / "r.md"] and "Ranking with confidence (fid" in files[tmp_path / "r.md"]
+    assert not has_seeds_to_compare(one_seed) and report_ranking(one_seed) is None
+    rk = report_ranking(synthetic())
+    assert rk["metric"] == "fid" and rk["markdown"].startswith("# Ranking with confidence (fid")
+    assert [len(c) for s in rk["sections"] for c in s["cells"]] == [len(s["head"]) for s in rk["sections"]
+                                                                    for _ in s["cells"]]
 
 
 def test_bench_report_writes_the_ranking_beside_the_tables(tmp_path):
@@ -124,6 +127,14 @@ def test_bench_report_writes_the_ranking_beside_the_tables(tmp_path):
     paths = build_report(load_rows(tmp_path / "runs"), tmp_path / "out", "tier")
     rank_md = tmp_path / "out" / "tables" / "tier_ranking.md"
     assert rank_md in paths and "| blocks 0.5 | good | method |" in rank_md.read_text()
+    # the page shows the same tables, sortable by the numbers behind the cells, and the verdicts
+    page = (tmp_path / "out" / "tier.html").read_text()
+    sec = page[page.index('<section id="ranking">'):]
+    sec = sec[:sec.index("</section>")]
+    assert '<a href="#ranking">' in page and sec.count('<table class="sortable">') == 1
+    good = next(r for r in re.findall(r"<tr>.*?</tr>", sec, flags=re.S) if '<td data-sort="good">good</td>' in r)
+    assert '<td class=num data-sort="0.5">blocks 0.5</td>' in good and ">18.3 ± 9.0</td>" in good
+    assert "<li><strong>budget 0.5</strong>: 2 of 4 methods differ from the best baseline shortgpt" in sec
 
 
 def test_each_budget_says_which_methods_are_separated_or_that_none_is_and_why():

@@ -80,7 +80,8 @@ def page(tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
     blank = row("random", 0.5, 0, 40.0, float("nan"), 5.5, 0.5)  # no cond. acc: a blank cell to sort
     blank.metrics = {"fd_clf": 40.0}
-    for r in ROWS + [blank]:
+    seeds = [row("taylor", 0.5, s, fd, 81.0, 4.0, 0.5) for s, fd in ((1, 29.0), (2, 33.0))]  # a ranking to show
+    for r in ROWS + [blank] + seeds:
         (runs / r.run).mkdir(parents=True)
         for f in ("config.yaml", "plan.json", "log.jsonl"):
             (runs / r.run / f).write_text("{}\n")
@@ -137,6 +138,15 @@ def test_page_loads_renders_sorts_and_links(driver, page):
         assert heads[acc].get_attribute("aria-sort") == order and vals[-1] == "" and "" not in vals[:-1]
         nums = [float(v) for v in vals[:-1]]
         assert nums == sorted(nums, reverse=order == "descending")
+
+    # the ranking over seeds (bench.ranking) is a sortable table of its own, numbers sorted by value
+    ranking = driver.find_elements("css selector", "section#ranking table.sortable")  # one per protocol group
+    assert ranking
+    rheads = ranking[0].find_elements("css selector", "thead th")
+    fd = [h.text for h in rheads].index("fd_clf")
+    rheads[fd].click()
+    means = [float(v) for v in _column(ranking[0], fd)]
+    assert means == sorted(means) and len(means) >= 3
 
     links = driver.execute_script("return Array.from(document.querySelectorAll('td a')).map(a => a.href)")
     assert links
