@@ -275,6 +275,30 @@ def test_rows_of_another_teacher_are_stale_not_done(tmp_path, monkeypatch):
     assert tier.status()["rows_minutes"] == {"score": 1.5, "sample": 0.5}  # the done rows' own work, largest first
 
 
+def test_status_estimates_the_rows_left_from_their_method_and_budgets_done_seeds(tmp_path, monkeypatch):
+    """`status` says how much row work is left: each row to do at the mean own time (row.json's wall_s) of
+    the done rows of its method and budget at other seeds; a row with no such seed is counted, not estimated."""
+    import json
+
+    from bench.gpu import tier
+    from bench.results import run_relpath
+
+    monkeypatch.setattr(tier, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(tier, "TEACHER_JSON", tmp_path / "teacher.json")
+    monkeypatch.setattr(tier, "TEACHER_PARTS", tmp_path / "parts")
+    def cmd(method: str, seed: int) -> list[str]:
+        return ["experiment=gpu_tier", f"method={method}", "budget.keep=0.5", f"seed={seed}"]
+
+    monkeypatch.setattr(tier, "commands", lambda: [cmd("last_k", 0), cmd("last_k", 1), cmd("first_k", 1)])
+    done = run_relpath(tier.cells([cmd("last_k", 0)])[0].cfg)
+    assert tier._seedless(done) == tier._seedless(run_relpath(tier.cells([cmd("last_k", 1)])[0].cfg))
+    (tmp_path / done).mkdir(parents=True)
+    (tmp_path / done / "row.json").write_text(json.dumps({"wall_s": {"finetune": 60.0, "score": 30.0}}))
+    left = tier.status()["left"]
+    # the two teacher rows, last_k seed 1 (estimated: 90 s) and first_k seed 1 (no done seed to go by)
+    assert left == {"rows": 2 + len(tier.TEACHER_ROWS), "estimated": 1, "minutes": 1.5}
+
+
 def test_commands_todo_leaves_out_the_commands_whose_rows_are_all_done(tmp_path, monkeypatch, capsys):
     """`commands --todo` (what tier.sh starts): a command is left out once every one of its runs has a row of
     the recorded teacher; a stale row (another teacher) or a missing one keeps it in."""

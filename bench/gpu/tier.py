@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -363,6 +364,12 @@ def tier_row(rel: str) -> tuple[str, dict | None]:
     return ("stale" if want and row.get("teacher_sha256") and row["teacher_sha256"] != want else "done"), row
 
 
+def _seedless(rel: str) -> str:
+    """A run folder without its seed and config hash (<model>/<method>/<budget>-s<seed>-<device>-<hash>):
+    the rows of one method and budget over seeds."""
+    return re.sub(r"-s\d+-[^/]*$", "", rel)
+
+
 def status() -> dict:
     """Rows done (row.json in results/gpu/tier, of the recorded teacher) and to do, per command; rows of
     another teacher (stale: redone by the next call); the teacher."""
@@ -371,6 +378,8 @@ def status() -> dict:
     out = {"commands": [], "done": 0, "total": 0, "stale": 0}
     seen: set[str] = set()  # a run in two commands (the CED screen's default cells are gpu_tier's) counts once
     stages: dict[str, float] = {}  # the done rows' own wall seconds per stage (row.json's wall_s)
+    own: dict[str, list[float]] = {}  # a done row's own seconds, by method and budget (its folder, seed aside)
+    todo_runs: list[str] = []
     for cmd in [*TEACHER_ROWS, *commands()]:
         runs = [run_relpath(c.cfg) for c in cells([cmd])]
         got = [tier_row(r) for r in runs]
@@ -382,9 +391,17 @@ def status() -> dict:
             out["total"] += 1
             out["done"] += st == "done"
             out["stale"] += st == "stale"
-            for k, v in ((row.get("wall_s") or {}) if st == "done" else {}).items():
+            walls = (row.get("wall_s") or {}) if st == "done" else {}
+            for k, v in walls.items():
                 stages[k] = stages.get(k, 0.0) + float(v)
+            if walls:
+                own.setdefault(_seedless(r), []).append(sum(float(v) for v in walls.values()))
+            elif st != "done":
+                todo_runs.append(r)
     out["rows_minutes"] = {k: round(v / 60, 1) for k, v in sorted(stages.items(), key=lambda kv: -kv[1])}
+    # the rows to do, each at the mean own time of its method and budget's done rows (other seeds)
+    est = [sum(own[k]) / len(own[k]) for k in map(_seedless, todo_runs) if k in own]
+    out["left"] = {"rows": len(todo_runs), "estimated": len(est), "minutes": round(sum(est) / 60, 1)}
     tdir = teacher_dir()
     out["teacher"] = {"folder": str(tdir), "trained_here": (tdir / "final.pt").is_file(),
                       "recorded": recorded_teacher(),
@@ -813,6 +830,13 @@ def main(argv=None) -> int:
                   + ", ".join(f"{k} {v}" for k, v in rm.items()) + "); the rest of the calls' time is each "
                   "call's staging, process starts (python, torch, CUDA, data, Inception), compiles and the unused "
                   "tail of its chunk")
+            left = s["left"]
+            if left["rows"]:
+                tier_min, own_min = g["by_command"].get("tier", 0.0), sum(rm.values())
+                scale = f" (x{tier_min / own_min:.2f}, the tier calls' minutes over the rows' own so far: about " \
+                    f"{left['minutes'] * tier_min / own_min:.0f} GPU-minutes of calls)" if own_min and tier_min else ""
+                print(f"left: {left['rows']} rows; {left['estimated']} of them at their method and budget's mean "
+                      f"over the done seeds: {left['minutes']} min of their own work{scale}; then the latency pass")
         elif a.cmd == "teacher-dir":
             print(teacher_dir())
         elif a.cmd == "commands":
