@@ -22,14 +22,18 @@ device's tables (`pool_devices`): a tier whose quality rows were made on either 
 samples agree (results/gpu/tier_h200: H100 and H200 sample and score alike to 5 digits) gets every
 latency and speedup from this one process, and the report names where each row was made.
 
-Skipped, with the reason in the record (their report lines keep the separate-run speedup): rows of a
-routed (stage-wise, Diff-ES) model, whose latency is a mean over timestep stages; rows whose folder
-has no structure.json (older rows) unless their plan is a block plan (the kept blocks then define
-the architecture); rows set apart by the report; rows of another device.
+A routed (stage-wise, Diff-ES) model is timed stage by stage (`time_routed`): each stage's forward with
+every sample's timestep inside it, interleaved with the dense model, its speedup the dense time over the
+stages' NFE-weighted mean (bench.speedup.weighted_ratio), as its row's own latency is that mean.
+
+Skipped, with the reason in the record (their report lines keep the separate-run speedup): routed
+models in compile mode (a stage's graph is compiled pinned; the pass times them eagerly only); rows
+whose folder has no structure.json (older rows) unless their plan is a block plan (the kept blocks
+then define the architecture); rows set apart by the report; rows of another device.
 
 Output: <runs>/latency_pass.json (atomically): per run (Row.run, its relpath) the paired speedup
 (dense / pruned), its 95 % interval lo / hi, dense_ms and pruned_ms (medians of the interleaved
-calls), rounds and the structure key; per group its key, device, mode, dtype, batch, rounds and
+calls), rounds and the structure key (a routed model's: also stage_ms and stage_weights); per group its key, device, mode, dtype, batch, rounds and
 seconds; the commit, torch version, command and date; `also`, the GPU models it pooled; the skipped runs
 with their reasons. bench.report reads it (`load`, then `pooled`) and takes each line's speedup from it.
 Exit status: 0 written, 2 bad input (a line naming the fix: a device mismatch, a rebuilt model whose cost differs from its row).
@@ -72,7 +76,7 @@ def load(runs: str | Path) -> dict | None:
 def pool_devices(df, device: str, also, timed: dict | None = None):
     """The rows made on a GPU model of `also` as rows of `device`: their `device` becomes `device` (the
     report groups by it) and `made_on` keeps where they were made. Their own latencies were measured on that
-    other GPU, so with `timed` (a pass's runs) a pooled row the pass did not retime (a routed model) loses its
+    other GPU, so with `timed` (a pass's runs) a pooled row the pass did not retime (one it skipped) loses its
     latency: no speedup divides one GPU's time by another's."""
     foreign = df["device"].astype(str).isin([str(d) for d in also]) & df["device"].astype(str).ne(device)
     if not foreign.any():
@@ -94,9 +98,6 @@ def structure_of(row: dict) -> tuple[dict | None, str]:
     """(the row's final structure or None, where it came from or why there is none)."""
     from bench.run import STRUCTURE
 
-    if isinstance(row.get("stage_latency_ms"), list) and row["stage_latency_ms"]:
-        return None, ("routed (stage-wise) model: its latency is a mean over timestep stages, which the pass does "
-                      "not time (its row's own stage timings stay)")
     from bench.io import read_text, stored
 
     if path := stored(Path(row["path"]) / STRUCTURE):
@@ -109,10 +110,16 @@ def structure_of(row: dict) -> tuple[dict | None, str]:
 
 def arch_key(net) -> str:
     """The architecture of a Denoiser as a short hash: every module's name and type, every tensor's
-    name and shape (models that differ only in which blocks or channels they kept share it)."""
+    name and shape (models that differ only in which blocks or channels they kept share it), and a
+    routed model's stages (each stage's edges, weight and route: which stored blocks and widths it
+    runs; its stored blocks alone can look like a static model's)."""
+    from bench.routing import router
+
     mods = [(n, type(m).__name__) for n, m in net.net.named_modules()]
     shapes = [(n, list(t.shape)) for n, t in net.net.state_dict().items()]
-    return hashlib.sha256(json.dumps([mods, shapes]).encode()).hexdigest()[:12]
+    r = router(net)
+    parts = [mods, shapes] + ([] if r is None else [[r.edges, r.weights, r.routes]])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
 
 
 def _plain(v):
@@ -214,6 +221,34 @@ def check(runs: str | Path, log=print) -> dict:
     return {"groups": out, "skipped": dict(sorted(skipped.items()))}
 
 
+def time_routed(dense, net, mode: str, dtype: str, batch: int, device, warmup: int, reps: int, min_rounds: int,
+                max_rounds: int, rel_tol: float, deadline: float, log=print) -> dict:
+    """A routed (stage-wise, Diff-ES) model against the dense model, in one process: each stage's forward
+    with every sample's timestep inside that stage (the routing decision included, as
+    bench.metrics.cost.stage_latency times the row in eager mode), the stages and the dense model interleaved
+    in rounds (bench.gate.measure_group); the speedup is dense over the stages' NFE-weighted mean
+    (bench.speedup.weighted_ratio), pruned_ms that mean of the stages' medians."""
+    from types import SimpleNamespace
+
+    from bench.gate import measure_group
+    from bench.routing import router, t_in_stage
+    from bench.speedup import weighted_ratio
+
+    r = router(net)
+    views = {}
+    for s in range(r.num_stages):  # the stage's timestep replaces the harness's random one
+        t_s = t_in_stage(net.process, r.edges, s, batch, device)
+        views[f"stage {s}"] = SimpleNamespace(net=lambda x, t, y, t_s=t_s: net.net(x, t_s, y))
+    res = measure_group(dense, views, mode, dtype, batch, device, warmup, reps, min_rounds, max_rounds, rel_tol,
+                        deadline, log)
+    w = [float(a) for a in r.weights]
+    got = weighted_ratio([res[v]["round_ratios"] for v in views], w)
+    stage_ms = [res[v]["pruned_ms"] for v in views]
+    return {"speedup": got["ratio"], "lo": got["lo"], "hi": got["hi"], "rounds": got["rounds"],
+            "dense_ms": res["stage 0"]["dense_ms"], "pruned_ms": sum(a * b for a, b in zip(w, stage_ms)) / sum(w),
+            "stage_ms": stage_ms, "stage_weights": w}
+
+
 def run(runs: str | Path, device: str = "cuda", budget_s: float = 300.0, reps: int = 5, min_rounds: int = 10,
         max_rounds: int = 400, rel_tol: float = 0.01, command: str = "", log=print, also: tuple[str, ...] = ()
         ) -> dict:
@@ -224,6 +259,7 @@ def run(runs: str | Path, device: str = "cuda", budget_s: float = 300.0, reps: i
     from bench.metrics.cost import device_name
     from bench.report import GROUP_KEYS, report_groups
     from bench.results import git_info
+    from bench.routing import is_routed, router
 
     runs = Path(runs)
     df = finished_rows(runs)
@@ -259,18 +295,50 @@ def run(runs: str | Path, device: str = "cuda", budget_s: float = 300.0, reps: i
         cfg = cfgs[mrows[0]["run"]]
         dense, nets, members, refs = rebuild(mrows, cfgs, device, skipped)
         dense_key = arch_key(dense)
-        if not nets and not refs:
-            log(f"[latency_pass] group {gi}: nothing to time")
-            continue
         lat = cfg["eval"]["latency"]
         mode, dtype, batch = str(key["latency_mode"]), str(key["latency_dtype"]), int(key["latency_batch"])
-        what = (f"dense + {len(nets)} architectures of {sum(len(v) for v in members.values())} rows" if nets
+        warmup = int(lat.get("warmup", 5))
+        routed = {k: n for k, n in nets.items() if is_routed(n)}
+        nets = {k: n for k, n in nets.items() if k not in routed}
+        if routed and mode == "compile":  # a stage's graph is compiled pinned (stage_latency): not interleaved here
+            for k in routed:
+                skipped.update({r["run"]: "routed (stage-wise) model timed in compile mode: the pass times routed "
+                                "models eagerly only (its row's own stage timings stay)" for r, _ in members.pop(k)})
+            routed = {}
+        if not nets and not refs and not routed:
+            log(f"[latency_pass] group {gi}: nothing to time")
+            continue
+        # the unit's share of the budget goes to its static timing and each routed model by their rows
+        n_rows = len(refs) + sum(len(members[k]) for k in nets) + sum(len(members[k]) for k in routed)
+        for k, net in routed.items():
+            part = share * len(members[k]) / n_rows
+            log(f"[latency_pass] {this} {mode} {dtype} batch {batch}: dense + the {router(net).num_stages} stages "
+                f"of a routed model of {len(members[k])} row{'' if len(members[k]) == 1 else 's'} ({part:.0f} s)")
+            t0 = time.perf_counter()
+            m = time_routed(dense, net, mode, dtype, batch, device, warmup, reps, min_rounds, max_rounds, rel_tol,
+                            time.perf_counter() + part, log)
+            gid = len(out_groups)
+            out_groups.append({"key": {k2: _plain(key[k2]) for k2 in GROUP_KEYS}, "device": this, "mode": mode,
+                               "dtype": dtype, "batch": batch, "model": cfg["model"], "rounds": m["rounds"],
+                               "reps_per_round": reps, "seconds": round(time.perf_counter() - t0, 3),
+                               "dense_ms": m["dense_ms"], "dense_structure": dense_key, "architectures": 1,
+                               "routed": True, "stages": len(m["stage_ms"])})
+            for r, source in members[k]:
+                out_runs[r["run"]] = {"group": gid, "method": r["method"], "budget_keep": r["budget_keep"],
+                                      "seed": r["seed"], "structure": k, "rebuilt_from": source,
+                                      **{f: m[f] for f in ("speedup", "lo", "hi", "dense_ms", "pruned_ms", "rounds",
+                                                           "stage_ms", "stage_weights")},
+                                      "dir": str(Path(r["path"]).relative_to(runs))}
+        if not nets and not refs:
+            continue
+        share *= (n_rows - sum(len(members[k]) for k in routed)) / n_rows
+        what = (f"dense + {len(nets)} architectures of {sum(len(members[k]) for k in nets)} rows" if nets
                 else f"the dense model alone ({len(refs)} dense row{'' if len(refs) == 1 else 's'})")
         log(f"[latency_pass] {this} {mode} {dtype} batch {batch}: {what} ({share:.0f} s)")
         t0 = time.perf_counter()
         # a table of dense rows alone (the GPU tier's cfg-1.5 teacher line) is timed against itself, so
         # that its latency too is this process's (a row pooled from another GPU keeps no latency of its own)
-        res = measure_group(dense, nets or {SELF: dense}, mode, dtype, batch, device, int(lat.get("warmup", 5)),
+        res = measure_group(dense, nets or {SELF: dense}, mode, dtype, batch, device, warmup,
                             reps, min_rounds, max_rounds, rel_tol, time.perf_counter() + share, log)
         seconds = time.perf_counter() - t0
         rounds = max(v["rounds"] for v in res.values())
@@ -280,9 +348,9 @@ def run(runs: str | Path, device: str = "cuda", budget_s: float = 300.0, reps: i
                            "dtype": dtype, "batch": batch, "model": cfg["model"], "rounds": rounds,
                            "reps_per_round": reps, "seconds": round(seconds, 3), "dense_ms": dense_ms,
                            "dense_structure": dense_key, "architectures": len(nets)})
-        for k, rs in members.items():
+        for k in nets:
             m = res[k]
-            for r, source in rs:
+            for r, source in members[k]:
                 out_runs[r["run"]] = {"group": gid, "method": r["method"], "budget_keep": r["budget_keep"],
                                       "seed": r["seed"], "structure": k, "rebuilt_from": source,
                                       "speedup": m["ratio"], "lo": m["lo"], "hi": m["hi"],

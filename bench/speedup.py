@@ -90,7 +90,28 @@ def paired_ratio(base_rounds: list[list[float]], other_rounds: list[list[float]]
     point estimate is the geometric mean of the per-round ratios. One round gives no interval."""
     if len(base_rounds) != len(other_rounds) or not base_rounds:
         raise ValueError("paired_ratio needs the same number (>= 1) of rounds for both models")
-    logs = [math.log(statistics.median(b) / statistics.median(o)) for b, o in zip(base_rounds, other_rounds)]
+    return _log_interval([math.log(statistics.median(b) / statistics.median(o)) for b, o in zip(base_rounds, other_rounds)],
+                         conf)
+
+
+def weighted_ratio(stage_round_ratios: list[list[float]], weights: list[float], conf: float = CONF) -> dict:
+    """Speedup of a routed (stage-wise) model over `base` from each stage's per-round ratios (paired_ratio's
+    round_ratios, base / stage, the stages timed in the same rounds): per round, base over the weighted
+    mean of the stages' times, 1 / sum_s w_s / r_s (the weights: the stages' shares of the sampler's
+    NFEs, which sum to 1, as bench.metrics.cost.stage_latency weighs the row's own stage latencies);
+    then paired_ratio's interval over the rounds."""
+    if not stage_round_ratios or len(stage_round_ratios) != len(weights):
+        raise ValueError("weighted_ratio needs one list of round ratios per stage weight")
+    n = {len(r) for r in stage_round_ratios}
+    if len(n) != 1 or 0 in n:
+        raise ValueError("weighted_ratio needs the same number (>= 1) of rounds for every stage")
+    total = sum(weights)
+    return _log_interval([-math.log(sum(w / total / r for w, r in zip(weights, rs))) for rs in zip(*stage_round_ratios)],
+                         conf)
+
+
+def _log_interval(logs: list[float], conf: float) -> dict:
+    """Geometric mean of per-round ratios (given as logs) and the t interval of their mean on the log scale."""
     n = len(logs)
     mean = sum(logs) / n
     if n < 2:

@@ -17,7 +17,7 @@ from scipy.stats import t as student_t
 
 from bench.api import BenchError
 from bench.gate import EXPECTATIONS, load, main
-from bench.speedup import paired_ratio
+from bench.speedup import paired_ratio, weighted_ratio
 from tests.conftest import ROOT
 
 TINY = EXPECTATIONS / "tiny_cpu.yaml"
@@ -65,6 +65,23 @@ def test_paired_ratio_is_a_t_interval_of_the_log_ratios():
     assert (one["lo"], one["hi"]) == (0.0, float("inf"))
     with pytest.raises(ValueError):
         paired_ratio([[1.0]], [[1.0], [1.0]])
+
+
+def test_a_routed_models_speedup_is_base_over_the_weighted_mean_of_its_stages():
+    """weighted_ratio: per round, base / sum_s w_s * stage_s (the NFE-weighted mean latency a routed row
+    reports), from each stage's paired round ratios; a drift that moves every model alike cancels."""
+    drift = [1.0, 1.3, 0.8, 1.1]
+    base = [[10.0 * d] * 3 for d in drift]
+    stages = [[[2.0 * d] * 3 for d in drift], [[8.0 * d] * 3 for d in drift]]
+    per_stage = [paired_ratio(base, st)["round_ratios"] for st in stages]
+    got = weighted_ratio(per_stage, [0.25, 0.75])
+    assert got["lo"] == pytest.approx(got["ratio"]) and got["hi"] == pytest.approx(got["ratio"])
+    assert got["ratio"] == pytest.approx(10.0 / (0.25 * 2.0 + 0.75 * 8.0)) and got["rounds"] == 4
+    assert weighted_ratio(per_stage, [1.0, 3.0])["ratio"] == pytest.approx(got["ratio"])  # weights are shares
+    noisy = weighted_ratio([[5.0, 4.0, 6.0], [1.2, 1.3, 1.1]], [0.5, 0.5])
+    assert noisy["lo"] < noisy["ratio"] < noisy["hi"]
+    with pytest.raises(ValueError):
+        weighted_ratio([[2.0, 2.0], [2.0]], [0.5, 0.5])
 
 
 def test_wider_noise_gives_a_wider_interval():

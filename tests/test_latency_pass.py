@@ -239,8 +239,37 @@ def test_a_table_of_the_dense_model_alone_gets_the_pass_latency_too(runs, tmp_pa
     assert teacher["latency_ms"] == pytest.approx(q["pruned_ms"]) and teacher["speedup"] == 1.0
 
 
+def test_a_routed_row_is_timed_stage_by_stage_and_weighed_as_its_row(runs, tmp_path, artifacts):
+    """A Diff-ES row (a routed, stage-wise model): the pass rebuilds it, times each stage's forward with a
+    timestep inside the stage interleaved with the dense model, and gives dense over the stages' NFE-weighted
+    mean, the weights its row's; the report's line takes that speedup."""
+    from bench.run import execute
+
+    root = _copy(runs, tmp_path)
+    execute(compose(TINY + [f"paths.results={root}", f"paths.artifacts={artifacts}", "eval.ssim_teacher=false",
+                            "budget.keep=0.5", "method.generations=2", "method.probes=8", "method.fitness_steps=3"],
+                    "diffes"))
+    row = _rows(root)["diffes"]
+    assert len(row["stage_latency_ms"]) == 4  # routed: its own latency is a mean over its 4 stages
+    assert latency_pass.main(["--runs", str(root), *FAST]) == 0
+    rec = latency_pass.load(root)
+    q = rec["runs"][row["run"]]
+    assert rec["skipped"] == {} and q["rebuilt_from"] == "structure.json"
+    assert q["stage_weights"] == pytest.approx(list(row["stage_weights"])) and len(q["stage_ms"]) == 4
+    assert q["pruned_ms"] == pytest.approx(sum(w * t for w, t in zip(q["stage_weights"], q["stage_ms"])))
+    assert 0 < q["lo"] <= q["speedup"] <= q["hi"] and 2 <= q["rounds"] <= 3
+    g = rec["groups"][q["group"]]
+    assert g["routed"] and g["stages"] == 4 and g["architectures"] == 1
+    # its key holds its routes: a routed model storing the dense model's blocks is not the dense model
+    others = {rec["runs"][r["run"]]["structure"] for m, r in _rows(root).items() if m != "diffes"}
+    assert q["structure"] not in others
+    [(_, lines, _, _)], *_ = report_groups(load_rows(root), rec)
+    line = lines.set_index("method").loc["diffes"]
+    assert (line["speedup"], line["latency_ms"]) == pytest.approx((q["speedup"], q["pruned_ms"]))
+
+
 def test_a_pooled_row_the_pass_did_not_retime_loses_its_own_latency():
-    """A row made on another GPU (a routed Diff-ES model, which the pass does not time) must not give a speedup
+    """A row made on another GPU that the pass skipped (a routed model in compile mode, say) must not give a speedup
     that divides that GPU's time by the pass device's dense time."""
     import pandas as pd
 

@@ -368,9 +368,9 @@ def test_tier_sh_sends_a_new_teacher_back_and_a_fresh_machine_takes_it_in(tmp_pa
 
 
 def test_workers_share_every_run_once_and_keep_their_split_when_the_list_grows():
-    """tier.sh TIER_WORKERS=2: the workers' shares of the tier's commands and the runs that go alone after them
-    (Diff-ES: routed, which the latency pass cannot retime) cover every run exactly once, each worker gets about
-    half, and a command's split does not change when the CED screen's winner joins the list."""
+    """tier.sh TIER_WORKERS=2: the workers' shares of the tier's commands cover every run exactly once (routed
+    Diff-ES too: the latency pass retimes it), each worker gets about half, and a command's split does not
+    change when the CED screen's winner joins the list."""
     from collections import Counter
 
     from bench.gpu import tier
@@ -380,9 +380,9 @@ def test_workers_share_every_run_once_and_keep_their_split_when_the_list_grows()
 
     base = tier.sweeps(None)
     shares = [tier.share(base, 2, w) for w in (0, 1)]
-    everything, got, solo = runs(base), [runs(s) for s in shares], runs(tier.alone(base))
-    assert sum(everything.values()) == 133 and got[0] + got[1] + solo == everything
-    assert not set(got[0]) & set(got[1]) and {dict(r)["method"] for r in solo} == {"diffes"} and len(solo) == 6
+    everything, got = runs(base), [runs(s) for s in shares]
+    assert sum(everything.values()) == 133 and got[0] + got[1] == everything
+    assert not set(got[0]) & set(got[1]) and any(dict(r)["method"] == "diffes" for g in got for r in g)
     assert abs(sum(got[0].values()) - sum(got[1].values())) <= 12
     assert tier.share(base, 1, 0) == base
     grown = tier.sweeps(["method.outputs=x0"])
@@ -611,8 +611,7 @@ def _mini_repo(tmp_path, gpus: int) -> tuple:
 
 def test_tier_sh_gives_each_worker_a_gpu_of_its_own_on_a_host_with_enough_gpus(tmp_path):
     """TIER_WORKERS=2 on a host with 2 GPUs: worker w runs with CUDA_VISIBLE_DEVICES the w-th visible GPU, every
-    method is dealt out (Diff-ES too: nothing shares a GPU, so no run waits to go alone) and no row is flagged
-    shared; the ledger line counts the machine's GPUs."""
+    method is dealt out (Diff-ES too) and no row is flagged shared; the ledger line counts the machine's GPUs."""
     import json
     import subprocess
 

@@ -92,24 +92,12 @@ def method_of(job: list[str]) -> str:
     return [o.split("=", 1)[1] for o in job if o.startswith("method=")][-1]
 
 
-@lru_cache(maxsize=None)
-def runs_alone(method: str) -> bool:
-    """Rows that keep their own latency timing, because bench.latency_pass cannot retime their models: the
-    routed, stage-wise ones (granularity "stage": Diff-ES). With several workers they run alone, after the
-    workers' shares (`alone`)."""
-    from bench import registry
-
-    cls = registry.method_class(registry.load(method).get("_target_"))
-    return cls is not None and cls.granularity == "stage"
-
-
-def share(commands: list[list[str]], workers: int, worker: int, own_device: bool = False) -> list[list[str]]:
+def share(commands: list[list[str]], workers: int, worker: int) -> list[list[str]]:
     """Worker `worker`'s share of the commands when `workers` processes run the tier together (tier.sh
     TIER_WORKERS): each command's methods are dealt out in turn (a `method=a,c,...` override), a one-method
     command goes whole, and where the dealing starts is a function of the command's text only, so a command
-    keeps its split when the list grows (the CED screen's winner joins at seeds 1 and 2). On one GPU the
-    methods that run alone (`runs_alone`) are in no share; with a GPU of its own per worker (`own_device`:
-    nothing shares a device, so every row's own latency holds) every method is dealt out."""
+    keeps its split when the list grows (the CED screen's winner joins at seeds 1 and 2). Every method is
+    dealt out: rows timed on a shared GPU are retimed by the latency pass (routed Diff-ES ones too)."""
     import zlib
 
     if workers == 1:
@@ -117,23 +105,12 @@ def share(commands: list[list[str]], workers: int, worker: int, own_device: bool
     out = []
     for cmd in commands:
         start = zlib.crc32(" ".join(cmd).encode()) % workers
-        methods, whole = _methods(cmd, alone=None if own_device else False)
-        if whole:
+        methods = list(dict.fromkeys(method_of(job) for job in jobs(cmd)))
+        if any(o.startswith("method=") for o in cmd):  # the command names its method itself: it goes whole
             out += [list(cmd)] if methods and start == worker else []
             continue
         mine = [m for i, m in enumerate(methods) if (start + i) % workers == worker]
         out += [[*cmd, "method=" + ",".join(mine)]] if mine else []
-    return out
-
-
-def alone(commands: list[list[str]]) -> list[list[str]]:
-    """The commands' runs of the methods that run alone (`runs_alone`), in order: one process, after the
-    workers' shares."""
-    out = []
-    for cmd in commands:
-        methods, whole = _methods(cmd, alone=True)
-        if methods:
-            out.append(list(cmd) if whole else [*cmd, "method=" + ",".join(methods)])
     return out
 
 
@@ -145,13 +122,6 @@ def todo(commands: list[list[str]]) -> list[list[str]]:
     from bench.results import run_relpath
 
     return [cmd for cmd in commands if any(tier_row(run_relpath(c.cfg))[0] != "done" for c in cells([cmd]))]
-
-
-def _methods(cmd: list[str], alone: bool | None) -> tuple[list[str], bool]:
-    """(the command's methods that run alone, or the others (alone=None: all of them), in sweep order;
-    whether the command names its method itself, so that it goes whole)."""
-    methods = [m for m in dict.fromkeys(method_of(job) for job in jobs(cmd)) if alone is None or runs_alone(m) == alone]
-    return methods, any(o.startswith("method=") for o in cmd)
 
 
 def ced_best() -> dict | None:
@@ -766,11 +736,8 @@ def main(argv=None) -> int:
     sub.add_parser("teacher-dir")
     p = sub.add_parser("commands", help="the bench.run -m overrides of the tier's commands, one line each, in run order")
     p.add_argument("--workers", type=int, default=1, help="processes that run the tier together (on one GPU, or "
-                   "one GPU each with --own-device)")
-    p.add_argument("--own-device", action="store_true", help="every worker has a GPU of its own: every method is "
-                   "dealt out, none runs alone")
+                   "one GPU each)")
     p.add_argument("--worker", type=int, default=0, help="this worker's index, 0 .. workers - 1: its share")
-    p.add_argument("--alone", action="store_true", help="the runs that keep their own latency (after the workers)")
     p.add_argument("--teacher", action="store_true", help="instead: the teacher's rows (dense, no fine-tune)")
     p.add_argument("--todo", action="store_true", help="only the commands with a run still to do (`todo`)")
     p = sub.add_parser("plan")
@@ -845,7 +812,7 @@ def main(argv=None) -> int:
             if a.teacher:
                 cmds = [list(c) for c in TEACHER_ROWS]
             else:
-                cmds = alone(commands()) if a.alone else share(commands(), a.workers, a.worker, a.own_device)
+                cmds = share(commands(), a.workers, a.worker)
             cmds = todo(cmds) if a.todo else cmds
             print("\n".join(" ".join(c) for c in cmds))
         elif a.cmd == "plan":

@@ -42,15 +42,15 @@
 #                                     i), so one's CPU work (start, planning, scoring statistics) and launch
 #                                     gaps overlap the other's kernels; their rows' own latencies are flagged
 #                                     "shared" (BENCH_SHARED_DEVICE), and the latency pass gives the table's
-#                                     latencies and speedups; rows it cannot retime (routed: Diff-ES) run alone
-#                                     after the workers (--alone). Default 1 (one row at a time, in order):
+#                                     latencies and speedups (routed Diff-ES rows too, stage by stage).
+#                                     Default 1 (one row at a time, in order):
 #                                     measured on an H100 (2026-12-06, calls.jsonl's third call), 2 workers
 #                                     made dense-ft and entpruner 0.75 in 94 s together, what one worker takes
 #                                     for them one after the other (45 + 51 s): the GPU is the bottleneck here,
 #                                     so N > 1 gains nothing on this model. On a host with N or more GPUs
 #                                     (CUDA_VISIBLE_DEVICES when set, else nvidia-smi -L) each worker gets a GPU
-#                                     of its own (worker w: the w-th), every method is dealt out (--own-device:
-#                                     nothing is shared, nothing runs alone) and its rows keep their own
+#                                     of its own (worker w: the w-th), every method is dealt out (nothing is
+#                                     shared) and its rows keep their own
 #                                     latencies: the tier on 8 GPUs is TIER_WORKERS=8 (rows at once, one per
 #                                     GPU: this 4.8M-parameter model's row is too small for data parallelism)
 #   bash bench/gpu/tier.sh latency    GPU: python -m bench.latency_pass over the rows: dense and every row's
@@ -95,7 +95,7 @@
 # block, which its 3 seeds' spread shows anyway. Latency does depend on the GPU (the H200 is 6-7 % faster), so
 # the latency pass (`latency`, after the last row) retimes every row on the GPU of its call, pooling the other
 # model's rows into its tables (bench.latency_pass --also), and the report names where each row was made. Rows
-# the pass cannot retime (routed: Diff-ES) keep a speedup only from the rows made on the pass's GPU.
+# the pass cannot retime (none in this tier: eager latency) keep a speedup only from rows made on its GPU.
 # Environment: TIER_GPU, TIER_GRAPH (check: see measure), TIER_CHUNK_S (default 540: the call's work, packing included), BENCH_PYTHON (python3),
 # BENCH_ARTIFACTS (/tmp/tier/artifacts), FASHION_MNIST_SRC (prep: the Debian folder), TIER_OVERRIDES (extra
 # overrides of every run), TIER_DEVICE (cuda), TIER_RESULTS, TIER_ROWS ($STAGE/rows), TIER_STAGE, TIER_PARTS
@@ -247,14 +247,13 @@ teacher_rows() {  # the teacher (trained by the first command, resumable) and it
   done <<< "$todo"
 }
 
-tier_worker() {  # $1 = "--worker I" (worker I's share of the tier's commands: all of them with one worker) or
-  # "--alone" (the runs that keep their own latency), in order, until the call's time is up (1); pass 2 takes
-  # what the CED screen added meanwhile
+tier_worker() {  # $1 = "--worker I" (worker I's share of the tier's commands: all of them with one worker), in
+  # order, until the call's time is up (1); pass 2 takes what the CED screen added meanwhile
   local which ran=$'\n' pass line cmds ov todo
   read -r -a which <<< "$1"
   shift
   for pass in 1 2; do
-    todo=$("$PY" -m bench.gpu.tier commands --todo --workers "$WORKERS" "${which[@]}" ${OWN[@]+"${OWN[@]}"}) ||
+    todo=$("$PY" -m bench.gpu.tier commands --todo --workers "$WORKERS" "${which[@]}") ||
       { log "bench.gpu.tier commands failed"; return 1; }
     mapfile -t cmds <<< "$todo"
     for line in "${cmds[@]}"; do
@@ -354,7 +353,6 @@ GOT=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then IFS=, read -r -a GPUS <<< "$CUDA_VISIBLE_DEVICES"  # the GPUs this call may use
 else GPUS=(); for ((i = 0; i < $(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); i++)); do GPUS+=("$i"); done
 fi
-OWN=()  # --own-device once the workers have a GPU each
 [ -n "${BENCH_GIT_SHA:-}" ] || [ "$CMD" = stage ] ||
   log "warning: no BENCH_GIT_SHA: rows record this copy's git ($(git rev-parse --short=12 HEAD 2>/dev/null)), which on" \
       "the device machine may be an older commit (prep prints the prefix)"
@@ -393,7 +391,6 @@ case "$CMD" in
       tier_worker "--worker 0" "$@" || exit 0
     elif [ "$DEVICE" = cuda ] && [ "${#GPUS[@]}" -ge "$WORKERS" ]; then  # a GPU of its own per worker
       log "$WORKERS workers, one GPU each (${GPUS[*]:0:$WORKERS})"
-      OWN=(--own-device)
       pids=()
       for w in $(seq 0 $((WORKERS - 1))); do
         ( export CUDA_VISIBLE_DEVICES=${GPUS[$w]}; tier_worker "--worker $w" "$@" 2>&1 | sed -u "s/^/[worker $w] /" ) &
@@ -407,7 +404,6 @@ case "$CMD" in
         pids+=($!)
       done
       for p in "${pids[@]}"; do wait "$p"; done
-      tier_worker --alone "$@" || exit 0  # routed models (Diff-ES), which the latency pass cannot retime: alone
     fi
     st=$("$PY" -m bench.gpu.tier status)
     echo "$st" | grep -E '^(rows done|stale|CED screen|GPU time)'
