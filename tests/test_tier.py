@@ -589,7 +589,8 @@ def _mini_repo(tmp_path, gpus: int) -> tuple:
     fake.mkdir()
     runs = tmp_path / "runs.txt"
     py = fake / "py"
-    py.write_text(f'#!/bin/bash\nif [ "$2" = bench.run ] || [ "$2" = torch.distributed.run ]; then\n'
+    py.write_text(f'#!/bin/bash\n[ "$2 $3" != "bench.gpu.tier commands" ] || echo "$*" >> {runs}.lists\n'
+                  f'if [ "$2" = bench.run ] || [ "$2" = torch.distributed.run ]; then\n'
                   f'  echo "$CUDA_VISIBLE_DEVICES|${{BENCH_SHARED_DEVICE:-}}|$*" >> {runs}\n'
                   f'  for a in "$@"; do case "$a" in paths.results=*) mkdir -p "${{a#*=}}"; '
                   f'[ -n "${{FAKE_RUN:-}}" ] && cp -r "$FAKE_RUN"/. "${{a#*=}}"/;; esac; done; exit 0\nfi\n'
@@ -626,6 +627,9 @@ def test_tier_sh_gives_each_worker_a_gpu_of_its_own_on_a_host_with_enough_gpus(t
     assert sorted(m for d in dealt for m in d) == sorted(set(m for d in dealt for m in d)) and "diffes" in sum(dealt, [])
     [line] = [json.loads(t) for t in (tmp_path / "results" / "calls.jsonl").read_text().splitlines()]
     assert (line["command"], line["gpus"], line["git"]) == ("tier", 2, "abc123")
+    # each worker composes its runs once (--todo): the list did not grow (no CED winner), so no second pass
+    lists = (tmp_path / "runs.txt.lists").read_text().splitlines()
+    assert sorted(t.split("--worker ")[1] for t in lists if "--todo --workers" in t) == ["0", "1"]
 
 
 def test_tier_sh_ranks_runs_one_cell_on_every_gpu_and_compares_it_with_its_one_gpu_row(tmp_path):

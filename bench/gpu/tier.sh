@@ -248,11 +248,17 @@ teacher_rows() {  # the teacher (trained by the first command, resumable) and it
 }
 
 tier_worker() {  # $1 = "--worker I" (worker I's share of the tier's commands: all of them with one worker), in
-  # order, until the call's time is up (1); pass 2 takes what the CED screen added meanwhile
-  local which ran=$'\n' pass line cmds ov todo
+  # order, until the call's time is up (1); pass 2 takes what the CED screen added meanwhile, and is skipped
+  # when the list did not grow (`--todo` composes every run, ~25 s of CPU; the plain list takes ~4 s)
+  local which ran=$'\n' pass line cmds ov todo listed
   read -r -a which <<< "$1"
   shift
+  listed=$("$PY" -m bench.gpu.tier commands --workers "$WORKERS" "${which[@]}") ||
+    { log "bench.gpu.tier commands failed"; return 1; }
   for pass in 1 2; do
+    if [ "$pass" = 2 ]; then
+      [ "$("$PY" -m bench.gpu.tier commands --workers "$WORKERS" "${which[@]}")" != "$listed" ] || break
+    fi
     todo=$("$PY" -m bench.gpu.tier commands --todo --workers "$WORKERS" "${which[@]}") ||
       { log "bench.gpu.tier commands failed"; return 1; }
     mapfile -t cmds <<< "$todo"
