@@ -72,6 +72,8 @@
 #        the last one joins, checks and unpacks them. The committed teacher parts travel as code
 #   N+1  carry []         command `bash bench/gpu/tier.sh tier` (or teacher), again until `status` says every
 #        row is done
+#   or, every row done and only the latency pass left, on a fresh machine: one call, carry ["data/wheels"] (0.6 MB;
+#        the pass needs neither Inception nor the data), command `bash bench/gpu/tier.sh latency`
 # Prefix every row-making command with BENCH_GIT_SHA=<git rev-parse --short=12 HEAD, here>: the machine's copy of
 # the tree has a .git of the session's first commit (the rows of 2026-12-06 recorded it, "-dirty"), and rows name
 # the commit their code came from (bench.results.git_info). `prep` prints the prefix.
@@ -151,7 +153,7 @@ prep() {  # on this machine: what the GPU calls will carry
     "$py" -c "import bench.data as d; [d.fashion_mnist('data/fashion-mnist', s) for s in ('train', 'test')]; print('[tier] data/fashion-mnist: sizes and sha256 ok')" || ok=0
   fi
   local code bytes inc
-  bytes=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+  bytes=$(git ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
   code=$(echo "$bytes" | awk '{printf "%.1f MB", $1/1e6}')
   if inc=$("$py" -c "from bench import assets; print(assets.resolve('fid-helper-inception'))" 2>/dev/null); then
     local entries=("inception/default_1.pt=$inc") w
@@ -178,6 +180,8 @@ prep() {  # on this machine: what the GPU calls will carry
       "BENCH_GIT_SHA=$(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD -- . ':(exclude)results' ':(exclude)reports' || echo -dirty)"
   log "calls 1-$(payload_carries | wc -l), each \`bash bench/gpu/tier.sh stage\`: $(payload_carries | tr '\n' ' ')" \
       "(limit 64 MiB = 67.1 MB with the code); then carry [] for every \`tier\` call"
+  log "the latency pass alone (every row done) needs only the wheels ($(mb data/wheels)): one call, carry" \
+      "[\"data/wheels\"] command \`bash bench/gpu/tier.sh latency\` (timing at most 300 s: under 7 min in all)"
   [ "$ok" = 1 ]
 }
 
