@@ -114,8 +114,8 @@ yet FD (clf) is 101.6 against 78.8 (keep 0.5: [0, 5, 6, 7], 260 against 174 for 
 that differs in its last bits and one seed's fine-tune move a row that much, so rank only over seeds
 (bench.ranking; the GPU tier runs 3).
 On the GPU tier (DiT-D28/2 Fashion-MNIST teacher, H100, seeds 0-2, 2026-12-06/07; results/gpu/tier,
-reports/tables/gpu_tier_ranking.md): over 12 adaptive runs (default and CED variants) the proposals vote made
-76 of 91 decisions and removed 110 of 126 blocks (`python -m methods.entpruner results/gpu/tier`), so the
+reports/tables/gpu_tier_ranking.md): over 14 adaptive runs (default and CED variants) the proposals vote made
+92 of 107 decisions and removed 131 of 147 blocks (`python -m methods.entpruner results/gpu/tier`), so the
 schedule adapts. FID, mean ± std over seeds 0-2: 29.9 ± 1.9 at keep 0.75 and 59.3 ± 5.3 at 0.5, against
 one-shot CED's 22.5 ± 0.6 / 45.3 ± 0.4 and last_k's 16.2 ± 0.3 / 19.5 ± 0.6; both differ from last_k at 95 %
 (paired t-test over seeds). The adaptive schedule, which re-scores after each removal, does worse than
@@ -133,9 +133,10 @@ sees structure (intensity 0.41), CED ranks blocks almost the other way (Spearman
 removes late blocks; experiment=gpu_tier_ced screens x0 per class and per noise bin on the GPU, and the tier
 runs the better one at 3 seeds beside the default. The screen (seed 0) chose x0 per noise bin
 (`method.outputs=x0 method.condition=bin`: geometric mean FID 24.5 against 35.7 for x0 per class and 43.3 for
-the default). At seeds 0-1 (seed 2 to come) it gives 20.6 ± 2.1 at 0.75 and 31.2 ± 0.4 at 0.5, the best
-EntPruner line but still behind last_k. It removes middle and late blocks (0.75, seed 0: 8, 11, 12, 14, 17,
-23, 24; seed 1: 7-9, 11, 12, 19, 23).
+the default). Over seeds 0-2 it gives 21.3 ± 1.9 at 0.75 and 32.7 ± 2.6 at 0.5 (mean ± std), the best
+EntPruner line but still behind last_k at 95 % (paired t-test over seeds: Δ 5.1 [1.3, 8.9] and 13.2
+[6.4, 20.1]). It removes middle and late blocks (0.75, seed 0: 8, 11, 12, 14, 17, 23, 24; seed 1: 7-9, 11,
+12, 19, 23; seed 2: 8, 9, 11-14, 23).
 
 Outputs: plan.scores["blocks"] (U-Net: scores["resnets"], scores["attentions"]) = CED on the dense model, meta["scores_per_bin"] per noise bin;
 the adaptive schedule logs every decision (step, CED, candidates, proxy values, proposals, votes, choice,
