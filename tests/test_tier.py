@@ -565,6 +565,30 @@ def test_the_payload_travels_in_parts_that_fit_beside_the_tree_and_joins_only_wh
     assert not (tmp_path / "assets" / "default_1.pt").exists()
 
 
+def test_the_tracked_tree_is_summed_over_every_file_however_long_the_list(tmp_path):
+    """payload.sh tree_bytes: what every call carries (git's tracked files) is summed in one du, whatever the
+    number of files. Summing through xargs cut a long list into batches, and the last batch's total (1.2 MB of
+    the tier's 47.7 MB tree) would have sized the payload's parts over the carry limit."""
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    repo = tmp_path / "repo"
+    (repo / "rows").mkdir(parents=True)
+    n, size = 3000, 100
+    for i in range(n):  # ~250 kB of names: more than one xargs batch (128 kB)
+        (repo / "rows" / f"{'run-' * 18}{i:05d}.json").write_bytes(b"x" * size)
+    (repo / "ignored.bin").write_bytes(b"y" * 5000)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "rows"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "rows"], cwd=repo, check=True)
+    r = subprocess.run(["bash", "-c", f"log() {{ echo \"$*\"; }}; . {ROOT}/bench/gpu/payload.sh; tree_bytes"],
+                       cwd=repo, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.strip()) == n * size  # every tracked file, the untracked one not
+
+
 def _mini_repo(tmp_path, gpus: int) -> tuple:
     """tier.sh run from a copy of itself in a folder with the data files it looks for, on a stand-in host of
     `gpus` H100s (nvidia-smi); a stand-in python records each bench.run (and torchrun) with the GPUs it sees

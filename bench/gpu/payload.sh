@@ -11,6 +11,8 @@
 #                                    the sha256 and unpacked: inception/default_1.pt -> $INCEPTION_DIR,
 #                                    fashion-mnist/* -> $STAGE/fashion-mnist, wheels/* -> $STAGE/wheels
 #   payload_carries                  the calls' carry lists, one line each
+#   tree_bytes                       HERE: the bytes of git's tracked files, which travel in every call (one du
+#                                    over the whole list: xargs would cut it into batches, each with its own total)
 PAYLOAD_DIR=${PAYLOAD_DIR:-.gpuassets}
 INCEPTION_DIR=${INCEPTION_DIR:-/tmp/assets}  # where the joined Inception weights go (BENCH_ASSETS points here)
 
@@ -67,4 +69,8 @@ payload_stage() {
 payload_carries() {
   local p
   for p in "$PAYLOAD_DIR"/p[0-9]*; do [ -d "$p" ] && echo "carry [\"$p\"]"; done | sort -V
+}
+
+tree_bytes() {
+  git ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1
 }

@@ -153,7 +153,7 @@ prep() {  # on this machine: what the GPU calls will carry
     "$py" -c "import bench.data as d; [d.fashion_mnist('data/fashion-mnist', s) for s in ('train', 'test')]; print('[tier] data/fashion-mnist: sizes and sha256 ok')" || ok=0
   fi
   local code bytes inc
-  bytes=$(git ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+  bytes=$(tree_bytes)
   code=$(echo "$bytes" | awk '{printf "%.1f MB", $1/1e6}')
   if inc=$("$py" -c "from bench import assets; print(assets.resolve('fid-helper-inception'))" 2>/dev/null); then
     local entries=("inception/default_1.pt=$inc") w
