@@ -299,6 +299,41 @@ def test_status_estimates_the_rows_left_from_their_method_and_budgets_done_seeds
     assert left == {"rows": 2 + len(tier.TEACHER_ROWS), "estimated": 1, "minutes": 1.5}
 
 
+def test_status_says_whether_the_latency_pass_has_timed_every_done_row(tmp_path, monkeypatch, capsys):
+    """`status` reads the latency pass's record beside the rows: not run; run, with a row made after it (the
+    pass runs again); run over every done row."""
+    import json
+
+    from bench import latency_pass
+    from bench.gpu import tier
+    from bench.results import run_relpath
+
+    monkeypatch.setattr(tier, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(tier, "TEACHER_JSON", tmp_path / "teacher.json")
+    monkeypatch.setattr(tier, "TEACHER_PARTS", tmp_path / "parts")
+    cmds = [["experiment=gpu_tier", "method=last_k", "budget.keep=0.5", f"seed={s}"] for s in (0, 1)]
+    monkeypatch.setattr(tier, "commands", lambda: cmds)
+    runs = [run_relpath(tier.cells([c])[0].cfg) for c in cmds]
+    for r in runs:
+        (tmp_path / r).mkdir(parents=True)
+        (tmp_path / r / "row.json").write_text(json.dumps({"wall_s": {"finetune": 60.0}}))
+
+    def said() -> str:
+        assert tier.main(["status"]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("latency pass"))
+
+    assert tier.status()["latency_pass"] is None and "not run yet" in said()
+    rec = {"schema": latency_pass.SCHEMA, "device": "NVIDIA H100 80GB HBM3", "date": "2026-12-08T10:00:00Z",
+           "runs": {"a": {"dir": runs[0], "speedup": 1.9}}, "skipped": {}}
+    (tmp_path / latency_pass.FILE).write_text(json.dumps(rec))
+    assert tier.status()["latency_pass"] == {"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-08T10:00:00Z",
+                                             "timed": 1, "untimed": [runs[1]], "skipped": 0}
+    assert "1 of 2 done rows; 1 made after it" in said()
+    rec["runs"]["b"] = {"dir": runs[1], "speedup": 1.9}
+    (tmp_path / latency_pass.FILE).write_text(json.dumps(rec))
+    assert "every done row timed (0 skipped)" in said()
+
+
 def test_commands_todo_leaves_out_the_commands_whose_rows_are_all_done(tmp_path, monkeypatch, capsys):
     """`commands --todo` (what tier.sh starts): a command is left out once every one of its runs has a row of
     the recorded teacher; a stale row (another teacher) or a missing one keeps it in."""

@@ -350,6 +350,7 @@ def status() -> dict:
     stages: dict[str, float] = {}  # the done rows' own wall seconds per stage (row.json's wall_s)
     own: dict[str, list[float]] = {}  # a done row's own seconds, by method and budget (its folder, seed aside)
     todo_runs: list[str] = []
+    done_runs: set[str] = set()
     for cmd in [*TEACHER_ROWS, *commands()]:
         runs = [run_relpath(c.cfg) for c in cells([cmd])]
         got = [tier_row(r) for r in runs]
@@ -360,6 +361,8 @@ def status() -> dict:
             seen.add(r)
             out["total"] += 1
             out["done"] += st == "done"
+            if st == "done":
+                done_runs.add(r)
             out["stale"] += st == "stale"
             walls = (row.get("wall_s") or {}) if st == "done" else {}
             for k, v in walls.items():
@@ -379,7 +382,22 @@ def status() -> dict:
     out["gpu_time"] = gpu_time(TEACHER_JSON.parent / "calls.jsonl")
     out["ced_best"] = ced_best()
     out["obsolete"] = obsolete(seen)
+    out["latency_pass"] = latency_state(done_runs)
     return out
+
+
+def latency_state(done: set[str]) -> dict | None:
+    """The latency pass's record beside the rows (bench.latency_pass) against the done rows (run folders):
+    None when the pass has not run; else its device and date, how many done rows it timed, the done rows it
+    has not (made after it: the pass runs again) and how many it skipped."""
+    from bench import latency_pass
+
+    rec = latency_pass.load(TEACHER_JSON.parent)
+    if rec is None:
+        return None
+    timed = {str(v.get("dir")) for v in rec["runs"].values()}
+    return {"device": rec.get("device"), "date": rec.get("date"), "timed": len(done & timed),
+            "untimed": sorted(done - timed), "skipped": len(rec.get("skipped") or {})}
 
 
 def obsolete(planned: set[str] | None = None) -> list[str]:
@@ -804,6 +822,15 @@ def main(argv=None) -> int:
                     f"{left['minutes'] * tier_min / own_min:.0f} GPU-minutes of calls)" if own_min and tier_min else ""
                 print(f"left: {left['rows']} rows; {left['estimated']} of them at their method and budget's mean "
                       f"over the done seeds: {left['minutes']} min of their own work{scale}; then the latency pass")
+            lp = s["latency_pass"]
+            if lp is None:
+                print("latency pass: not run yet (after the last row: `bash bench/gpu/tier.sh latency`; on a fresh "
+                      "machine one call that carries data/wheels, which prep prints)")
+            elif lp["untimed"]:
+                print(f"latency pass ({lp['device']}, {lp['date']}): {lp['timed']} of {s['done']} done rows; "
+                      f"{len(lp['untimed'])} made after it (e.g. {lp['untimed'][0]}): run it again")
+            else:
+                print(f"latency pass ({lp['device']}, {lp['date']}): every done row timed ({lp['skipped']} skipped)")
         elif a.cmd == "teacher-dir":
             print(teacher_dir())
         elif a.cmd == "commands":
