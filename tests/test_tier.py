@@ -691,6 +691,34 @@ def test_tier_sh_gives_each_worker_a_gpu_of_its_own_on_a_host_with_enough_gpus(t
     assert sorted(t.split("--worker ")[1] for t in lists if "--todo --workers" in t) == ["0", "1"]
 
 
+def test_tier_sh_runs_the_latency_pass_after_the_last_row_only_while_the_pass_misses_a_row(tmp_path):
+    """A `tier` call that finds every row done runs the latency pass when `status` says the pass has not run
+    or misses a done row, and not when it has timed every done row or rows are still to come."""
+    import subprocess
+
+    repo, env, _ = _mini_repo(tmp_path, gpus=1)
+    status = tmp_path / "status.txt"
+    passes = tmp_path / "pass.txt"
+    py = tmp_path / "bin" / "py"  # a stand-in python: status from the file; the pass is recorded; no commands left
+    py.write_text(f'#!/bin/bash\ncase "$2 $3" in\n  "bench.gpu.tier status") cat {status} ;;\n'
+                  f'  "bench.latency_pass "*) echo pass >> {passes} ;;\nesac\nexit 0\n')
+
+    def call(lines: list[str]) -> int:
+        status.write_text("\n".join(lines) + "\n")
+        r = subprocess.run(["bash", "bench/gpu/tier.sh", "tier"], cwd=repo, env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return len(passes.read_text().splitlines()) if passes.exists() else 0
+
+    assert call(["rows done: 137 of 139; teacher: {}", "latency pass: not run yet"]) == 0  # rows to come
+    assert call(["rows done: 139 of 139; teacher: {}", "latency pass: not run yet"]) == 1
+    assert call(["rows done: 139 of 139; teacher: {}",
+                 "latency pass (NVIDIA H100 80GB HBM3, 2026-12-08T10:00:00Z): 137 of 139 done rows; 2 made after it "
+                 "(e.g. a/b/c): run it again"]) == 2
+    assert call(["rows done: 139 of 139; teacher: {}",
+                 "latency pass (NVIDIA H100 80GB HBM3, 2026-12-08T10:00:00Z): every done row timed (0 skipped)"]) == 2
+
+
 def test_tier_sh_ranks_runs_one_cell_on_every_gpu_and_compares_it_with_its_one_gpu_row(tmp_path):
     """`tier.sh ranks` on a host of 4 GPUs: torchrun with 4 ranks makes the cell, bench.gpu.ranks compares it with
     the committed one-process row of the same path and writes ranks_n4.*; on one GPU it refuses, naming why."""

@@ -304,10 +304,6 @@ graph_check() {  # TIER_GRAPH=check: finetune.graph=true for every run when the 
   [ "$on" = on ] && EXTRA+=(finetune.graph=true)
 }
 
-latency_stale() {  # no latency record yet, or a row newer than it
-  [ ! -f "$ROWS/latency_pass.json" ] || [ -n "$(find "$ROWS" -name row.json -newer "$ROWS/latency_pass.json" | head -1)" ]
-}
-
 ledger() {  # one line per call in $ROWS/calls.jsonl: the tier's GPU time is the sum of these wall times, each
   # from the script's start to its packing, the report included (before 2026-12-07 the line was written before
   # the report: those calls' lines miss ~20 s each); the device's own lease also counts its start and transfers
@@ -418,8 +414,9 @@ case "$CMD" in
       for p in "${pids[@]}"; do wait "$p"; done
     fi
     st=$("$PY" -m bench.gpu.tier status)
-    echo "$st" | grep -E '^(rows done|stale|CED screen|GPU time)'
-    if echo "$st" | grep -qE '^rows done: ([0-9]+) of \1;' && latency_stale; then
+    echo "$st" | grep -E '^(rows done|stale|CED screen|GPU time|latency pass)'
+    # every row done and the pass's record (if any) misses one of them (status compares run folders, not mtimes)
+    if echo "$st" | grep -qE '^rows done: ([0-9]+) of \1;' && ! echo "$st" | grep -q '^latency pass (.*every done row timed'; then
       latency || log "latency pass: exit $? (the rows are packed anyway; rerun it: bash bench/gpu/tier.sh latency)"
     fi ;;
   latency) deps || { log "latency needs the wheels: the payload's stage calls first (prep prints them)"; exit 1; }
