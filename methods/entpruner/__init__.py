@@ -124,13 +124,13 @@ low (keep 0.5, seed 2: the adaptive run removed blocks 2, 10 and 12 where one-sh
 other 11 are shared), and the last removals have less of the fine-tune to recover in (that run's last came
 at step 149 of 300; finish_frac allows up to 194) where one-shot's model has all 300 steps. Default CED removes early and middle blocks (0.75, seeds 0-2: 3-6, 11,
 13, 14, 16, with small changes between seeds, since the probes are seeded) where the best baselines drop the
-last ones. What the default CED measures there (methods.entpruner.inspect; the first teacher's
-results/gpu/tier_archive/teacher-4ead973a/ced_inspect):
-on eps outputs every Ledoit-Wolf intensity is 1.000, H equals the isotropic Gaussian's of the same total
-variance and that of the same estimator on N(0, I) noise (81.55 vs 82.03 nats), and CED follows the share of
-total variance a bypass changes (Spearman 0.99): a log ratio of total variances. On x0 outputs the estimator
-sees structure (intensity 0.41), CED ranks blocks almost the other way (Spearman -0.47 with the default) and
-removes late blocks; experiment=gpu_tier_ced screens x0 per class and per noise bin on the GPU, and the tier
+last ones. What the default CED measures on the tier's teacher (methods.entpruner.inspect,
+results/gpu/tier/ced_inspect; the first teacher's, results/gpu/tier_archive/teacher-4ead973a/ced_inspect,
+agrees): on eps outputs every Ledoit-Wolf intensity is 1.000, H equals the isotropic Gaussian's of the same
+total variance (81.56 nats) and nearly that of the same estimator on N(0, I) noise (82.03), and CED follows
+the share of total variance a bypass changes (Spearman 0.99): a log ratio of total variances. On x0 outputs
+the estimator sees structure (intensity 0.41, H 4.9 nats under the isotropic Gaussian's), CED ranks blocks
+almost the other way (Spearman -0.44 with the default) and removes late blocks; experiment=gpu_tier_ced screens x0 per class and per noise bin on the GPU, and the tier
 runs the better one at 3 seeds beside the default. The screen (seed 0) chose x0 per noise bin
 (`method.outputs=x0 method.condition=bin`: geometric mean FID 24.5 against 35.7 for x0 per class and 43.3 for
 the default). Over seeds 0-2 it gives 21.3 ± 1.9 at 0.75 and 32.7 ± 2.6 at 0.5 (mean ± std), the best
@@ -145,7 +145,7 @@ cause) to <run_dir>/entpruner_decisions.jsonl; ``replay(path)`` rebuilds the fin
 methods/plots.py. ``python -m methods.entpruner.inspect --out DIR <bench.run overrides>`` shows what CED measures
 on a trained teacher (H against N(0, I) and the isotropic Gaussian of the same size and total variance, the
 Ledoit-Wolf intensity, every outputs x condition x estimator variant's CED, one-shot removals and rank
-correlations; the GPU tier's first teacher: results/gpu/tier_archive/teacher-4ead973a/ced_inspect).
+correlations; the GPU tier's teacher: results/gpu/tier/ced_inspect).
 Backbone-specific only through its adaptive schedule's proxies (methods.proxies: NTK and ZiCo over
 ``net.backbone``'s layers); CED and the removals use protocol members only.
 
