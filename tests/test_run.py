@@ -13,6 +13,10 @@ from bench.results import load_rows, run_relpath
 from bench.run import execute
 from tests.conftest import TINY, comparable, ensure_teacher, run_cli
 
+# Tiny models on one thread: with two per test worker on a 2-core machine, intra-op thread sync made
+# diffes_obs' row 5x slower (71 s in the suite, 14 s alone); conftest.one_thread says more.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 METHODS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "bench/conf/method").glob("*.yaml")
                  if not p.stem.endswith("_paper"))  # paper-scale twins of tested configs
 
